@@ -1,0 +1,57 @@
+"""Input validation shared by the stateful API. Every check runs before anything is written."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["check_flat_buffer", "check_present", "check_finite", "check_distinct"]
+
+
+def check_flat_buffer(name: str, buffer, layout, *, writable: bool) -> None:
+    """A 1-D, contiguous, naturally aligned NumPy buffer of the layout's length and dtype."""
+    if not isinstance(buffer, np.ndarray):
+        raise TypeError(
+            f"{name} must be a NumPy array (flat buffer of the layout), got {type(buffer).__name__}; "
+            "other array types go through upgd_ref.adapters"
+        )
+    if buffer.ndim != 1 or buffer.shape[0] != layout.size:
+        raise ValueError(f"{name} must have shape ({layout.size},) for this layout, got {buffer.shape}")
+    if buffer.dtype != layout.dtype:
+        kind = "an integer" if np.issubdtype(buffer.dtype, np.integer) else "a"
+        raise TypeError(f"{name} has {kind} dtype {buffer.dtype}; the layout's dtype is {layout.dtype}")
+    if not buffer.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous")
+    if buffer.ctypes.data % buffer.dtype.itemsize:
+        raise ValueError(f"{name} is misaligned: its address is not a multiple of {buffer.dtype.itemsize} bytes")
+    if writable and not buffer.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place")
+
+
+def check_present(present, num_segments: int) -> list[bool]:
+    if present is None:
+        return [True] * num_segments
+    flags = list(np.asarray(present).reshape(-1)) if not isinstance(present, (list, tuple)) else list(present)
+    if len(flags) != num_segments:
+        raise ValueError(f"present has {len(flags)} entries for {num_segments} segments")
+    for i, flag in enumerate(flags):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"present[{i}] must be a bool, got {type(flag).__name__}")
+    return [bool(f) for f in flags]
+
+
+def check_finite(name: str, buffer: np.ndarray, layout, present: list[bool]) -> None:
+    """NaN or Inf in a present segment is an error naming the segment."""
+    for i, is_present in enumerate(present):
+        if is_present:
+            segment = buffer[layout.segment_slice(i)]
+            if not np.isfinite(segment).all():
+                bad = int(np.flatnonzero(~np.isfinite(segment))[0])
+                raise ValueError(f"{name}: segment {i} holds a non-finite value (element {bad}: {segment[bad]})")
+
+
+def check_distinct(**buffers) -> None:
+    names = list(buffers)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if np.may_share_memory(buffers[a], buffers[b]):
+                raise ValueError(f"{a} and {b} share memory")

@@ -1,0 +1,169 @@
+"""Hyper-parameter defaults, validation and parameter groups (``specs/algorithm.md``)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = [
+    "UPGD_DEFAULTS",
+    "VGS_DEFAULTS",
+    "NOISE_NORMS",
+    "validate_upgd",
+    "validate_vgs",
+    "resolve_param_groups",
+]
+
+UPGD_DEFAULTS = {
+    "lr": 1e-5,
+    "weight_decay": 0.001,
+    "beta_utility": 0.999,
+    "sigma": 0.001,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "eps": 1e-8,
+    "adaptive_noise": False,
+    "noise_beta": 0.999,
+    "min_noise_std": 1e-6,
+    "instant_noise_scale": True,
+    "noise_ema_init": 1.0,
+}
+
+VGS_DEFAULTS = {
+    "enabled": True,
+    "beta": 0.99,
+    "alpha": 0.1,
+    "eps": 1e-8,
+    "warmup_steps": 100,
+    "min_scaling_factor": 0.1,
+    "variance_cap": 50.0,
+}
+
+NOISE_NORMS = ("segment", "global")
+
+_NON_NEGATIVE = ("lr", "weight_decay", "sigma", "eps", "min_noise_std", "noise_ema_init")
+_UNIT_INTERVAL = ("beta_utility", "beta1", "beta2", "noise_beta")  # [0, 1)
+_FLAGS = ("adaptive_noise", "instant_noise_scale")
+
+
+def _real(where: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where}{name} must be finite, got {value}")
+    return value
+
+
+def _flag(where: str, name: str, value) -> bool:
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{where}{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def validate_upgd(values: dict, where: str = "") -> dict:
+    """Checked copy of AdaptiveUPGD hyper-parameters; ``where`` prefixes error messages."""
+    unknown = set(values) - set(UPGD_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{where}unknown hyper-parameter(s): {sorted(unknown)}")
+    out = dict(UPGD_DEFAULTS)
+    out.update(values)
+    for name in _NON_NEGATIVE:
+        out[name] = _real(where, name, out[name])
+        if not out[name] >= 0.0:
+            raise ValueError(f"{where}{name} must be >= 0, got {out[name]}")
+    for name in _UNIT_INTERVAL:
+        out[name] = _real(where, name, out[name])
+        if not 0.0 <= out[name] < 1.0:
+            raise ValueError(f"{where}{name} must be in [0, 1), got {out[name]}")
+    for name in _FLAGS:
+        out[name] = _flag(where, name, out[name])
+    return out
+
+
+def validate_vgs(values: dict, where: str = "") -> dict:
+    """Checked copy of VarianceGradientScaler hyper-parameters."""
+    unknown = set(values) - set(VGS_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{where}unknown VGS hyper-parameter(s): {sorted(unknown)}")
+    out = dict(VGS_DEFAULTS)
+    out.update(values)
+    out["enabled"] = _flag(where, "enabled", out["enabled"])
+    for name in ("beta", "alpha", "eps", "min_scaling_factor"):
+        out[name] = _real(where, name, out[name])
+    if not 0.0 < out["beta"] < 1.0:
+        raise ValueError(f"{where}beta must be in (0, 1), got {out['beta']}")
+    if not out["alpha"] >= 0.0:
+        raise ValueError(f"{where}alpha must be >= 0, got {out['alpha']}")
+    if not out["eps"] > 0.0:
+        raise ValueError(f"{where}eps must be > 0, got {out['eps']}")
+    if not 0.0 < out["min_scaling_factor"] <= 1.0:
+        raise ValueError(
+            f"{where}min_scaling_factor must be in (0, 1], got {out['min_scaling_factor']}"
+        )
+    warmup = out["warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral):
+        raise TypeError(f"{where}warmup_steps must be an int, got {type(warmup).__name__}")
+    if warmup < 0:
+        raise ValueError(f"{where}warmup_steps must be >= 0, got {warmup}")
+    out["warmup_steps"] = int(warmup)
+    if out["variance_cap"] is not None:
+        out["variance_cap"] = _real(where, "variance_cap", out["variance_cap"])
+        if not out["variance_cap"] > 0.0:
+            raise ValueError(f"{where}variance_cap must be > 0 or None, got {out['variance_cap']}")
+    return out
+
+
+def resolve_param_groups(param_groups, defaults: dict, layout) -> list[dict]:
+    """Complete parameter groups: every segment in exactly one group, every key present.
+
+    A group is a dict of hyper-parameter overrides plus ``"segments"`` (segment indices;
+    ``"params"`` is accepted as an alias, as in torch.optim). A group without either takes
+    the segments whose ``layout.groups`` id equals the group's position. Segments left in no
+    group form a trailing group with the defaults.
+    """
+    if param_groups is None:
+        param_groups = []
+    if isinstance(param_groups, dict) or not hasattr(param_groups, "__iter__"):
+        raise TypeError("param_groups must be a list of dicts")
+    owner: dict[int, int] = {}
+    groups = []
+    for position, group in enumerate(param_groups):
+        if not isinstance(group, dict):
+            raise TypeError(f"param_groups[{position}] must be a dict, got {type(group).__name__}")
+        group = dict(group)
+        if "segments" in group and "params" in group:
+            raise ValueError(f"param_groups[{position}] has both 'segments' and 'params'")
+        members = group.pop("segments", group.pop("params", None))
+        if members is None:
+            members = [i for i, g in enumerate(layout.groups) if g == position]
+        members = [int(m) for m in members]
+        for segment in members:
+            if not 0 <= segment < layout.num_segments:
+                raise ValueError(f"param_groups[{position}] names segment {segment}, which does not exist")
+            if segment in owner:
+                raise ValueError(
+                    f"segment {segment} is in param_groups[{owner[segment]}] and param_groups[{position}]"
+                )
+            owner[segment] = position
+        hyper = validate_upgd({**defaults, **group}, where=f"param_groups[{position}]: ")
+        groups.append({"segments": members, **hyper})
+    rest = [i for i in range(layout.num_segments) if i not in owner]
+    if rest:
+        groups.append({"segments": rest, **validate_upgd(defaults)})
+    return groups
+
+
+def segment_hyperparams(param_groups: list[dict], num_segments: int) -> list[dict]:
+    """Validated hyper-parameters of each segment, from (possibly user-edited) groups."""
+    per_segment: list = [None] * num_segments
+    for position, group in enumerate(param_groups):
+        hyper = validate_upgd(
+            {k: v for k, v in group.items() if k != "segments"}, where=f"param_groups[{position}]: "
+        )
+        for segment in group["segments"]:
+            per_segment[segment] = hyper
+    missing = [i for i, h in enumerate(per_segment) if h is None]
+    if missing:
+        raise ValueError(f"segments {missing} belong to no parameter group")
+    return per_segment

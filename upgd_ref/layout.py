@@ -1,0 +1,168 @@
+"""Flat parameter buffers: one contiguous 1-D buffer per quantity, segments 64-byte aligned.
+
+Normative definition: ``specs/layout.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from array_api_compat import array_namespace, is_numpy_namespace
+
+__all__ = ["FlatLayout", "ALIGNMENT_BYTES", "aligned_zeros"]
+
+ALIGNMENT_BYTES = 64
+SUPPORTED_DTYPES = ("float32", "float64")
+
+
+def aligned_zeros(count: int, dtype) -> np.ndarray:
+    """A zero-filled 1-D NumPy array whose first element sits on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(count * dtype.itemsize + ALIGNMENT_BYTES, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGNMENT_BYTES
+    return raw[start : start + count * dtype.itemsize].view(dtype)
+
+
+def _normalise_shape(index: int, shape) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"segment {index}: shape must be a tuple of ints, got {shape!r}") from None
+    for dim in dims:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 0:
+            raise ValueError(f"segment {index}: shape {shape!r} must hold non-negative ints")
+    return tuple(int(d) for d in dims)
+
+
+def _normalise_groups(groups, num_segments: int) -> tuple[int, ...]:
+    """Per-segment group ids from either per-segment ids or lists of segment indices."""
+    if groups is None:
+        return (0,) * num_segments
+    groups = list(groups)
+    if groups and all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in groups):
+        if len(groups) != num_segments:
+            raise ValueError(
+                f"groups has {len(groups)} entries but the layout has {num_segments} segments"
+            )
+        if any(g < 0 for g in groups):
+            raise ValueError("group ids must be non-negative")
+        return tuple(int(g) for g in groups)
+    ids = [None] * num_segments
+    for group_id, members in enumerate(groups):
+        for segment in members:
+            if not 0 <= segment < num_segments:
+                raise ValueError(f"groups[{group_id}] names segment {segment}, which does not exist")
+            if ids[segment] is not None:
+                raise ValueError(f"segment {segment} is in groups {ids[segment]} and {group_id}")
+            ids[segment] = group_id
+    missing = [i for i, g in enumerate(ids) if g is None]
+    if missing:
+        raise ValueError(f"segments {missing} belong to no group")
+    return tuple(ids)
+
+
+class FlatLayout:
+    """Where each segment (parameter tensor) lives inside a flat 1-D buffer.
+
+    Segment ``i`` occupies ``flat[offsets[i] : offsets[i] + sizes[i]]``; every offset is a
+    multiple of 64 bytes, the elements between segments (padding) are zero and are never
+    read by a reduction nor written by an update. ``logical_offsets[i]`` is the segment's
+    start when padding is removed: it is what the noise generator indexes by.
+
+    >>> layout = FlatLayout([(3, 2), (5,)], dtype="float32")
+    >>> layout.offsets, layout.size
+    ((0, 16), 32)
+    """
+
+    def __init__(self, shapes: Sequence, dtype="float32", groups=None):
+        shapes = list(shapes)
+        if not shapes:
+            raise ValueError("a FlatLayout needs at least one segment")
+        self.shapes = tuple(_normalise_shape(i, s) for i, s in enumerate(shapes))
+        dtype = np.dtype(dtype)
+        if dtype.name not in SUPPORTED_DTYPES:
+            raise TypeError(f"layout dtype must be float32 or float64, got {dtype.name}")
+        self.dtype = dtype
+        self.alignment = ALIGNMENT_BYTES // dtype.itemsize
+        self.sizes = tuple(math.prod(s) for s in self.shapes)
+        offsets, logical, position, logical_position = [], [], 0, 0
+        for size in self.sizes:
+            offsets.append(position)
+            logical.append(logical_position)
+            position += -(-size // self.alignment) * self.alignment
+            logical_position += size
+        self.offsets = tuple(offsets)
+        self.logical_offsets = tuple(logical)
+        self.size = position
+        self.num_logical = logical_position
+        self.groups = _normalise_groups(groups, len(self.shapes))
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.shapes)
+
+    def __repr__(self) -> str:
+        return f"FlatLayout(shapes={list(self.shapes)}, dtype={self.dtype.name!r}, groups={list(self.groups)})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, FlatLayout) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.shapes, self.dtype.name, self.groups))
+
+    def to_dict(self) -> dict:
+        return {
+            "shapes": [list(s) for s in self.shapes],
+            "dtype": self.dtype.name,
+            "groups": list(self.groups),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FlatLayout:
+        return cls([tuple(s) for s in data["shapes"]], data["dtype"], data.get("groups"))
+
+    def segment_slice(self, index: int) -> slice:
+        return slice(self.offsets[index], self.offsets[index] + self.sizes[index])
+
+    def zeros(self, dtype=None) -> np.ndarray:
+        """A new zero NumPy buffer for this layout, 64-byte aligned."""
+        return aligned_zeros(self.size, self.dtype if dtype is None else dtype)
+
+    def pack(self, arrays: Sequence):
+        """A new flat buffer, of the inputs' array type, holding ``arrays`` (one per segment).
+
+        Values are converted to the layout's dtype; NumPy results are 64-byte aligned.
+        """
+        arrays = list(arrays)
+        if len(arrays) != self.num_segments:
+            raise ValueError(f"pack got {len(arrays)} arrays for {self.num_segments} segments")
+        xp = array_namespace(*arrays)
+        for i, (array, shape) in enumerate(zip(arrays, self.shapes)):
+            if tuple(array.shape) != shape:
+                raise ValueError(f"segment {i}: expected shape {shape}, got {tuple(array.shape)}")
+            if not xp.isdtype(array.dtype, "real floating"):
+                raise TypeError(f"segment {i}: expected a real floating dtype, got {array.dtype}")
+        if is_numpy_namespace(xp):
+            out = self.zeros()
+            for i, array in enumerate(arrays):
+                out[self.segment_slice(i)] = np.reshape(array, (-1,))
+            return out
+        dtype = getattr(xp, self.dtype.name)
+        pieces = []
+        for i, array in enumerate(arrays):
+            padded = -(-self.sizes[i] // self.alignment) * self.alignment
+            pieces.append(xp.astype(xp.reshape(array, (-1,)), dtype))
+            pieces.append(xp.zeros((padded - self.sizes[i],), dtype=dtype))
+        return xp.concat(pieces)
+
+    def unpack(self, flat) -> list:
+        """Per-segment arrays (views where the array type has views) of a flat buffer."""
+        shape = tuple(getattr(flat, "shape", ()))
+        if shape != (self.size,):
+            raise ValueError(f"flat buffer must have shape ({self.size},), got {shape}")
+        xp = array_namespace(flat)
+        return [xp.reshape(flat[self.segment_slice(i)], s) for i, s in enumerate(self.shapes)]

@@ -1,0 +1,194 @@
+r"""AdaptiveUPGD on flat buffers: a thin stateful class over the reference math.
+
+For each segment i that has a gradient (``specs/algorithm.md`` §3):
+
+.. math::
+
+    t_i &\leftarrow t_i + 1, \quad
+    u_i \leftarrow \beta_u u_i + (1-\beta_u)(-g_i \odot p_i), \quad
+    m_i \leftarrow \beta_1 m_i + (1-\beta_1) g_i, \quad
+    v_i \leftarrow \beta_2 v_i + (1-\beta_2) g_i^2 \\
+    U_{lo}, U_{hi} &= \min, \max \text{ of every updated } u \text{ element} \\
+    x &= \mathrm{clip}\!\left(\frac{u_i/(1-\beta_u^{t_i}) - U_{lo}}{U_{hi}-U_{lo}+10^{-8}}, 0, 1\right),
+    \quad s = \sigma(2(x - \tfrac12)) \\
+    p_i &\leftarrow p_i (1 - \eta\lambda)
+      - \eta \left(\frac{\hat m_i}{\sqrt{\hat v_i}+\epsilon} + \mathrm{std}_i\,\xi\right)(1 - s)
+
+Example::
+
+    >>> import numpy as np, upgd_ref
+    >>> layout = upgd_ref.FlatLayout([(4, 3), (3,)], dtype="float64")
+    >>> params = layout.pack([np.ones((4, 3)), np.zeros(3)])
+    >>> grads = layout.pack([np.full((4, 3), 0.1), np.full(3, -0.2)])
+    >>> opt = upgd_ref.AdaptiveUPGD(layout, lr=1e-2, adaptive_noise=True, sigma=0.05, seed=7)
+    >>> info = opt.step(params, grads)
+    >>> info.step, bool(np.allclose(info.noise_to_signal, 0.05))
+    (1, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .backends import check_backend_name, select_backend
+from .checkpoint import read_state_dict, write_state_dict
+from .checks import check_distinct, check_finite, check_flat_buffer, check_present
+from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, resolve_param_groups, segment_hyperparams, validate_upgd
+from .layout import FlatLayout
+from .state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
+
+__all__ = ["AdaptiveUPGD", "StepInfo"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one step did; per-segment arrays hold NaN where a segment had no gradient.
+
+    ``noise_to_signal[i] = noise_std[i] / grad_norm[i]`` (inf for a zero gradient).
+    """
+
+    step: int
+    present: np.ndarray
+    grad_norm: np.ndarray
+    noise_std: np.ndarray
+    noise_to_signal: np.ndarray
+    utility_min: float
+    utility_max: float
+
+    def to_dict(self) -> dict:
+        """Plain Python values (lists, floats) for logging."""
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def _check_noise_norm(noise_norm) -> str:
+    if noise_norm not in NOISE_NORMS:
+        raise ValueError(f"noise_norm must be one of {NOISE_NORMS}, got {noise_norm!r}")
+    return noise_norm
+
+
+class AdaptiveUPGD:
+    """Utility-based perturbed gradient descent with Adam moments, on a :class:`FlatLayout`.
+
+    Hyper-parameters (defaults as the production optimizer): ``lr, weight_decay,
+    beta_utility, sigma, beta1, beta2, eps, adaptive_noise, noise_beta, min_noise_std,
+    instant_noise_scale``; ``noise_ema_init`` is the start value of the gradient-norm
+    average (1.0 reproduces the production flaw, 0.0 is unbiased); ``noise_norm`` is
+    ``"segment"`` (default) or ``"global"``. ``param_groups`` is a list of dicts of
+    overrides, each with ``"segments"`` (segment indices) or matched to ``layout.groups``.
+    ``param_groups`` can be edited between steps, as in torch.optim.
+    """
+
+    def __init__(self, layout: FlatLayout, *, lr=UPGD_DEFAULTS["lr"],
+                 weight_decay=UPGD_DEFAULTS["weight_decay"], beta_utility=UPGD_DEFAULTS["beta_utility"],
+                 sigma=UPGD_DEFAULTS["sigma"], beta1=UPGD_DEFAULTS["beta1"], beta2=UPGD_DEFAULTS["beta2"],
+                 eps=UPGD_DEFAULTS["eps"], adaptive_noise=UPGD_DEFAULTS["adaptive_noise"],
+                 noise_beta=UPGD_DEFAULTS["noise_beta"], min_noise_std=UPGD_DEFAULTS["min_noise_std"],
+                 instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], noise_norm="segment",
+                 noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], seed=0, param_groups=None,
+                 backend="auto"):
+        if not isinstance(layout, FlatLayout):
+            raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
+        self.layout = layout
+        self.defaults = validate_upgd(dict(
+            lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
+            beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
+            min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
+            noise_ema_init=noise_ema_init,
+        ))
+        self.noise_norm = _check_noise_norm(noise_norm)
+        self.seed = _check_seed(seed)
+        self.backend = check_backend_name(backend)
+        self.param_groups = resolve_param_groups(param_groups, self.defaults, layout)
+        hyper = segment_hyperparams(self.param_groups, layout.num_segments)
+        self.state = FlatUPGDState.zeros(layout, [h["noise_ema_init"] for h in hyper])
+
+    def __repr__(self) -> str:
+        return f"AdaptiveUPGD({self.layout!r}, step={self.state.step}, backend={self.backend!r})"
+
+    @property
+    def step_count(self) -> int:
+        """Completed calls to :meth:`step`; the next step uses noise counter ``step_count + 1``."""
+        return self.state.step
+
+    def step(self, params, grads, present=None) -> StepInfo:
+        """One step: updates ``params`` and the state in place, returns :class:`StepInfo`.
+
+        ``present[i] = False`` marks segment i as having no gradient this step: its
+        parameters, step count and state stay bit-identical and it takes no part in the
+        global reductions. Invalid input raises before anything is modified.
+        """
+        layout = self.layout
+        present = check_present(present, layout.num_segments)
+        check_flat_buffer("params", params, layout, writable=True)
+        check_flat_buffer("grads", grads, layout, writable=False)
+        check_distinct(params=params, grads=grads)
+        check_finite("grads", grads, layout, present)
+        check_finite("params", params, layout, present)
+        hyper = segment_hyperparams(self.param_groups, layout.num_segments)
+        backend = select_backend(self.backend, params)
+        stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, self.seed, self.noise_norm)
+        grad_norm = np.asarray(stats.grad_norm, dtype=np.float64)
+        noise_std = np.asarray(stats.noise_std, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            nsr = noise_std / grad_norm
+        return StepInfo(
+            step=self.state.step,
+            present=np.asarray(present),
+            grad_norm=grad_norm,
+            noise_std=noise_std,
+            noise_to_signal=nsr,
+            utility_min=float(stats.utility_min),
+            utility_max=float(stats.utility_max),
+        )
+
+    def noise(self, step: int | None = None, dtype=None) -> np.ndarray:
+        """The standard normals of step ``step`` (default: the next one) for this optimizer."""
+        step = self.state.step + 1 if step is None else step
+        return select_backend(self.backend, np.empty(0)).noise(self.layout, self.seed, step, dtype)
+
+    # --- state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Versioned, self-describing copy of the state (``specs/layout.md`` §4)."""
+        return {
+            "format": UPGD_FORMAT,
+            "version": STATE_VERSION,
+            "layout": self.layout.to_dict(),
+            "seed": self.seed,
+            "noise_norm": self.noise_norm,
+            "param_groups": [dict(g, segments=list(g["segments"])) for g in self.param_groups],
+            "state": self.state.to_state(self.layout),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore state, seed and parameter groups; nothing changes if anything is invalid."""
+        state = FlatUPGDState.from_state_dict(state_dict, self.layout)
+        saved_layout = state_dict.get("layout")
+        if saved_layout is not None and FlatLayout.from_dict(saved_layout).shapes != self.layout.shapes:
+            raise ValueError(
+                f"state dict is for segment shapes {saved_layout.get('shapes')}, this optimizer has {list(self.layout.shapes)}"
+            )
+        seed = _check_seed(state_dict.get("seed"))
+        noise_norm = _check_noise_norm(state_dict.get("noise_norm"))
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list):
+            raise ValueError("state dict field 'param_groups' must be a list")
+        groups = resolve_param_groups(groups, self.defaults, self.layout)
+        self.state.assign(state)
+        self.seed, self.noise_norm, self.param_groups = seed, noise_norm, groups
+
+    def save(self, path) -> None:
+        """Write :meth:`state_dict` to ``path`` (``.npz``)."""
+        write_state_dict(path, self.state_dict())
+
+    def load(self, path) -> None:
+        """Load a file written by :meth:`save`; corrupt or foreign files raise ``ValueError``."""
+        self.load_state_dict(read_state_dict(path))

@@ -1,0 +1,364 @@
+r"""The reference math: pure Array-API functions shaped like the equations.
+
+Normative text: ``specs/algorithm.md``; the section numbers below refer to it. Every
+function takes and returns arrays of one namespace (``xp = array_namespace(...)``), never
+mutates its inputs, and branches in Python only on static things (segment count, which
+segments are present, mode flags), so the same code runs under NumPy, CuPy, PyTorch and
+``jax.numpy`` (also inside ``jax.jit``).
+
+Precision (``specs/tolerances.md``): element-wise formulas run in the segment's dtype with
+scalar coefficients rounded to that dtype first; per-segment scalars (bias corrections,
+norms, noise std, VGS statistics) are float64 (where the namespace has float64).
+
+Example (one step on two segments, float64, fixed noise)::
+
+    >>> import numpy as np
+    >>> from upgd_ref import reference as ref
+    >>> params = [np.ones(3), np.full((2, 2), -0.5)]
+    >>> grads = [np.array([0.1, -0.2, 0.3]), np.full((2, 2), 0.05)]
+    >>> state = ref.upgd_init(params, noise_ema_init=[1.0, 1.0])
+    >>> hyper = [ref.UPGD_DEFAULTS] * 2
+    >>> normals = [np.zeros(3), np.zeros((2, 2))]
+    >>> new_params, state, stats = ref.adaptive_upgd_step(params, grads, state, normals, hyper)
+    >>> int(state.step), [int(t) for t in state.segment_step]
+    (1, [1, 1])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+from .hyperparams import UPGD_DEFAULTS, VGS_DEFAULTS
+
+__all__ = [
+    "UPGD_DEFAULTS",
+    "VGS_DEFAULTS",
+    "UTILITY_RANGE_EPS",
+    "VGS_MEAN_SQUARE_FLOOR",
+    "VGS_QUANTILE",
+    "VGS_MAX_NORMALIZED_VARIANCE",
+    "UPGDState",
+    "VGSState",
+    "StepStats",
+    "bias_correction",
+    "utility_trace_update",
+    "first_moment_update",
+    "second_moment_update",
+    "sum_of_squares",
+    "grad_norm_ema_update",
+    "noise_std",
+    "scaled_utility",
+    "protection",
+    "parameter_update",
+    "upgd_init",
+    "adaptive_upgd_step",
+    "vgs_init",
+    "vgs_normalized_variances",
+    "vgs_global_variance",
+    "vgs_scaling_factor",
+    "vgs_scale",
+    "vgs_update",
+]
+
+UTILITY_RANGE_EPS = 1e-8
+VGS_MEAN_SQUARE_FLOOR = 1e-12
+VGS_QUANTILE = 0.9
+VGS_MAX_NORMALIZED_VARIANCE = 1e6
+
+
+class UPGDState(NamedTuple):
+    """Optimizer state. Arrays per segment in lists; per-segment scalars as (S,) arrays."""
+
+    step: Any  # int64 scalar: completed calls to step (global, drives the noise counter)
+    segment_step: Any  # int64 (S,): t_i, steps in which segment i had a gradient
+    utility: list  # u_i
+    first_moment: list  # m_i
+    second_moment: list  # v_i
+    grad_norm_ema: Any  # float64 (S,): n_i (used only with adaptive noise)
+
+
+class VGSState(NamedTuple):
+    step: Any  # int64 scalar: k, completed statistics updates
+    grad_mean_avg: Any  # float64 (S,): a_i
+    grad_sq_avg: Any  # float64 (S,): b_i
+
+
+class StepStats(NamedTuple):
+    """Diagnostics of one step (NaN for segments without a gradient)."""
+
+    grad_norm: Any  # float64 (S,): ||g_i||_2
+    noise_std: Any  # float64 (S,): std_i
+    utility_min: Any  # U_lo (NaN when no present segment has elements)
+    utility_max: Any  # U_hi
+
+
+def _numel(x) -> int:
+    return math.prod(x.shape)
+
+
+def _float64(xp):
+    return getattr(xp, "float64", xp.float32)
+
+
+# --- AdaptiveUPGD, pass 1 (section 3.2) ------------------------------------------------
+
+
+def bias_correction(beta, t):
+    """``1 - beta**t``."""
+    return 1.0 - beta**t
+
+
+def utility_trace_update(utility, grad, param, beta_utility):
+    """``u <- beta_utility * u + (1 - beta_utility) * (-g * p)``."""
+    return beta_utility * utility + (1.0 - beta_utility) * (-grad * param)
+
+
+def first_moment_update(first_moment, grad, beta1):
+    """``m <- beta1 * m + (1 - beta1) * g``."""
+    return beta1 * first_moment + (1.0 - beta1) * grad
+
+
+def second_moment_update(second_moment, grad, beta2):
+    """``v <- beta2 * v + (1 - beta2) * g**2``."""
+    return beta2 * second_moment + (1.0 - beta2) * (grad * grad)
+
+
+def sum_of_squares(x):
+    """``sum(x**2)`` accumulated in float64."""
+    xp = array_namespace(x)
+    wide = xp.astype(x, _float64(xp))
+    return xp.sum(wide * wide)
+
+
+# --- AdaptiveUPGD, noise (section 3.3) --------------------------------------------------
+
+
+def grad_norm_ema_update(grad_norm_ema, norm, noise_beta):
+    """``n <- noise_beta * n + (1 - noise_beta) * r``."""
+    return noise_beta * grad_norm_ema + (1.0 - noise_beta) * norm
+
+
+def noise_std(xp, *, sigma, adaptive_noise, instant_noise_scale, min_noise_std, noise_beta,
+              norm, grad_norm_ema, t):
+    """Noise standard deviation of one segment (float64 scalar).
+
+    Fixed: ``sigma``. Adaptive: ``max(sigma * N, min_noise_std)`` with ``N = r`` (instant)
+    or ``N = n / (1 - noise_beta**t)`` (EMA), ``n`` the already-updated average.
+    """
+    if not adaptive_noise:
+        return xp.asarray(sigma, dtype=_float64(xp))
+    scale = norm if instant_noise_scale else grad_norm_ema / bias_correction(noise_beta, t)
+    return xp.maximum(sigma * scale, xp.asarray(min_noise_std, dtype=_float64(xp)))
+
+
+# --- AdaptiveUPGD, pass 2 (section 3.4) -------------------------------------------------
+
+
+def scaled_utility(utility, utility_correction, utility_min, utility_max):
+    """``x = clip((u / cu - U_lo) / (U_hi - U_lo + 1e-8), 0, 1)``."""
+    xp = array_namespace(utility)
+    x = (utility / utility_correction - utility_min) / (utility_max - utility_min + UTILITY_RANGE_EPS)
+    return xp.clip(x, 0.0, 1.0)
+
+
+def protection(x):
+    """``su = sigmoid(2 * (x - 0.5))``: how much of the update an element is spared."""
+    xp = array_namespace(x)
+    return 1.0 / (1.0 + xp.exp(-2.0 * (x - 0.5)))
+
+
+def parameter_update(param, m_hat, v_hat, noise, su, *, lr, weight_decay, eps):
+    """``p <- p * (1 - lr * wd) - lr * (m_hat / (sqrt(v_hat) + eps) + noise) * (1 - su)``."""
+    xp = array_namespace(param)
+    return param * (1.0 - lr * weight_decay) - lr * (m_hat / (xp.sqrt(v_hat) + eps) + noise) * (1.0 - su)
+
+
+# --- the whole step ---------------------------------------------------------------------
+
+
+def upgd_init(params, noise_ema_init) -> UPGDState:
+    """Zero state for ``params``; ``noise_ema_init``: start value of n_i per segment."""
+    xp = array_namespace(*params)
+    return UPGDState(
+        step=xp.asarray(0, dtype=xp.int64),
+        segment_step=xp.zeros((len(params),), dtype=xp.int64),
+        utility=[xp.zeros_like(p) for p in params],
+        first_moment=[xp.zeros_like(p) for p in params],
+        second_moment=[xp.zeros_like(p) for p in params],
+        grad_norm_ema=xp.asarray([float(v) for v in noise_ema_init], dtype=_float64(xp)),
+    )
+
+
+def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, present=None,
+                       noise_norm="segment"):
+    """One AdaptiveUPGD step (section 3): returns ``(new_params, new_state, stats)``.
+
+    ``params``, ``grads``, ``normals`` (this step's standard normals, see ``upgd_ref.noise``)
+    are per-segment arrays; ``hyper`` is one hyper-parameter dict per segment; ``present[i]``
+    False means segment i has no gradient this step and is left entirely unchanged.
+    """
+    xp = array_namespace(*params)
+    f64 = _float64(xp)
+    num_segments = len(params)
+    present = [True] * num_segments if present is None else [bool(b) for b in present]
+    nan = xp.asarray(float("nan"), dtype=f64)
+
+    segment_step = state.segment_step + xp.asarray(present, dtype=xp.int64)
+    utility, first_moment, second_moment = list(state.utility), list(state.first_moment), list(state.second_moment)
+
+    # Pass 1: traces and moments, then U_lo / U_hi over every present element.
+    for i in range(num_segments):
+        if present[i]:
+            h, g = hyper[i], grads[i]
+            utility[i] = utility_trace_update(utility[i], g, params[i], h["beta_utility"])
+            first_moment[i] = first_moment_update(first_moment[i], g, h["beta1"])
+            second_moment[i] = second_moment_update(second_moment[i], g, h["beta2"])
+    filled = [i for i in range(num_segments) if present[i] and _numel(params[i]) != 0]
+    if filled:
+        utility_min = xp.min(xp.stack([xp.min(utility[i]) for i in filled]))
+        utility_max = xp.max(xp.stack([xp.max(utility[i]) for i in filled]))
+    else:
+        utility_min = utility_max = xp.astype(nan, params[0].dtype)
+
+    # Noise scale: per-segment gradient norms (or the global one), EMA, std.
+    squares = [sum_of_squares(grads[i]) if present[i] else nan for i in range(num_segments)]
+    segment_norm = [xp.sqrt(s) for s in squares]
+    global_norm = xp.sqrt(sum(squares[i] for i in range(num_segments) if present[i])) if any(present) else nan
+    ema, std = [], []
+    for i in range(num_segments):
+        if not present[i]:
+            ema.append(state.grad_norm_ema[i])
+            std.append(nan)
+            continue
+        h = hyper[i]
+        r = segment_norm[i] if noise_norm == "segment" else global_norm
+        n_i = grad_norm_ema_update(state.grad_norm_ema[i], r, h["noise_beta"]) if h["adaptive_noise"] else state.grad_norm_ema[i]
+        ema.append(n_i)
+        std.append(noise_std(
+            xp, sigma=h["sigma"], adaptive_noise=h["adaptive_noise"],
+            instant_noise_scale=h["instant_noise_scale"], min_noise_std=h["min_noise_std"],
+            noise_beta=h["noise_beta"], norm=r, grad_norm_ema=n_i, t=segment_step[i],
+        ))
+
+    # Pass 2: bias corrections, protection, update.
+    new_params = list(params)
+    for i in range(num_segments):
+        if not present[i]:
+            continue
+        h, t, dtype = hyper[i], segment_step[i], params[i].dtype
+        cu = xp.astype(bias_correction(h["beta_utility"], t), dtype)
+        m_hat = first_moment[i] / xp.astype(bias_correction(h["beta1"], t), dtype)
+        v_hat = second_moment[i] / xp.astype(bias_correction(h["beta2"], t), dtype)
+        noise = xp.astype(std[i], dtype) * normals[i]
+        su = protection(scaled_utility(utility[i], cu, utility_min, utility_max))
+        new_params[i] = parameter_update(
+            params[i], m_hat, v_hat, noise, su, lr=h["lr"], weight_decay=h["weight_decay"], eps=h["eps"]
+        )
+
+    new_state = UPGDState(
+        step=state.step + 1,
+        segment_step=segment_step,
+        utility=utility,
+        first_moment=first_moment,
+        second_moment=second_moment,
+        grad_norm_ema=xp.stack([xp.asarray(v, dtype=f64) for v in ema]),
+    )
+    stats = StepStats(
+        grad_norm=xp.stack([xp.asarray(v, dtype=f64) for v in segment_norm]),
+        noise_std=xp.stack([xp.asarray(v, dtype=f64) for v in std]),
+        utility_min=utility_min,
+        utility_max=utility_max,
+    )
+    return new_params, new_state, stats
+
+
+# --- VarianceGradientScaler (section 2) -------------------------------------------------
+
+
+def vgs_init(xp, num_segments: int) -> VGSState:
+    f64 = _float64(xp)
+    return VGSState(
+        step=xp.asarray(0, dtype=xp.int64),
+        grad_mean_avg=xp.zeros((num_segments,), dtype=f64),
+        grad_sq_avg=xp.zeros((num_segments,), dtype=f64),
+    )
+
+
+def vgs_normalized_variances(state: VGSState, *, beta, eps):
+    """``nv_i = max(s_i - mu_i**2, 0) / (max(mu_i**2, 1e-12) + eps)``, non-finite -> 0.
+
+    ``mu_i = a_i / (1 - beta**k)``, ``s_i = b_i / (1 - beta**k)``; all zero while k = 0.
+    """
+    xp = array_namespace(state.grad_mean_avg)
+    correction = bias_correction(beta, state.step)
+    safe = xp.where(correction > 0.0, correction, 1.0)
+    mu = state.grad_mean_avg / safe
+    s = state.grad_sq_avg / safe
+    variance = xp.maximum(s - mu * mu, 0.0)
+    nv = variance / (xp.maximum(mu * mu, VGS_MEAN_SQUARE_FLOOR) + eps)
+    return xp.where(xp.isfinite(nv) & (correction > 0.0), nv, 0.0)
+
+
+def vgs_global_variance(normalized_variances, *, variance_cap):
+    """``G``: 0.9 quantile (NumPy's linear method, bit for bit), clipped, then capped."""
+    xp = array_namespace(normalized_variances)
+    ordered = xp.sort(normalized_variances)
+    n = ordered.shape[0]
+    # NumPy's virtual index for method="linear" (alpha = beta = 1), evaluated as NumPy does.
+    virtual = n * VGS_QUANTILE + (1.0 + VGS_QUANTILE * (1.0 - 1.0 - 1.0)) - 1.0
+    below = min(max(int(virtual // 1), 0), n - 1)
+    above = min(below + 1, n - 1)
+    frac = virtual - below
+    a, b = ordered[below], ordered[above]
+    diff = b - a
+    g = b - diff * (1.0 - frac) if frac >= 0.5 else a + diff * frac
+    g = xp.clip(g, 0.0, VGS_MAX_NORMALIZED_VARIANCE)
+    if variance_cap is not None:
+        g = xp.minimum(g, variance_cap)
+    return g
+
+
+def vgs_scaling_factor(state: VGSState, *, enabled, beta, alpha, eps, warmup_steps,
+                       min_scaling_factor, variance_cap):
+    """``(f, G)``: ``f = clip(1 / (1 + alpha * G), min_scaling_factor, 1)``.
+
+    ``f = 1`` when disabled, while ``k < warmup_steps`` and at ``k = 0``.
+    """
+    xp = array_namespace(state.grad_mean_avg)
+    g = vgs_global_variance(vgs_normalized_variances(state, beta=beta, eps=eps), variance_cap=variance_cap)
+    factor = xp.clip(1.0 / (1.0 + alpha * g), min_scaling_factor, 1.0)
+    active = (state.step >= warmup_steps) & (state.step > 0) & bool(enabled)
+    return xp.where(active, factor, 1.0), g
+
+
+def vgs_scale(grads, factor, present=None):
+    """Gradients multiplied by ``f`` (rounded to their dtype); absent ones unchanged."""
+    present = [True] * len(grads) if present is None else present
+    out = []
+    for g, p in zip(grads, present):
+        xp = array_namespace(g)
+        out.append(g * xp.astype(xp.asarray(factor), g.dtype) if p else g)
+    return out
+
+
+def vgs_update(state: VGSState, grads, *, beta, present=None) -> VGSState:
+    """``k += 1``; ``a_i, b_i`` <- EMA of ``mean(g_i)``, ``mean(g_i**2)`` (scaled gradients).
+
+    Absent and zero-size segments keep their statistics.
+    """
+    xp = array_namespace(state.grad_mean_avg)
+    f64 = _float64(xp)
+    present = [True] * len(grads) if present is None else present
+    a, b = [], []
+    for i, g in enumerate(grads):
+        if present[i] and _numel(g) != 0:
+            wide = xp.astype(g, f64)
+            a.append(beta * state.grad_mean_avg[i] + (1.0 - beta) * xp.mean(wide))
+            b.append(beta * state.grad_sq_avg[i] + (1.0 - beta) * xp.mean(wide * wide))
+        else:
+            a.append(state.grad_mean_avg[i])
+            b.append(state.grad_sq_avg[i])
+    return VGSState(step=state.step + 1, grad_mean_avg=xp.stack(a), grad_sq_avg=xp.stack(b))

@@ -1,0 +1,240 @@
+"""Counter-based Gaussian noise: Philox4x32-10 and a portable Box-Muller transform.
+
+Normative definition: ``specs/noise.md``. In short, element ``i`` (its *logical* index,
+padding excluded) of step ``step`` of a generator seeded with ``seed`` is
+
+    block  = i // 4,  lane = i % 4
+    w      = Philox4x32-10(counter=(block_lo, block_hi, step_lo, step_hi),
+                           key=(seed_lo, seed_hi))            # four uint32 words
+    r      = sqrt(-2 ln u(w[0 or 2]))        u(w) = (w + 0.5) * 2**-32
+    theta  = 2 pi u(w[1 or 3])
+    z      = r cos(theta)  (lanes 0, 2)   or   r sin(theta)  (lanes 1, 3)
+
+computed in float64 with ``ln``, ``cos`` and ``sin`` built from ``+ - * /`` only, so that
+any IEEE-754 implementation that evaluates the same expressions in the same order (without
+fused multiply-add) produces the same bits. float32 normals are the float64 normals rounded
+once to nearest.
+
+Everything here is written against the Array API (``xp``) with uint32 integer arithmetic
+only (no uint64), so it runs unchanged on NumPy, CuPy, PyTorch and ``jax.numpy``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from array_api_compat import array_namespace
+
+__all__ = [
+    "philox4x32_10",
+    "standard_normals",
+    "noise",
+    "PHILOX_M0",
+    "PHILOX_M1",
+    "PHILOX_W0",
+    "PHILOX_W1",
+]
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+# fdlibm e_log.c: ln 2 split so that k * LN2_HI is exact for |k| < 2**11.
+LN2_HI = 6.93147180369123816490e-01
+LN2_LO = 1.90821492927058770002e-10
+LG1 = 6.666666666666735130e-01
+LG2 = 3.999999999940941908e-01
+LG3 = 2.857142874366239149e-01
+LG4 = 2.222219843214978396e-01
+LG5 = 1.818357216161805012e-01
+LG6 = 1.531383769920937332e-01
+LG7 = 1.479819860511658591e-01
+SQRT2 = 1.4142135623730951
+SQRT_HALF = 0.7071067811865476
+
+# fdlibm k_sin.c / k_cos.c minimax polynomials on [-pi/4, pi/4].
+S1 = -1.66666666666666324348e-01
+S2 = 8.33333333332248946124e-03
+S3 = -1.98412698298579493134e-04
+S4 = 2.75573137070700676789e-06
+S5 = -2.50507602534068634195e-08
+S6 = 1.58969099521155010221e-10
+C1 = 4.16666666666666019037e-02
+C2 = -1.38888888888741095749e-03
+C3 = 2.48015872894767294178e-05
+C4 = -2.75573143513906633035e-07
+C5 = 2.08757232129817482790e-09
+C6 = -1.13596475577881948265e-11
+PI_OVER_4 = 0.7853981633974483
+OCTANT_FRACTION_BITS = 29  # theta's octant is the top 3 bits of the angle word
+
+
+def _u32(xp, value):
+    return xp.asarray(value & _MASK32, dtype=xp.uint32)
+
+
+def _mulhilo32(xp, a, multiplier: int):
+    """(high, low) 32-bit halves of ``a * multiplier`` using 16-bit limbs (no uint64)."""
+    m_lo, m_hi = multiplier & 0xFFFF, multiplier >> 16
+    a_lo = a & _u32(xp, 0xFFFF)
+    a_hi = a >> _u32(xp, 16)
+    ll = a_lo * _u32(xp, m_lo)
+    lh = a_lo * _u32(xp, m_hi)
+    hl = a_hi * _u32(xp, m_lo)
+    hh = a_hi * _u32(xp, m_hi)
+    low16 = _u32(xp, 0xFFFF)
+    shift = _u32(xp, 16)
+    mid = (ll >> shift) + (lh & low16) + (hl & low16)
+    high = hh + (lh >> shift) + (hl >> shift) + (mid >> shift)
+    low = a * _u32(xp, multiplier)  # uint32 multiplication wraps modulo 2**32
+    return high, low
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Random123) on arrays of counters.
+
+    ``counter``: four uint32 arrays (broadcastable) ``(c0, c1, c2, c3)``;
+    ``key``: two Python ints ``(k0, k1)``. Returns four uint32 arrays.
+    """
+    xp = array_namespace(*counter)
+    c0, c1, c2, c3 = counter
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for round_index in range(PHILOX_ROUNDS):
+        if round_index:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(xp, c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo32(xp, c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ _u32(xp, k0), lo1, hi0 ^ c3 ^ _u32(xp, k1), lo0
+    return c0, c1, c2, c3
+
+
+def _log_of_uniform(xp, word):
+    """ln(u) for u = (word + 0.5) * 2**-32, from + - * / only (fdlibm's log kernel)."""
+    t = xp.astype(word, xp.float64) + 0.5  # exact, in [0.5, 2**32)
+    k = xp.zeros_like(t)
+    for shift in (16, 8, 4, 2, 1):  # exact binary search for the exponent
+        big = t >= float(2**shift)
+        t = xp.where(big, t * (2.0**-shift), t)
+        k = xp.where(big, k + shift, k)
+    big = t >= SQRT2
+    t = xp.where(big, t * 0.5, t)
+    k = xp.where(big, k + 1.0, k)
+    small = t < SQRT_HALF
+    t = xp.where(small, t * 2.0, t)
+    k = xp.where(small, k - 1.0, k)
+    k = k - 32.0  # u = t * 2**k, t in [sqrt(1/2), sqrt(2))
+    f = t - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (LG2 + w * (LG4 + w * LG6))
+    t2 = z * (LG1 + w * (LG3 + w * (LG5 + w * LG7)))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    return k * LN2_HI - ((hfsq - (s * (hfsq + r) + k * LN2_LO)) - f)
+
+
+def _kernel_sin(x):
+    z = x * x
+    v = z * x
+    r = S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))
+    return x + v * (S1 + z * r)
+
+
+def _kernel_cos(x):
+    z = x * x
+    r = z * (C1 + z * (C2 + z * (C3 + z * (C4 + z * (C5 + z * C6)))))
+    return 1.0 - (0.5 * z - z * r)
+
+
+def _cos_sin_of_turn(xp, word):
+    """cos and sin of 2*pi*u, u = (word + 0.5) * 2**-32, via octant reduction."""
+    octant = word >> _u32(xp, OCTANT_FRACTION_BITS)
+    fraction_mask = (1 << OCTANT_FRACTION_BITS) - 1
+    low = word & _u32(xp, fraction_mask)
+    odd = (octant & _u32(xp, 1)) == _u32(xp, 1)
+    reduced = xp.where(odd, _u32(xp, fraction_mask) - low, low)  # odd octants reflect
+    a = ((xp.astype(reduced, xp.float64) + 0.5) * 2.0**-OCTANT_FRACTION_BITS) * PI_OVER_4
+    s = _kernel_sin(a)
+    c = _kernel_cos(a)
+    swap = ((octant + _u32(xp, 1)) >> _u32(xp, 1)) & _u32(xp, 1)  # octants 1, 2, 5, 6
+    cos_negative = ((octant + _u32(xp, 2)) >> _u32(xp, 2)) & _u32(xp, 1)  # octants 2..5
+    sin_negative = octant >> _u32(xp, 2)  # octants 4..7
+    one = _u32(xp, 1)
+    cos_mag = xp.where(swap == one, s, c)
+    sin_mag = xp.where(swap == one, c, s)
+    cos = xp.where(cos_negative == one, -cos_mag, cos_mag)
+    sin = xp.where(sin_negative == one, -sin_mag, sin_mag)
+    return cos, sin
+
+
+def _normals_from_words(xp, w0, w1, w2, w3):
+    """Four float64 normals per Philox block, in lane order."""
+    r01 = xp.sqrt(-2.0 * _log_of_uniform(xp, w0))
+    cos01, sin01 = _cos_sin_of_turn(xp, w1)
+    r23 = xp.sqrt(-2.0 * _log_of_uniform(xp, w2))
+    cos23, sin23 = _cos_sin_of_turn(xp, w3)
+    return xp.stack([r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23], axis=1)
+
+
+def _check_u64(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
+
+
+def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
+    """Standard normals for logical element indices ``start .. start + count - 1``.
+
+    Pure function of ``(seed, step, index)``: any chunking of an index range gives the same
+    values. ``dtype`` is ``xp.float64`` (default) or ``xp.float32`` (float64 rounded once).
+    """
+    seed = _check_u64("seed", seed)
+    step = _check_u64("step", step)
+    start = _check_u64("start", start)
+    count = _check_u64("count", count)
+    dtype = xp.float64 if dtype is None else dtype
+    if dtype not in (xp.float32, xp.float64):
+        raise TypeError(f"noise dtype must be float32 or float64, got {dtype}")
+    if count == 0:
+        return xp.zeros((0,), dtype=dtype)
+    first_block, last_block = start // 4, (start + count - 1) // 4
+    key = (seed & _MASK32, seed >> 32)
+    step_lo, step_hi = step & _MASK32, step >> 32
+    pieces = []
+    block = first_block
+    while block <= last_block:  # the low counter word must not wrap inside one piece
+        block_hi = block >> 32
+        n = min(last_block + 1, (block_hi + 1) << 32) - block
+        c0 = xp.arange(n, dtype=xp.uint32) + _u32(xp, block)
+        c1 = xp.full((n,), block_hi, dtype=xp.uint32)
+        c2 = xp.full((n,), step_lo, dtype=xp.uint32)
+        c3 = xp.full((n,), step_hi, dtype=xp.uint32)
+        pieces.append(_normals_from_words(xp, *philox4x32_10((c0, c1, c2, c3), key)))
+        block += n
+    flat = xp.reshape(xp.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0], (-1,))
+    skip = start - 4 * first_block
+    return xp.astype(flat[skip : skip + count], dtype)
+
+
+def noise(layout, seed, step, dtype=None):
+    """The standard normals that optimizer step ``step`` (1, 2, ...) with ``seed`` uses.
+
+    Returns a flat NumPy buffer shaped like ``layout`` (``layout.unpack`` gives one array per
+    segment); padding elements are 0. Element ``j`` of segment ``i`` is the normal of logical
+    index ``layout.logical_offsets[i] + j``, so layouts that differ only in padding (for
+    example float32 and float64 layouts of the same shapes) draw identical values.
+    ``dtype`` defaults to the layout's dtype.
+    """
+    dtype = np.dtype(layout.dtype if dtype is None else dtype)
+    values = standard_normals(seed, step, 0, layout.num_logical, dtype=np.float64)
+    out = layout.zeros(dtype=dtype)
+    for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
+        out[offset : offset + size] = values[logical_offset : logical_offset + size]
+    return out

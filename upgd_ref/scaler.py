@@ -1,0 +1,127 @@
+r"""Variance Gradient Scaler (VGS) on flat buffers (``specs/algorithm.md`` §2).
+
+A training step is ``f = vgs.scale(grads)`` (multiplies every present gradient by ``f``),
+``opt.step(params, grads)``, ``vgs.update(grads)`` (statistics from the *scaled* gradients):
+
+.. math::
+
+    \mu_i = a_i / (1-\beta^k),\quad s_i = b_i/(1-\beta^k),\quad
+    nv_i = \frac{\max(s_i - \mu_i^2, 0)}{\max(\mu_i^2, 10^{-12}) + \epsilon} \\
+    G = \min(\mathrm{clip}(q_{0.9}(nv), 0, 10^6), \mathrm{cap}),\quad
+    f = \mathrm{clip}\!\left(\frac{1}{1 + \alpha G}, f_{min}, 1\right)
+
+and ``f = 1`` when disabled, at ``k = 0`` and while ``k < warmup_steps``.
+
+Example::
+
+    >>> import numpy as np, upgd_ref
+    >>> layout = upgd_ref.FlatLayout([(8,), (2, 2)], dtype="float64")
+    >>> vgs = upgd_ref.VarianceGradientScaler(layout, warmup_steps=0)
+    >>> grads = layout.pack([np.linspace(-1, 1, 8), np.ones((2, 2))])
+    >>> vgs.scale(grads), vgs.update(grads), round(vgs.scaling_factor(), 6)  # G capped at 50
+    (1.0, None, 0.166667)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import reference as ref
+from .backends import check_backend_name, select_backend
+from .checkpoint import read_state_dict, write_state_dict
+from .checks import check_finite, check_flat_buffer, check_present
+from .hyperparams import VGS_DEFAULTS, validate_vgs
+from .layout import FlatLayout
+from .state import STATE_VERSION, VGS_FORMAT, FlatVGSState
+
+__all__ = ["VarianceGradientScaler"]
+
+
+class VarianceGradientScaler:
+    """Scales gradients down when their normalised variance is high (one factor per step)."""
+
+    def __init__(self, layout: FlatLayout, *, enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS["beta"],
+                 alpha=VGS_DEFAULTS["alpha"], eps=VGS_DEFAULTS["eps"],
+                 warmup_steps=VGS_DEFAULTS["warmup_steps"],
+                 min_scaling_factor=VGS_DEFAULTS["min_scaling_factor"],
+                 variance_cap=VGS_DEFAULTS["variance_cap"], backend="auto"):
+        if not isinstance(layout, FlatLayout):
+            raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
+        self.layout = layout
+        self.hyperparams = validate_vgs(dict(
+            enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
+            min_scaling_factor=min_scaling_factor, variance_cap=variance_cap,
+        ))
+        self.backend = check_backend_name(backend)
+        self.state = FlatVGSState.zeros(layout.num_segments)
+
+    def __repr__(self) -> str:
+        return f"VarianceGradientScaler({self.layout!r}, step={self.state.step}, factor={self.scaling_factor():.6g})"
+
+    def _factor_and_variance(self) -> tuple[float, float]:
+        hp = validate_vgs(self.hyperparams)
+        state = ref.VGSState(np.int64(self.state.step), self.state.grad_mean_avg, self.state.grad_sq_avg)
+        with np.errstate(all="ignore"):
+            factor, variance = ref.vgs_scaling_factor(state, **hp)
+        return float(factor), float(variance)
+
+    def scaling_factor(self) -> float:
+        """``f`` for the current statistics."""
+        return self._factor_and_variance()[0]
+
+    def normalized_variance(self) -> float:
+        """``G``, the clipped and capped 0.9 quantile of the per-segment normalised variances."""
+        return self._factor_and_variance()[1]
+
+    def segment_normalized_variances(self) -> np.ndarray:
+        """``nv_i`` per segment."""
+        state = ref.VGSState(np.int64(self.state.step), self.state.grad_mean_avg, self.state.grad_sq_avg)
+        with np.errstate(all="ignore"):
+            return np.asarray(ref.vgs_normalized_variances(state, beta=self.hyperparams["beta"], eps=self.hyperparams["eps"]))
+
+    def _check(self, grads, present, writable):
+        present = check_present(present, self.layout.num_segments)
+        check_flat_buffer("grads", grads, self.layout, writable=writable)
+        check_finite("grads", grads, self.layout, present)
+        return present
+
+    def scale(self, grads, present=None) -> float:
+        """Multiply every present segment of ``grads`` by ``f`` in place; return ``f``."""
+        present = self._check(grads, present, writable=True)
+        factor = self.scaling_factor()
+        if factor != 1.0:
+            select_backend(self.backend, grads).vgs_scale(self.layout, grads, factor, present)
+        return factor
+
+    def update(self, grads, present=None) -> None:
+        """Advance ``k`` and the running averages from the (already scaled) gradients."""
+        present = self._check(grads, present, writable=False)
+        hp = validate_vgs(self.hyperparams)
+        select_backend(self.backend, grads).vgs_update(self.layout, grads, self.state, hp["beta"], present)
+
+    def reset_statistics(self) -> None:
+        self.state = FlatVGSState.zeros(self.layout.num_segments)
+
+    def state_dict(self) -> dict:
+        return {
+            "format": VGS_FORMAT,
+            "version": STATE_VERSION,
+            "num_segments": self.layout.num_segments,
+            "hyperparams": dict(self.hyperparams),
+            "state": self.state.to_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore statistics and hyper-parameters; nothing changes if anything is invalid."""
+        state = FlatVGSState.from_state_dict(state_dict, self.layout.num_segments)
+        hyperparams = state_dict.get("hyperparams")
+        if not isinstance(hyperparams, dict):
+            raise ValueError("state dict field 'hyperparams' must be a dict")
+        hyperparams = validate_vgs(hyperparams, where="state dict hyperparams: ")
+        self.state, self.hyperparams = state, hyperparams
+
+    def save(self, path) -> None:
+        write_state_dict(path, self.state_dict())
+
+    def load(self, path) -> None:
+        self.load_state_dict(read_state_dict(path))

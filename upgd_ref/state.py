@@ -1,0 +1,106 @@
+"""Mutable flat-buffer state records and their state-dict format (``specs/layout.md`` §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checkpoint import check_header, take_array, take_int
+
+__all__ = ["FlatUPGDState", "FlatVGSState", "UPGD_FORMAT", "VGS_FORMAT", "STATE_VERSION"]
+
+UPGD_FORMAT = "upgd_ref.AdaptiveUPGD"
+VGS_FORMAT = "upgd_ref.VarianceGradientScaler"
+STATE_VERSION = 1
+
+
+def _logical(layout, flat: np.ndarray) -> np.ndarray:
+    """Padding removed: the concatenation of the segments, in order."""
+    return np.concatenate([flat[layout.segment_slice(i)] for i in range(layout.num_segments)])
+
+
+def _padded(layout, logical: np.ndarray) -> np.ndarray:
+    out = layout.zeros()
+    for i in range(layout.num_segments):
+        start = layout.logical_offsets[i]
+        out[layout.segment_slice(i)] = logical[start : start + layout.sizes[i]]
+    return out
+
+
+@dataclass
+class FlatUPGDState:
+    """AdaptiveUPGD state on flat buffers of a layout (padding elements stay zero)."""
+
+    step: int  # completed calls to step(); the next step draws noise with counter step + 1
+    segment_step: np.ndarray  # int64 (S,): t_i
+    utility: np.ndarray  # flat, layout dtype: u
+    first_moment: np.ndarray  # m
+    second_moment: np.ndarray  # v
+    grad_norm_ema: np.ndarray  # float64 (S,): n_i
+
+    BUFFERS = ("utility", "first_moment", "second_moment")
+
+    @classmethod
+    def zeros(cls, layout, noise_ema_init) -> FlatUPGDState:
+        return cls(
+            step=0,
+            segment_step=np.zeros(layout.num_segments, dtype=np.int64),
+            utility=layout.zeros(),
+            first_moment=layout.zeros(),
+            second_moment=layout.zeros(),
+            grad_norm_ema=np.asarray(noise_ema_init, dtype=np.float64).copy(),
+        )
+
+    def to_state(self, layout) -> dict:
+        out = {"step": self.step, "segment_step": self.segment_step.copy(), "grad_norm_ema": self.grad_norm_ema.copy()}
+        for name in self.BUFFERS:
+            out[name] = _logical(layout, getattr(self, name))
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state_dict, layout) -> FlatUPGDState:
+        """Checked state of a state dict; raises naming the first bad field."""
+        state = check_header(state_dict, UPGD_FORMAT, STATE_VERSION)
+        s = layout.num_segments
+        step = take_int(state, "step")
+        segment_step = take_array(state, "segment_step", (s,), np.int64)
+        if (segment_step < 0).any() or (segment_step > step).any():
+            raise ValueError("state dict field 'state.segment_step' must lie in [0, state.step]")
+        grad_norm_ema = take_array(state, "grad_norm_ema", (s,), np.float64)
+        if (grad_norm_ema < 0).any():
+            raise ValueError("state dict field 'state.grad_norm_ema' must be >= 0")
+        buffers = {name: _padded(layout, take_array(state, name, (layout.num_logical,), layout.dtype)) for name in cls.BUFFERS}
+        if (buffers["second_moment"] < 0).any():
+            raise ValueError("state dict field 'state.second_moment' must be >= 0")
+        return cls(step=step, segment_step=segment_step, grad_norm_ema=grad_norm_ema, **buffers)
+
+    def assign(self, other: FlatUPGDState) -> None:
+        """Copy ``other`` into this record's buffers (their identity is kept)."""
+        self.step = other.step
+        for name in ("segment_step", "grad_norm_ema", *self.BUFFERS):
+            getattr(self, name)[...] = getattr(other, name)
+
+
+@dataclass
+class FlatVGSState:
+    step: int  # k
+    grad_mean_avg: np.ndarray  # float64 (S,): a_i
+    grad_sq_avg: np.ndarray  # float64 (S,): b_i
+
+    @classmethod
+    def zeros(cls, num_segments: int) -> FlatVGSState:
+        return cls(0, np.zeros(num_segments), np.zeros(num_segments))
+
+    def to_state(self) -> dict:
+        return {"step": self.step, "grad_mean_avg": self.grad_mean_avg.copy(), "grad_sq_avg": self.grad_sq_avg.copy()}
+
+    @classmethod
+    def from_state_dict(cls, state_dict, num_segments: int) -> FlatVGSState:
+        state = check_header(state_dict, VGS_FORMAT, STATE_VERSION)
+        step = take_int(state, "step")
+        mean = take_array(state, "grad_mean_avg", (num_segments,), np.float64)
+        square = take_array(state, "grad_sq_avg", (num_segments,), np.float64)
+        if (square < 0).any():
+            raise ValueError("state dict field 'state.grad_sq_avg' must be >= 0")
+        return cls(step, mean, square)
