@@ -1,8 +1,13 @@
-"""The ``upgd-ref`` command line."""
+"""The ``upgd-ref`` command line.
+
+Subcommands live in their own modules; each module in :data:`SUBCOMMAND_MODULES` has a
+``register(subparsers)`` that adds its parser and sets ``run``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import numpy as np
@@ -53,6 +58,9 @@ def _info(args) -> int:
     return 0
 
 
+SUBCOMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upgd-ref",
@@ -78,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions and available backends")
     info.set_defaults(run=_info)
+
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
