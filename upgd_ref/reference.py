@@ -27,6 +27,7 @@ Example (one step on two segments, float64, fixed noise)::
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
@@ -107,8 +108,16 @@ def _float64(xp):
 
 
 def bias_correction(beta, t):
-    """``1 - beta**t``."""
-    return 1.0 - beta**t
+    """``1 - beta**t``, with ``beta**t`` the C library's double ``pow`` (Python's ``**``).
+
+    NumPy's array ``power`` can differ from ``pow`` by an ulp, so a concrete step count
+    is evaluated in Python floats; a traced one (``jax.jit``) falls back to ``xp`` power.
+    """
+    try:
+        steps = operator.index(t)
+    except TypeError:
+        return 1.0 - beta**t
+    return 1.0 - float(beta) ** steps
 
 
 def utility_trace_update(utility, grad, param, beta_utility):
@@ -249,10 +258,10 @@ def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, prese
         if not present[i]:
             continue
         h, t, dtype = hyper[i], segment_step[i], params[i].dtype
-        cu = xp.astype(bias_correction(h["beta_utility"], t), dtype)
-        m_hat = first_moment[i] / xp.astype(bias_correction(h["beta1"], t), dtype)
-        v_hat = second_moment[i] / xp.astype(bias_correction(h["beta2"], t), dtype)
-        noise = xp.astype(std[i], dtype) * normals[i]
+        cu = xp.asarray(bias_correction(h["beta_utility"], t), dtype=dtype)
+        m_hat = first_moment[i] / xp.asarray(bias_correction(h["beta1"], t), dtype=dtype)
+        v_hat = second_moment[i] / xp.asarray(bias_correction(h["beta2"], t), dtype=dtype)
+        noise = xp.asarray(std[i], dtype=dtype) * normals[i]
         su = protection(scaled_utility(utility[i], cu, utility_min, utility_max))
         new_params[i] = parameter_update(
             params[i], m_hat, v_hat, noise, su, lr=h["lr"], weight_decay=h["weight_decay"], eps=h["eps"]
@@ -307,11 +316,10 @@ def vgs_global_variance(normalized_variances, *, variance_cap):
     xp = array_namespace(normalized_variances)
     ordered = xp.sort(normalized_variances)
     n = ordered.shape[0]
-    # NumPy's virtual index for method="linear" (alpha = beta = 1), evaluated as NumPy does.
-    virtual = n * VGS_QUANTILE + (1.0 + VGS_QUANTILE * (1.0 - 1.0 - 1.0)) - 1.0
-    below = min(max(int(virtual // 1), 0), n - 1)
-    above = min(below + 1, n - 1)
-    frac = virtual - below
+    virtual = (n - 1) * VGS_QUANTILE  # NumPy's virtual index for method="linear"
+    below = n - 1 if virtual >= n - 1 else int(virtual // 1)
+    above = n - 1 if virtual >= n - 1 else below + 1
+    frac = virtual - (virtual // 1)
     a, b = ordered[below], ordered[above]
     diff = b - a
     g = b - diff * (1.0 - frac) if frac >= 0.5 else a + diff * frac
