@@ -302,7 +302,7 @@ def vgs_normalized_variances(state: VGSState, *, beta, eps):
     ``mu_i = a_i / (1 - beta**k)``, ``s_i = b_i / (1 - beta**k)``; all zero while k = 0.
     """
     xp = array_namespace(state.grad_mean_avg)
-    correction = bias_correction(beta, state.step)
+    correction = xp.asarray(bias_correction(beta, state.step), dtype=state.grad_mean_avg.dtype)
     safe = xp.where(correction > 0.0, correction, 1.0)
     mu = state.grad_mean_avg / safe
     s = state.grad_sq_avg / safe
