@@ -53,7 +53,11 @@ def _normalise_groups(groups, num_segments: int) -> tuple[int, ...]:
         return tuple(int(g) for g in groups)
     ids = [None] * num_segments
     for group_id, members in enumerate(groups):
+        if isinstance(members, (int, np.integer)) or not hasattr(members, "__iter__"):
+            raise TypeError("groups must be all segment group ids (ints) or all lists of segment indices")
         for segment in members:
+            if isinstance(segment, bool) or not isinstance(segment, (int, np.integer)):
+                raise TypeError(f"groups[{group_id}] holds {segment!r}; segment indices are ints")
             if not 0 <= segment < num_segments:
                 raise ValueError(f"groups[{group_id}] names segment {segment}, which does not exist")
             if ids[segment] is not None:

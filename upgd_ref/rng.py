@@ -199,6 +199,8 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
     step = _check_u64("step", step)
     start = _check_u64("start", start)
     count = _check_u64("count", count)
+    if start + count > 2**64:
+        raise ValueError(f"indices start + count = {start + count} exceed 2**64")
     dtype = xp.float64 if dtype is None else dtype
     if dtype not in (xp.float32, xp.float64):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype}")
@@ -233,6 +235,8 @@ def noise(layout, seed, step, dtype=None):
     ``dtype`` defaults to the layout's dtype.
     """
     dtype = np.dtype(layout.dtype if dtype is None else dtype)
+    if dtype.name not in ("float32", "float64"):
+        raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
     values = standard_normals(seed, step, 0, layout.num_logical, dtype=np.float64)
     out = layout.zeros(dtype=dtype)
     for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
