@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -19,8 +21,21 @@ _META = "meta"
 _ARRAY_PREFIX = "state."
 
 
+def _json_default(value):
+    """NumPy scalars (e.g. a hyper-parameter edited to ``np.float32``) as plain Python values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"state dict value of type {type(value).__name__} cannot be written to a checkpoint")
+
+
 def write_state_dict(path, state_dict: dict) -> None:
-    """Write ``state_dict`` atomically (a temporary file renamed into place)."""
+    """Write ``state_dict`` atomically (a temporary file renamed into place).
+
+    Everything is encoded before the file is opened; on any error no file is left behind
+    and an existing file at ``path`` is untouched.
+    """
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+        raise TypeError("state dict must be a dict with a 'state' dict")
     meta = {k: v for k, v in state_dict.items() if k != "state"}
     arrays, scalars = {}, {}
     for name, value in state_dict["state"].items():
@@ -29,30 +44,56 @@ def write_state_dict(path, state_dict: dict) -> None:
         else:
             scalars[name] = value
     meta["state_scalars"] = scalars
+    try:
+        encoded = json.dumps(meta, default=_json_default, allow_nan=False).encode()
+    except ValueError as exc:  # NaN or infinity: a state that could not be loaded back
+        raise ValueError(f"state dict cannot be written: {exc} (a non-finite hyper-parameter?)") from None
     path = os.fspath(path)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **{_META: np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{_META: np.frombuffer(encoded, dtype=np.uint8)}, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# What a damaged file can raise while it is opened or its members are read.
+_CORRUPT = (
+    zipfile.BadZipFile, zlib.error, struct.error, ValueError, EOFError, KeyError,
+    NotImplementedError, RuntimeError, UnicodeDecodeError, OverflowError, OSError,
+)
 
 
 def read_state_dict(path) -> dict:
-    """Read a file written by :func:`write_state_dict`; any corruption is a ``ValueError``."""
+    """Read a file written by :func:`write_state_dict`; any corruption is a ``ValueError``.
+
+    A missing file raises ``FileNotFoundError``; a file that cannot be opened for other
+    reasons (permissions, a directory) raises its ``OSError``.
+    """
     try:
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            members = {name: np.array(data[name]) for name in data.files}
-    except FileNotFoundError:
+        data = np.load(os.fspath(path), allow_pickle=False)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise ValueError(f"{path}: not a readable upgd_ref checkpoint ({exc})") from exc
+    except _CORRUPT as exc:
+        raise ValueError(f"{path}: not a readable upgd_ref checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not an upgd_ref checkpoint (a single .npy array, not an .npz archive)")
+    try:
+        with data:
+            members = {name: np.array(data[name]) for name in data.files}
+    except _CORRUPT as exc:
+        raise ValueError(f"{path}: not a readable upgd_ref checkpoint ({type(exc).__name__}: {exc})") from exc
     if _META not in members:
         raise ValueError(f"{path}: not an upgd_ref checkpoint (no '{_META}' member)")
     try:
         meta = json.loads(members.pop(_META).tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("state_scalars"), dict):
-        raise ValueError(f"{path}: corrupt checkpoint metadata")
+        raise ValueError(f"{path}: corrupt checkpoint metadata (no 'state_scalars' mapping)")
     state = dict(meta.pop("state_scalars"))
     for name, value in members.items():
         if not name.startswith(_ARRAY_PREFIX):
@@ -101,14 +142,19 @@ def take_array(state: dict, name: str, shape: tuple, dtype, *, finite=True) -> n
     return value.copy()
 
 
-def take_int(state: dict, name: str, *, minimum: int = 0) -> int:
+# The largest step count a state may hold: the next step's noise counter (step + 1) must fit
+# the int64 step counters of every backend.
+MAX_STEP = 2**63 - 2
+
+
+def take_int(state: dict, name: str, *, minimum: int = 0, maximum: int = MAX_STEP) -> int:
     if name not in state:
         raise ValueError(f"state dict field 'state.{name}' is missing")
     value = state[name]
     if isinstance(value, np.ndarray) and value.shape == ():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"state dict field 'state.{name}' must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"state dict field 'state.{name}' must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"state dict field 'state.{name}' must lie in [{minimum}, {maximum}], got {value}")
     return int(value)

@@ -30,7 +30,14 @@ def check_flat_buffer(name: str, buffer, layout, *, writable: bool) -> None:
 def check_present(present, num_segments: int) -> list[bool]:
     if present is None:
         return [True] * num_segments
-    flags = list(np.asarray(present).reshape(-1)) if not isinstance(present, (list, tuple)) else list(present)
+    if isinstance(present, np.ndarray):
+        if present.ndim != 1:
+            raise ValueError(f"present must be 1-D (one flag per segment), got shape {present.shape}")
+        flags = list(present)
+    elif isinstance(present, (list, tuple)):
+        flags = list(present)
+    else:
+        raise TypeError(f"present must be a list, tuple or 1-D array of bools, got {type(present).__name__}")
     if len(flags) != num_segments:
         raise ValueError(f"present has {len(flags)} entries for {num_segments} segments")
     for i, flag in enumerate(flags):

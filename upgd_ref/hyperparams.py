@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 __all__ = [
     "UPGD_DEFAULTS",
     "VGS_DEFAULTS",
@@ -56,7 +58,7 @@ def _real(where: str, name: str, value) -> float:
 
 
 def _flag(where: str, name: str, value) -> bool:
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{where}{name} must be a bool, got {type(value).__name__}")
     return bool(value)
 
@@ -137,15 +139,7 @@ def resolve_param_groups(param_groups, defaults: dict, layout) -> list[dict]:
         members = group.pop("segments", group.pop("params", None))
         if members is None:
             members = [i for i, g in enumerate(layout.groups) if g == position]
-        members = [int(m) for m in members]
-        for segment in members:
-            if not 0 <= segment < layout.num_segments:
-                raise ValueError(f"param_groups[{position}] names segment {segment}, which does not exist")
-            if segment in owner:
-                raise ValueError(
-                    f"segment {segment} is in param_groups[{owner[segment]}] and param_groups[{position}]"
-                )
-            owner[segment] = position
+        members = _claim_segments(position, members, layout.num_segments, owner)
         hyper = validate_upgd({**defaults, **group}, where=f"param_groups[{position}]: ")
         groups.append({"segments": members, **hyper})
     rest = [i for i in range(layout.num_segments) if i not in owner]
@@ -154,14 +148,52 @@ def resolve_param_groups(param_groups, defaults: dict, layout) -> list[dict]:
     return groups
 
 
-def segment_hyperparams(param_groups: list[dict], num_segments: int) -> list[dict]:
-    """Validated hyper-parameters of each segment, from (possibly user-edited) groups."""
+def _claim_segments(position: int, members, num_segments: int, owner: dict) -> list[int]:
+    """Checked segment indices of ``param_groups[position]``, recorded in ``owner``."""
+    where = f"param_groups[{position}]"
+    if isinstance(members, (str, bytes, dict, set, frozenset)) or not hasattr(members, "__iter__"):
+        raise TypeError(f"{where}: 'segments' must be a list of segment indices, got {type(members).__name__}")
+    checked = []
+    for segment in members:
+        if isinstance(segment, (bool, np.bool_)) or not isinstance(segment, numbers.Integral):
+            raise TypeError(f"{where}: segment index {segment!r} must be an int, got {type(segment).__name__}")
+        segment = int(segment)
+        if not 0 <= segment < num_segments:
+            raise ValueError(f"{where} names segment {segment}, which does not exist")
+        if segment in owner:
+            raise ValueError(f"segment {segment} is in param_groups[{owner[segment]}] and {where}")
+        owner[segment] = position
+        checked.append(segment)
+    return checked
+
+
+def segment_hyperparams(param_groups: list[dict], num_segments: int, defaults: dict | None = None) -> list[dict]:
+    """Validated hyper-parameters of each segment, from (possibly user-edited) groups.
+
+    Every group must be a dict with ``"segments"`` (``"params"`` is accepted as an alias)
+    and valid hyper-parameters; every segment must be in exactly one group. A key missing
+    from a group takes its value from ``defaults`` (the optimizer's constructor values;
+    the library defaults when ``None``). Raises naming the group or segment; never
+    modifies ``param_groups``.
+    """
+    base = {} if defaults is None else dict(defaults)
+    if isinstance(param_groups, (dict, str, bytes)) or not hasattr(param_groups, "__iter__"):
+        raise TypeError(f"param_groups must be a list of dicts, got {type(param_groups).__name__}")
     per_segment: list = [None] * num_segments
+    owner: dict[int, int] = {}
     for position, group in enumerate(param_groups):
+        if not isinstance(group, dict):
+            raise TypeError(f"param_groups[{position}] must be a dict, got {type(group).__name__}")
+        if "segments" in group and "params" in group:
+            raise ValueError(f"param_groups[{position}] has both 'segments' and 'params'")
+        key = "segments" if "segments" in group else "params"
+        if key not in group:
+            raise ValueError(f"param_groups[{position}] has no 'segments' entry")
+        members = _claim_segments(position, group[key], num_segments, owner)
         hyper = validate_upgd(
-            {k: v for k, v in group.items() if k != "segments"}, where=f"param_groups[{position}]: "
+            {**base, **{k: v for k, v in group.items() if k != key}}, where=f"param_groups[{position}]: "
         )
-        for segment in group["segments"]:
+        for segment in members:
             per_segment[segment] = hyper
     missing = [i for i, h in enumerate(per_segment) if h is None]
     if missing:

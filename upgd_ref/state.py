@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checkpoint import check_header, take_array, take_int
+from .layout import FlatLayout
 
 __all__ = ["FlatUPGDState", "FlatVGSState", "UPGD_FORMAT", "VGS_FORMAT", "STATE_VERSION"]
 
@@ -26,6 +27,36 @@ def _padded(layout, logical: np.ndarray) -> np.ndarray:
         start = layout.logical_offsets[i]
         out[layout.segment_slice(i)] = logical[start : start + layout.sizes[i]]
     return out
+
+
+def _check_fields(state: dict, allowed) -> None:
+    unknown = sorted(str(k) for k in state if k not in allowed)
+    if unknown:
+        raise ValueError(f"state dict has unknown field(s) {['state.' + k for k in unknown]}")
+
+
+def _check_saved_layout(state_dict: dict, layout) -> None:
+    """The state dict's ``layout`` entry, when it has one, must describe ``layout``."""
+    if "layout" not in state_dict:
+        return
+    saved = state_dict["layout"]
+    if not isinstance(saved, dict):
+        raise ValueError(f"state dict field 'layout' must be a dict, got {type(saved).__name__}")
+    shapes = saved.get("shapes")
+    if not isinstance(shapes, (list, tuple)) or not all(isinstance(s, (list, tuple)) for s in shapes):
+        raise ValueError("state dict field 'layout.shapes' must be a list of shapes")
+    if [list(s) for s in shapes] != [list(s) for s in layout.shapes]:
+        raise ValueError(
+            f"state dict field 'layout.shapes' is {[list(s) for s in shapes]}; this layout has "
+            f"segment shapes {[list(s) for s in layout.shapes]}"
+        )
+    dtype = saved.get("dtype")
+    if dtype != layout.dtype.name:
+        raise TypeError(f"state dict field 'layout.dtype' is {dtype!r}; this layout's dtype is {layout.dtype.name!r}")
+    try:
+        FlatLayout.from_dict(saved)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"state dict field 'layout' is malformed: {exc}") from None
 
 
 @dataclass
@@ -62,6 +93,8 @@ class FlatUPGDState:
     def from_state_dict(cls, state_dict, layout) -> FlatUPGDState:
         """Checked state of a state dict; raises naming the first bad field."""
         state = check_header(state_dict, UPGD_FORMAT, STATE_VERSION)
+        _check_saved_layout(state_dict, layout)
+        _check_fields(state, ("step", "segment_step", "grad_norm_ema", *cls.BUFFERS))
         s = layout.num_segments
         step = take_int(state, "step")
         segment_step = take_array(state, "segment_step", (s,), np.int64)
@@ -98,6 +131,10 @@ class FlatVGSState:
     @classmethod
     def from_state_dict(cls, state_dict, num_segments: int) -> FlatVGSState:
         state = check_header(state_dict, VGS_FORMAT, STATE_VERSION)
+        saved = state_dict.get("num_segments", num_segments)
+        if isinstance(saved, bool) or not isinstance(saved, (int, np.integer)) or saved != num_segments:
+            raise ValueError(f"state dict field 'num_segments' is {saved!r}; this layout has {num_segments} segments")
+        _check_fields(state, ("step", "grad_mean_avg", "grad_sq_avg"))
         step = take_int(state, "step")
         mean = take_array(state, "grad_mean_avg", (num_segments,), np.float64)
         square = take_array(state, "grad_sq_avg", (num_segments,), np.float64)
