@@ -273,10 +273,6 @@ def test_save_rejects_non_finite_values(backend, tmp_path, value):
     assert sorted(os.listdir(tmp_path)) == ["opt.npz", "vgs.npz"]
 
 
-@pytest.mark.xfail(strict=True, reason="optimizer.py: step() fills keys missing from an edited group with the "
-                   "library defaults instead of the constructor's values, and state_dict() writes the unresolved "
-                   "group (specs/layout.md 3.5); fix: pass self.defaults to segment_hyperparams in step() and "
-                   "write resolved groups in state_dict()")
 def test_partial_group_edit_uses_constructor_values_and_round_trips(backend):
     layout = FlatLayout(SHAPES, dtype="float32")
     kwargs = dict(lr=1e-2, sigma=0.05, adaptive_noise=True, seed=3, backend=backend)

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .backends import check_backend_name, select_backend
-from .checkpoint import read_state_dict, write_state_dict
+from .checkpoint import MAX_STEP, read_state_dict, write_state_dict
 from .checks import check_distinct, check_finite, check_flat_buffer, check_present
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, resolve_param_groups, segment_hyperparams, validate_upgd
 from .layout import FlatLayout
@@ -63,7 +63,9 @@ class StepInfo:
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     return int(seed)
 
@@ -107,7 +109,7 @@ class AdaptiveUPGD:
         self.seed = _check_seed(seed)
         self.backend = check_backend_name(backend)
         self.param_groups = resolve_param_groups(param_groups, self.defaults, layout)
-        hyper = segment_hyperparams(self.param_groups, layout.num_segments)
+        hyper = segment_hyperparams(self.param_groups, layout.num_segments, self.defaults)
         self.state = FlatUPGDState.zeros(layout, [h["noise_ema_init"] for h in hyper])
 
     def __repr__(self) -> str:
@@ -132,9 +134,12 @@ class AdaptiveUPGD:
         check_distinct(params=params, grads=grads)
         check_finite("grads", grads, layout, present)
         check_finite("params", params, layout, present)
-        hyper = segment_hyperparams(self.param_groups, layout.num_segments)
+        hyper = segment_hyperparams(self.param_groups, layout.num_segments, self.defaults)
+        seed, noise_norm = _check_seed(self.seed), _check_noise_norm(self.noise_norm)
+        if self.state.step >= MAX_STEP:
+            raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
         backend = select_backend(self.backend, params)
-        stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, self.seed, self.noise_norm)
+        stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, seed, noise_norm)
         grad_norm = np.asarray(stats.grad_norm, dtype=np.float64)
         noise_std = np.asarray(stats.noise_std, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -164,7 +169,7 @@ class AdaptiveUPGD:
             "layout": self.layout.to_dict(),
             "seed": self.seed,
             "noise_norm": self.noise_norm,
-            "param_groups": [dict(g, segments=list(g["segments"])) for g in self.param_groups],
+            "param_groups": resolve_param_groups(self.param_groups, self.defaults, self.layout),
             "state": self.state.to_state(self.layout),
         }
 
@@ -176,7 +181,9 @@ class AdaptiveUPGD:
             raise ValueError(
                 f"state dict is for segment shapes {saved_layout.get('shapes')}, this optimizer has {list(self.layout.shapes)}"
             )
-        seed = _check_seed(state_dict.get("seed"))
+        seed = state_dict.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+            raise ValueError(f"state dict field 'seed' must be an int in [0, 2**64), got {seed!r}")
         noise_norm = _check_noise_norm(state_dict.get("noise_norm"))
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list):

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import reference as ref
 from .backends import check_backend_name, select_backend
-from .checkpoint import read_state_dict, write_state_dict
+from .checkpoint import MAX_STEP, read_state_dict, write_state_dict
 from .checks import check_finite, check_flat_buffer, check_present
 from .hyperparams import VGS_DEFAULTS, validate_vgs
 from .layout import FlatLayout
@@ -97,6 +97,8 @@ class VarianceGradientScaler:
         """Advance ``k`` and the running averages from the (already scaled) gradients."""
         present = self._check(grads, present, writable=False)
         hp = validate_vgs(self.hyperparams)
+        if self.state.step >= MAX_STEP:
+            raise OverflowError(f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold")
         select_backend(self.backend, grads).vgs_update(self.layout, grads, self.state, hp["beta"], present)
 
     def reset_statistics(self) -> None:
