@@ -126,7 +126,10 @@ def upgd_step_bounds(scales: dict, dtype, sizes) -> dict:
 
 
 def max_violation(candidate, truth, bound) -> float:
-    """``max(|candidate - truth| / bound)`` (<= 1 means within the contract; 0/0 counts 0)."""
+    """``max(|candidate - truth| / bound)``: <= 1 means within the contract.
+
+    An exact match counts 0 (also for a zero bound), NaN on both sides 0, NaN on one side inf.
+    """
     candidate = np.asarray(candidate, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
     error = np.abs(candidate - truth)
@@ -134,5 +137,6 @@ def max_violation(candidate, truth, bound) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(error == 0.0, 0.0, error / bound)
     both_nan = np.isnan(candidate) & np.isnan(truth)
-    ratio = np.where(both_nan, 0.0, ratio)
+    one_nan = np.isnan(candidate) ^ np.isnan(truth)
+    ratio = np.where(both_nan, 0.0, np.where(one_nan, np.inf, ratio))
     return float(np.max(ratio)) if ratio.size else 0.0
