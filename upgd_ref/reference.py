@@ -42,6 +42,9 @@ __all__ = [
     "VGS_QUANTILE",
     "VGS_MAX_NORMALIZED_VARIANCE",
     "UPGDState",
+    "UPGDVariant",
+    "PRODUCTION",
+    "check_variant",
     "VGSState",
     "StepStats",
     "bias_correction",
@@ -53,7 +56,9 @@ __all__ = [
     "noise_std",
     "scaled_utility",
     "protection",
+    "max_protection",
     "parameter_update",
+    "family_parameter_update",
     "upgd_init",
     "adaptive_upgd_step",
     "vgs_init",
@@ -79,6 +84,47 @@ class UPGDState(NamedTuple):
     first_moment: list  # m_i
     second_moment: list  # v_i
     grad_norm_ema: Any  # float64 (S,): n_i (used only with adaptive noise)
+
+
+class UPGDVariant(NamedTuple):
+    """Which member of the UPGD family a step computes (section 7 of specs/algorithm.md).
+
+    ``moments``: ``"adam"`` (direction ``m_hat / (sqrt(v_hat) + eps)``) or ``"none"`` (the
+    gradient itself; ``m`` and ``v`` stay 0). ``protection``: ``"min_max"``
+    (``sigmoid(2 (x - 1/2))``, ``x`` min-max normalised) or ``"max"`` (the paper's
+    ``sigmoid((u / cu) / U_hi)``). ``update_factor``: 1 (production) or 2 (paper).
+    ``noise_placement``: ``"sum"`` (``(d + noise) (1 - su)``) or ``"terms"`` (the paper's
+    Adam form ``m_hat (1 - su) / (sqrt(v_hat) + eps) + noise (1 - su)``).
+    """
+
+    moments: str = "adam"
+    protection: str = "min_max"
+    update_factor: float = 1.0
+    noise_placement: str = "sum"
+
+
+PRODUCTION = UPGDVariant()
+VARIANT_CHOICES = {
+    "moments": ("adam", "none"),
+    "protection": ("min_max", "max"),
+    "update_factor": (1.0, 2.0),
+    "noise_placement": ("sum", "terms"),
+}
+
+
+def check_variant(variant) -> UPGDVariant:
+    """A valid :class:`UPGDVariant` (from a variant or a dict), or a ``ValueError`` naming the field."""
+    if isinstance(variant, dict):
+        unknown = set(variant) - set(UPGDVariant._fields)
+        if unknown:
+            raise ValueError(f"unknown variant field(s): {sorted(unknown)}")
+        variant = UPGDVariant(**variant)
+    if not isinstance(variant, UPGDVariant):
+        raise TypeError(f"variant must be an UPGDVariant or a dict, got {type(variant).__name__}")
+    for name, choices in VARIANT_CHOICES.items():
+        if getattr(variant, name) not in choices:
+            raise ValueError(f"variant.{name} must be one of {choices}, got {getattr(variant, name)!r}")
+    return variant._replace(update_factor=float(variant.update_factor))
 
 
 class VGSState(NamedTuple):
@@ -179,10 +225,43 @@ def protection(x):
     return 1.0 / (1.0 + xp.exp(-2.0 * (x - 0.5)))
 
 
+def max_protection(utility, utility_correction, utility_max):
+    """The paper's ``su = sigmoid((u / cu) / U_hi)`` (no minimum, no clip).
+
+    Divides whatever ``U_hi`` is: ``U_hi < 0`` inverts the protection, ``U_hi = 0`` gives
+    ``su = 0`` for ``u < 0``, 1 for ``u > 0`` and NaN for ``u = 0`` (section 7.3).
+    """
+    xp = array_namespace(utility)
+    return 1.0 / (1.0 + xp.exp(-((utility / utility_correction) / utility_max)))
+
+
 def parameter_update(param, m_hat, v_hat, noise, su, *, lr, weight_decay, eps):
     """``p <- p * (1 - lr * wd) - lr * (m_hat / (sqrt(v_hat) + eps) + noise) * (1 - su)``."""
     xp = array_namespace(param)
     return param * (1.0 - lr * weight_decay) - lr * (m_hat / (xp.sqrt(v_hat) + eps) + noise) * (1.0 - su)
+
+
+def family_parameter_update(param, grad, m_hat, v_hat, noise, su, *, lr, weight_decay, eps,
+                            variant: UPGDVariant):
+    """The update of any family member (section 7.2); ``PRODUCTION`` is :func:`parameter_update`.
+
+    ``step = update_factor * lr``; with ``d`` the direction (``m_hat / (sqrt(v_hat) + eps)``
+    or ``g``)::
+
+        sum:    p * (1 - lr * wd) - step * (d + noise) * (1 - su)
+        terms:  p * (1 - lr * wd) - step * (m_hat * (1 - su) / (sqrt(v_hat) + eps) + noise * (1 - su))
+                p * (1 - lr * wd) - step * (g * (1 - su) + noise * (1 - su))      (no moments)
+    """
+    if variant == PRODUCTION:
+        return parameter_update(param, m_hat, v_hat, noise, su, lr=lr, weight_decay=weight_decay, eps=eps)
+    xp = array_namespace(param)
+    step = variant.update_factor * lr
+    keep = 1.0 - su
+    if variant.noise_placement == "sum":
+        direction = m_hat / (xp.sqrt(v_hat) + eps) if variant.moments == "adam" else grad
+        return param * (1.0 - lr * weight_decay) - step * (direction + noise) * keep
+    protected = m_hat * keep / (xp.sqrt(v_hat) + eps) if variant.moments == "adam" else grad * keep
+    return param * (1.0 - lr * weight_decay) - step * (protected + noise * keep)
 
 
 # --- the whole step ---------------------------------------------------------------------
@@ -202,13 +281,15 @@ def upgd_init(params, noise_ema_init) -> UPGDState:
 
 
 def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, present=None,
-                       noise_norm="segment"):
+                       noise_norm="segment", variant: UPGDVariant = PRODUCTION):
     """One AdaptiveUPGD step (section 3): returns ``(new_params, new_state, stats)``.
 
     ``params``, ``grads``, ``normals`` (this step's standard normals, see ``upgd_ref.noise``)
     are per-segment arrays; ``hyper`` is one hyper-parameter dict per segment; ``present[i]``
     False means segment i has no gradient this step and is left entirely unchanged.
+    ``variant`` selects a member of the UPGD family (section 7); the default is AdaptiveUPGD.
     """
+    variant = check_variant(variant)
     xp = array_namespace(*params)
     f64 = _float64(xp)
     num_segments = len(params)
@@ -223,8 +304,9 @@ def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, prese
         if present[i]:
             h, g = hyper[i], grads[i]
             utility[i] = utility_trace_update(utility[i], g, params[i], h["beta_utility"])
-            first_moment[i] = first_moment_update(first_moment[i], g, h["beta1"])
-            second_moment[i] = second_moment_update(second_moment[i], g, h["beta2"])
+            if variant.moments == "adam":
+                first_moment[i] = first_moment_update(first_moment[i], g, h["beta1"])
+                second_moment[i] = second_moment_update(second_moment[i], g, h["beta2"])
     filled = [i for i in range(num_segments) if present[i] and _numel(params[i]) != 0]
     if filled:
         utility_min = xp.min(xp.stack([xp.min(utility[i]) for i in filled]))
@@ -262,9 +344,13 @@ def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, prese
         m_hat = first_moment[i] / xp.asarray(bias_correction(h["beta1"], t), dtype=dtype)
         v_hat = second_moment[i] / xp.asarray(bias_correction(h["beta2"], t), dtype=dtype)
         noise = xp.asarray(std[i], dtype=dtype) * normals[i]
-        su = protection(scaled_utility(utility[i], cu, utility_min, utility_max))
-        new_params[i] = parameter_update(
-            params[i], m_hat, v_hat, noise, su, lr=h["lr"], weight_decay=h["weight_decay"], eps=h["eps"]
+        if variant.protection == "min_max":
+            su = protection(scaled_utility(utility[i], cu, utility_min, utility_max))
+        else:
+            su = max_protection(utility[i], cu, utility_max)
+        new_params[i] = family_parameter_update(
+            params[i], grads[i], m_hat, v_hat, noise, su, lr=h["lr"], weight_decay=h["weight_decay"],
+            eps=h["eps"], variant=variant,
         )
 
     new_state = UPGDState(
