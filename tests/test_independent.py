@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 import upgd_ref
 from upgd_ref import tolerances
-from upgd_ref.backends import BACKENDS
 from upgd_ref.hyperparams import validate_upgd
 
 from .independent import PlainAdaptiveUPGD, PlainVGS
@@ -115,7 +114,10 @@ def _run(seed, mode_index, vgs_on, noise_norm, backend):
     assert worst <= 1.0
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+# The default for float64 buffers ("auto" -> the reference). Kernels differ from a literal
+# NumPy transcription in the last bits, which drift apart over free-running steps; they are
+# held to the contract in lockstep instead (tests/test_numba_step.py, specs/tolerances.md §3).
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),

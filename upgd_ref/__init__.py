@@ -5,9 +5,12 @@ One exact definition of the math (``specs/``), a float64 Array-API reference
 optimizers on flat parameter buffers (:class:`AdaptiveUPGD`, :class:`VarianceGradientScaler`).
 """
 
+from .backends import noise, warmup
+from .config import from_config
+from .diagnostics import StepLog, StepRecord
 from .layout import FlatLayout
 from .optimizer import AdaptiveUPGD, StepInfo
-from .rng import noise, standard_normals
+from .rng import standard_normals
 from .scaler import VarianceGradientScaler
 
 __version__ = "0.1.0"
@@ -16,8 +19,12 @@ __all__ = [
     "AdaptiveUPGD",
     "FlatLayout",
     "StepInfo",
+    "StepLog",
+    "StepRecord",
     "VarianceGradientScaler",
+    "from_config",
     "noise",
     "standard_normals",
+    "warmup",
     "__version__",
 ]

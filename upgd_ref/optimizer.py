@@ -28,15 +28,20 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import backends
 from .backends import check_backend_name, select_backend
 from .checkpoint import MAX_STEP, read_state_dict, write_state_dict
-from .checks import check_distinct, check_finite, check_flat_buffer, check_present
-from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, resolve_param_groups, segment_hyperparams, validate_upgd
+from .checks import check_distinct, check_flat_buffer, check_present
+from .hyperparams import (
+    NOISE_NORMS, UPGD_DEFAULTS, resolve_param_groups, segment_hyperparams, validate_upgd, validate_vgs,
+)
 from .layout import FlatLayout
+from .scaler import VarianceGradientScaler
 from .state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
 
 __all__ = ["AdaptiveUPGD", "StepInfo"]
@@ -47,6 +52,9 @@ class StepInfo:
     """What one step did; per-segment arrays hold NaN where a segment had no gradient.
 
     ``noise_to_signal[i] = noise_std[i] / grad_norm[i]`` (inf for a zero gradient).
+    ``vgs_factor`` (``f``) and ``vgs_normalized_variance`` (``G``) are the VGS values this
+    step used when a scaler was passed to :meth:`AdaptiveUPGD.step`, NaN otherwise (NaN, not
+    1.0, so a log cannot mistake "no scaler" for "a scaler that did not scale").
     """
 
     step: int
@@ -56,6 +64,8 @@ class StepInfo:
     noise_to_signal: np.ndarray
     utility_min: float
     utility_max: float
+    vgs_factor: float = math.nan
+    vgs_normalized_variance: float = math.nan
 
     def to_dict(self) -> dict:
         """Plain Python values (lists, floats) for logging."""
@@ -120,26 +130,40 @@ class AdaptiveUPGD:
         """Completed calls to :meth:`step`; the next step uses noise counter ``step_count + 1``."""
         return self.state.step
 
-    def step(self, params, grads, present=None) -> StepInfo:
+    def step(self, params, grads, present=None, *, vgs: VarianceGradientScaler | None = None) -> StepInfo:
         """One step: updates ``params`` and the state in place, returns :class:`StepInfo`.
 
         ``present[i] = False`` marks segment i as having no gradient this step: its
         parameters, step count and state stay bit-identical and it takes no part in the
         global reductions. Invalid input raises before anything is modified.
+
+        ``vgs``: a :class:`VarianceGradientScaler` over the same segments. Then this call is
+        ``f = vgs.scale(grads, present); step(params, grads, present); vgs.update(grads,
+        present)`` in one: ``grads`` are left multiplied by ``f`` (in place, so they must be
+        writable), the scaler's statistics advance, and the kernel backends read the
+        gradient once for all three.
         """
         layout = self.layout
         present = check_present(present, layout.num_segments)
         check_flat_buffer("params", params, layout, writable=True)
-        check_flat_buffer("grads", grads, layout, writable=False)
+        check_flat_buffer("grads", grads, layout, writable=vgs is not None)
         check_distinct(params=params, grads=grads)
-        check_finite("grads", grads, layout, present)
-        check_finite("params", params, layout, present)
+        if vgs is not None:
+            self._check_scaler(vgs)
+        backend = select_backend(self.backend, params)
+        backend.check_finite("grads", grads, layout, present)
+        backend.check_finite("params", params, layout, present)
         hyper = segment_hyperparams(self.param_groups, layout.num_segments, self.defaults)
         seed, noise_norm = _check_seed(self.seed), _check_noise_norm(self.noise_norm)
         if self.state.step >= MAX_STEP:
             raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
-        backend = select_backend(self.backend, params)
-        stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, seed, noise_norm)
+        if vgs is None:
+            stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, seed, noise_norm)
+            vgs_factor = vgs_variance = math.nan
+        else:
+            vgs_factor, vgs_variance, vgs_beta = self._scaler_inputs(vgs)
+            stats = backend.fused_step(layout, params, grads, self.state, present, hyper, seed, noise_norm,
+                                       vgs.state, vgs_factor, vgs_beta)
         grad_norm = np.asarray(stats.grad_norm, dtype=np.float64)
         noise_std = np.asarray(stats.noise_std, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -152,12 +176,35 @@ class AdaptiveUPGD:
             noise_to_signal=nsr,
             utility_min=float(stats.utility_min),
             utility_max=float(stats.utility_max),
+            vgs_factor=vgs_factor,
+            vgs_normalized_variance=vgs_variance,
         )
+
+    def _check_scaler(self, vgs) -> None:
+        if not isinstance(vgs, VarianceGradientScaler):
+            raise TypeError(f"vgs must be a VarianceGradientScaler, got {type(vgs).__name__}")
+        if vgs.layout.shapes != self.layout.shapes or vgs.layout.dtype != self.layout.dtype:
+            raise ValueError(
+                f"vgs must be over this optimizer's layout (segment shapes {list(self.layout.shapes)}, "
+                f"{self.layout.dtype.name}); it is over segment shapes {list(vgs.layout.shapes)}, "
+                f"{vgs.layout.dtype.name}"
+            )
+
+    @staticmethod
+    def _scaler_inputs(vgs) -> tuple[float, float, float]:
+        """``(f, G, beta)`` of the scaler, validated as ``scale`` and ``update`` validate."""
+        beta = validate_vgs(vgs.hyperparams)["beta"]
+        factor, variance = vgs._factor_and_variance()  # scaling_factor() and normalized_variance() in one
+        if vgs.state.step >= MAX_STEP:
+            raise OverflowError(
+                f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold"
+            )
+        return factor, variance, beta
 
     def noise(self, step: int | None = None, dtype=None) -> np.ndarray:
         """The standard normals of step ``step`` (default: the next one) for this optimizer."""
         step = self.state.step + 1 if step is None else step
-        return select_backend(self.backend, np.empty(0)).noise(self.layout, self.seed, step, dtype)
+        return backends.noise(self.layout, self.seed, step, dtype, backend=self.backend)
 
     # --- state ------------------------------------------------------------------------
 

@@ -1,0 +1,433 @@
+"""Configuration files: one YAML (or dict) describes an AdaptiveUPGD and its VGS.
+
+Format (the templates are in ``specs/configs/``)::
+
+    optimizer: AdaptiveUPGD          # the only optimizer this library defines
+    optimizer_kwargs:                # AdaptiveUPGD hyper-parameters (specs/algorithm.md),
+      lr: 1.0e-5                     #   plus noise_norm, seed and param_groups;
+      sigma: 0.001                   #   keys left out take the production defaults
+      adaptive_noise: false
+    vgs:                             # VarianceGradientScaler hyper-parameters,
+      enabled: true                  #   or null / left out for no scaler at all
+      warmup_steps: 100
+
+Every problem is a :class:`ConfigError` (a ``ValueError``) whose message starts with the
+source and names the key, e.g. ``cfg.yaml: optimizer_kwargs.lr must be >= 0, got -1.0``.
+Numeric ranges come from :func:`upgd_ref.hyperparams.validate_upgd` /
+:func:`~upgd_ref.hyperparams.validate_vgs`, the same checks the classes run.
+
+Example::
+
+    >>> import upgd_ref
+    >>> layout = upgd_ref.FlatLayout([(3,)], dtype="float64")
+    >>> built = upgd_ref.from_config({"optimizer": "AdaptiveUPGD",
+    ...                               "optimizer_kwargs": {"sigma": 0.01, "adaptive_noise": True},
+    ...                               "vgs": {"warmup_steps": 10}}, layout)
+    >>> built.optimizer.defaults["sigma"], built.scaler.hyperparams["warmup_steps"]
+    (0.01, 10)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import numbers
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import yaml
+
+from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
+from .layout import FlatLayout
+from .optimizer import AdaptiveUPGD
+from .scaler import VarianceGradientScaler
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "Built",
+    "OPTIMIZERS",
+    "TOP_LEVEL_KEYS",
+    "OPTIMIZER_EXTRA_KEYS",
+    "load_config",
+    "from_config",
+    "build",
+    "dump_config",
+    "migrate",
+    "typical_norm_from_npz",
+    "register",
+]
+
+OPTIMIZERS = ("AdaptiveUPGD",)
+TOP_LEVEL_KEYS = ("optimizer", "optimizer_kwargs", "vgs")
+# Constructor arguments of AdaptiveUPGD that are not per-group hyper-parameters.
+OPTIMIZER_EXTRA_KEYS = ("noise_norm", "seed", "param_groups")
+_GROUP_MEMBER_KEYS = ("segments", "params")
+
+
+class ConfigError(ValueError):
+    """A configuration is unreadable or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration.
+
+    ``hyperparams``: every AdaptiveUPGD hyper-parameter (defaults filled in);
+    ``noise_norm``, ``seed``, ``param_groups`` as :class:`AdaptiveUPGD` takes them;
+    ``vgs``: every VGS hyper-parameter, or ``None`` for no scaler; ``raw``: the mapping as
+    given (key order kept), which is what :func:`dump_config` writes back.
+    """
+
+    optimizer: str
+    hyperparams: dict
+    noise_norm: str
+    seed: int
+    param_groups: list | None
+    vgs: dict | None
+    raw: dict
+    source: str
+
+    def to_dict(self) -> dict:
+        """The configuration in the template format with every value explicit."""
+        kwargs = dict(self.hyperparams, noise_norm=self.noise_norm, seed=self.seed)
+        if self.param_groups is not None:
+            kwargs["param_groups"] = copy.deepcopy(self.param_groups)
+        return {"optimizer": self.optimizer, "optimizer_kwargs": kwargs,
+                "vgs": None if self.vgs is None else dict(self.vgs)}
+
+    def optimizer_kwargs(self) -> dict:
+        """Keyword arguments for :class:`AdaptiveUPGD` (everything but the layout)."""
+        return dict(self.hyperparams, noise_norm=self.noise_norm, seed=self.seed,
+                    param_groups=copy.deepcopy(self.param_groups))
+
+
+class Built(NamedTuple):
+    """What :func:`from_config` returns; ``scaler`` is ``None`` when the config has no ``vgs``."""
+
+    optimizer: AdaptiveUPGD
+    scaler: VarianceGradientScaler | None
+    config: Config
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float.
+
+    YAML 1.1 (PyYAML) only treats exponent forms with a dot (``1.0e-5``) as floats, so the
+    natural ``lr: 1e-5`` would arrive as the string ``"1e-5"``; the templates use the dotted
+    form so that plain ``yaml.safe_load`` reads them the same way.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(path) -> dict:
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from exc
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return data
+
+
+def _check_unknown(source: str, prefix: str, mapping: dict, allowed) -> None:
+    unknown = [k for k in mapping if k not in allowed]
+    if unknown:
+        names = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise ConfigError(f"{source}: unknown key(s) {names}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _mapping(source: str, key: str, value) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+    for name in value:
+        if not isinstance(name, str):
+            raise ConfigError(f"{source}: {key} has a non-string key {name!r}")
+    return value
+
+
+def _validated(source: str, check, values: dict, where: str) -> dict:
+    """Run a hyperparams validator, turning its errors into ConfigErrors."""
+    try:
+        return check(values, where=f"{source}: {where}")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_seed(source: str, seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"{source}: optimizer_kwargs.seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ConfigError(f"{source}: optimizer_kwargs.seed must be in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def _check_param_groups(source: str, groups, defaults: dict) -> list | None:
+    """Each group: segment indices plus hyper-parameter overrides, checked without a layout."""
+    if groups is None:
+        return None
+    if not isinstance(groups, list):
+        raise ConfigError(f"{source}: optimizer_kwargs.param_groups must be a list, got {type(groups).__name__}")
+    for position, group in enumerate(groups):
+        key = f"optimizer_kwargs.param_groups[{position}]"
+        group = _mapping(source, key, group)
+        _check_unknown(source, f"{key}.", group, (*UPGD_DEFAULTS, *_GROUP_MEMBER_KEYS))
+        for member_key in _GROUP_MEMBER_KEYS:
+            members = group.get(member_key)
+            if members is not None and not (
+                isinstance(members, list)
+                and all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in members)
+            ):
+                raise ConfigError(f"{source}: {key}.{member_key} must be a list of segment indices (ints >= 0)")
+        overrides = {k: v for k, v in group.items() if k not in _GROUP_MEMBER_KEYS}
+        _validated(source, validate_upgd, {**defaults, **overrides}, f"{key}.")
+    return copy.deepcopy(groups)
+
+
+def load_config(path_or_dict, *, source: str | None = None) -> Config:
+    """Read and validate a configuration (a YAML path or an already-parsed mapping)."""
+    if isinstance(path_or_dict, dict):
+        data, source = path_or_dict, source or "config"
+    elif isinstance(path_or_dict, (str, os.PathLike)):
+        source = source or os.fspath(path_or_dict)
+        data = _read_yaml(path_or_dict)
+    else:
+        raise ConfigError(f"a config must be a path or a dict, got {type(path_or_dict).__name__}")
+    if data is None:
+        raise ConfigError(f"{source}: the config is empty")
+    data = _mapping(source, "the config", data)
+    _check_unknown(source, "", data, TOP_LEVEL_KEYS)
+
+    optimizer = data.get("optimizer", OPTIMIZERS[0])
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"{source}: optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+
+    kwargs = data.get("optimizer_kwargs")
+    kwargs = {} if kwargs is None else _mapping(source, "optimizer_kwargs", kwargs)
+    _check_unknown(source, "optimizer_kwargs.", kwargs, (*UPGD_DEFAULTS, *OPTIMIZER_EXTRA_KEYS))
+    hyper_given = {k: v for k, v in kwargs.items() if k in UPGD_DEFAULTS}
+    hyperparams = _validated(source, validate_upgd, hyper_given, "optimizer_kwargs.")
+    noise_norm = kwargs.get("noise_norm", "segment")
+    if noise_norm not in NOISE_NORMS:
+        raise ConfigError(f"{source}: optimizer_kwargs.noise_norm must be one of {list(NOISE_NORMS)}, got {noise_norm!r}")
+    seed = _check_seed(source, kwargs.get("seed", 0))
+    param_groups = _check_param_groups(source, kwargs.get("param_groups"), hyper_given)
+
+    vgs = data.get("vgs")
+    if vgs is not None:
+        vgs = _mapping(source, "vgs", vgs)
+        _check_unknown(source, "vgs.", vgs, VGS_DEFAULTS)
+        vgs = _validated(source, validate_vgs, vgs, "vgs.")
+    return Config(optimizer, hyperparams, noise_norm, seed, param_groups, vgs, copy.deepcopy(data), source)
+
+
+def build(config: Config, layout: FlatLayout, *, backend: str = "auto") -> Built:
+    """The optimizer (and scaler) a validated :class:`Config` describes, for ``layout``."""
+    try:
+        optimizer = AdaptiveUPGD(layout, backend=backend, **config.optimizer_kwargs())
+    except (TypeError, ValueError) as exc:
+        # Group/segment mismatches only show up against a layout.
+        raise ConfigError(f"{config.source}: optimizer_kwargs: {exc}") from exc
+    scaler = None if config.vgs is None else VarianceGradientScaler(layout, backend=backend, **config.vgs)
+    return Built(optimizer, scaler, config)
+
+
+def from_config(path_or_dict, layout: FlatLayout, *, backend: str = "auto") -> Built:
+    """Build ``(optimizer, scaler, config)`` from a YAML file or a mapping in the template format."""
+    return build(load_config(path_or_dict), layout, backend=backend)
+
+
+def dump_config(data: dict, comment: str = "") -> str:
+    """YAML text for a config mapping (key order kept), preceded by ``comment`` as ``#`` lines."""
+    header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines()) if comment else ""
+    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+# --- migration: absolute sigma -> relative sigma -------------------------------------------
+
+SIGMA_DIGITS = 3  # the relative sigma is rounded to this many significant digits
+
+
+def typical_norm_from_npz(path, noise_norm: str = "segment") -> float:
+    """Median gradient norm in an ``.npz`` of recorded gradients.
+
+    Each member is one segment's gradients with the step as axis 0 (shape ``(steps, ...)``);
+    the norm of a step is the L2 norm over the remaining axes (``noise_norm="segment"``) or,
+    for ``"global"``, over all members at that step (members must then share ``steps``).
+    Zero norms (frozen or zero-size segments) are left out.
+    """
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            members = {name: np.array(data[name]) for name in data.files}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such gradient file") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"{path}: not a readable .npz of gradients ({exc})") from exc
+    if not members:
+        raise ConfigError(f"{path}: holds no arrays")
+    squares = {}
+    for name, array in members.items():
+        if not np.issubdtype(array.dtype, np.floating) or array.ndim < 1 or array.shape[0] < 1:
+            raise ConfigError(f"{path}: member {name!r} must be a float array shaped (steps, ...), "
+                              f"got {array.dtype} {array.shape}")
+        if not np.isfinite(array).all():
+            raise ConfigError(f"{path}: member {name!r} holds non-finite values")
+        wide = array.astype(np.float64).reshape(array.shape[0], -1)
+        squares[name] = np.sum(wide * wide, axis=1)
+    if noise_norm == "global":
+        lengths = {len(s) for s in squares.values()}
+        if len(lengths) != 1:
+            raise ConfigError(f"{path}: a global norm needs the same number of steps in every member, got {sorted(lengths)}")
+        norms = np.sqrt(sum(squares.values()))
+    else:
+        norms = np.sqrt(np.concatenate(list(squares.values())))
+    norms = norms[norms > 0]
+    if not norms.size:
+        raise ConfigError(f"{path}: every gradient is zero")
+    return float(np.median(norms))
+
+
+def _relative(sigma: float, grad_norm: float) -> float:
+    return float(f"{sigma / grad_norm:.{SIGMA_DIGITS}g}")
+
+
+def migrate(config: Config, grad_norm: float, source_of_norm: str) -> tuple[dict, list[str]]:
+    """Turn a fixed-sigma config into adaptive noise; returns ``(new mapping, reasoning lines)``.
+
+    ``sigma_rel = sigma_abs / N`` with ``N`` the typical gradient norm: at ``||g_i|| = N`` the
+    noise std is unchanged, and when VGS scales gradients by ``f`` the std follows, so the
+    noise-to-signal ratio stays ``sigma_rel`` instead of rising to ``sigma_abs / (f N)``.
+    """
+    if not (isinstance(grad_norm, float) and math.isfinite(grad_norm) and grad_norm > 0):
+        raise ConfigError(f"the typical gradient norm must be a finite number > 0, got {grad_norm!r}")
+    groups = config.param_groups or []
+    if config.hyperparams["adaptive_noise"] and all(g.get("adaptive_noise", True) for g in groups):
+        raise ConfigError(f"{config.source}: optimizer_kwargs.adaptive_noise is already true; nothing to migrate")
+    raw = copy.deepcopy(config.raw)
+    kwargs = raw.get("optimizer_kwargs") or {}
+    raw["optimizer_kwargs"] = kwargs
+    h = config.hyperparams
+    lines = [f"typical gradient norm N = {grad_norm:.4g} ({source_of_norm})"]
+    if not h["adaptive_noise"]:
+        sigma_abs, sigma_rel = h["sigma"], _relative(h["sigma"], grad_norm)
+        lines += [
+            f"old noise: fixed, std = sigma = {sigma_abs:g} per element whatever the gradient",
+            f"new noise: adaptive, std_i = max(sigma * ||g_i||, min_noise_std), "
+            f"sigma = {sigma_abs:g} / {grad_norm:.4g} = {sigma_rel:g} ({SIGMA_DIGITS} significant digits)",
+            f"  at ||g_i|| = N the std is {sigma_rel * grad_norm:.4g}, as before (old {sigma_abs:g});",
+            "  when VGS scales the gradients by f the std follows them, so the noise-to-signal ratio",
+            f"  stays {sigma_rel:g} (with fixed noise it would rise to {sigma_rel:g} / f).",
+        ]
+        kwargs.update(adaptive_noise=True, sigma=sigma_rel)
+        floor = h["min_noise_std"]
+        kwargs.setdefault("min_noise_std", floor)
+        lines.append(f"  floor: min_noise_std = {floor:g}, reached when ||g_i|| < {floor / sigma_rel:.3g}.")
+    for position, group in enumerate(groups):
+        explicit = group.get("adaptive_noise")
+        if explicit is True:
+            continue
+        if explicit is False or "sigma" in group:
+            group_sigma = group.get("sigma", h["sigma"])
+            group_rel = _relative(group_sigma, grad_norm)
+            raw_group = raw["optimizer_kwargs"]["param_groups"][position]
+            raw_group.update(adaptive_noise=True, sigma=group_rel)
+            lines.append(f"param_groups[{position}]: sigma {group_sigma:g} (absolute) -> {group_rel:g} (relative)")
+    if not h["instant_noise_scale"]:
+        lines.append("instant_noise_scale: false -> true (the EMA form with noise_ema_init 1.0 over-scales the "
+                     "noise early on; specs: known flaw 1)")
+    kwargs["instant_noise_scale"] = True
+    lines.append("vgs: unchanged" if raw.get("vgs") is not None else "vgs: none (unchanged)")
+    load_config(raw, source="migrated config")  # the result must itself be valid
+    return raw, lines
+
+
+def _cmd_migrate(args) -> int:
+    try:
+        config = load_config(args.config)
+        if args.grad_norm is not None:
+            norm, where = args.grad_norm, "given with --grad-norm"
+        elif args.probe == "demo":
+            from .demo import probe_grad_norm  # the demo imports this module
+
+            norm = probe_grad_norm(config, steps=args.probe_steps)
+            where = (f"median per-segment norm before VGS over {args.probe_steps} steps of the demo workload; "
+                     "a toy network: prefer --grad-norm or --probe GRADS.npz from your own training")
+        else:
+            norm = typical_norm_from_npz(args.probe, config.noise_norm)
+            where = f"median {config.noise_norm} norm of the gradients in {args.probe}"
+        new, lines = migrate(config, float(norm), where)
+    except ValueError as exc:  # ConfigError, or a probe that measured no gradient at all
+        print(f"upgd-ref migrate-config: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or _default_out(args.config)
+    if os.path.abspath(out) == os.path.abspath(args.config):
+        print("upgd-ref migrate-config: --out must differ from the input config", file=sys.stderr)
+        return 2
+    header = [f"Migrated by `upgd-ref migrate-config` from {os.path.basename(args.config)}:", *lines]
+    with open(out, "w", encoding="utf-8") as fh:
+        fh.write(dump_config(new, "\n".join(header)))
+    print(f"{args.config} -> {out}")
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _default_out(path: str) -> str:
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.adaptive{ext or '.yaml'}"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    """Add ``upgd-ref migrate-config``."""
+    parser = subparsers.add_parser(
+        "migrate-config", help="convert a fixed-sigma config to adaptive (relative) noise",
+        description="Turn the absolute sigma of a fixed-noise config into a relative one, "
+                    "sigma_rel = sigma_abs / N, N a typical gradient norm.",
+    )
+    parser.add_argument("config", help="the old YAML config (specs/configs/ format)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--grad-norm", type=_positive_float, help="typical per-segment gradient norm N")
+    source.add_argument("--probe", metavar="demo|GRADS.npz",
+                        help="measure N: 'demo' runs the demo workload; an .npz holds one member per "
+                             "segment shaped (steps, ...) of recorded gradients (before VGS)")
+    parser.add_argument("--probe-steps", type=_count, default=200, help="steps of the demo probe (default 200)")
+    parser.add_argument("--out", help="new YAML (default: OLD.adaptive.yaml)")
+    parser.set_defaults(run=_cmd_migrate)
