@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples (```python blocks; ```py marks a sketch) run as written."""
 
 from __future__ import annotations
 
