@@ -9,7 +9,7 @@ from .backends import noise, warmup
 from .config import from_config
 from .diagnostics import StepLog, StepRecord
 from .layout import FlatLayout
-from .optimizer import AdaptiveUPGD, StepInfo
+from .optimizer import UPGD, UPGDW, AdaptiveUPGD, StepInfo
 from .rng import standard_normals
 from .scaler import VarianceGradientScaler
 
@@ -19,6 +19,8 @@ __all__ = [
     "AdaptiveUPGD",
     "FlatLayout",
     "StepInfo",
+    "UPGD",
+    "UPGDW",
     "StepLog",
     "StepRecord",
     "VarianceGradientScaler",

@@ -44,7 +44,8 @@ class ReferenceBackend:
     def check_finite(self, name: str, buffer, layout, present) -> None:
         checks.check_finite(name, buffer, layout, present)
 
-    def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm):
+    def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
+                  variant=ref.PRODUCTION):
         views = layout.unpack
         normals = views(self.noise(layout, seed, state.step + 1))
         start = ref.UPGDState(
@@ -57,7 +58,8 @@ class ReferenceBackend:
         )
         with np.errstate(all="ignore"):
             new_params, new, stats = ref.adaptive_upgd_step(
-                views(params), views(grads), start, normals, hyper, present=present, noise_norm=noise_norm
+                views(params), views(grads), start, normals, hyper, present=present, noise_norm=noise_norm,
+                variant=variant,
             )
         for target, values in zip(views(params), new_params):
             target[...] = values
@@ -81,12 +83,12 @@ class ReferenceBackend:
         state.grad_sq_avg[...] = new.grad_sq_avg
 
     def fused_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
-                   vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float):
+                   vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
         """``vgs_scale`` (when ``vgs_factor != 1``), ``upgd_step``, ``vgs_update``: the
         definition that fused kernels must equal."""
         if vgs_factor != 1.0:
             self.vgs_scale(layout, grads, vgs_factor, present)
-        stats = self.upgd_step(layout, params, grads, state, present, hyper, seed, noise_norm)
+        stats = self.upgd_step(layout, params, grads, state, present, hyper, seed, noise_norm, variant)
         self.vgs_update(layout, grads, vgs_state, vgs_beta, present)
         return stats
 

@@ -37,6 +37,7 @@ from . import backends
 from .backends import check_backend_name, select_backend
 from .checkpoint import MAX_STEP, read_state_dict, write_state_dict
 from .checks import check_distinct, check_flat_buffer, check_present
+from .reference import PRODUCTION, UPGDVariant, check_variant
 from .hyperparams import (
     NOISE_NORMS, UPGD_DEFAULTS, resolve_param_groups, segment_hyperparams, validate_upgd, validate_vgs,
 )
@@ -44,7 +45,10 @@ from .layout import FlatLayout
 from .scaler import VarianceGradientScaler
 from .state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
 
-__all__ = ["AdaptiveUPGD", "StepInfo"]
+__all__ = ["AdaptiveUPGD", "UPGD", "UPGDW", "StepInfo", "PROFILES", "PAPER_EPS"]
+
+PROFILES = ("production", "paper")
+PAPER_EPS = 1e-5  # the paper code's default Adam epsilon
 
 
 @dataclass(frozen=True)
@@ -96,18 +100,27 @@ class AdaptiveUPGD:
     ``"segment"`` (default) or ``"global"``. ``param_groups`` is a list of dicts of
     overrides, each with ``"segments"`` (segment indices) or matched to ``layout.groups``.
     ``param_groups`` can be edited between steps, as in torch.optim.
+
+    ``profile="paper"`` computes the original paper's Adam-style variant instead
+    (``sigmoid((u/cu)/U_hi)`` protection, twice the step, ``eps = 1e-5`` unless given;
+    ``specs/algorithm.md`` §7).
     """
+
+    _MOMENTS = "adam"
 
     def __init__(self, layout: FlatLayout, *, lr=UPGD_DEFAULTS["lr"],
                  weight_decay=UPGD_DEFAULTS["weight_decay"], beta_utility=UPGD_DEFAULTS["beta_utility"],
                  sigma=UPGD_DEFAULTS["sigma"], beta1=UPGD_DEFAULTS["beta1"], beta2=UPGD_DEFAULTS["beta2"],
-                 eps=UPGD_DEFAULTS["eps"], adaptive_noise=UPGD_DEFAULTS["adaptive_noise"],
+                 eps=None, adaptive_noise=UPGD_DEFAULTS["adaptive_noise"],
                  noise_beta=UPGD_DEFAULTS["noise_beta"], min_noise_std=UPGD_DEFAULTS["min_noise_std"],
                  instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], noise_norm="segment",
                  noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], seed=0, param_groups=None,
-                 backend="auto"):
+                 backend="auto", profile="production"):
         if not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
+        self.variant = _profile_variant(self._MOMENTS, profile)
+        if eps is None:
+            eps = PAPER_EPS if profile == "paper" else UPGD_DEFAULTS["eps"]
         self.layout = layout
         self.defaults = validate_upgd(dict(
             lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
@@ -119,11 +132,15 @@ class AdaptiveUPGD:
         self.seed = _check_seed(seed)
         self.backend = check_backend_name(backend)
         self.param_groups = resolve_param_groups(param_groups, self.defaults, layout)
-        hyper = segment_hyperparams(self.param_groups, layout.num_segments, self.defaults)
+        hyper = self._segment_hyperparams()
         self.state = FlatUPGDState.zeros(layout, [h["noise_ema_init"] for h in hyper])
 
     def __repr__(self) -> str:
-        return f"AdaptiveUPGD({self.layout!r}, step={self.state.step}, backend={self.backend!r})"
+        return f"{type(self).__name__}({self.layout!r}, step={self.state.step}, backend={self.backend!r})"
+
+    def _segment_hyperparams(self) -> list[dict]:
+        """Validated hyper-parameters per segment, re-read from ``param_groups``."""
+        return segment_hyperparams(self.param_groups, self.layout.num_segments, self.defaults)
 
     @property
     def step_count(self) -> int:
@@ -153,17 +170,18 @@ class AdaptiveUPGD:
         backend = select_backend(self.backend, params)
         backend.check_finite("grads", grads, layout, present)
         backend.check_finite("params", params, layout, present)
-        hyper = segment_hyperparams(self.param_groups, layout.num_segments, self.defaults)
+        hyper = self._segment_hyperparams()
         seed, noise_norm = _check_seed(self.seed), _check_noise_norm(self.noise_norm)
         if self.state.step >= MAX_STEP:
             raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
         if vgs is None:
-            stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, seed, noise_norm)
+            stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, seed, noise_norm,
+                                      self.variant)
             vgs_factor = vgs_variance = math.nan
         else:
             vgs_factor, vgs_variance, vgs_beta = self._scaler_inputs(vgs)
             stats = backend.fused_step(layout, params, grads, self.state, present, hyper, seed, noise_norm,
-                                       vgs.state, vgs_factor, vgs_beta)
+                                       vgs.state, vgs_factor, vgs_beta, self.variant)
         grad_norm = np.asarray(stats.grad_norm, dtype=np.float64)
         noise_std = np.asarray(stats.noise_std, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -216,6 +234,7 @@ class AdaptiveUPGD:
             "layout": self.layout.to_dict(),
             "seed": self.seed,
             "noise_norm": self.noise_norm,
+            "variant": dict(self.variant._asdict()),
             "param_groups": resolve_param_groups(self.param_groups, self.defaults, self.layout),
             "state": self.state.to_state(self.layout),
         }
@@ -232,6 +251,10 @@ class AdaptiveUPGD:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
             raise ValueError(f"state dict field 'seed' must be an int in [0, 2**64), got {seed!r}")
         noise_norm = _check_noise_norm(state_dict.get("noise_norm"))
+        variant = check_variant(state_dict.get("variant", PRODUCTION._asdict()))  # absent before v0.2: production
+        if variant != self.variant:
+            raise ValueError(f"state dict is for UPGD variant {dict(variant._asdict())}, "
+                             f"this optimizer computes {dict(self.variant._asdict())}")
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list):
             raise ValueError("state dict field 'param_groups' must be a list")
@@ -246,3 +269,63 @@ class AdaptiveUPGD:
     def load(self, path) -> None:
         """Load a file written by :meth:`save`; corrupt or foreign files raise ``ValueError``."""
         self.load_state_dict(read_state_dict(path))
+
+
+def _profile_variant(moments: str, profile) -> UPGDVariant:
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    if profile == "production":
+        return UPGDVariant(moments=moments)
+    return UPGDVariant(moments=moments, protection="max", update_factor=2.0,
+                       noise_placement="terms" if moments == "adam" else "sum")
+
+
+class UPGD(AdaptiveUPGD):
+    """Plain UPGD: no moments, ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)`` (§7).
+
+    The production defaults; ``profile="paper"`` gives the paper's plain UPGD. Adaptive
+    noise, VGS, parameter groups and frozen segments work as for :class:`AdaptiveUPGD`.
+    """
+
+    _MOMENTS = "none"
+
+    def __init__(self, layout: FlatLayout, *, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
+                 adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
+                 min_noise_std=UPGD_DEFAULTS["min_noise_std"],
+                 instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], noise_norm="segment",
+                 noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], seed=0, param_groups=None, backend="auto",
+                 profile="production"):
+        super().__init__(layout, lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
+                         adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                         instant_noise_scale=instant_noise_scale, noise_norm=noise_norm,
+                         noise_ema_init=noise_ema_init, seed=seed, param_groups=param_groups, backend=backend,
+                         profile=profile)
+
+
+class UPGDW(AdaptiveUPGD):
+    """UPGDW: AdaptiveUPGD whose utility decay is ``beta2`` (in every group, at every step).
+
+    Production signature: ``lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+    sigma=0.001, amsgrad=False``. ``amsgrad=True`` raises: the algorithm has no AMSGrad
+    state, and ignoring the flag silently would mislead (``specs/algorithm.md`` §7.2).
+    """
+
+    def __init__(self, layout: FlatLayout, *, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
+                 sigma=0.001, amsgrad=False, adaptive_noise=UPGD_DEFAULTS["adaptive_noise"],
+                 noise_beta=UPGD_DEFAULTS["noise_beta"], min_noise_std=UPGD_DEFAULTS["min_noise_std"],
+                 instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], noise_norm="segment",
+                 noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], seed=0, param_groups=None, backend="auto"):
+        if amsgrad is not False:
+            raise ValueError("amsgrad=True is not supported: UPGDW keeps no AMSGrad state (specs/algorithm.md §7.2)")
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        super().__init__(layout, lr=lr, weight_decay=weight_decay, beta_utility=beta2, sigma=sigma, beta1=beta1,
+                         beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
+                         min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
+                         noise_norm=noise_norm, noise_ema_init=noise_ema_init, seed=seed,
+                         param_groups=param_groups, backend=backend)
+
+    def _segment_hyperparams(self) -> list[dict]:
+        return [dict(h, beta_utility=h["beta2"]) for h in super()._segment_hyperparams()]

@@ -166,6 +166,12 @@ def _vgs_statistics_update(state: FlatVGSState, sums: np.ndarray, sizes, present
     state.step += 1
 
 
+def _reference_backend():
+    from ..backends import BACKENDS  # backends registers this module: import at call time
+
+    return BACKENDS["reference"]
+
+
 class NumbaBackend:
     """Fused Numba kernels on NumPy flat buffers (float32 and float64 layouts).
 
@@ -231,13 +237,22 @@ class NumbaBackend:
 
     # --- the step -----------------------------------------------------------------------
 
-    def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm):
+    def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
+                  variant=ref.PRODUCTION):
+        if variant != ref.PRODUCTION:  # other family members: the reference's evaluation
+            return _reference_backend().upgd_step(layout, params, grads, state, present, hyper, seed, noise_norm, variant)
         stats, _ = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, 1.0)
         return stats
 
     def fused_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
-                   vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float):
+                   vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
         """``vgs_scale``, ``upgd_step``, ``vgs_update`` in one read of the gradient."""
+        if variant != ref.PRODUCTION:
+            if vgs_factor != 1.0:
+                self.vgs_scale(layout, grads, vgs_factor, present)
+            stats = self.upgd_step(layout, params, grads, state, present, hyper, seed, noise_norm, variant)
+            self.vgs_update(layout, grads, vgs_state, vgs_beta, present)
+            return stats
         stats, sums = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor)
         _vgs_statistics_update(vgs_state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), vgs_beta)
         return stats
