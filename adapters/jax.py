@@ -1,4 +1,5 @@
-r"""JAX front end: optax transformations for the VGS and AdaptiveUPGD.
+r"""JAX front end: optax transformations for the VGS and the UPGD family
+(:func:`adaptive_upgd`, :func:`upgd`, :func:`upgdw`).
 
 Normative description: ``specs/adapters-jax.md``. Usage::
 
@@ -55,6 +56,9 @@ from upgd_ref import rng as _rng
 from upgd_ref.backends import check_backend_name as _check_core_backend
 from upgd_ref.hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
 from upgd_ref.layout import FlatLayout
+from upgd_ref.optimizer import PAPER_EPS, _profile_variant
+from upgd_ref.optimizer import UPGD as _CoreUPGD
+from upgd_ref.optimizer import UPGDW as _CoreUPGDW
 from upgd_ref.optimizer import AdaptiveUPGD as _CoreAdaptiveUPGD
 from upgd_ref.scaler import VarianceGradientScaler as _CoreScaler
 from upgd_ref.state import FlatUPGDState, FlatVGSState
@@ -63,6 +67,8 @@ __all__ = [
     "AdaptiveUPGDState",
     "VarianceGradientScalerState",
     "adaptive_upgd",
+    "upgd",
+    "upgdw",
     "variance_gradient_scaler",
     "standard_normals",
     "noise",
@@ -571,26 +577,88 @@ def _learning_rate(learning_rate, count, leaves):
 
 def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS["weight_decay"],
                   beta_utility=UPGD_DEFAULTS["beta_utility"], sigma=UPGD_DEFAULTS["sigma"],
-                  beta1=UPGD_DEFAULTS["beta1"], beta2=UPGD_DEFAULTS["beta2"], eps=UPGD_DEFAULTS["eps"],
+                  beta1=UPGD_DEFAULTS["beta1"], beta2=UPGD_DEFAULTS["beta2"], eps=None,
                   adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
                   min_noise_std=UPGD_DEFAULTS["min_noise_std"],
                   instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
                   noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *,
-                  backend="native", kernel_backend="auto") -> optax.GradientTransformationExtraArgs:
+                  backend="native", kernel_backend="auto",
+                  profile="production") -> optax.GradientTransformationExtraArgs:
     """AdaptiveUPGD (``specs/algorithm.md`` §3) as an optax transformation.
 
     Hyper-parameters and defaults as :class:`upgd_ref.AdaptiveUPGD` (``learning_rate`` is
     its ``lr`` and may be an optax schedule of the step count). ``update(grads, state,
     params)`` needs ``params`` and returns ``updates`` with ``optax.apply_updates(params,
     updates)`` = the new parameters. The noise is ``noise(params, seed, count + 1)``,
-    bit-identical to :func:`upgd_ref.noise`.
+    bit-identical to :func:`upgd_ref.noise`. ``profile="paper"``: the original paper's
+    Adam-style variant (``specs/algorithm.md`` §7; ``eps`` defaults to ``1e-5`` then).
     """
-    hyper = validate_upgd(dict(
-        lr=0.0 if callable(learning_rate) else learning_rate, weight_decay=weight_decay,
-        beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2, eps=eps,
-        adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
-        instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init,
-    ))
+    variant = _profile_variant("adam", profile)
+    if eps is None:
+        eps = PAPER_EPS if profile == "paper" else UPGD_DEFAULTS["eps"]
+    hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2,
+                 eps=eps)
+    noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                 instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
+
+    def core(layout, lr, **common):
+        return _CoreAdaptiveUPGD(layout, lr=lr, **hyper, **noisy, **common, profile=profile)
+
+    return _upgd_family("adaptive_upgd", variant, learning_rate, dict(hyper, **noisy), core, noise_norm, seed,
+                        backend, kernel_backend)
+
+
+def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
+         adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
+         min_noise_std=UPGD_DEFAULTS["min_noise_std"], instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
+         noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *, backend="native",
+         kernel_backend="auto", profile="production") -> optax.GradientTransformationExtraArgs:
+    """Plain UPGD (no moments; ``specs/algorithm.md`` §7) as an optax transformation.
+
+    The step of :class:`upgd_ref.UPGD`: ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)``;
+    ``profile="paper"`` gives the paper's plain UPGD. The state has the same fields as
+    :func:`adaptive_upgd`'s; ``first_moment`` and ``second_moment`` stay zero.
+    """
+    variant = _profile_variant("none", profile)
+    hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
+    noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                 instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
+
+    def core(layout, lr, **common):
+        return _CoreUPGD(layout, lr=lr, **hyper, **noisy, **common, profile=profile)
+
+    # beta1, beta2, eps are unused without moments: the core defaults fill the validated dict.
+    return _upgd_family("upgd", variant, learning_rate, dict(hyper, **noisy), core, noise_norm, seed, backend,
+                        kernel_backend)
+
+
+def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sigma=0.001,
+          adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
+          min_noise_std=UPGD_DEFAULTS["min_noise_std"], instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
+          noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *, backend="native",
+          kernel_backend="auto") -> optax.GradientTransformationExtraArgs:
+    """UPGDW (``specs/algorithm.md`` §7) as an optax transformation: AdaptiveUPGD with the
+    production UPGDW defaults and the utility decay tied to ``b2`` (``beta_utility = b2``),
+    the step of :class:`upgd_ref.UPGDW`. ``b1``, ``b2``: optax's names for ``betas``."""
+    variant = _profile_variant("adam", "production")
+    hyper = dict(weight_decay=weight_decay, beta_utility=b2, sigma=sigma, beta1=b1, beta2=b2, eps=eps)
+    noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                 instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
+
+    def core(layout, lr, **common):
+        return _CoreUPGDW(layout, lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, sigma=sigma,
+                          **noisy, **common)
+
+    return _upgd_family("upgdw", variant, learning_rate, dict(hyper, **noisy), core, noise_norm, seed, backend,
+                        kernel_backend)
+
+
+def _upgd_family(name, variant, learning_rate, hyper, make_core, noise_norm, seed, backend,
+                 kernel_backend) -> optax.GradientTransformationExtraArgs:
+    """The optax transformation of one UPGD family member (``variant``, ``specs/algorithm.md``
+    §7): the native path runs :func:`upgd_ref.reference.adaptive_upgd_step` with ``variant``,
+    the kernel path the core class ``make_core(layout, lr, noise_norm=, seed=, backend=)``."""
+    hyper = validate_upgd(dict(hyper, lr=0.0 if callable(learning_rate) else learning_rate))
     if noise_norm not in NOISE_NORMS:
         raise ValueError(f"noise_norm must be one of {NOISE_NORMS}, got {noise_norm!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
@@ -602,7 +670,7 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
         if not leaves:
-            raise ValueError("adaptive_upgd needs at least one array leaf in params")
+            raise ValueError(f"{name} needs at least one array leaf in params")
         for i, leaf in enumerate(leaves):
             _check_leaf_dtype(f"params leaf {i}", leaf)
         with x64_scope():
@@ -620,7 +688,8 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
             normals = _leaf_normals(params, seed, state.count + 1)
             core = _ref.UPGDState(state.count, state.segment_step, state.utility, state.first_moment,
                                   state.second_moment, state.grad_norm_ema)
-            new_params, new, _ = _ref.adaptive_upgd_step(params, grads, core, normals, per_leaf, noise_norm=noise_norm)
+            new_params, new, _ = _ref.adaptive_upgd_step(params, grads, core, normals, per_leaf,
+                                                         noise_norm=noise_norm, variant=variant)
             updates = [n - p for n, p in zip(new_params, params)]
         return updates, new
 
@@ -632,8 +701,7 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
             with x64_scope():
                 lr = _learning_rate(learning_rate, state.count, params[:1])[0]
             lr = float(np.asarray(lr, dtype=np.float64))
-        opt = _CoreAdaptiveUPGD(layout, **dict(hyper, lr=lr), noise_norm=noise_norm, seed=seed,
-                                backend=kernel_backend)
+        opt = make_core(layout, lr, noise_norm=noise_norm, seed=seed, backend=kernel_backend)
         opt.state = FlatUPGDState(
             step=int(state.count),
             segment_step=np.array(state.segment_step, dtype=np.int64),
@@ -656,14 +724,14 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     def update(updates, state, params=None, **extra_args):
         del extra_args
         if params is None:
-            raise ValueError("adaptive_upgd needs the current params: call update(grads, state, params)")
+            raise ValueError(f"{name} needs the current params: call update(grads, state, params)")
         if not isinstance(state, AdaptiveUPGDState):
             raise TypeError(f"state must be an AdaptiveUPGDState, got {type(state).__name__}")
         like, treedef = jax.tree_util.tree_flatten(state.utility)
         grads = _flatten_checked("gradient", updates, treedef, like)
         leaves = _flatten_checked("params", params, treedef, like)
-        for name in ("first_moment", "second_moment"):
-            _flatten_checked(f"state.{name}", getattr(state, name), treedef, like)
+        for field in ("first_moment", "second_moment"):
+            _flatten_checked(f"state.{field}", getattr(state, field), treedef, like)
         _check_wide(state, ("count", "segment_step", "grad_norm_ema"), len(like))
         if backend == "native" and _eager(grads, leaves, state):
             _check_finite("gradient", grads)

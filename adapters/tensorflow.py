@@ -1,8 +1,11 @@
-"""Keras 3 / TensorFlow front end: :class:`AdaptiveUPGD`, a ``keras.optimizers.Optimizer``.
+"""Keras 3 / TensorFlow front end: the UPGD family as ``keras.optimizers.Optimizer`` classes:
+:class:`AdaptiveUPGD` (``profile="production"`` or ``"paper"``), :class:`UPGD` (no moments)
+and :class:`UPGDW` (``specs/algorithm.md`` §7).
 
 Normative description: ``specs/adapters-tensorflow.md``. In short:
 
-- Every formula runs in the core (:class:`upgd_ref.AdaptiveUPGD` and
+- Every formula runs in the core (:class:`upgd_ref.AdaptiveUPGD`, :class:`upgd_ref.UPGD`,
+  :class:`upgd_ref.UPGDW` and
   :class:`upgd_ref.VarianceGradientScaler` on a :class:`upgd_ref.FlatLayout` over the
   optimizer's variables, in their order). This module moves arrays and nothing else.
 - The bridge is a ``tf.numpy_function``: one host call per step receives the present
@@ -36,13 +39,16 @@ import tensorflow as tf
 import keras
 
 from upgd_ref import AdaptiveUPGD as CoreAdaptiveUPGD
+from upgd_ref import UPGD as CoreUPGD
+from upgd_ref import UPGDW as CoreUPGDW
 from upgd_ref import FlatLayout
 from upgd_ref import VarianceGradientScaler as CoreVarianceGradientScaler
 from upgd_ref.hyperparams import NOISE_NORMS, UPGD_DEFAULTS, validate_upgd, validate_vgs
 from upgd_ref.layout import SUPPORTED_DTYPES
+from upgd_ref.optimizer import PAPER_EPS, _profile_variant
 from upgd_ref.state import FlatUPGDState, FlatVGSState
 
-__all__ = ["AdaptiveUPGD", "VGSConfig", "SUPPORTED_VARIABLE_DTYPES"]
+__all__ = ["AdaptiveUPGD", "UPGD", "UPGDW", "VGSConfig", "SUPPORTED_VARIABLE_DTYPES"]
 
 if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover - depends on the install
     raise ImportError(
@@ -64,6 +70,8 @@ SUPPORTED_VARIABLE_DTYPES = SUPPORTED_DTYPES  # float32, float64: what the core 
 # The hyper-parameters the core re-reads at every step (specs/algorithm.md §3.1), with the
 # Keras names: Keras calls the learning rate ``learning_rate``.
 _UPGD_KEYS = tuple(k for k in UPGD_DEFAULTS if k != "lr")
+_MOMENT_KEYS = ("beta1", "beta2", "eps")
+_NOISE_KEYS = ("adaptive_noise", "noise_beta", "min_noise_std", "instant_noise_scale", "noise_ema_init")
 _STATE_NAMES = ("utility", "first_moment", "second_moment")
 _SEGMENT_RE = re.compile(r"\bsegment (\d+)")
 # One core step at a time in this process: TensorFlow may run numpy_functions on several
@@ -128,11 +136,11 @@ class _CoreBridge:
     written again.
     """
 
-    def __init__(self, shapes, dtype, names, *, seed, noise_norm, noise_ema_init):
+    def __init__(self, shapes, dtype, names, make_core, *, moments=True):
         self.layout = FlatLayout(shapes, dtype=dtype)
         self.names = tuple(names)
-        self.core = CoreAdaptiveUPGD(self.layout, seed=seed, noise_norm=noise_norm, noise_ema_init=noise_ema_init,
-                                     backend="auto")
+        self.core = make_core(self.layout)  # a core class of the family, with its variant
+        self.moments = moments  # False: no moment variables cross the bridge (UPGD)
         self.scaler = CoreVarianceGradientScaler(self.layout, backend="auto")
         self.last_step_info = None
         # The only buffer reused between calls: gradients are never handed back to TF.
@@ -162,14 +170,17 @@ class _CoreBridge:
         """One core step with learning rate ``lr`` (a float).
 
         ``arrays``: per present variable (in ``indices`` order) the values, then likewise the
-        gradients, utilities, first and second moments; then segment_step, grad_norm_ema,
-        step, vgs_step, vgs_grad_mean_avg, vgs_grad_sq_avg. Returns the same without the
-        gradients. Raises (so nothing is returned and nothing assigned) on bad input.
+        gradients, utilities, first and second moments (these two only with ``moments``); then
+        segment_step, grad_norm_ema, step, vgs_step, vgs_grad_mean_avg, vgs_grad_sq_avg.
+        Returns the same without the gradients. Raises (so nothing is returned and nothing
+        assigned) on bad input.
         """
         lr = float(lr)
         n = len(indices)
-        values, grads, utility, first, second = (arrays[k * n : (k + 1) * n] for k in range(5))
-        segment_step, grad_norm_ema, step, vgs_step, vgs_mean, vgs_square = arrays[5 * n :]
+        blocks = 5 if self.moments else 3
+        values, grads, utility, *moments = (arrays[k * n : (k + 1) * n] for k in range(blocks))
+        first, second = moments if self.moments else ((), ())  # no moments: zero buffers, never read
+        segment_step, grad_norm_ema, step, vgs_step, vgs_mean, vgs_square = arrays[blocks * n :]
         present = [False] * self.layout.num_segments
         for i in indices:
             present[i] = True
@@ -205,11 +216,14 @@ class _CoreBridge:
                 raise self._explain(exc) from None
             self.last_step_info = info
             state, vgs_state = core.state, scaler.state
+        moment_outputs = (
+            (*self._segments(state.first_moment, indices), *self._segments(state.second_moment, indices))
+            if self.moments else ()
+        )
         return (
             *self._segments(params, indices),
             *self._segments(state.utility, indices),
-            *self._segments(state.first_moment, indices),
-            *self._segments(state.second_moment, indices),
+            *moment_outputs,
             np.array(state.segment_step, dtype=np.int64),
             np.array(state.grad_norm_ema, dtype=np.float64),
             np.array(state.step, dtype=np.int64),
@@ -256,23 +270,41 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
 
     Variables must all be float32 or all float64. Mixed precision (``mixed_float16``:
     float16 compute, float32 variables) works; float16/bfloat16 *variables* are rejected.
+
+    ``profile="paper"`` computes the original paper's Adam-style variant
+    (``specs/algorithm.md`` §7; ``eps`` defaults to ``1e-5`` then). :class:`UPGD` and
+    :class:`UPGDW` are the other members of the family.
     """
+
+    _MOMENTS = "adam"  # the family member's moments option (specs/algorithm.md §7.1)
+    _CORE = CoreAdaptiveUPGD
+    # attribute name -> core hyper-parameter name; the attributes are the Keras config keys.
+    _ATTRIBUTES = {key: key for key in _UPGD_KEYS}
 
     def __init__(self, learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS["weight_decay"],
                  beta_utility=UPGD_DEFAULTS["beta_utility"], sigma=UPGD_DEFAULTS["sigma"],
-                 beta1=UPGD_DEFAULTS["beta1"], beta2=UPGD_DEFAULTS["beta2"], eps=UPGD_DEFAULTS["eps"],
+                 beta1=UPGD_DEFAULTS["beta1"], beta2=UPGD_DEFAULTS["beta2"], eps=None,
                  adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
                  min_noise_std=UPGD_DEFAULTS["min_noise_std"],
                  instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], vgs=None, seed=0,
                  noise_norm="segment", noise_ema_init=UPGD_DEFAULTS["noise_ema_init"],
-                 name="adaptive_upgd", **kwargs):
-        # Validate everything before Keras creates any variable.
+                 profile="production", name="adaptive_upgd", **kwargs):
+        if eps is None:
+            eps = PAPER_EPS if profile == "paper" else UPGD_DEFAULTS["eps"]
+        self._init_family(
+            learning_rate, dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
+                                beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
+                                min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
+                                noise_ema_init=noise_ema_init),
+            vgs=vgs, seed=seed, noise_norm=noise_norm, profile=profile, name=name, kwargs=kwargs)
+
+    def _init_family(self, learning_rate, values, *, vgs, seed, noise_norm, profile, name, kwargs):
+        """Validate everything (before Keras creates any variable), then set up the optimizer.
+        ``values``: the member's hyper-parameters by attribute name (``_ATTRIBUTES``)."""
+        variant = _profile_variant(self._MOMENTS, profile)
+        core_values = {self._ATTRIBUTES[attr]: value for attr, value in values.items()}
         hyper = validate_upgd(dict(
-            lr=learning_rate if isinstance(learning_rate, (int, float)) else UPGD_DEFAULTS["lr"],
-            weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
-            beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
-            min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
-            noise_ema_init=noise_ema_init,
+            core_values, lr=learning_rate if isinstance(learning_rate, (int, float)) else UPGD_DEFAULTS["lr"],
         ))
         if noise_norm not in NOISE_NORMS:
             raise ValueError(f"noise_norm must be one of {NOISE_NORMS}, got {noise_norm!r}")
@@ -281,10 +313,12 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)  # Keras accepts only floats
         # Keras's own decoupled decay stays off: the core applies ``weight_decay``.
-        super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
+        keras.optimizers.Optimizer.__init__(self, learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
         self._remember_learning_rate(learning_rate)
-        for key in _UPGD_KEYS:
-            setattr(self, key, hyper[key])
+        for attr, key in self._ATTRIBUTES.items():
+            setattr(self, attr, hyper[key])
+        self._profile = profile
+        self._variant = variant
         self._noise_norm = noise_norm
         self._seed = seed
         self._vgs = vgs_settings
@@ -330,6 +364,16 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         return self._noise_norm
 
     @property
+    def profile(self) -> str:
+        """``"production"`` or ``"paper"`` (fixed for the optimizer's lifetime)."""
+        return self._profile
+
+    @property
+    def variant(self):
+        """The :class:`upgd_ref.reference.UPGDVariant` this optimizer computes."""
+        return self._variant
+
+    @property
     def vgs(self):
         """The VGS settings (a dict with every key) or ``None`` when no scaler is used."""
         return None if self._vgs is None else dict(self._vgs)
@@ -351,13 +395,25 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         config = super().get_config()
         if isinstance(config["learning_rate"], float):
             config["learning_rate"] = self._exact_if_unchanged(config["learning_rate"])
-        config.update({key: getattr(self, key) for key in _UPGD_KEYS})
-        config.update(vgs=self.vgs, seed=self.seed, noise_norm=self.noise_norm)
+        config.update({attr: getattr(self, attr) for attr in self._ATTRIBUTES})
+        config.update(vgs=self.vgs, seed=self.seed, noise_norm=self.noise_norm, **self._extra_config())
         return config
+
+    def _extra_config(self) -> dict:
+        return {"profile": self.profile}
+
+    def _make_core(self, layout):
+        """The core optimizer of this family member (its variant) over ``layout``."""
+        return self._CORE(layout, seed=self.seed, noise_norm=self.noise_norm, noise_ema_init=self.noise_ema_init,
+                          backend="auto", profile=self.profile)
+
+    def _core_hyperparams(self) -> dict:
+        """The core hyper-parameters from the current attributes."""
+        return {key: getattr(self, attr) for attr, key in self._ATTRIBUTES.items()}
 
     def _param_groups(self):
         """Core parameter groups from the current attributes (re-validated by the core)."""
-        hyper = {key: getattr(self, key) for key in _UPGD_KEYS}
+        hyper = self._core_hyperparams()
         decayed = [i for i, v in enumerate(self._trainable_variables) if self._use_weight_decay(v)]
         excluded = [i for i, v in enumerate(self._trainable_variables) if not self._use_weight_decay(v)]
         groups = [dict(hyper, segments=decayed)]
@@ -372,25 +428,28 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
             return
         var_list = list(var_list)
         if not var_list:
-            raise ValueError("AdaptiveUPGD needs at least one variable to optimize")
+            raise ValueError(f"{type(self).__name__} needs at least one variable to optimize")
         dtype_of = {id(v): keras.backend.standardize_dtype(v.dtype) for v in var_list}
         dtypes = sorted(set(dtype_of.values()))
         bad = [v for v in var_list if dtype_of[id(v)] not in SUPPORTED_VARIABLE_DTYPES]
         if bad:
             raise TypeError(
-                f"AdaptiveUPGD supports float32 and float64 variables; variable {_variable_name(bad[0])!r} is "
+                f"{type(self).__name__} supports float32 and float64 variables; variable {_variable_name(bad[0])!r} is "
                 f"{dtype_of[id(bad[0])]}. For float16 compute use the 'mixed_float16' dtype policy, which keeps "
                 "variables in float32."
             )
         if len(dtypes) > 1:
             raise TypeError(
-                f"AdaptiveUPGD needs all variables in one dtype (the core runs one flat layout); got {dtypes}"
+                f"{type(self).__name__} needs all variables in one dtype (the core runs one flat layout); got {dtypes}"
             )
         if any(None in tuple(v.shape) for v in var_list):
-            raise ValueError("AdaptiveUPGD needs variables with fully defined shapes")
+            raise ValueError(f"{type(self).__name__} needs variables with fully defined shapes")
         super().build(var_list)
+        moments = self._MOMENTS == "adam"  # UPGD keeps no moment variables
         self._utility, self._first_moment, self._second_moment = (
-            [self.add_variable_from_reference(v, name=state_name) for v in var_list] for state_name in _STATE_NAMES
+            [self.add_variable_from_reference(v, name=state_name) for v in var_list]
+            if state_name == "utility" or moments else []
+            for state_name in _STATE_NAMES
         )
         s = len(var_list)
         self._segment_step = self.add_variable((s,), initializer="zeros", dtype="int64", name="segment_step")
@@ -404,22 +463,26 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         self._vgs_grad_sq_avg = self.add_variable((s,), initializer="zeros", dtype="float64", name="vgs_grad_sq_avg")
         self._bridge = _CoreBridge(
             [tuple(int(d) for d in v.shape) for v in var_list], dtypes[0], [_variable_name(v) for v in var_list],
-            seed=self.seed, noise_norm=self.noise_norm, noise_ema_init=self.noise_ema_init,
+            self._make_core, moments=moments,
         )
 
     def _require_built(self, what):
         if self._bridge is None:
-            raise ValueError(f"AdaptiveUPGD.{what} needs a built optimizer (call build(var_list) or apply once)")
+            raise ValueError(f"{type(self).__name__}.{what} needs a built optimizer (call build(var_list) or apply once)")
 
     def state_variables(self) -> dict:
-        """The optimizer's Keras variables by role (for inspection and tests)."""
+        """The optimizer's Keras variables by role (for inspection and tests); :class:`UPGD`
+        has no ``first_moment`` and ``second_moment``."""
         self._require_built("state_variables()")
-        return {
-            "utility": list(self._utility), "first_moment": list(self._first_moment),
-            "second_moment": list(self._second_moment), "segment_step": self._segment_step,
-            "grad_norm_ema": self._grad_norm_ema, "upgd_step": self._upgd_step, "vgs_step": self._vgs_step,
-            "vgs_grad_mean_avg": self._vgs_grad_mean_avg, "vgs_grad_sq_avg": self._vgs_grad_sq_avg,
-        }
+        out = {"utility": list(self._utility)}
+        if self._bridge.moments:
+            out.update(first_moment=list(self._first_moment), second_moment=list(self._second_moment))
+        out.update({
+            "segment_step": self._segment_step, "grad_norm_ema": self._grad_norm_ema, "upgd_step": self._upgd_step,
+            "vgs_step": self._vgs_step, "vgs_grad_mean_avg": self._vgs_grad_mean_avg,
+            "vgs_grad_sq_avg": self._vgs_grad_sq_avg,
+        })
+        return out
 
     # --- the step -------------------------------------------------------------------------
 
@@ -428,7 +491,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         raise RuntimeError(
-            "AdaptiveUPGD updates all variables at once (its utility range is global); "
+            f"{type(self).__name__} updates all variables at once (its utility range is global); "
             "the per-variable update_step path must not be used"
         )
 
@@ -454,14 +517,14 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         dense = [self._dense_gradient(grads[k], indices[j]) for j, k in enumerate(order)]
         variables = [self._trainable_variables[i] for i in indices]
         utility = [self._utility[i] for i in indices]
-        first = [self._first_moment[i] for i in indices]
-        second = [self._second_moment[i] for i in indices]
+        first = [self._first_moment[i] for i in indices] if bridge.moments else []
+        second = [self._second_moment[i] for i in indices] if bridge.moments else []
         scalars = [self._segment_step, self._grad_norm_ema, self._upgd_step, self._vgs_step,
                    self._vgs_grad_mean_avg, self._vgs_grad_sq_avg]
         inputs = [tf.cast(tf.convert_to_tensor(learning_rate), tf.float64)]
         inputs += [tf.convert_to_tensor(v) for v in (*variables, *dense, *utility, *first, *second, *scalars)]
         dtype = bridge.layout.dtype.name
-        out_types = [dtype] * (4 * len(indices)) + ["int64", "float64", "int64", "int64", "float64", "float64"]
+        out_types = [dtype] * ((4 if bridge.moments else 2) * len(indices)) + ["int64", "float64", "int64", "int64", "float64", "float64"]
 
         def run(lr, *arrays):
             # Runs at step time (also in graph mode): attribute edits and schedules apply.
@@ -499,3 +562,74 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         if not grad.dtype.is_floating:
             raise TypeError(f"gradient for variable {_variable_name(variable)!r} has dtype {grad.dtype.name}")
         return tf.cast(grad, variable.dtype)
+
+
+@keras.saving.register_keras_serializable(package="upgd_ref")
+class UPGD(AdaptiveUPGD):
+    """Plain UPGD (no moments; ``specs/algorithm.md`` §7) as a Keras 3 optimizer: the step of
+    :class:`upgd_ref.UPGD`, ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)``.
+
+    Production defaults ``learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999,
+    sigma=0.001``; ``profile="paper"`` gives the paper's plain UPGD. No moment variables are
+    created. Everything else (noise options, ``vgs``, ``seed``, Keras arguments) as
+    :class:`AdaptiveUPGD`.
+    """
+
+    _MOMENTS = "none"
+    _CORE = CoreUPGD
+    _ATTRIBUTES = {key: key for key in _UPGD_KEYS if key not in _MOMENT_KEYS}
+
+    def __init__(self, learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
+                 adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
+                 min_noise_std=UPGD_DEFAULTS["min_noise_std"],
+                 instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], vgs=None, seed=0,
+                 noise_norm="segment", noise_ema_init=UPGD_DEFAULTS["noise_ema_init"],
+                 profile="production", name="upgd", **kwargs):
+        self._init_family(
+            learning_rate, dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
+                                adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                                instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init),
+            vgs=vgs, seed=seed, noise_norm=noise_norm, profile=profile, name=name, kwargs=kwargs)
+
+
+@keras.saving.register_keras_serializable(package="upgd_ref")
+class UPGDW(AdaptiveUPGD):
+    """UPGDW (``specs/algorithm.md`` §7) as a Keras 3 optimizer: the step of
+    :class:`upgd_ref.UPGDW`, AdaptiveUPGD whose utility decay is ``beta_2``.
+
+    Keras names: ``beta_1``, ``beta_2``, ``epsilon`` are the core's ``beta1``, ``beta2``,
+    ``eps``; there is no ``beta_utility`` (it is ``beta_2``, also after an edit of
+    ``beta_2``). Production defaults ``learning_rate=1e-4, beta_1=0.9, beta_2=0.999,
+    epsilon=1e-8, weight_decay=0.01, sigma=0.001``. ``amsgrad=True`` raises ``ValueError``:
+    the algorithm keeps no AMSGrad state.
+    """
+
+    _MOMENTS = "adam"
+    _CORE = CoreUPGDW
+    _ATTRIBUTES = {"weight_decay": "weight_decay", "sigma": "sigma", "beta_1": "beta1", "beta_2": "beta2",
+                   "epsilon": "eps", **{key: key for key in _NOISE_KEYS}}
+
+    def __init__(self, learning_rate=1e-4, beta_1=0.9, beta_2=0.999, epsilon=1e-8, weight_decay=0.01, sigma=0.001,
+                 amsgrad=False, adaptive_noise=UPGD_DEFAULTS["adaptive_noise"],
+                 noise_beta=UPGD_DEFAULTS["noise_beta"], min_noise_std=UPGD_DEFAULTS["min_noise_std"],
+                 instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], vgs=None, seed=0,
+                 noise_norm="segment", noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], name="upgdw", **kwargs):
+        if amsgrad is not False:
+            raise ValueError("amsgrad=True is not supported: UPGDW keeps no AMSGrad state (specs/algorithm.md §7.2)")
+        self._init_family(
+            learning_rate, dict(weight_decay=weight_decay, sigma=sigma, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                                adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                                instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init),
+            vgs=vgs, seed=seed, noise_norm=noise_norm, profile="production", name=name, kwargs=kwargs)
+
+    def _extra_config(self) -> dict:
+        return {"amsgrad": False}
+
+    def _make_core(self, layout):
+        return CoreUPGDW(layout, seed=self.seed, noise_norm=self.noise_norm, noise_ema_init=self.noise_ema_init,
+                         backend="auto")
+
+    def _core_hyperparams(self) -> dict:
+        hyper = super()._core_hyperparams()
+        hyper["beta_utility"] = hyper["beta2"]  # tied, at every step
+        return hyper

@@ -1,4 +1,4 @@
-"""PyTorch front end: drop-in ``AdaptiveUPGD`` and ``VarianceGradientScaler`` on the core.
+"""PyTorch front end: drop-in ``AdaptiveUPGD``, ``UPGD``, ``UPGDW`` and ``VarianceGradientScaler``.
 
 Normative description: ``specs/adapters-torch.md``. Change one import::
 
@@ -12,7 +12,8 @@ Normative description: ``specs/adapters-torch.md``. Change one import::
     vgs.step()
 
 This module contains no optimizer math. Every formula runs in :class:`upgd_ref.AdaptiveUPGD`
-and :class:`upgd_ref.VarianceGradientScaler` on flat, 64-byte aligned NumPy buffers; the
+(or its family members :class:`upgd_ref.UPGD`, :class:`upgd_ref.UPGDW`) and
+:class:`upgd_ref.VarianceGradientScaler` on flat, 64-byte aligned NumPy buffers; the
 adapter only
 
 * re-homes the parameters of an optimizer into one flat buffer (``p.data`` becomes a view
@@ -47,15 +48,20 @@ from upgd_ref import reference as _ref
 from upgd_ref.backends import check_backend_name
 from upgd_ref.hyperparams import validate_upgd, validate_vgs
 from upgd_ref.layout import FlatLayout
+from upgd_ref.optimizer import PAPER_EPS, PROFILES
 from upgd_ref.state import STATE_VERSION, UPGD_FORMAT, VGS_FORMAT
 
 __all__ = [
     "AdaptiveUPGD",
+    "UPGD",
+    "UPGDW",
     "VarianceGradientScaler",
     "HYPERPARAMETER_KEYS",
     "STATE_KEYS",
     "VGS_VERSION",
     "CHECKPOINT_KEY",
+    "UPGD_HYPERPARAMETER_KEYS",
+    "UPGDW_HYPERPARAMETER_KEYS",
 ]
 
 #: The production optimizer's param-group keys (besides ``params``), in its order.
@@ -404,8 +410,8 @@ class _ParamState(MutableMapping):
         if int(opt._core.state.segment_step[i]) == 0:
             return ()
         if opt._group_of(i).get("adaptive_noise", False):
-            return STATE_KEYS
-        return STATE_KEYS[:-1]
+            return opt._STATE_KEYS
+        return opt._STATE_KEYS[:-1]
 
     def __getitem__(self, key):
         if key in self._live_keys():
@@ -415,12 +421,12 @@ class _ParamState(MutableMapping):
                 return int(state.segment_step[i])
             if key == "grad_norm_ema":
                 return float(state.grad_norm_ema[i])
-            flat = torch.from_numpy(getattr(state, _TENSOR_KEYS[key]))
+            flat = torch.from_numpy(getattr(state, opt._TENSOR_KEYS[key]))
             return flat[opt._core.layout.segment_slice(i)].view(opt._bucket.shapes[i])
         return self._extras()[key]
 
     def __setitem__(self, key, value):
-        if key not in STATE_KEYS:
+        if key not in self._opt._STATE_KEYS:
             self._extras(create=True)[key] = value
             return
         opt, i = self._opt, self._segment()
@@ -437,10 +443,10 @@ class _ParamState(MutableMapping):
             state.grad_norm_ema[i] = ema
         else:
             values = _as_array(where, value, opt._bucket.shapes[i], opt._core.layout.dtype)
-            getattr(state, _TENSOR_KEYS[key])[opt._core.layout.segment_slice(i)] = values
+            getattr(state, opt._TENSOR_KEYS[key])[opt._core.layout.segment_slice(i)] = values
 
     def __delitem__(self, key):
-        if key in STATE_KEYS:
+        if key in self._opt._STATE_KEYS:
             raise KeyError(f"{key!r} is part of the optimizer's state and cannot be deleted "
                            "(delete optimizer.state[p] to reset the parameter's state)")
         del self._extras()[key]
@@ -512,51 +518,42 @@ def _draw_seed() -> int:
     return int(torch.empty((), dtype=torch.int64).random_().item())
 
 
-class AdaptiveUPGD(torch.optim.Optimizer):
-    """Drop-in replacement for the production ``AdaptiveUPGD`` (a ``torch.optim.Optimizer``).
+def _check_profile(profile):
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    return profile
 
-    Same constructor, defaults, validation errors, param-group keys, ``state[p]`` keys and
-    state-dict format as the production class; the step runs in :class:`upgd_ref.AdaptiveUPGD`
-    on a flat buffer that the parameters are re-homed into. Keyword-only extras:
 
-    * ``seed``: noise seed (int in ``[0, 2**64)``); ``None`` draws one from torch's global
-      generator. Step ``k``'s normals are ``upgd_ref.noise(optimizer.layout, seed, k)``.
-    * ``backend``: core backend name (``"auto"``: the fastest for NumPy buffers).
-    * ``noise_ema_init``: start value of the gradient-norm average (1.0 as production; 0.0
-      is the unbiased form); ``noise_norm``: ``"segment"`` (production) or ``"global"``.
+class _UPGDAdapter(torch.optim.Optimizer):
+    """What every member's adapter shares: flat buffers, ``state`` views, state dicts, pickling.
+
+    A member says which core class does the math (``_CORE``), its param-group keys
+    (``_HYPER_KEYS``), its per-parameter state keys (``_STATE_KEYS``, ``grad_norm_ema`` last)
+    and how a param group maps to the core's hyper-parameters (:meth:`_core_hyper`).
     """
 
-    def __init__(self, params, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
-                 beta1=0.9, beta2=0.999, eps=1e-8, adaptive_noise=False, noise_beta=0.999,
-                 min_noise_std=1e-6, instant_noise_scale=True, *, seed=None, backend="auto",
-                 noise_ema_init=1.0, noise_norm="segment"):
-        # The production class's checks and messages, then the core's (types, finiteness).
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= beta_utility < 1.0:
-            raise ValueError(f"Invalid beta_utility parameter: {beta_utility}")
-        if not 0.0 <= sigma:
-            raise ValueError(f"Invalid sigma value: {sigma}")
-        if not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta1 parameter: {beta1}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta2 parameter: {beta2}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid eps value: {eps}")
-        if not 0.0 <= noise_beta < 1.0:
-            raise ValueError(f"Invalid noise_beta parameter: {noise_beta}")
-        if not 0.0 <= min_noise_std:
-            raise ValueError(f"Invalid min_noise_std value: {min_noise_std}")
-        defaults = dict(
-            lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
-            beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
-            min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
-        )
-        validate_upgd({k: _as_hyper(k, k, v) for k, v in defaults.items()} | {"noise_ema_init": noise_ema_init})
+    _CORE = upgd_ref.AdaptiveUPGD
+    _HYPER_KEYS = HYPERPARAMETER_KEYS
+    _STATE_KEYS = STATE_KEYS
+    _TENSOR_KEYS = _TENSOR_KEYS
+    _DEFAULT_PROFILE = "production"  # None: the core class takes no ``profile``
+
+    @classmethod
+    def _core_hyper(cls, where: str, group) -> dict:
+        """The core hyper-parameters of one param group (``where`` names it in errors)."""
+        return {k: _as_hyper(f"{where}['{k}']", k, group[k]) for k in cls._HYPER_KEYS}
+
+    @classmethod
+    def _validate_defaults(cls, defaults: dict, noise_ema_init) -> None:
+        """The core's checks (types, finiteness) on the constructor's hyper-parameters."""
+        validate_upgd(cls._core_hyper("defaults", defaults) | {"noise_ema_init": noise_ema_init})
+
+    def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile) -> None:
+        """The constructor's common tail: param groups, core optimizer, flat buffer."""
+        self._validate_defaults(defaults, noise_ema_init)
         check_backend_name(backend)
         self._built = False
+        self._profile = profile
         super().__init__(params, defaults)
         self._backend = backend
         self._noise_norm = noise_norm
@@ -570,6 +567,17 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         self._rebuild()
         self.state = _StateView(self)
         self._built = True
+
+    def _new_core(self, layout, core_groups, *, seed, noise_norm, noise_ema_init):
+        """A fresh core optimizer of this member (``profile`` only where the core has one)."""
+        extra = {} if self._profile is None else {"profile": self._profile}
+        return self._CORE(layout, seed=seed, noise_norm=noise_norm, noise_ema_init=noise_ema_init,
+                          backend=self._backend, param_groups=core_groups, **extra)
+
+    @property
+    def profile(self):
+        """``"production"`` or ``"paper"`` (None for a member without profiles)."""
+        return self._profile
 
     # --- structure ----------------------------------------------------------------------
 
@@ -590,10 +598,10 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         groups, start = [], 0
         for g, group in enumerate(self.param_groups):
             count = len(group["params"])
-            missing = [k for k in HYPERPARAMETER_KEYS if k not in group]
+            missing = [k for k in self._HYPER_KEYS if k not in group]
             if missing:
                 raise ValueError(f"param_groups[{g}] lacks hyper-parameter(s) {missing}")
-            hyper = {k: _as_hyper(f"param_groups[{g}]['{k}']", k, group[k]) for k in HYPERPARAMETER_KEYS}
+            hyper = self._core_hyper(f"param_groups[{g}]", group)
             groups.append({"segments": list(range(start, start + count)), **hyper,
                            "noise_ema_init": self._noise_ema_init})
             start += count
@@ -613,33 +621,34 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         except KeyError:
             raise KeyError("this tensor is not a parameter of the optimizer") from None
 
-    def _core_state_dict(self, layout, core_groups, step, seed, noise_norm, segments) -> dict:
-        """A core-format state dict; ``segments[i]`` is None (fresh) or ``(t, u, m, v, n)``."""
+    def _core_state_dict(self, layout, core_groups, step, seed, noise_norm, segments, variant) -> dict:
+        """A core-format state dict; ``segments[i]`` is None (fresh) or ``(t, arrays, n)`` with
+        ``arrays`` a dict of core state buffers (``"utility"``, ...; a missing one is zero)."""
         dtype = layout.dtype
         t = np.zeros(layout.num_segments, dtype=np.int64)
         n = np.array([self._noise_ema_init] * layout.num_segments, dtype=np.float64)
         buffers = {name: [] for name in ("utility", "first_moment", "second_moment")}
         for i, entry in enumerate(segments):
-            if entry is None:
-                for parts in buffers.values():
-                    parts.append(np.zeros(layout.sizes[i], dtype=dtype))
-                continue
-            t[i], u, m, v, n[i] = entry
-            for parts, values in zip(buffers.values(), (u, m, v)):
-                parts.append(np.asarray(values, dtype=dtype).reshape(-1))
+            arrays = {}
+            if entry is not None:
+                t[i], arrays, n[i] = entry
+            for name, parts in buffers.items():
+                values = arrays.get(name)
+                parts.append(np.zeros(layout.sizes[i], dtype=dtype) if values is None
+                             else np.asarray(values, dtype=dtype).reshape(-1))
         state = {"step": int(step), "segment_step": t, "grad_norm_ema": n}
         for name, parts in buffers.items():
             state[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
         return {
             "format": UPGD_FORMAT, "version": STATE_VERSION, "layout": layout.to_dict(), "seed": seed,
-            "noise_norm": noise_norm, "param_groups": core_groups, "state": state,
+            "noise_norm": noise_norm, "variant": variant, "param_groups": core_groups, "state": state,
         }
 
     def _segment_snapshot(self, i: int):
-        """``(t, u, m, v, n)`` copies of segment ``i`` of the current core state."""
+        """``(t, arrays, n)`` copies of segment ``i`` of the current core state."""
         state, sl = self._core.state, self._core.layout.segment_slice(i)
-        return (int(state.segment_step[i]), state.utility[sl].copy(), state.first_moment[sl].copy(),
-                state.second_moment[sl].copy(), float(state.grad_norm_ema[i]))
+        arrays = {name: getattr(state, name)[sl].copy() for name in ("utility", "first_moment", "second_moment")}
+        return int(state.segment_step[i]), arrays, float(state.grad_norm_ema[i])
 
     def _rebuild(self, restore: dict | None = None, *, unpickled: bool = False) -> None:
         """(Re)build the flat layout, core optimizer and bucket for the current param groups.
@@ -650,20 +659,19 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         class, so they are views of the one storage their pickled flat buffer became.
         """
         params, names = self._flat_params()
-        dtype = _check_tensors(params, names, what="AdaptiveUPGD", rehome=not unpickled)
+        dtype = _check_tensors(params, names, what=type(self).__name__, rehome=not unpickled)
         group_ids = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
         layout = FlatLayout([tuple(p.shape) for p in params], _DTYPE_NAMES[dtype], groups=group_ids)
         core_groups = self._core_groups()
-        core = upgd_ref.AdaptiveUPGD(layout, seed=self._seed, noise_norm=self._noise_norm,
-                                     noise_ema_init=self._noise_ema_init, backend=self._backend,
-                                     param_groups=core_groups)
+        core = self._new_core(layout, core_groups, seed=self._seed, noise_norm=self._noise_norm,
+                              noise_ema_init=self._noise_ema_init)
         if restore is not None:
             core.load_state_dict(restore)
         elif self._core is not None:
             old = {id(p): i for i, p in enumerate(self._bucket.params)}
             segments = [self._segment_snapshot(old[id(p)]) if id(p) in old else None for p in params]
-            core.load_state_dict(self._core_state_dict(layout, core_groups, self._core.step_count,
-                                                       self._seed, self._noise_norm, segments))
+            core.load_state_dict(self._core_state_dict(layout, core_groups, self._core.step_count, self._seed,
+                                                       self._noise_norm, segments, dict(core.variant._asdict())))
         bucket = _Bucket(params, layout, names)
         bucket.home()
         self._core, self._bucket = core, bucket
@@ -713,7 +721,8 @@ class AdaptiveUPGD(torch.optim.Optimizer):
 
     @property
     def core(self) -> upgd_ref.AdaptiveUPGD:
-        """The core optimizer doing the math (its ``step_count`` is the noise counter)."""
+        """The core optimizer doing the math (its ``step_count`` is the noise counter);
+        an instance of the member's core class (``upgd_ref.UPGD``, ...)."""
         return self._core
 
     def noise(self, step: int | None = None) -> list[torch.Tensor]:
@@ -738,7 +747,7 @@ class AdaptiveUPGD(torch.optim.Optimizer):
             try:
                 info = self._core.step(bucket.param_np, bucket.grad_np, present)
             except (ValueError, TypeError) as exc:
-                raise type(exc)(f"AdaptiveUPGD.step: {_segment_note(exc, bucket.names)}") from exc
+                raise type(exc)(f"{type(self).__name__}.step: {_segment_note(exc, bucket.names)}") from exc
             bucket.adopt_grads(copied)
         self.last_step_info = info
         return loss
@@ -770,7 +779,7 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         for i, p in enumerate(self._bucket.params):
             entry = {}
             for key, value in _ParamState(self, p).items():
-                entry[key] = value.clone() if isinstance(value, torch.Tensor) and key in _TENSOR_KEYS else value
+                entry[key] = value.clone() if isinstance(value, torch.Tensor) and key in self._TENSOR_KEYS else value
             if entry:
                 packed_state[i] = entry
         for key, value in self.state._other.items():
@@ -782,6 +791,7 @@ class AdaptiveUPGD(torch.optim.Optimizer):
             CHECKPOINT_KEY: {
                 "version": _CHECKPOINT_VERSION, "seed": self._core.seed, "step": self._core.step_count,
                 "noise_norm": self._core.noise_norm, "noise_ema_init": self._noise_ema_init,
+                "variant": dict(self._core.variant._asdict()),
             },
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -837,6 +847,7 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         seed = meta.get("seed", self._core.seed)
         noise_norm = meta.get("noise_norm", self._core.noise_norm)
         noise_ema_init = meta.get("noise_ema_init", self._noise_ema_init)
+        variant = meta.get("variant", dict(self._core.variant._asdict()))  # absent: written before the family
 
         layout, names = self._core.layout, self._bucket.names
         segments: list = [None] * layout.num_segments
@@ -854,18 +865,19 @@ class AdaptiveUPGD(torch.optim.Optimizer):
             if not isinstance(entry, Mapping):
                 raise ValueError(f"{where} must be a dict, got {type(entry).__name__}")
             entry = dict(entry)
-            extra = {k: deepcopy(v) for k, v in entry.items() if k not in STATE_KEYS}
+            extra = {k: deepcopy(v) for k, v in entry.items() if k not in self._STATE_KEYS}
             if extra:
                 extras[id(p)] = (p, extra)
-            if not any(k in entry for k in STATE_KEYS):
+            if not any(k in entry for k in self._STATE_KEYS):
                 continue
-            missing = [k for k in STATE_KEYS[:4] if k not in entry]
+            missing = [k for k in self._STATE_KEYS[:-1] if k not in entry]
             if missing:
                 raise ValueError(f"{where} lacks {missing}")
             t = _as_step(where, entry["step"])
-            arrays = [_as_array(f"{where}[{k!r}]", entry[k], p.shape, layout.dtype) for k in _TENSOR_KEYS]
+            arrays = {core_name: _as_array(f"{where}[{k!r}]", entry[k], p.shape, layout.dtype)
+                      for k, core_name in self._TENSOR_KEYS.items()}
             ema = _as_scalar(f"{where}['grad_norm_ema']", entry["grad_norm_ema"]) if "grad_norm_ema" in entry else float(noise_ema_init)
-            segments[i] = (t, *arrays, ema)
+            segments[i] = (t, arrays, ema)
         steps = [s[0] for s in segments if s is not None]
         step = meta.get("step", max(steps, default=0))
 
@@ -873,12 +885,11 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         self._noise_ema_init, self.param_groups = noise_ema_init, new_groups
         try:
             core_groups = self._core_groups()
-            core = upgd_ref.AdaptiveUPGD(layout, seed=seed, noise_norm=noise_norm, noise_ema_init=noise_ema_init,
-                                         backend=self._backend, param_groups=core_groups)
-            core.load_state_dict(self._core_state_dict(layout, core_groups, step, seed, noise_norm, segments))
+            core = self._new_core(layout, core_groups, seed=seed, noise_norm=noise_norm, noise_ema_init=noise_ema_init)
+            core.load_state_dict(self._core_state_dict(layout, core_groups, step, seed, noise_norm, segments, variant))
         except (ValueError, TypeError) as exc:
             self._noise_ema_init, self.param_groups = previous
-            raise type(exc)(f"AdaptiveUPGD.load_state_dict: {_segment_note(exc, names)}") from exc
+            raise type(exc)(f"{type(self).__name__}.load_state_dict: {_segment_note(exc, names)}") from exc
         except BaseException:
             self._noise_ema_init, self.param_groups = previous
             raise
@@ -896,7 +907,7 @@ class AdaptiveUPGD(torch.optim.Optimizer):
             "defaults": self.defaults,
             "param_groups": self.param_groups,
             "_upgd_ref": {
-                "backend": self._backend, "noise_ema_init": self._noise_ema_init,
+                "backend": self._backend, "noise_ema_init": self._noise_ema_init, "profile": self._profile,
                 "core_state": self._core.state_dict(), "extras": extras,
                 "other": self.state._other,
             },
@@ -914,6 +925,7 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         core_state = upgd.get("core_state")
         self._backend = upgd.get("backend", "auto")
         self._noise_ema_init = upgd.get("noise_ema_init", 1.0)
+        self._profile = upgd.get("profile", type(self)._DEFAULT_PROFILE)
         self._seed = core_state["seed"] if core_state else _draw_seed()
         self._noise_norm = core_state["noise_norm"] if core_state else "segment"
         self._core = None
@@ -931,6 +943,163 @@ class AdaptiveUPGD(torch.optim.Optimizer):
         self.state._other = upgd.get("other", {})
         self._built = True
 
+
+
+def _check_noise_options(noise_beta, min_noise_std) -> None:
+    """The production class's messages for the adaptive-noise options."""
+    if not 0.0 <= noise_beta < 1.0:
+        raise ValueError(f"Invalid noise_beta parameter: {noise_beta}")
+    if not 0.0 <= min_noise_std:
+        raise ValueError(f"Invalid min_noise_std value: {min_noise_std}")
+
+
+class AdaptiveUPGD(_UPGDAdapter):
+    """Drop-in replacement for the production ``AdaptiveUPGD`` (a ``torch.optim.Optimizer``).
+
+    Same constructor, defaults, validation errors, param-group keys, ``state[p]`` keys and
+    state-dict format as the production class; the step runs in :class:`upgd_ref.AdaptiveUPGD`
+    on a flat buffer that the parameters are re-homed into. Keyword-only extras:
+
+    * ``seed``: noise seed (int in ``[0, 2**64)``); ``None`` draws one from torch's global
+      generator. Step ``k``'s normals are ``upgd_ref.noise(optimizer.layout, seed, k)``.
+    * ``backend``: core backend name (``"auto"``: the fastest for NumPy buffers).
+    * ``noise_ema_init``: start value of the gradient-norm average (1.0 as production; 0.0
+      is the unbiased form); ``noise_norm``: ``"segment"`` (production) or ``"global"``.
+    * ``profile``: ``"production"`` or ``"paper"`` (the paper's Adam-style UPGD,
+      ``specs/algorithm.md`` §7; ``eps`` then defaults to ``1e-5``).
+    """
+
+    def __init__(self, params, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
+                 beta1=0.9, beta2=0.999, eps=None, adaptive_noise=False, noise_beta=0.999,
+                 min_noise_std=1e-6, instant_noise_scale=True, *, seed=None, backend="auto",
+                 noise_ema_init=1.0, noise_norm="segment", profile="production"):
+        _check_profile(profile)
+        if eps is None:  # 1e-8 (production), 1e-5 (the paper's code)
+            eps = PAPER_EPS if profile == "paper" else 1e-8
+        # The production class's checks and messages, then the core's (types, finiteness).
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= beta_utility < 1.0:
+            raise ValueError(f"Invalid beta_utility parameter: {beta_utility}")
+        if not 0.0 <= sigma:
+            raise ValueError(f"Invalid sigma value: {sigma}")
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta1 parameter: {beta1}")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Invalid beta2 parameter: {beta2}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps value: {eps}")
+        _check_noise_options(noise_beta, min_noise_std)
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
+            beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
+            min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
+        )
+        self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
+                    noise_norm=noise_norm, profile=profile)
+
+
+#: Param-group keys of :class:`UPGD` (the production plain UPGD's, then the adaptive-noise options).
+UPGD_HYPERPARAMETER_KEYS = ("lr", "weight_decay", "beta_utility", "sigma", *HYPERPARAMETER_KEYS[7:])
+#: Param-group keys of :class:`UPGDW` (the production UPGDW's, then the adaptive-noise options).
+UPGDW_HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "sigma", "amsgrad", *HYPERPARAMETER_KEYS[7:])
+
+
+class UPGD(_UPGDAdapter):
+    """Drop-in replacement for the production plain ``UPGD``: no moments (§7 of the algorithm).
+
+    ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)``; ``state[p]`` holds ``step`` and
+    ``avg_utility`` (and ``grad_norm_ema`` with adaptive noise). The step runs in
+    :class:`upgd_ref.UPGD`. Keyword-only: the adaptive-noise options of :class:`AdaptiveUPGD`
+    (also param-group keys), ``seed``, ``backend``, ``noise_ema_init``, ``noise_norm`` and
+    ``profile`` (``"paper"``: the paper's plain UPGD).
+    """
+
+    _CORE = upgd_ref.UPGD
+    _HYPER_KEYS = UPGD_HYPERPARAMETER_KEYS
+    _STATE_KEYS = ("step", "avg_utility", "grad_norm_ema")
+    _TENSOR_KEYS = {"avg_utility": "utility"}
+
+    def __init__(self, params, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001, *,
+                 adaptive_noise=False, noise_beta=0.999, min_noise_std=1e-6, instant_noise_scale=True,
+                 seed=None, backend="auto", noise_ema_init=1.0, noise_norm="segment", profile="production"):
+        _check_profile(profile)
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= beta_utility < 1.0:
+            raise ValueError(f"Invalid beta_utility parameter: {beta_utility}")
+        if not 0.0 <= sigma:
+            raise ValueError(f"Invalid sigma value: {sigma}")
+        _check_noise_options(noise_beta, min_noise_std)
+        defaults = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
+                        adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                        instant_noise_scale=instant_noise_scale)
+        self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
+                    noise_norm=noise_norm, profile=profile)
+
+
+class UPGDW(_UPGDAdapter):
+    """Drop-in replacement for the production ``UPGDW``: AdaptiveUPGD with ``beta_utility = beta2``.
+
+    Param groups carry ``betas`` (torch convention), mapped to the core's ``beta1``/``beta2``
+    and ``beta_utility = betas[1]`` at every step. ``amsgrad=True`` (constructor or param
+    group) raises ``ValueError``: the algorithm keeps no AMSGrad state. ``state[p]`` holds the
+    :class:`AdaptiveUPGD` keys. The step runs in :class:`upgd_ref.UPGDW`. Keyword-only: the
+    adaptive-noise options (also param-group keys), ``seed``, ``backend``,
+    ``noise_ema_init``, ``noise_norm``.
+    """
+
+    _CORE = upgd_ref.UPGDW
+    _HYPER_KEYS = UPGDW_HYPERPARAMETER_KEYS
+    _DEFAULT_PROFILE = None
+
+    @classmethod
+    def _core_hyper(cls, where: str, group) -> dict:
+        if _as_float(f"{where}['amsgrad']", group["amsgrad"]):
+            raise ValueError(f"{where}: amsgrad=True is not supported: UPGDW keeps no AMSGrad state "
+                             "(specs/algorithm.md §7.2)")
+        betas = group["betas"]
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}['betas'] must be a pair (beta1, beta2), got {betas!r}") from None
+        hyper = {k: _as_hyper(f"{where}['{k}']", k, group[k]) for k in cls._HYPER_KEYS if k not in ("betas", "amsgrad")}
+        betas = {"beta1": _as_hyper(f"{where}['betas'][0]", "beta1", beta1),
+                 "beta2": _as_hyper(f"{where}['betas'][1]", "beta2", beta2)}
+        validate_upgd(betas, where=f"{where}['betas']: ")  # name the key the user set, not beta_utility
+        return hyper | betas | {"beta_utility": betas["beta2"]}
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, sigma=0.001,
+                 amsgrad=False, *, adaptive_noise=False, noise_beta=0.999, min_noise_std=1e-6,
+                 instant_noise_scale=True, seed=None, backend="auto", noise_ema_init=1.0, noise_norm="segment"):
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported: UPGDW keeps no AMSGrad state (specs/algorithm.md §7.2)")
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= sigma:
+            raise ValueError(f"Invalid sigma value: {sigma}")
+        _check_noise_options(noise_beta, min_noise_std)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sigma=sigma, amsgrad=amsgrad,
+                        adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                        instant_noise_scale=instant_noise_scale)
+        self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
+                    noise_norm=noise_norm, profile=None)
 
 # --- VarianceGradientScaler -------------------------------------------------------------
 

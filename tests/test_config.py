@@ -95,7 +95,93 @@ def test_to_dict_round_trips():
         config.hyperparams, config.vgs, config.seed, config.noise_norm)
 
 
+# --- the UPGD family (specs/algorithm.md §7) ---------------------------------------------------
+
+
+FAMILY_CONFIGS = [
+    ("AdaptiveUPGD", {}, "AdaptiveUPGD", upgd_ref.reference.PRODUCTION),
+    ("AdaptiveUPGD", {"profile": "production"}, "AdaptiveUPGD", upgd_ref.reference.PRODUCTION),
+    ("AdaptiveUPGD", {"profile": "paper"}, "AdaptiveUPGD",
+     upgd_ref.reference.UPGDVariant("adam", "max", 2.0, "terms")),
+    ("UPGD", {}, "UPGD", upgd_ref.reference.UPGDVariant(moments="none")),
+    ("UPGD", {"profile": "paper"}, "UPGD", upgd_ref.reference.UPGDVariant("none", "max", 2.0, "sum")),
+    ("UPGDW", {}, "UPGDW", upgd_ref.reference.PRODUCTION),
+    ("UPGDW", {"profile": "production", "amsgrad": False}, "UPGDW", upgd_ref.reference.PRODUCTION),
+]
+
+
+@pytest.mark.parametrize("optimizer, extra, cls, variant", FAMILY_CONFIGS,
+                         ids=[f"{o}-{e.get('profile', '-')}" for o, e, _, _ in FAMILY_CONFIGS])
+def test_from_config_builds_each_family_member(tmp_path, optimizer, extra, cls, variant):
+    text = yaml.safe_dump({"optimizer": optimizer, "optimizer_kwargs": {"sigma": 0.01, "seed": 3, **extra},
+                           "vgs": {"warmup_steps": 2}})
+    built = upgd_ref.from_config(write(tmp_path, text), LAYOUT, backend="reference")
+    assert type(built.optimizer) is getattr(upgd_ref, cls)
+    assert built.optimizer.variant == variant
+    assert built.config.optimizer == optimizer and built.config.profile == extra.get("profile", "production")
+    assert built.optimizer.defaults["sigma"] == 0.01 and built.optimizer.seed == 3
+    direct = getattr(upgd_ref, cls)(LAYOUT, sigma=0.01, seed=3, backend="reference",
+                                    **{k: v for k, v in extra.items() if not (cls == "UPGDW" and k == "profile")})
+    assert built.optimizer._segment_hyperparams() == direct._segment_hyperparams()
+    # the same trajectory as the class built by hand
+    rng = np.random.default_rng(1)
+    p1 = LAYOUT.pack([rng.standard_normal(s) for s in LAYOUT.shapes])
+    p2 = p1.copy()
+    for _ in range(3):
+        g = LAYOUT.pack([rng.standard_normal(s) for s in LAYOUT.shapes])
+        built.optimizer.step(p1, g.copy())
+        direct.step(p2, g.copy())
+    np.testing.assert_array_equal(p1, p2)
+    # to_dict is explicit and round-trips to the same optimizer
+    again = load_config(built.config.to_dict())
+    assert (again.optimizer, again.profile, again.hyperparams) == (optimizer, built.config.profile,
+                                                                   built.config.hyperparams)
+
+
+def test_member_defaults():
+    upgd = upgd_ref.from_config({"optimizer": "UPGD"}, LAYOUT).optimizer
+    assert {k: upgd.defaults[k] for k in ("lr", "weight_decay", "beta_utility", "sigma")} == {
+        "lr": 1e-5, "weight_decay": 0.001, "beta_utility": 0.999, "sigma": 0.001}
+    upgdw = upgd_ref.from_config({"optimizer": "UPGDW"}, LAYOUT)
+    d = upgdw.optimizer.defaults
+    assert (d["lr"], d["beta1"], d["beta2"], d["eps"], d["weight_decay"], d["sigma"]) == (
+        1e-4, 0.9, 0.999, 1e-8, 0.01, 0.001)
+    assert upgdw.config.hyperparams["beta_utility"] == 0.999
+    assert upgdw.config.to_dict()["optimizer_kwargs"]["betas"] == [0.9, 0.999]
+    assert upgdw.config.to_dict()["optimizer_kwargs"]["amsgrad"] is False
+    assert "beta_utility" not in upgdw.config.to_dict()["optimizer_kwargs"]
+    paper = upgd_ref.from_config({"optimizer_kwargs": {"profile": "paper"}}, LAYOUT)
+    assert paper.optimizer.defaults["eps"] == 1e-5 == paper.config.hyperparams["eps"]
+    given = upgd_ref.from_config({"optimizer_kwargs": {"profile": "paper", "eps": 1e-3}}, LAYOUT)
+    assert given.optimizer.defaults["eps"] == 1e-3
+
+
+def test_upgdw_betas_set_beta_utility(tmp_path):
+    path = write(tmp_path, "optimizer: UPGDW\noptimizer_kwargs:\n  betas: [0.8, 0.95]\n  lr: 0.01\n"
+                           "  param_groups:\n    - segments: [1]\n      beta2: 0.5\n")
+    built = upgd_ref.from_config(path, LAYOUT)
+    hyper = built.optimizer._segment_hyperparams()
+    assert [(h["beta1"], h["beta2"], h["beta_utility"]) for h in hyper] == [
+        (0.8, 0.95, 0.95), (0.8, 0.5, 0.5), (0.8, 0.95, 0.95)]
+    assert built.config.hyperparams["beta_utility"] == 0.95
+
+
 BAD_CONFIGS = [
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  amsgrad: true\n", "optimizer_kwargs.amsgrad must be false"),
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  amsgrad: 1\n", "optimizer_kwargs.amsgrad"),
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  betas: 0.9\n", "optimizer_kwargs.betas must be a list"),
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  betas: [0.9, 0.9, 0.9]\n", "optimizer_kwargs.betas must be a list"),
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  betas: [0.9, 1.0]\n", "optimizer_kwargs.betas[1] must be in [0, 1)"),
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  betas: [-0.1, 0.9]\n", "optimizer_kwargs.betas[0] must be in [0, 1)"),
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  beta_utility: 0.9\n", "optimizer_kwargs.beta_utility"),
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  beta2: 0.9\n", "optimizer_kwargs.beta2"),
+    ("optimizer: UPGDW\noptimizer_kwargs:\n  profile: paper\n", "optimizer_kwargs.profile must be one of"),
+    ("optimizer: UPGD\noptimizer_kwargs:\n  beta1: 0.9\n", "optimizer_kwargs.beta1"),
+    ("optimizer: UPGD\noptimizer_kwargs:\n  eps: 1.0e-8\n", "optimizer_kwargs.eps"),
+    ("optimizer: UPGD\noptimizer_kwargs:\n  betas: [0.9, 0.9]\n", "optimizer_kwargs.betas"),
+    ("optimizer_kwargs:\n  profile: original\n", "optimizer_kwargs.profile must be one of"),
+    ("optimizer_kwargs:\n  amsgrad: false\n", "optimizer_kwargs.amsgrad"),
+    ("optimizer: upgd\n", "optimizer must be one of"),
     ("optimizer: [1, 2\n", "not valid YAML"),
     ("", "empty"),
     ("- 1\n- 2\n", "must be a mapping"),

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from upgd_ref import cli, golden
+from upgd_ref import reference as ref
 from upgd_ref.backends import BACKENDS
+from upgd_ref.config import build
 from upgd_ref.trace import FIELDS, TraceWriter, read_trace, write_npz, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +81,72 @@ def test_cases_cover_every_mode(cases):
     assert {c.dtype.name for c in cases.values()} == {"float32", "float64"}
 
 
+# Every member of the UPGD family (specs/algorithm.md §7.2), by class and profile.
+FAMILY = {
+    ("AdaptiveUPGD", "production"): ref.PRODUCTION,
+    ("UPGD", "production"): ref.UPGDVariant(moments="none"),
+    ("UPGDW", "production"): ref.PRODUCTION,
+    ("AdaptiveUPGD", "paper"): ref.UPGDVariant(moments="adam", protection="max", update_factor=2.0,
+                                               noise_placement="terms"),
+    ("UPGD", "paper"): ref.UPGDVariant(moments="none", protection="max", update_factor=2.0, noise_placement="sum"),
+}
+
+
+def test_cases_cover_every_family_member(cases):
+    seen = {}
+    for case in cases.values():
+        key = (case.config.optimizer, case.config.profile)
+        assert FAMILY[key] == case.variant
+        seen.setdefault(key, set()).add(case.dtype.name)
+    assert set(seen) == set(FAMILY)
+    for key, dtypes in seen.items():
+        assert dtypes == {"float32", "float64"}, key
+    for case in cases.values():
+        if case.variant.protection == "max":  # paper cases: utilities positive, so the trace is finite
+            assert (case.arrays["utility_max"] > 0).all() and np.isfinite(case.arrays["params"]).all()
+        if case.config.optimizer == "UPGDW":  # beta_utility is beta2 in every segment
+            assert all(h["beta_utility"] == h["beta2"] for h in case.hyper)
+        if case.variant.moments == "none":  # no moments: m and v stay 0
+            assert not case.arrays["first_moment"].any() and not case.arrays["second_moment"].any()
+
+
+def test_manifest_entries_name_their_class_profile_and_variant(cases):
+    assert MANIFEST["version"] == golden.GOLDEN_VERSION
+    for entry in MANIFEST["cases"]:
+        case = cases[entry["name"]]
+        kwargs = entry["config"]["optimizer_kwargs"]
+        assert entry["config"]["optimizer"] in ("AdaptiveUPGD", "UPGD", "UPGDW")
+        assert kwargs.get("profile", "production") == case.config.profile
+        assert ref.check_variant(entry["variant"]) == case.variant
+        built = build(case.config, case.layout, backend="reference").optimizer
+        assert type(built).__name__ == entry["config"]["optimizer"] and built.variant == case.variant
+
+
+def test_a_case_replayed_with_the_wrong_member_fails_at_step_one(cases):
+    case = cases["paper_adam_f64"]
+    assert golden.compare(case, golden.replay(case, "reference")).passed
+    production = golden.load_config({**case.entry["config"], "optimizer_kwargs": {
+        **case.entry["config"]["optimizer_kwargs"], "profile": "production"}})
+    mismatched = golden.GoldenCase(case.name, case.entry, case.layout, production, case.hyper, case.arrays,
+                                   ref.PRODUCTION)
+    result = golden.compare(case, golden.replay(mismatched, "reference"))
+    assert not result.passed and (result.first_divergence.step, result.first_divergence.field) == (1, "params")
+
+
+def test_manifest_versions(tmp_path):
+    golden.generate(tmp_path, specs=golden.CASES[:1])
+    path = tmp_path / "manifest.json"
+    data = json.loads(path.read_text())
+    del data["cases"][0]["variant"]
+    data["version"] = 1  # version 1: no variant field, production AdaptiveUPGD only
+    path.write_text(json.dumps(data))
+    assert golden.load_case(golden.CASES[0].name, tmp_path).variant == ref.PRODUCTION
+    data["version"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="version 3"):
+        golden.load_manifest(tmp_path)
+
+
 def test_specs_golden_md_lists_every_case():
     text = (ROOT / "specs" / "golden.md").read_text()
     for name in CASE_NAMES:
@@ -111,6 +179,8 @@ def test_independent_numpy_port_example_passes_every_case(cases):
     port = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(port)
     for case in cases.values():
+        if case.variant != ref.PRODUCTION:  # the example ports AdaptiveUPGD (and UPGDW, a production variant)
+            continue
         result = golden.compare(case, port.port_run(case).arrays())
         assert result.passed, golden.format_comparison(result)
 
@@ -142,6 +212,10 @@ PERTURBATIONS = [
     ("vgs_min_factor_f32", "vgs_grad_sq_avg", 17),
     ("vgs_quantile_f64", "vgs_factor", 6),
     ("frozen_zero_size_f64", "utility_max", 5),
+    ("paper_adam_f32", "params", 8),
+    ("paper_plain_f64", "params", 12),
+    ("upgd_plain_f64", "utility", 7),
+    ("upgdw_f64", "second_moment", 9),
 ]
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+
+from upgd_ref.reference import PRODUCTION
 import pytest
 
 jax = pytest.importorskip("jax")
@@ -27,8 +29,11 @@ def dtype_scope(dtype):
 
 
 def applicable(case) -> bool:
-    """Golden cases the JAX adapter can run: one parameter group, every segment present."""
-    return case.config.param_groups is None and bool(np.all(case.arrays["present"]))
+    """Golden cases replayed here: AdaptiveUPGD (production), one parameter group, every
+    segment present. The other family members are held to the core classes in
+    tests/test_jax_family.py."""
+    return (case.config.optimizer == "AdaptiveUPGD" and case.variant == PRODUCTION
+            and case.config.param_groups is None and bool(np.all(case.arrays["present"])))
 
 
 def transformation(case, backend="native"):

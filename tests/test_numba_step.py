@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from upgd_ref import AdaptiveUPGD, FlatLayout, VarianceGradientScaler, reference as ref, rng, tolerances
 from upgd_ref.backends import BACKENDS
-from upgd_ref.hyperparams import segment_hyperparams
 from upgd_ref.kernels.numba_step import CHUNK, update_with_noise, update_without_noise
 
 from .conftest import snapshot
@@ -80,11 +79,11 @@ class Lockstep:
             second_moment=_copies(views(state.second_moment)), grad_norm_ema=state.grad_norm_ema.copy(),
         )
         self.ema_old = state.grad_norm_ema.copy()
-        self.hyper = segment_hyperparams(opt.param_groups, layout.num_segments, opt.defaults)
+        self.hyper = opt._segment_hyperparams()  # UPGDW ties beta_utility to beta2 there
         normals = views(rng.noise(layout, opt.seed, state.step + 1, dtype="float64"))
         self.truth, scales = tolerances.upgd_step_scales(
             _copies(views(params)), self.scaled_grads, pre, normals, self.hyper, present=self.present,
-            noise_norm=opt.noise_norm,
+            noise_norm=opt.noise_norm, variant=opt.variant,
         )
         self.bounds = tolerances.upgd_step_bounds(scales, layout.dtype, layout.sizes)
 

@@ -1,15 +1,21 @@
-"""Configuration files: one YAML (or dict) describes an AdaptiveUPGD and its VGS.
+"""Configuration files: one YAML (or dict) describes a UPGD-family optimizer and its VGS.
 
 Format (the templates are in ``specs/configs/``)::
 
-    optimizer: AdaptiveUPGD          # the only optimizer this library defines
-    optimizer_kwargs:                # AdaptiveUPGD hyper-parameters (specs/algorithm.md),
-      lr: 1.0e-5                     #   plus noise_norm, seed and param_groups;
-      sigma: 0.001                   #   keys left out take the production defaults
+    optimizer: AdaptiveUPGD          # AdaptiveUPGD (default), UPGD or UPGDW (specs/algorithm.md §7)
+    optimizer_kwargs:                # the class's hyper-parameters (specs/algorithm.md),
+      lr: 1.0e-5                     #   plus noise_norm, seed, param_groups and profile;
+      sigma: 0.001                   #   keys left out take that class's defaults
       adaptive_noise: false
+      profile: production            # AdaptiveUPGD, UPGD: "production" (default) or "paper"
     vgs:                             # VarianceGradientScaler hyper-parameters,
       enabled: true                  #   or null / left out for no scaler at all
       warmup_steps: 100
+
+Per member: ``UPGD`` has no Adam moments, so ``beta1``, ``beta2`` and ``eps`` are not
+accepted; ``UPGDW`` takes ``betas: [beta1, beta2]`` (its ``beta_utility`` is ``beta2``, so
+``beta_utility`` is not accepted) and ``amsgrad: false`` (``true`` is an error), and has no
+``profile`` but ``production``.
 
 Every problem is a :class:`ConfigError` (a ``ValueError``) whose message starts with the
 source and names the key, e.g. ``cfg.yaml: optimizer_kwargs.lr must be >= 0, got -1.0``.
@@ -44,7 +50,7 @@ import yaml
 
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
 from .layout import FlatLayout
-from .optimizer import AdaptiveUPGD
+from .optimizer import PAPER_EPS, PROFILES, UPGD, UPGDW, AdaptiveUPGD
 from .scaler import VarianceGradientScaler
 
 __all__ = [
@@ -63,10 +69,20 @@ __all__ = [
     "register",
 ]
 
-OPTIMIZERS = ("AdaptiveUPGD",)
+OPTIMIZERS = ("AdaptiveUPGD", "UPGD", "UPGDW")
+OPTIMIZER_CLASSES = {"AdaptiveUPGD": AdaptiveUPGD, "UPGD": UPGD, "UPGDW": UPGDW}
 TOP_LEVEL_KEYS = ("optimizer", "optimizer_kwargs", "vgs")
-# Constructor arguments of AdaptiveUPGD that are not per-group hyper-parameters.
-OPTIMIZER_EXTRA_KEYS = ("noise_norm", "seed", "param_groups")
+# Constructor arguments that are not per-group hyper-parameters.
+OPTIMIZER_EXTRA_KEYS = ("noise_norm", "seed", "param_groups", "profile")
+_MOMENT_KEYS = ("beta1", "beta2", "eps")
+# The optimizer_kwargs hyper-parameter keys each member accepts (besides OPTIMIZER_EXTRA_KEYS).
+MEMBER_KEYS = {
+    "AdaptiveUPGD": tuple(UPGD_DEFAULTS),
+    "UPGD": tuple(k for k in UPGD_DEFAULTS if k not in _MOMENT_KEYS),
+    "UPGDW": tuple(k for k in UPGD_DEFAULTS if k not in ("beta_utility", "beta1", "beta2")) + ("betas", "amsgrad"),
+}
+# Member defaults that differ from UPGD_DEFAULTS (UPGDW's production signature, specs/algorithm.md §7.2).
+_UPGDW_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.01, "sigma": 0.001, "eps": 1e-8, "beta1": 0.9, "beta2": 0.999}
 _GROUP_MEMBER_KEYS = ("segments", "params")
 
 
@@ -78,8 +94,11 @@ class ConfigError(ValueError):
 class Config:
     """A validated configuration.
 
-    ``hyperparams``: every AdaptiveUPGD hyper-parameter (defaults filled in);
-    ``noise_norm``, ``seed``, ``param_groups`` as :class:`AdaptiveUPGD` takes them;
+    ``optimizer``: ``"AdaptiveUPGD"``, ``"UPGD"`` or ``"UPGDW"``; ``profile``: ``"production"``
+    or ``"paper"``. ``hyperparams``: every hyper-parameter the step reads, as the optimizer
+    resolves them (the member's defaults filled in; for ``UPGD`` the unused ``beta1``,
+    ``beta2``, ``eps`` keep the library defaults; for ``UPGDW`` ``beta_utility = beta2``);
+    ``noise_norm``, ``seed``, ``param_groups`` as the classes take them;
     ``vgs``: every VGS hyper-parameter, or ``None`` for no scaler; ``raw``: the mapping as
     given (key order kept), which is what :func:`dump_config` writes back.
     """
@@ -92,25 +111,52 @@ class Config:
     vgs: dict | None
     raw: dict
     source: str
+    profile: str = "production"
+
+    def _member_hyperparams(self) -> dict:
+        """``hyperparams`` under the names the optimizer class's constructor takes."""
+        h = dict(self.hyperparams)
+        if self.optimizer == "UPGD":
+            return {k: v for k, v in h.items() if k not in _MOMENT_KEYS}
+        if self.optimizer == "UPGDW":
+            out = {}
+            for k, v in h.items():
+                if k == "beta1":
+                    out["betas"] = [h["beta1"], h["beta2"]]
+                elif k not in ("beta2", "beta_utility"):
+                    out[k] = v
+            out["amsgrad"] = False
+            return out
+        return h
 
     def to_dict(self) -> dict:
         """The configuration in the template format with every value explicit."""
-        kwargs = dict(self.hyperparams, noise_norm=self.noise_norm, seed=self.seed)
+        kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed)
+        if self.optimizer != "UPGDW":
+            kwargs["profile"] = self.profile
         if self.param_groups is not None:
             kwargs["param_groups"] = copy.deepcopy(self.param_groups)
         return {"optimizer": self.optimizer, "optimizer_kwargs": kwargs,
                 "vgs": None if self.vgs is None else dict(self.vgs)}
 
     def optimizer_kwargs(self) -> dict:
-        """Keyword arguments for :class:`AdaptiveUPGD` (everything but the layout)."""
-        return dict(self.hyperparams, noise_norm=self.noise_norm, seed=self.seed,
-                    param_groups=copy.deepcopy(self.param_groups))
+        """Keyword arguments for the optimizer class (everything but the layout)."""
+        kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed,
+                      param_groups=copy.deepcopy(self.param_groups))
+        if self.optimizer != "UPGDW":
+            kwargs["profile"] = self.profile
+        if isinstance(kwargs.get("betas"), list):
+            kwargs["betas"] = tuple(kwargs["betas"])
+        return kwargs
+
+    def optimizer_class(self) -> type:
+        return OPTIMIZER_CLASSES[self.optimizer]
 
 
 class Built(NamedTuple):
     """What :func:`from_config` returns; ``scaler`` is ``None`` when the config has no ``vgs``."""
 
-    optimizer: AdaptiveUPGD
+    optimizer: AdaptiveUPGD  # or its subclass UPGD / UPGDW
     scaler: VarianceGradientScaler | None
     config: Config
 
@@ -221,9 +267,36 @@ def load_config(path_or_dict, *, source: str | None = None) -> Config:
 
     kwargs = data.get("optimizer_kwargs")
     kwargs = {} if kwargs is None else _mapping(source, "optimizer_kwargs", kwargs)
-    _check_unknown(source, "optimizer_kwargs.", kwargs, (*UPGD_DEFAULTS, *OPTIMIZER_EXTRA_KEYS))
+    _check_unknown(source, "optimizer_kwargs.", kwargs, (*MEMBER_KEYS[optimizer], *OPTIMIZER_EXTRA_KEYS))
+    profile = kwargs.get("profile", "production")
+    allowed_profiles = ("production",) if optimizer == "UPGDW" else PROFILES
+    if profile not in allowed_profiles:
+        raise ConfigError(f"{source}: optimizer_kwargs.profile must be one of {list(allowed_profiles)} "
+                          f"for {optimizer}, got {profile!r}")
     hyper_given = {k: v for k, v in kwargs.items() if k in UPGD_DEFAULTS}
-    hyperparams = _validated(source, validate_upgd, hyper_given, "optimizer_kwargs.")
+    member_defaults = {}
+    if optimizer == "UPGDW":
+        if "amsgrad" in kwargs and kwargs["amsgrad"] is not False:
+            raise ConfigError(f"{source}: optimizer_kwargs.amsgrad must be false, got {kwargs['amsgrad']!r}: "
+                              "UPGDW keeps no AMSGrad state (specs/algorithm.md §7.2)")
+        if "betas" in kwargs:
+            betas = kwargs["betas"]
+            if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+                raise ConfigError(f"{source}: optimizer_kwargs.betas must be a list [beta1, beta2], got {betas!r}")
+            hyper_given.update(beta1=betas[0], beta2=betas[1])
+        member_defaults = dict(_UPGDW_DEFAULTS)
+        member_defaults["beta_utility"] = hyper_given.get("beta2", member_defaults["beta2"])
+    elif profile == "paper" and optimizer == "AdaptiveUPGD":
+        member_defaults = {"eps": PAPER_EPS}
+    hyper_given = {**member_defaults, **hyper_given}
+    try:
+        hyperparams = _validated(source, validate_upgd, hyper_given, "optimizer_kwargs.")
+    except ConfigError as exc:  # UPGDW's betas arrive as beta1/beta2: name the key the file has
+        if optimizer == "UPGDW" and "betas" in kwargs:
+            raise ConfigError(str(exc).replace("optimizer_kwargs.beta1", "optimizer_kwargs.betas[0]")
+                              .replace("optimizer_kwargs.beta2", "optimizer_kwargs.betas[1]")
+                              .replace("optimizer_kwargs.beta_utility", "optimizer_kwargs.betas[1]")) from exc
+        raise
     noise_norm = kwargs.get("noise_norm", "segment")
     if noise_norm not in NOISE_NORMS:
         raise ConfigError(f"{source}: optimizer_kwargs.noise_norm must be one of {list(NOISE_NORMS)}, got {noise_norm!r}")
@@ -235,13 +308,13 @@ def load_config(path_or_dict, *, source: str | None = None) -> Config:
         vgs = _mapping(source, "vgs", vgs)
         _check_unknown(source, "vgs.", vgs, VGS_DEFAULTS)
         vgs = _validated(source, validate_vgs, vgs, "vgs.")
-    return Config(optimizer, hyperparams, noise_norm, seed, param_groups, vgs, copy.deepcopy(data), source)
+    return Config(optimizer, hyperparams, noise_norm, seed, param_groups, vgs, copy.deepcopy(data), source, profile)
 
 
 def build(config: Config, layout: FlatLayout, *, backend: str = "auto") -> Built:
     """The optimizer (and scaler) a validated :class:`Config` describes, for ``layout``."""
     try:
-        optimizer = AdaptiveUPGD(layout, backend=backend, **config.optimizer_kwargs())
+        optimizer = config.optimizer_class()(layout, backend=backend, **config.optimizer_kwargs())
     except (TypeError, ValueError) as exc:
         # Group/segment mismatches only show up against a layout.
         raise ConfigError(f"{config.source}: optimizer_kwargs: {exc}") from exc

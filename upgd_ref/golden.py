@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -38,7 +39,6 @@ import numpy as np
 from . import reference as ref
 from .backends import BACKENDS
 from .config import Config, build, load_config
-from .hyperparams import resolve_param_groups, segment_hyperparams
 from .layout import FlatLayout
 from .rng import noise as reference_noise
 from .rng import standard_normals
@@ -76,7 +76,8 @@ __all__ = [
 ]
 
 GOLDEN_FORMAT = "upgd_ref.golden"
-GOLDEN_VERSION = 1
+GOLDEN_VERSION = 2  # 2: UPGD-family cases; each entry names its "variant" (specs/golden.md §1)
+READABLE_VERSIONS = (1, 2)  # a version-1 manifest has production AdaptiveUPGD cases only
 MANIFEST = "manifest.json"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "specs" / "golden"
 EXACT_FIELDS = ("grads", "present", "normals", "segment_step")
@@ -137,10 +138,12 @@ class CaseSpec:
         }
 
 
-def _config(vgs=None, **optimizer_kwargs) -> dict:
+def _config(vgs=None, optimizer="AdaptiveUPGD", **optimizer_kwargs) -> dict:
     """A case configuration: golden base hyper-parameters plus overrides."""
     base = {"lr": 0.01, "weight_decay": 0.01, "beta_utility": 0.9, "sigma": 0.01}
-    return {"optimizer": "AdaptiveUPGD", "optimizer_kwargs": {**base, **optimizer_kwargs}, "vgs": vgs}
+    if optimizer == "UPGDW":  # beta_utility is betas[1]
+        base = {"lr": 0.01, "weight_decay": 0.01, "sigma": 0.01, "betas": [0.9, 0.9]}
+    return {"optimizer": optimizer, "optimizer_kwargs": {**base, **optimizer_kwargs}, "vgs": vgs}
 
 
 _SMALL = ((4, 5), (6,), (1,))
@@ -204,6 +207,35 @@ CASES = (
     CaseSpec("production_defaults_f32", "every production default, VGS defaults (still warming up)",
              _SMALL, "float32", 40,
              {"optimizer": "AdaptiveUPGD", "optimizer_kwargs": {"seed": 25}, "vgs": {}}, input_seed=1015),
+    # --- the other members of the UPGD family (specs/algorithm.md §7) ---
+    CaseSpec("upgd_plain_f64", "UPGD (production, no moments): fixed noise, VGS, a frozen segment",
+             _SMALL, "float64", 30,
+             _config(seed=26, optimizer="UPGD", vgs={"warmup_steps": 3}), input_seed=1016,
+             absent=((2, (4, 5, 12)),)),
+    CaseSpec("upgd_plain_adaptive_f32", "UPGD (production, no moments): adaptive noise, float32",
+             _SMALL, "float32", 30,
+             _config(seed=27, optimizer="UPGD", **_ADAPTIVE), input_seed=1017),
+    CaseSpec("upgdw_f64", "UPGDW: beta_utility tied to betas[1] = 0.9, adaptive noise, VGS",
+             _SMALL, "float64", 30,
+             _config(seed=28, optimizer="UPGDW", vgs={"warmup_steps": 4}, **_ADAPTIVE), input_seed=1018),
+    CaseSpec("upgdw_defaults_f32", "UPGDW with every production default (lr 1e-4, wd 0.01, betas 0.9/0.999)",
+             _SMALL, "float32", 30,
+             {"optimizer": "UPGDW", "optimizer_kwargs": {"seed": 29}, "vgs": None}, input_seed=1019),
+    CaseSpec("paper_adam_f64",
+             "AdaptiveUPGD profile paper: sigmoid((u/cu)/U_hi), twice the step, noise in both terms, eps 1e-5",
+             _SMALL, "float64", 30,
+             _config(seed=30, profile="paper", vgs={"warmup_steps": 3}, **_ADAPTIVE), input_seed=1020,
+             grad_mean=(0.3, -0.2, 0.5)),
+    CaseSpec("paper_adam_f32", "AdaptiveUPGD profile paper, fixed noise, float32",
+             _SMALL, "float32", 30,
+             _config(seed=31, profile="paper"), input_seed=1021, grad_mean=(0.3, -0.2, 0.5)),
+    CaseSpec("paper_plain_f64", "UPGD profile paper: plain gradient, sigmoid((u/cu)/U_hi), twice the step",
+             _SMALL, "float64", 30,
+             _config(seed=32, optimizer="UPGD", profile="paper", vgs={"warmup_steps": 3}, **_ADAPTIVE),
+             input_seed=1022, grad_mean=(0.3, -0.2, 0.5)),
+    CaseSpec("paper_plain_f32", "UPGD profile paper, fixed noise, float32",
+             _SMALL, "float32", 30,
+             _config(seed=33, optimizer="UPGD", profile="paper"), input_seed=1023, grad_mean=(0.3, -0.2, 0.5)),
 )
 
 
@@ -277,9 +309,9 @@ def _reference_step(case: GoldenCase, k: int, prev: dict, factor=None) -> _Step:
         second_moment=_split(layout, prev["second_moment"]),
         grad_norm_ema=np.asarray(prev["grad_norm_ema"], dtype=np.float64),
     )
-    (new_params, new_state, stats), scales = upgd_step_scales(
+    (new_params, new_state, stats), scales = family_step_scales(
         _split(layout, prev["params"]), grads, state, normals, case.hyper, present=present,
-        noise_norm=case.config.noise_norm,
+        noise_norm=case.config.noise_norm, variant=case.variant,
     )
     values.update(
         params=_joined(new_params), utility=_joined(new_state.utility),
@@ -292,6 +324,78 @@ def _reference_step(case: GoldenCase, k: int, prev: dict, factor=None) -> _Step:
     )
     scales["grad_norm_ema"] = _ema_norm_scales(case, prev, values["grad_norm"], present)
     return _Step(values, scales, vgs_scales)
+
+
+def family_step_scales(params, grads, state, normals, hyper, present=None, noise_norm="segment",
+                       variant=ref.PRODUCTION):
+    """:func:`upgd_ref.tolerances.upgd_step_scales` for any member of the UPGD family.
+
+    Delegates to ``upgd_step_scales(..., variant=)`` where the contract module takes a
+    variant; ``PRODUCTION`` is always exactly ``upgd_step_scales``. Otherwise (fallback) the truth is
+    ``adaptive_upgd_step(..., variant=variant)`` in float64 and ``scale_p`` follows the same
+    rule (``specs/golden.md`` §3): ``|p| + step * (scale_d + |noise|) * (1 + kappa)`` with
+    ``step = update_factor * lr``, ``scale_d = |g|`` without moments, and for the ``"max"``
+    protection ``kappa = (|u|/cu + scale_u/cu + |z| (max scale_u + 3 |U_hi|)) / (4 |U_hi|)``,
+    ``z = (u/cu)/U_hi`` (``d su / d z <= 1/4``). Without moments ``m``, ``v`` must stay 0
+    exactly (scale 0).
+    """
+    variant = ref.check_variant(variant)
+    if variant == ref.PRODUCTION:
+        return upgd_step_scales(params, grads, state, normals, hyper, present=present, noise_norm=noise_norm)
+    if "variant" in inspect.signature(upgd_step_scales).parameters:  # the contract's own rule for the family
+        return upgd_step_scales(params, grads, state, normals, hyper, present=present, noise_norm=noise_norm,
+                                variant=variant)
+    wide = lambda xs: [np.asarray(x, dtype=np.float64) for x in xs]  # noqa: E731
+    params64, grads64, normals64 = wide(params), wide(grads), wide(normals)
+    state64 = ref.UPGDState(
+        step=np.int64(state.step), segment_step=np.asarray(state.segment_step, dtype=np.int64),
+        utility=wide(state.utility), first_moment=wide(state.first_moment),
+        second_moment=wide(state.second_moment),
+        grad_norm_ema=np.asarray(state.grad_norm_ema, dtype=np.float64),
+    )
+    with np.errstate(all="ignore"):
+        truth = ref.adaptive_upgd_step(params64, grads64, state64, normals64, hyper, present=present,
+                                       noise_norm=noise_norm, variant=variant)
+    new_params, new_state, stats = truth
+    n = len(params)
+    present = [True] * n if present is None else list(present)
+    ema = lambda beta, old, term: np.abs(beta * old) + np.abs((1.0 - beta) * term)  # noqa: E731
+    scales = {k: [np.zeros_like(p) for p in params64] for k in ("params", "utility", "first_moment", "second_moment")}
+    adam = variant.moments == "adam"
+    for i in range(n):
+        if present[i]:
+            h, g, p = hyper[i], grads64[i], params64[i]
+            scales["utility"][i] = ema(h["beta_utility"], state64.utility[i], g * p)
+            if adam:
+                scales["first_moment"][i] = ema(h["beta1"], state64.first_moment[i], g)
+                scales["second_moment"][i] = ema(h["beta2"], state64.second_moment[i], g * g)
+    filled = [i for i in range(n) if present[i] and params64[i].size]
+    if filled:
+        u_lo, u_hi = float(stats.utility_min), float(stats.utility_max)
+        u_max = max(abs(u_lo), abs(u_hi))
+        max_scale_u = max(float(np.max(scales["utility"][i])) for i in filled)
+    with np.errstate(all="ignore"):
+        for i in filled:
+            h, t = hyper[i], int(new_state.segment_step[i])
+            cu = ref.bias_correction(h["beta_utility"], t)
+            if adam:
+                bc1 = ref.bias_correction(h["beta1"], t)
+                v_hat = new_state.second_moment[i] / ref.bias_correction(h["beta2"], t)
+                denom = np.sqrt(v_hat) + h["eps"]
+                scale_d = (scales["first_moment"][i] / bc1) / denom + np.abs(new_state.first_moment[i] / bc1 / denom)
+            else:
+                scale_d = np.abs(grads64[i])
+            noise = float(stats.noise_std[i]) * normals64[i]
+            scaled_u = np.abs(new_state.utility[i]) / cu + scales["utility"][i] / cu
+            if variant.protection == "min_max":
+                kappa = (scaled_u + 3.0 * u_max + max_scale_u) / (2.0 * (u_hi - u_lo + ref.UTILITY_RANGE_EPS))
+            else:
+                z = np.abs(new_state.utility[i] / cu / u_hi)
+                kappa = (scaled_u + z * (max_scale_u + 3.0 * abs(u_hi))) / (4.0 * abs(u_hi))
+            step = variant.update_factor * h["lr"]
+            scales["params"][i] = np.abs(params64[i]) + step * (scale_d + np.abs(noise)) * (1.0 + kappa)
+    scales["grad_norm"] = np.asarray(stats.grad_norm, dtype=np.float64)
+    return truth, scales
 
 
 def _vgs_scales(vgs_state, grads, beta, present) -> dict:
@@ -328,6 +432,7 @@ class GoldenCase:
     config: Config
     hyper: list
     arrays: dict
+    variant: ref.UPGDVariant = ref.PRODUCTION
 
     @property
     def steps(self) -> int:
@@ -357,19 +462,26 @@ class GoldenCase:
 
 
 def _make_case(name: str, entry: dict, arrays: dict) -> GoldenCase:
+    """The case's optimizer class and profile come from its config; the optimizer resolves
+    the per-segment hyper-parameters (UPGDW's ``beta_utility = beta2``, the paper's eps)."""
     layout = FlatLayout.from_dict(entry["layout"])
     config = load_config(entry["config"], source=f"golden case {name}")
-    groups = resolve_param_groups(config.param_groups, config.hyperparams, layout)
-    return GoldenCase(name, entry, layout, config, segment_hyperparams(groups, layout.num_segments), arrays)
+    optimizer = build(config, layout, backend="reference").optimizer
+    variant = optimizer.variant
+    if "variant" in entry and ref.check_variant(entry["variant"]) != variant:
+        raise ValueError(f"golden case {name}: manifest variant {entry['variant']} differs from the one its "
+                         f"config builds ({dict(variant._asdict())})")
+    return GoldenCase(name, entry, layout, config, optimizer._segment_hyperparams(), arrays, variant)
 
 
 def golden_trace(spec: CaseSpec) -> tuple[dict, dict]:
     """``(manifest entry without file/sha256, trace arrays)`` of a case: the float64 reference run."""
     layout = spec.layout()
     config = load_config(spec.config, source=f"golden case {spec.name}")
+    variant = build(config, layout, backend="reference").optimizer.variant
     entry = {"name": spec.name, "description": spec.description, "steps": spec.steps,
              "dtype": spec.dtype, "layout": layout.to_dict(), "config": config.to_dict(),
-             "inputs": spec.inputs_description()}
+             "variant": dict(variant._asdict()), "inputs": spec.inputs_description()}
     arrays = case_inputs(spec)
     arrays["normals"] = np.stack([logical(layout.unpack(reference_noise(layout, config.seed, k)))
                                   for k in range(1, spec.steps + 1)])
@@ -434,8 +546,9 @@ def load_manifest(golden_dir=DEFAULT_DIR) -> dict:
         raise ValueError(f"{path}: corrupt manifest ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != GOLDEN_FORMAT:
         raise ValueError(f"{path}: not a golden manifest (format must be {GOLDEN_FORMAT!r})")
-    if manifest.get("version") != GOLDEN_VERSION:
-        raise ValueError(f"{path}: manifest version {manifest.get('version')!r}, this reader knows {GOLDEN_VERSION}")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: manifest version {manifest.get('version')!r}, this reader knows "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     return manifest
 
 
@@ -476,7 +589,9 @@ def load_case(name: str, golden_dir=DEFAULT_DIR) -> GoldenCase:
 
 
 def replay(case: GoldenCase, backend: str = "auto", *, fused: bool = True) -> dict:
-    """Run ``case`` through :class:`AdaptiveUPGD` (+ scaler) on ``backend``; return its trace arrays.
+    """Run ``case`` through its optimizer class (+ scaler) on ``backend``; return its trace arrays.
+
+    The class and profile are the case config's (``AdaptiveUPGD``, ``UPGD``, ``UPGDW``).
 
     ``fused``: with a scaler, one ``opt.step(..., vgs=scaler)`` call per step; otherwise the
     three calls ``scaler.scale``, ``opt.step``, ``scaler.update``.

@@ -21,7 +21,9 @@ VGS ``f``, ``G``            ``SCALAR_ULPS_F64 * 2**-53 * |truth|`` (evaluated in
 ``scale_d = (scale_m / (1 - beta1**t)) / (sqrt(v_hat) + eps) + |d|`` bounds the Adam
 direction's rounding and ``kappa = (|u|/cu + scale_u/cu + 3 max|U| + max scale_u) /
 (2 (U_hi - U_lo + 1e-8))`` is the sensitivity of the protection ``1 - su`` to rounding in
-the utility normalisation (``d su / d x <= 1/2``).
+the utility normalisation (``d su / d x <= 1/2``). Other members of the family
+(:func:`upgd_step_scales`, ``variant=``): ``lr`` becomes ``update_factor * lr``,
+``scale_d = |g|`` without moments, and the ``"max"`` protection has its own ``kappa``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def _ema_scale(beta, old, term):
 
 
 def upgd_step_scales(params, grads, state: ref.UPGDState, normals, hyper, present=None,
-                     noise_norm="segment"):
+                     noise_norm="segment", variant=ref.PRODUCTION):
     """Per-segment scales of one step, computed in float64 from the step's inputs.
 
     Inputs as for :func:`upgd_ref.reference.adaptive_upgd_step` (NumPy arrays of any float
@@ -66,7 +68,21 @@ def upgd_step_scales(params, grads, state: ref.UPGDState, normals, hyper, presen
     step's ``(new_params, new_state, stats)`` and a dict of per-segment scale arrays for
     ``params``, ``utility``, ``first_moment``, ``second_moment`` plus per-segment scalars
     ``grad_norm`` (its own value: a sum of non-negative terms).
+
+    ``variant`` (``specs/algorithm.md`` §7): the truth is that member's step and the
+    parameter scale is ``|p| + step * (scale_d + |noise|) * (1 + kappa)`` with
+    ``step = update_factor * lr``; without moments ``scale_d = |g|`` (``g`` is exact: only
+    the products round) and ``m``, ``v`` must stay exactly as they were (scale 0). With the
+    ``"max"`` protection ``su = sigmoid(z)``, ``z = (u/cu) / U_hi``, ``d su / d z <= 1/4``;
+    ``z`` carries the rounding of ``u`` (``scale_u``), of ``u/cu`` and of the division
+    (``|u|/cu``), and the error of ``U_hi`` (the maximum of the candidate's utilities, off by
+    at most ``max scale_u`` units) times ``|z| / |U_hi|``::
+
+        kappa = (|u|/cu + scale_u/cu + (|u|/cu) * max(scale_u) / |U_hi|) / (4 |U_hi|)
+
+    (infinite when ``U_hi = 0``: there the member's ``su`` is NaN or 0/1, compared exactly).
     """
+    variant = ref.check_variant(variant)
     wide = lambda xs: [np.asarray(x, dtype=np.float64) for x in xs]  # noqa: E731
     params64, grads64, normals64 = wide(params), wide(grads), wide(normals)
     state64 = ref.UPGDState(
@@ -77,7 +93,7 @@ def upgd_step_scales(params, grads, state: ref.UPGDState, normals, hyper, presen
     )
     with np.errstate(all="ignore"):
         truth = ref.adaptive_upgd_step(params64, grads64, state64, normals64, hyper, present=present,
-                                       noise_norm=noise_norm)
+                                       noise_norm=noise_norm, variant=variant)
     new_params, new_state, stats = truth
     n = len(params)
     present = [True] * n if present is None else list(present)
@@ -88,8 +104,9 @@ def upgd_step_scales(params, grads, state: ref.UPGDState, normals, hyper, presen
             h, g, p = hyper[i], grads64[i], params64[i]
             scale_u[i] = _ema_scale(h["beta_utility"], state64.utility[i], g * p)
             scales["utility"][i] = scale_u[i]
-            scales["first_moment"][i] = _ema_scale(h["beta1"], state64.first_moment[i], g)
-            scales["second_moment"][i] = _ema_scale(h["beta2"], state64.second_moment[i], g * g)
+            if variant.moments == "adam":  # else m, v must be left exactly as they were
+                scales["first_moment"][i] = _ema_scale(h["beta1"], state64.first_moment[i], g)
+                scales["second_moment"][i] = _ema_scale(h["beta2"], state64.second_moment[i], g * g)
     filled = [i for i in range(n) if present[i] and params64[i].size]
     if filled:
         u_lo, u_hi = float(stats.utility_min), float(stats.utility_max)
@@ -103,12 +120,21 @@ def upgd_step_scales(params, grads, state: ref.UPGDState, normals, hyper, presen
             bc1 = ref.bias_correction(h["beta1"], t)
             v_hat = new_state.second_moment[i] / ref.bias_correction(h["beta2"], t)
             m_hat = new_state.first_moment[i] / bc1
-            denom = np.sqrt(v_hat) + h["eps"]
-            direction = m_hat / denom
-            scale_d = (scales["first_moment"][i] / bc1) / denom + np.abs(direction)
+            if variant.moments == "adam":
+                denom = np.sqrt(v_hat) + h["eps"]
+                direction = m_hat / denom
+                scale_d = (_ema_scale(h["beta1"], state64.first_moment[i], grads64[i]) / bc1) / denom \
+                    + np.abs(direction)
+            else:
+                scale_d = np.abs(grads64[i])
             noise = float(stats.noise_std[i]) * normals64[i]
-            kappa = (np.abs(new_state.utility[i]) / cu + scale_u[i] / cu + 3.0 * u_max + max_scale_u) / width
-            scales["params"][i] = np.abs(params64[i]) + h["lr"] * (scale_d + np.abs(noise)) * (1.0 + kappa)
+            scaled_u = np.abs(new_state.utility[i]) / cu
+            if variant.protection == "min_max":
+                kappa = (scaled_u + scale_u[i] / cu + 3.0 * u_max + max_scale_u) / width
+            else:
+                kappa = (scaled_u + scale_u[i] / cu + scaled_u * max_scale_u / abs(u_hi)) / (4.0 * abs(u_hi))
+            step = variant.update_factor * h["lr"]
+            scales["params"][i] = np.abs(params64[i]) + step * (scale_d + np.abs(noise)) * (1.0 + kappa)
     scales["grad_norm"] = np.asarray(stats.grad_norm, dtype=np.float64)
     return truth, scales
 

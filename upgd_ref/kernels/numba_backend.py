@@ -12,6 +12,10 @@ launches and a little float64 arithmetic on per-segment scalars in between
 3. pass 2 (:func:`~upgd_ref.kernels.numba_step.pass2_parallel`): the update, with the
    normals of step ``T = state.step + 1`` generated inside the kernel.
 
+Every member of the UPGD family (``variant``) runs in the kernels: without moments pass 1
+is ``utility_pass1_*`` (``m``, ``v`` untouched); any non-production member's pass 2 is
+``family_pass2_*`` with the member's mode bits (``specs/kernels.md`` §1.1).
+
 The per-segment formulas are the reference's (:mod:`upgd_ref.reference`) applied to the
 reduced values; only the element-wise work runs in the kernels.
 """
@@ -117,17 +121,25 @@ def _reciprocal_in(dtype, value) -> np.ndarray:
     return (1.0 / rounded).astype(dtype)
 
 
-def _pass2_coefficients(hyper: list[dict], t: np.ndarray, std: np.ndarray, dtype) -> np.ndarray:
-    """Per segment ``1 - lr wd, lr, eps, 1/cu, 1/(1 - beta1^t), 1/(1 - beta2^t), std``."""
+def _bias_corrections(hyper: list[dict], name: str, t: np.ndarray) -> np.ndarray:
+    """``1 - beta**t_i`` per segment with the reference's scalar ``pow`` (NumPy's array power
+    can be an ulp off, and ``1 - beta**t`` amplifies that by ``1 / (1 - beta**t)``)."""
+    return np.array([ref.bias_correction(h[name], int(steps)) for h, steps in zip(hyper, t)], dtype=np.float64)
+
+
+def _pass2_coefficients(hyper: list[dict], t: np.ndarray, std: np.ndarray, dtype,
+                        update_factor: float = 1.0) -> np.ndarray:
+    """Per segment ``1 - lr wd, update_factor lr, eps, 1/cu, 1/(1 - beta1^t), 1/(1 - beta2^t), std``
+    (the reference's ``step = update_factor * lr``, a float64 product rounded once)."""
     lr = _column(hyper, "lr")
     out = np.empty((len(hyper), k.NUM_PASS2_COEFFICIENTS), dtype=dtype)
     out[:, k.DECAY] = 1.0 - lr * _column(hyper, "weight_decay")
-    out[:, k.LR] = lr
+    out[:, k.LR] = update_factor * lr
     out[:, k.EPS] = _column(hyper, "eps")
     with np.errstate(divide="ignore"):  # t = 0 only for absent segments, never read
-        out[:, k.INV_CU] = _reciprocal_in(dtype, ref.bias_correction(_column(hyper, "beta_utility"), t))
-        out[:, k.INV_BC1] = _reciprocal_in(dtype, ref.bias_correction(_column(hyper, "beta1"), t))
-        out[:, k.INV_BC2] = _reciprocal_in(dtype, ref.bias_correction(_column(hyper, "beta2"), t))
+        out[:, k.INV_CU] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta_utility", t))
+        out[:, k.INV_BC1] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta1", t))
+        out[:, k.INV_BC2] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta2", t))
     out[:, k.STD] = np.where(np.isnan(std), 0.0, std)
     return out
 
@@ -166,10 +178,11 @@ def _vgs_statistics_update(state: FlatVGSState, sums: np.ndarray, sizes, present
     state.step += 1
 
 
-def _reference_backend():
-    from ..backends import BACKENDS  # backends registers this module: import at call time
-
-    return BACKENDS["reference"]
+def _family_mode(variant: ref.UPGDVariant) -> int:
+    """The ``mode`` bits of ``family_pass2_*`` for a (checked) variant."""
+    return ((k.MOMENTS_NONE if variant.moments == "none" else 0)
+            | (k.PROTECTION_MAX if variant.protection == "max" else 0)
+            | (k.NOISE_TERMS if variant.noise_placement == "terms" else 0))
 
 
 class NumbaBackend:
@@ -239,38 +252,39 @@ class NumbaBackend:
 
     def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
                   variant=ref.PRODUCTION):
-        if variant != ref.PRODUCTION:  # other family members: the reference's evaluation
-            return _reference_backend().upgd_step(layout, params, grads, state, present, hyper, seed, noise_norm, variant)
-        stats, _ = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, 1.0)
+        stats, _ = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, 1.0, variant)
         return stats
 
     def fused_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
                    vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
         """``vgs_scale``, ``upgd_step``, ``vgs_update`` in one read of the gradient."""
-        if variant != ref.PRODUCTION:
-            if vgs_factor != 1.0:
-                self.vgs_scale(layout, grads, vgs_factor, present)
-            stats = self.upgd_step(layout, params, grads, state, present, hyper, seed, noise_norm, variant)
-            self.vgs_update(layout, grads, vgs_state, vgs_beta, present)
-            return stats
-        stats, sums = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor)
+        stats, sums = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor,
+                                 variant)
         _vgs_statistics_update(vgs_state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), vgs_beta)
         return stats
 
-    def _step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor):
+    def _step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor, variant):
+        variant = ref.check_variant(variant)
         dtype = layout.dtype
         step = _check_u64("step", state.step + 1)  # the noise counter T
         table = chunk_table(layout)
         flags = np.asarray(present, dtype=np.bool_)
 
         partial = np.empty((table.shape[0], 4))
-        buffers = (params, state.utility, state.first_moment, state.second_moment, table, flags,
-                   _pass1_coefficients(hyper, dtype))
         factor = dtype.type(vgs_factor)
+        if variant.moments == "adam":
+            buffers = (params, state.utility, state.first_moment, state.second_moment, table, flags,
+                       _pass1_coefficients(hyper, dtype))
+            scaled_kernels = (k.scaled_pass1_serial, k.scaled_pass1_parallel)
+            kernels = (k.pass1_serial, k.pass1_parallel)
+        else:  # no moments: m and v are neither read nor written
+            buffers = (params, state.utility, table, flags, _pass1_coefficients(hyper, dtype))
+            scaled_kernels = (k.scaled_utility_pass1_serial, k.scaled_utility_pass1_parallel)
+            kernels = (k.utility_pass1_serial, k.utility_pass1_parallel)
         if factor != 1:  # g <- f g inside pass 1: the gradient is read once for both
-            self._pick(layout, k.scaled_pass1_serial, k.scaled_pass1_parallel)(grads, *buffers, factor, partial)
+            self._pick(layout, *scaled_kernels)(grads, *buffers, factor, partial)
         else:
-            self._pick(layout, k.pass1_serial, k.pass1_parallel)(_read_only(grads), *buffers, partial)
+            self._pick(layout, *kernels)(_read_only(grads), *buffers, partial)
         sums = k.segment_sums(table, flags, partial, layout.num_segments)
         u_lo, u_hi = k.utility_extrema(table, flags, partial)
 
@@ -280,10 +294,17 @@ class NumbaBackend:
         u_lo, u_hi = dtype.type(u_lo), dtype.type(u_hi)
         if not np.isnan(u_lo):  # some present segment has elements
             utility_range = u_hi - u_lo + dtype.type(ref.UTILITY_RANGE_EPS)  # in dtype, as the reference
-            pass2 = self._pick(layout, k.pass2_serial, k.pass2_parallel)
-            pass2(params, state.utility, state.first_moment, state.second_moment, table, flags,
-                  _pass2_coefficients(hyper, t, std, dtype), u_lo, dtype.type(_reciprocal_in(dtype, utility_range)),
-                  *_split_u64(step), *_split_u64(seed))
+            inv_range = dtype.type(_reciprocal_in(dtype, utility_range))
+            if variant == ref.PRODUCTION:
+                pass2 = self._pick(layout, k.pass2_serial, k.pass2_parallel)
+                pass2(params, state.utility, state.first_moment, state.second_moment, table, flags,
+                      _pass2_coefficients(hyper, t, std, dtype), u_lo, inv_range,
+                      *_split_u64(step), *_split_u64(seed))
+            else:
+                pass2 = self._pick(layout, k.family_pass2_serial, k.family_pass2_parallel)
+                pass2(params, _read_only(grads), state.utility, state.first_moment, state.second_moment, table,
+                      flags, _pass2_coefficients(hyper, t, std, dtype, variant.update_factor), u_lo, inv_range,
+                      u_hi, _family_mode(variant), *_split_u64(step), *_split_u64(seed))
 
         state.step = step
         state.segment_step[...] = t
@@ -300,16 +321,19 @@ class NumbaBackend:
             layout = FlatLayout([(3,), (0,), (4, 2)], dtype=dtype)
             hyper = [dict(ref.UPGD_DEFAULTS, adaptive_noise=True)] * layout.num_segments
             present = [True, True, False]
-            for variant in (NumbaBackend(parallel_min_size=0), NumbaBackend(parallel_min_size=layout.num_logical + 1)):
+            family = ref.UPGDVariant(moments="none", protection="max", update_factor=2.0, noise_placement="terms")
+            for backend in (NumbaBackend(parallel_min_size=0), NumbaBackend(parallel_min_size=layout.num_logical + 1)):
                 params, grads = layout.zeros(), layout.zeros()
                 params[...] = 0.5
                 grads[...] = 0.25
                 state = FlatUPGDState.zeros(layout, [1.0] * layout.num_segments)
                 vgs_state = FlatVGSState.zeros(layout.num_segments)
-                variant.noise(layout, 0, 1)
-                variant.check_finite("grads", grads, layout, present)
-                variant.vgs_scale(layout, grads, 0.5, present)
-                variant.vgs_update(layout, grads, vgs_state, 0.99, present)
-                variant.upgd_step(layout, params, grads, state, present, hyper, 0, "segment")
-                variant.fused_step(layout, params, grads, state, present, hyper, 0, "segment", vgs_state, 0.5, 0.99)
+                backend.noise(layout, 0, 1)
+                backend.check_finite("grads", grads, layout, present)
+                backend.vgs_scale(layout, grads, 0.5, present)
+                backend.vgs_update(layout, grads, vgs_state, 0.99, present)
+                for member in (ref.PRODUCTION, family):  # the mode is a run-time argument: one compilation
+                    backend.upgd_step(layout, params, grads, state, present, hyper, 0, "segment", member)
+                    backend.fused_step(layout, params, grads, state, present, hyper, 0, "segment", vgs_state, 0.5,
+                                       0.99, member)
         return time.perf_counter() - start

@@ -21,6 +21,13 @@ L1-resident tile, and not at all when ``std == 0``::
     x = clip((u/cu - U_lo) / (U_hi - U_lo + 1e-8), 0, 1),   su = 1 / (1 + exp(-2 (x - 1/2)))
     p <- p (1 - lr wd) - lr (m_hat / (sqrt(v_hat) + eps) + std xi) (1 - su)
 
+Other members of the UPGD family (``specs/algorithm.md`` §7, ``specs/kernels.md`` §1.1):
+without moments, pass 1 is ``utility_pass1_*`` / ``scaled_utility_pass1_*`` (``u`` only; ``m``
+and ``v`` untouched); pass 2 is ``family_pass2_*`` with a run-time ``mode`` (OR of
+:data:`MOMENTS_NONE`, :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`), ``step = update_factor
+lr`` in the ``LR`` column and :func:`family_param` per element. The production member keeps
+``pass1_*`` / ``pass2_*``.
+
 The normals are those of :mod:`upgd_ref.rng`, evaluated term for term (same expressions, same
 order, so the same bits; ``specs/kernels.md`` §4):
 
@@ -74,6 +81,11 @@ __all__ = [
     "pass1_serial", "pass1_parallel",
     "scaled_pass1_serial", "scaled_pass1_parallel",
     "pass2_serial", "pass2_parallel",
+    "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS",
+    "max_protection", "family_param",
+    "utility_pass1_serial", "utility_pass1_parallel",
+    "scaled_utility_pass1_serial", "scaled_utility_pass1_parallel",
+    "family_pass2_serial", "family_pass2_parallel",
     "scale_serial", "scale_parallel",
     "moments_serial", "moments_parallel",
     "noise_serial", "noise_parallel",
@@ -97,6 +109,9 @@ DECAY, LR, EPS, INV_CU, INV_BC1, INV_BC2, STD = range(7)
 NUM_PASS2_COEFFICIENTS = 7
 # Partial-result columns of a chunk (float64).
 SUM, SUM_SQ, MIN_U, MAX_U = range(4)
+# Family mode bits (``family_pass2_*``; 0 is the production arithmetic): moments "none"
+# (direction g), protection "max" (sigmoid((u/cu)/U_hi)), noise placement "terms".
+MOMENTS_NONE, PROTECTION_MAX, NOISE_TERMS = 1, 2, 4
 
 
 def _tanh_series(terms: int) -> tuple[float, ...]:
@@ -387,6 +402,45 @@ def updated_param(p, u, m, v, noise, decay, lr, eps, inv_cu, inv_bc1, inv_bc2, u
     return p * decay - lr * (direction + noise) * (like(1.0, p) - protection(x))
 
 
+@njit(inline="always")
+def max_protection(u, inv_cu, u_hi):
+    """The paper's ``su = 1 / (1 + exp(-((u/cu) / U_hi)))``: no minimum, no clip, a true division
+    by ``U_hi`` whatever its sign (``U_hi = 0`` gives NaN for ``u = 0``, as the reference)."""
+    one = like(1.0, u)
+    return one / (one + math.exp(-((u * inv_cu) / u_hi)))
+
+
+@njit(inline="always")
+def family_param(p, g, u, m, v, noise, decay, step, eps, inv_cu, inv_bc1, inv_bc2, u_lo, inv_range, u_hi,
+                 moments_none, protection_max, noise_terms):
+    """The update of any family member (``specs/algorithm.md`` §7), ``step = update_factor lr``::
+
+        sum:    p (1 - lr wd) - step (d + noise) (1 - su)
+        terms:  p (1 - lr wd) - step (m_hat (1 - su) / (sqrt(v_hat) + eps) + noise (1 - su))
+                p (1 - lr wd) - step (g (1 - su) + noise (1 - su))                 (no moments)
+
+    ``d`` is ``m_hat / (sqrt(v_hat) + eps)`` or ``g``; ``m``, ``v`` are not read without
+    moments. The expressions are the reference's (:func:`upgd_ref.reference.family_parameter_update`),
+    in its order, with the divisions by per-segment scalars as reciprocal products.
+    """
+    if protection_max:
+        su = max_protection(u, inv_cu, u_hi)
+    else:
+        su = protection(clip_unit((u * inv_cu - u_lo) * inv_range))
+    keep = like(1.0, p) - su
+    if moments_none:
+        if noise_terms:
+            bracket = g * keep + noise * keep
+        else:
+            bracket = (g + noise) * keep
+        return p * decay - step * bracket
+    m_hat = m * inv_bc1
+    denominator = math.sqrt(v * inv_bc2) + eps
+    if noise_terms:
+        return p * decay - step * (m_hat * keep / denominator + noise * keep)
+    return p * decay - step * (m_hat / denominator + noise) * keep
+
+
 # --- per-chunk loops (each starts at 0 on contiguous views, so LLVM vectorises it) ------
 
 
@@ -423,6 +477,22 @@ def scaled_traces_update(g, factor, p, u, m, v, beta_u, one_minus_beta_u, beta1,
         g[j] = scaled
         u[j], m[j], v[j] = traces(scaled, p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1,
                                   one_minus_beta1, beta2, one_minus_beta2)
+
+
+@njit(error_model="numpy")
+def utility_update(g, p, u, beta_u, one_minus_beta_u):
+    """``u <- beta_u u + (1 - beta_u)(-g p)`` over a chunk (no moments; ``g`` only read)."""
+    for j in range(g.size):
+        u[j] = ema(beta_u, u[j], one_minus_beta_u, -g[j] * p[j])
+
+
+@njit(error_model="numpy")
+def scaled_utility_update(g, factor, p, u, beta_u, one_minus_beta_u):
+    """``g <- factor g`` (written back), then :func:`utility_update` with it, in one sweep."""
+    for j in range(g.size):
+        scaled = g[j] * factor
+        g[j] = scaled
+        u[j] = ema(beta_u, u[j], one_minus_beta_u, -scaled * p[j])
 
 
 @njit(error_model="numpy")
@@ -507,6 +577,34 @@ def update_without_noise(p, u, m, v, c, u_lo, inv_range):
                              inv_cu, inv_bc1, inv_bc2, u_lo, inv_range)
 
 
+@njit(error_model="numpy")
+def family_update_with_noise(p, g, u, m, v, normals, std, c, u_lo, inv_range, u_hi,
+                             moments_none, protection_max, noise_terms):
+    """Pass-2 update of one chunk of a family member with ``noise = std * normals``."""
+    decay, step, eps = c[DECAY], c[LR], c[EPS]
+    inv_cu, inv_bc1, inv_bc2 = c[INV_CU], c[INV_BC1], c[INV_BC2]
+    zero = like(0.0, step)
+    for j in range(p.size):
+        mj = zero if moments_none else m[j]
+        vj = zero if moments_none else v[j]
+        p[j] = family_param(p[j], g[j], u[j], mj, vj, std * normals[j], decay, step, eps, inv_cu, inv_bc1,
+                            inv_bc2, u_lo, inv_range, u_hi, moments_none, protection_max, noise_terms)
+
+
+@njit(error_model="numpy")
+def family_update_without_noise(p, g, u, m, v, c, u_lo, inv_range, u_hi, moments_none, protection_max,
+                                noise_terms):
+    """Pass-2 update of one chunk of a family member whose ``std`` is 0 (no normals drawn)."""
+    decay, step, eps = c[DECAY], c[LR], c[EPS]
+    inv_cu, inv_bc1, inv_bc2 = c[INV_CU], c[INV_BC1], c[INV_BC2]
+    zero = like(0.0, step)
+    for j in range(p.size):
+        mj = zero if moments_none else m[j]
+        vj = zero if moments_none else v[j]
+        p[j] = family_param(p[j], g[j], u[j], mj, vj, zero, decay, step, eps, inv_cu, inv_bc1,
+                            inv_bc2, u_lo, inv_range, u_hi, moments_none, protection_max, noise_terms)
+
+
 # --- one chunk of each kernel -----------------------------------------------------------
 
 
@@ -554,6 +652,49 @@ def _pass2_chunk(c, p, u, m, v, chunks, present, coefficients, u_lo, inv_range,
         update_with_noise(p[a:b], u[a:b], m[a:b], v[a:b], tile[skip : skip + n], std, k, u_lo, inv_range)
     else:
         update_without_noise(p[a:b], u[a:b], m[a:b], v[a:b], k, u_lo, inv_range)
+
+
+@njit(error_model="numpy")
+def _utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, partial):
+    if present[chunks[c, SEGMENT]]:
+        a = chunks[c, START]
+        b = a + chunks[c, LENGTH]
+        k = coefficients[chunks[c, SEGMENT]]
+        utility_update(g[a:b], p[a:b], u[a:b], k[BETA_U], k[ONE_MINUS_BETA_U])
+        _pass1_reductions(c, g[a:b], u[a:b], partial)
+
+
+@njit(error_model="numpy")
+def _scaled_utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, factor, partial):
+    if present[chunks[c, SEGMENT]]:
+        a = chunks[c, START]
+        b = a + chunks[c, LENGTH]
+        k = coefficients[chunks[c, SEGMENT]]
+        scaled_utility_update(g[a:b], factor, p[a:b], u[a:b], k[BETA_U], k[ONE_MINUS_BETA_U])
+        _pass1_reductions(c, g[a:b], u[a:b], partial)
+
+
+@njit(error_model="numpy")
+def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
+                        step_lo, step_hi, key0, key1):
+    segment = chunks[c, SEGMENT]
+    if not present[segment]:
+        return
+    a = chunks[c, START]
+    n = chunks[c, LENGTH]
+    b = a + n
+    k = coefficients[segment]
+    std = k[STD]
+    moments_none = (mode & MOMENTS_NONE) != 0
+    protection_max = (mode & PROTECTION_MAX) != 0
+    noise_terms = (mode & NOISE_TERMS) != 0
+    if std != like(0.0, std):
+        tile, skip = chunk_normals(chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
+        family_update_with_noise(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], tile[skip : skip + n], std, k, u_lo,
+                                 inv_range, u_hi, moments_none, protection_max, noise_terms)
+    else:
+        family_update_without_noise(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], k, u_lo, inv_range, u_hi,
+                                    moments_none, protection_max, noise_terms)
 
 
 @njit(error_model="numpy")
@@ -639,6 +780,60 @@ def pass2_parallel(p, u, m, v, chunks, present, coefficients, u_lo, inv_range, s
     for c in prange(chunks.shape[0]):
         _pass2_chunk(c, p, u, m, v, chunks, present, coefficients, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
+
+
+@njit(cache=True, error_model="numpy")
+def utility_pass1_serial(g, p, u, chunks, present, coefficients, partial):
+    """Pass 1 of a member without moments: only ``u`` (``m``, ``v`` never touched); one thread.
+
+    Bytes per element: reads g, p, u; writes u.
+    """
+    for c in range(chunks.shape[0]):
+        _utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, partial)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def utility_pass1_parallel(g, p, u, chunks, present, coefficients, partial):
+    """:func:`utility_pass1_serial` with the chunks spread over Numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, partial)
+
+
+@njit(cache=True, error_model="numpy")
+def scaled_utility_pass1_serial(g, p, u, chunks, present, coefficients, factor, partial):
+    """:func:`utility_pass1_serial` fused with ``g <- factor g`` (written back); one thread."""
+    for c in range(chunks.shape[0]):
+        _scaled_utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, factor, partial)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def scaled_utility_pass1_parallel(g, p, u, chunks, present, coefficients, factor, partial):
+    """:func:`scaled_utility_pass1_serial` with the chunks spread over Numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _scaled_utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, factor, partial)
+
+
+@njit(cache=True, error_model="numpy")
+def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
+                        step_lo, step_hi, key0, key1):
+    """Pass 2 of any family member (``mode``: OR of :data:`MOMENTS_NONE`,
+    :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`; the ``LR`` column holds ``update_factor lr``,
+    ``DECAY`` ``1 - lr wd``); one thread. The production member runs :func:`pass2_serial`.
+
+    Bytes per element: reads p, g, u (+ m, v with moments); writes p.
+    """
+    for c in range(chunks.shape[0]):
+        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
+                            step_lo, step_hi, key0, key1)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
+                          step_lo, step_hi, key0, key1):
+    """:func:`family_pass2_serial` with the chunks spread over Numba's threads."""
+    for c in prange(chunks.shape[0]):
+        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
+                            step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, error_model="numpy")
@@ -732,6 +927,8 @@ def utility_extrema(chunks, present, partial):
 #: Every cached top-level kernel (what :func:`upgd_ref.warmup` compiles).
 KERNELS = (
     pass1_serial, pass1_parallel, scaled_pass1_serial, scaled_pass1_parallel, pass2_serial, pass2_parallel,
+    utility_pass1_serial, utility_pass1_parallel, scaled_utility_pass1_serial, scaled_utility_pass1_parallel,
+    family_pass2_serial, family_pass2_parallel,
     noise_serial, noise_parallel,
     scale_serial, scale_parallel, moments_serial, moments_parallel, nonfinite_serial,
     nonfinite_parallel, segment_sums, utility_extrema,
