@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import upgd_ref
-from upgd_ref import golden, tolerances
+from upgd_ref import tolerances
 from upgd_ref import reference as ref
 
 from .independent import SPEC_DEFAULTS, SPEC_MEMBERS, PlainFamilyUPGD, PlainVGS
@@ -259,7 +259,7 @@ def _run_lockstep(member, seed, mode_index, vgs_on, noise_norm, dtype, fused):
         with np.errstate(all="ignore"):
             truth = plain.step(pre_params, seen, normals)
         # the contract's bounds (specs/golden.md §3, for every member)
-        (lib_params, _, _), scales = golden.family_step_scales(
+        (lib_params, _, _), scales = tolerances.upgd_step_scales(
             pre_params, [g if g is not None else np.zeros_like(p) for g, p in zip(seen, pre_params)],
             pre_state, normals, hyper, present=present, noise_norm=noise_norm, variant=opt.variant)
         bounds = tolerances.upgd_step_bounds(scales, dtype, layout.sizes)

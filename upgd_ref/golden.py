@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -309,7 +308,7 @@ def _reference_step(case: GoldenCase, k: int, prev: dict, factor=None) -> _Step:
         second_moment=_split(layout, prev["second_moment"]),
         grad_norm_ema=np.asarray(prev["grad_norm_ema"], dtype=np.float64),
     )
-    (new_params, new_state, stats), scales = family_step_scales(
+    (new_params, new_state, stats), scales = upgd_step_scales(
         _split(layout, prev["params"]), grads, state, normals, case.hyper, present=present,
         noise_norm=case.config.noise_norm, variant=case.variant,
     )
@@ -324,78 +323,6 @@ def _reference_step(case: GoldenCase, k: int, prev: dict, factor=None) -> _Step:
     )
     scales["grad_norm_ema"] = _ema_norm_scales(case, prev, values["grad_norm"], present)
     return _Step(values, scales, vgs_scales)
-
-
-def family_step_scales(params, grads, state, normals, hyper, present=None, noise_norm="segment",
-                       variant=ref.PRODUCTION):
-    """:func:`upgd_ref.tolerances.upgd_step_scales` for any member of the UPGD family.
-
-    Delegates to ``upgd_step_scales(..., variant=)`` where the contract module takes a
-    variant; ``PRODUCTION`` is always exactly ``upgd_step_scales``. Otherwise (fallback) the truth is
-    ``adaptive_upgd_step(..., variant=variant)`` in float64 and ``scale_p`` follows the same
-    rule (``specs/golden.md`` §3): ``|p| + step * (scale_d + |noise|) * (1 + kappa)`` with
-    ``step = update_factor * lr``, ``scale_d = |g|`` without moments, and for the ``"max"``
-    protection ``kappa = (|u|/cu + scale_u/cu + |z| (max scale_u + 3 |U_hi|)) / (4 |U_hi|)``,
-    ``z = (u/cu)/U_hi`` (``d su / d z <= 1/4``). Without moments ``m``, ``v`` must stay 0
-    exactly (scale 0).
-    """
-    variant = ref.check_variant(variant)
-    if variant == ref.PRODUCTION:
-        return upgd_step_scales(params, grads, state, normals, hyper, present=present, noise_norm=noise_norm)
-    if "variant" in inspect.signature(upgd_step_scales).parameters:  # the contract's own rule for the family
-        return upgd_step_scales(params, grads, state, normals, hyper, present=present, noise_norm=noise_norm,
-                                variant=variant)
-    wide = lambda xs: [np.asarray(x, dtype=np.float64) for x in xs]  # noqa: E731
-    params64, grads64, normals64 = wide(params), wide(grads), wide(normals)
-    state64 = ref.UPGDState(
-        step=np.int64(state.step), segment_step=np.asarray(state.segment_step, dtype=np.int64),
-        utility=wide(state.utility), first_moment=wide(state.first_moment),
-        second_moment=wide(state.second_moment),
-        grad_norm_ema=np.asarray(state.grad_norm_ema, dtype=np.float64),
-    )
-    with np.errstate(all="ignore"):
-        truth = ref.adaptive_upgd_step(params64, grads64, state64, normals64, hyper, present=present,
-                                       noise_norm=noise_norm, variant=variant)
-    new_params, new_state, stats = truth
-    n = len(params)
-    present = [True] * n if present is None else list(present)
-    ema = lambda beta, old, term: np.abs(beta * old) + np.abs((1.0 - beta) * term)  # noqa: E731
-    scales = {k: [np.zeros_like(p) for p in params64] for k in ("params", "utility", "first_moment", "second_moment")}
-    adam = variant.moments == "adam"
-    for i in range(n):
-        if present[i]:
-            h, g, p = hyper[i], grads64[i], params64[i]
-            scales["utility"][i] = ema(h["beta_utility"], state64.utility[i], g * p)
-            if adam:
-                scales["first_moment"][i] = ema(h["beta1"], state64.first_moment[i], g)
-                scales["second_moment"][i] = ema(h["beta2"], state64.second_moment[i], g * g)
-    filled = [i for i in range(n) if present[i] and params64[i].size]
-    if filled:
-        u_lo, u_hi = float(stats.utility_min), float(stats.utility_max)
-        u_max = max(abs(u_lo), abs(u_hi))
-        max_scale_u = max(float(np.max(scales["utility"][i])) for i in filled)
-    with np.errstate(all="ignore"):
-        for i in filled:
-            h, t = hyper[i], int(new_state.segment_step[i])
-            cu = ref.bias_correction(h["beta_utility"], t)
-            if adam:
-                bc1 = ref.bias_correction(h["beta1"], t)
-                v_hat = new_state.second_moment[i] / ref.bias_correction(h["beta2"], t)
-                denom = np.sqrt(v_hat) + h["eps"]
-                scale_d = (scales["first_moment"][i] / bc1) / denom + np.abs(new_state.first_moment[i] / bc1 / denom)
-            else:
-                scale_d = np.abs(grads64[i])
-            noise = float(stats.noise_std[i]) * normals64[i]
-            scaled_u = np.abs(new_state.utility[i]) / cu + scales["utility"][i] / cu
-            if variant.protection == "min_max":
-                kappa = (scaled_u + 3.0 * u_max + max_scale_u) / (2.0 * (u_hi - u_lo + ref.UTILITY_RANGE_EPS))
-            else:
-                z = np.abs(new_state.utility[i] / cu / u_hi)
-                kappa = (scaled_u + z * (max_scale_u + 3.0 * abs(u_hi))) / (4.0 * abs(u_hi))
-            step = variant.update_factor * h["lr"]
-            scales["params"][i] = np.abs(params64[i]) + step * (scale_d + np.abs(noise)) * (1.0 + kappa)
-    scales["grad_norm"] = np.asarray(stats.grad_norm, dtype=np.float64)
-    return truth, scales
 
 
 def _vgs_scales(vgs_state, grads, beta, present) -> dict:
