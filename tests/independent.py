@@ -169,13 +169,14 @@ class PlainFamilyUPGD:
             if adam:
                 m_hat = self.m[i] / (1 - h["beta1"] ** t)
                 v_hat = self.v[i] / (1 - h["beta2"] ** t)
+            # evaluated left to right as SEMANTICS writes it: step * (d + noise) * (1 - su)
+            step = self.options["update_factor"] * h["lr"]
+            decayed = params[i] * (1 - h["lr"] * h["weight_decay"])
             if self.options["noise_placement"] == "sum":
                 d = m_hat / (np.sqrt(v_hat) + h["eps"]) if adam else g
-                bracket = (d + noise) * (1 - su)
+                out[i] = decayed - step * (d + noise) * (1 - su)
             elif adam:
-                bracket = m_hat * (1 - su) / (np.sqrt(v_hat) + h["eps"]) + noise * (1 - su)
+                out[i] = decayed - step * (m_hat * (1 - su) / (np.sqrt(v_hat) + h["eps"]) + noise * (1 - su))
             else:
-                bracket = g * (1 - su) + noise * (1 - su)
-            step = self.options["update_factor"] * h["lr"]
-            out[i] = params[i] * (1 - h["lr"] * h["weight_decay"]) - step * bracket
+                out[i] = decayed - step * (g * (1 - su) + noise * (1 - su))
         return out
