@@ -28,18 +28,13 @@ from upgd_ref import tolerances
 from upgd_ref import reference as ref
 
 from .independent import SPEC_DEFAULTS, SPEC_MEMBERS, PlainFamilyUPGD, PlainVGS
+from .test_independent import NOISE_MODES
+from .test_independent import _hyper as _random_hyper
 
 STEPS = 45
 LOCKSTEP_STEPS = 40
 MEMBERS = list(SPEC_MEMBERS)
 MEMBER_IDS = [f"{c}-{p}" for c, p in MEMBERS]
-NOISE_MODES = [
-    dict(adaptive_noise=False),
-    dict(adaptive_noise=True, instant_noise_scale=True),
-    dict(adaptive_noise=True, instant_noise_scale=False, noise_ema_init=1.0),
-    dict(adaptive_noise=True, instant_noise_scale=False, noise_ema_init=0.0),
-    dict(adaptive_noise=True, instant_noise_scale=True, min_noise_std=0.05),  # floor hit
-]
 _NO_MOMENTS = ("beta1", "beta2", "eps")
 
 
@@ -50,15 +45,6 @@ def _random_shapes(rng):
         shapes.append((0,) if kind == 0 else tuple(int(d) for d in rng.integers(1, 7, size=rng.integers(1, 3))))
     order = rng.permutation(len(shapes))
     return [shapes[i] for i in order], int(np.argmin(order))  # the index of the non-empty one
-
-
-def _random_hyper(rng, mode):
-    return dict(
-        lr=float(10 ** rng.uniform(-3, -1)), weight_decay=float(rng.choice([0.0, 1e-3, 0.05])),
-        beta_utility=float(rng.choice([0.0, 0.9, 0.999])), sigma=float(rng.choice([0.0, 1e-3, 0.1])),
-        beta1=float(rng.choice([0.0, 0.9])), beta2=float(rng.choice([0.9, 0.999])),
-        eps=float(rng.choice([1e-8, 1e-3])), noise_beta=float(rng.choice([0.9, 0.999])), **mode,
-    )
 
 
 def _member_kwargs(member, h, rng):

@@ -35,37 +35,25 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
+
+from .optimizer import StepInfo
 
 __all__ = ["StepRecord", "StepLog", "record_step"]
 
 
 @dataclass(frozen=True)
-class StepRecord:
-    """Everything one step did that is worth logging (see the module docstring)."""
+class StepRecord(StepInfo):
+    """A :class:`StepInfo` plus metrics of your own and derived summaries (module docstring)."""
 
-    step: int
-    present: np.ndarray
-    grad_norm: np.ndarray
-    noise_std: np.ndarray
-    noise_to_signal: np.ndarray
-    utility_min: float
-    utility_max: float
-    vgs_factor: float = math.nan
-    vgs_normalized_variance: float = math.nan
     metrics: dict = field(default_factory=dict)
 
     @classmethod
-    def from_step(cls, info, **metrics) -> StepRecord:
+    def from_step(cls, info: StepInfo, **metrics) -> StepRecord:
         """A record from a :class:`StepInfo` and any metrics (numbers) of your own."""
-        return cls(
-            step=info.step, present=info.present, grad_norm=info.grad_norm, noise_std=info.noise_std,
-            noise_to_signal=info.noise_to_signal, utility_min=info.utility_min,
-            utility_max=info.utility_max, vgs_factor=float(info.vgs_factor),
-            vgs_normalized_variance=float(info.vgs_normalized_variance), metrics=dict(metrics),
-        )
+        return cls(**{f.name: getattr(info, f.name) for f in fields(StepInfo)}, metrics=dict(metrics))
 
     @property
     def pre_vgs_grad_norm(self) -> np.ndarray:
@@ -92,19 +80,10 @@ class StepRecord:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values, the derived summaries included (NaN/inf become None)."""
-        out = {
-            "step": self.step,
-            "present": [bool(p) for p in self.present],
-            "grad_norm": _plain(self.grad_norm),
-            "noise_std": _plain(self.noise_std),
-            "noise_to_signal": _plain(self.noise_to_signal),
-            "utility_min": _plain(self.utility_min),
-            "utility_max": _plain(self.utility_max),
-            "vgs_factor": _plain(self.vgs_factor),
-            "vgs_normalized_variance": _plain(self.vgs_normalized_variance),
-            "global_grad_norm": _plain(self.global_grad_norm),
-            "nsr": _plain(self.nsr),
-        }
+        out = {f.name: _plain(getattr(self, f.name)) for f in fields(StepInfo)}
+        out["present"] = [bool(p) for p in self.present]
+        out["global_grad_norm"] = _plain(self.global_grad_norm)
+        out["nsr"] = _plain(self.nsr)
         out.update({k: _plain(v) for k, v in self.metrics.items()})
         return out
 
