@@ -5,8 +5,11 @@ their inputs first and then hand over, so every backend sees only valid data and
 only after its own computation is complete.
 
 ``backend="auto"`` picks by array type: NumPy buffers -> the fastest backend registered for
-NumPy. Backends register themselves in :data:`BACKENDS`: the Numba kernels
-(:mod:`upgd_ref.kernels`) whenever Numba can be imported, in front of the reference.
+NumPy, CuPy arrays -> the CUDA kernels. Backends register themselves in :data:`BACKENDS`:
+the Numba kernels (:mod:`upgd_ref.kernels`) whenever Numba can be imported, in front of the
+reference; ``"cupy"`` (the CUDA kernels on CuPy arrays) whenever CuPy is installed;
+``"cuda-emulator"`` (the same CUDA source compiled for the CPU, on NumPy buffers) whenever a
+C++ compiler is found. Each backend's ``array_kind`` says which buffers it takes.
 
 Operations: ``noise``, ``check_finite`` (raises as :func:`upgd_ref.checks.check_finite`),
 ``upgd_step``, ``vgs_scale``, ``vgs_update`` and ``fused_step`` (VGS scale, step and VGS
@@ -21,11 +24,13 @@ import numpy as np
 
 from . import checks
 from . import reference as ref
+from .arrays import array_kind
 from .rng import noise as reference_noise
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
-    "ReferenceBackend", "BACKENDS", "AUTO_ORDER", "check_backend_name", "select_backend", "noise", "warmup",
+    "ReferenceBackend", "BACKENDS", "AUTO_ORDER", "backends_for", "check_backend_name", "select_backend", "noise",
+    "warmup",
 ]
 
 
@@ -33,6 +38,7 @@ class ReferenceBackend:
     """The Array-API reference run on NumPy views of the flat buffers."""
 
     name = "reference"
+    array_kind = "numpy"
 
     def noise(self, layout, seed: int, step: int, dtype=None, out=None) -> np.ndarray:
         values = reference_noise(layout, seed, step, dtype)
@@ -94,13 +100,30 @@ class ReferenceBackend:
 
 
 BACKENDS: dict[str, object] = {"reference": ReferenceBackend()}
-AUTO_ORDER = ["reference"]  # fastest first; kernels insert themselves in front
+AUTO_ORDER = ["reference"]  # NumPy buffers, fastest first; kernels insert themselves in front
 
 if importlib.util.find_spec("numba") is not None:  # without Numba the reference serves NumPy
     from .kernels import NumbaBackend
 
     BACKENDS["numba"] = NumbaBackend()
     AUTO_ORDER.insert(0, "numba")
+
+if importlib.util.find_spec("cupy") is not None:  # CuPy itself is imported on first use
+    from .kernels.cuda_backend import CudaBackend, CupyLauncher
+
+    BACKENDS["cupy"] = CudaBackend("cupy", CupyLauncher())
+
+from .kernels.cuda_emulator import EmulatorLauncher, host_compiler  # noqa: E402
+
+if host_compiler() is not None:
+    from .kernels.cuda_backend import CudaBackend
+
+    BACKENDS["cuda-emulator"] = CudaBackend("cuda-emulator", EmulatorLauncher())
+
+
+def backends_for(kind: str = "numpy") -> list[str]:
+    """Names of the registered backends that take buffers of ``kind`` (``"numpy"``, ``"cupy"``)."""
+    return [name for name, backend in BACKENDS.items() if backend.array_kind == kind]
 
 
 def check_backend_name(name: str) -> str:
@@ -112,17 +135,27 @@ def check_backend_name(name: str) -> str:
 def select_backend(name: str, buffer):
     """The backend object for ``name`` ("auto" or a registered name) and this buffer.
 
-    ``"auto"``: float32 NumPy buffers go to the fastest backend (:data:`AUTO_ORDER`);
-    float64 buffers to the reference, because float64 is the truth and the reference
-    evaluates the spec's expressions literally with NumPy (its exp, its pairwise sums), so a
-    float64 run equals a plain NumPy transcription of ``specs/algorithm.md`` bit for bit.
-    The kernels' float64 results differ from that in the last bits (within the tolerance
-    contract); ask for them with ``backend="numba"``.
+    ``"auto"``: CuPy arrays go to the CUDA kernels (``"cupy"``); float32 NumPy buffers to the
+    fastest NumPy backend (:data:`AUTO_ORDER`); float64 NumPy buffers to the reference,
+    because float64 is the truth and the reference evaluates the spec's expressions
+    literally with NumPy (its exp, its pairwise sums), so a float64 run equals a plain NumPy
+    transcription of ``specs/algorithm.md`` bit for bit. The kernels' float64 results differ
+    from that in the last bits (within the tolerance contract); ask for them with
+    ``backend="numba"``. A named backend must take the buffer's kind of array.
     """
     check_backend_name(name)
+    kind = array_kind(buffer) if buffer is not None else None
     if name != "auto":
-        return BACKENDS[name]
-    if isinstance(buffer, np.ndarray):
+        backend = BACKENDS[name]
+        if kind is not None and backend.array_kind != kind:
+            raise TypeError(f"backend {name!r} takes {backend.array_kind} arrays, got a {kind} array; "
+                            f"backends for {kind} arrays: {backends_for(kind) or 'none installed'}")
+        return backend
+    if kind == "cupy":
+        if "cupy" not in BACKENDS:
+            raise TypeError("CuPy arrays need the 'cupy' backend, which needs CuPy")
+        return BACKENDS["cupy"]
+    if kind == "numpy":
         return BACKENDS["reference" if buffer.dtype == np.float64 else AUTO_ORDER[0]]
     raise TypeError(f"no backend for arrays of type {type(buffer).__name__}")
 
@@ -131,34 +164,40 @@ def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = 
     """The standard normals that optimizer step ``step`` with ``seed`` uses, as a flat buffer.
 
     Bit-identical for every backend: the definition is :func:`upgd_ref.rng.noise`
-    (``specs/noise.md``); ``backend="auto"`` computes them with the fastest one. ``out``: a
-    writable, contiguous NumPy buffer of the layout's length and of the noise dtype to fill
-    (its padding is set to 0) instead of a new one.
+    (``specs/noise.md``); ``backend="auto"`` computes them with the fastest one (on the GPU
+    when ``out`` is a CuPy array). ``out``: a writable, contiguous NumPy or CuPy buffer of the
+    layout's length and of the noise dtype to fill (its padding is set to 0) instead of a new
+    one. Without ``out``, ``backend="cupy"`` returns a CuPy array, the others NumPy.
     """
     if out is not None:
         _check_noise_out(out, layout, dtype)
-    chosen = BACKENDS[AUTO_ORDER[0]] if backend == "auto" else select_backend(backend, None)  # bit-identical: fastest
+    if backend == "auto":
+        chosen = select_backend("auto", out) if array_kind(out) == "cupy" else BACKENDS[AUTO_ORDER[0]]
+    else:
+        chosen = select_backend(backend, out)  # bit-identical whichever computes them
     return chosen.noise(layout, seed, step, dtype, out)
 
 
 def _check_noise_out(out, layout, dtype) -> None:
     expected = np.dtype(layout.dtype if dtype is None else dtype)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if array_kind(out) not in ("numpy", "cupy"):
+        raise TypeError(f"out must be a NumPy or CuPy array, got {type(out).__name__}")
     if out.shape != (layout.size,):
         raise ValueError(f"out must have shape ({layout.size},) for this layout, got {out.shape}")
     if out.dtype != expected:
         raise TypeError(f"out has dtype {out.dtype}; the noise dtype is {expected}")
     if not out.flags.c_contiguous:
         raise ValueError("out must be contiguous")
-    if not out.flags.writeable:
+    if array_kind(out) == "numpy" and not out.flags.writeable:
         raise ValueError("out is read-only")
 
 
 def warmup(dtypes=("float32", "float64")) -> dict[str, float]:
     """Compile every kernel backend's kernels for ``dtypes`` now rather than on first use.
 
-    Returns seconds per backend that compiles (empty without Numba). Numba caches the
-    machine code on disk, so a later process loads it in well under a second.
+    Returns seconds per backend that compiles and can run here (Numba; the CUDA kernels with
+    a GPU; their emulator with a C++ compiler). Numba, CuPy and the emulator cache what they
+    compile on disk, so a later process loads it in well under a second.
     """
-    return {name: backend.warmup(dtypes) for name, backend in BACKENDS.items() if hasattr(backend, "warmup")}
+    return {name: backend.warmup(dtypes) for name, backend in BACKENDS.items()
+            if hasattr(backend, "warmup") and getattr(backend, "available", lambda: True)()}

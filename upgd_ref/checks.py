@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import describe_device, is_cupy_array, may_share_memory
+
 __all__ = ["check_flat_buffer", "check_present", "check_finite", "check_distinct"]
 
 
 def check_flat_buffer(name: str, buffer, layout, *, writable: bool) -> None:
-    """A 1-D, contiguous, naturally aligned NumPy buffer of the layout's length and dtype."""
-    if not isinstance(buffer, np.ndarray):
+    """A 1-D, contiguous, naturally aligned NumPy (or CuPy) buffer of the layout's length and dtype."""
+    cupy_array = is_cupy_array(buffer)
+    if not isinstance(buffer, np.ndarray) and not cupy_array:
         raise TypeError(
-            f"{name} must be a NumPy array (flat buffer of the layout), got {type(buffer).__name__}; "
+            f"{name} must be a NumPy or CuPy array (flat buffer of the layout), got {type(buffer).__name__}; "
             "other array types go through upgd_ref.adapters"
         )
     if buffer.ndim != 1 or buffer.shape[0] != layout.size:
@@ -21,9 +24,10 @@ def check_flat_buffer(name: str, buffer, layout, *, writable: bool) -> None:
         raise TypeError(f"{name} has {kind} dtype {buffer.dtype}; the layout's dtype is {layout.dtype}")
     if not buffer.flags.c_contiguous:
         raise ValueError(f"{name} must be contiguous")
-    if buffer.ctypes.data % buffer.dtype.itemsize:
+    address = buffer.data.ptr if cupy_array else buffer.ctypes.data
+    if address % buffer.dtype.itemsize:
         raise ValueError(f"{name} is misaligned: its address is not a multiple of {buffer.dtype.itemsize} bytes")
-    if writable and not buffer.flags.writeable:
+    if writable and not cupy_array and not buffer.flags.writeable:  # CuPy arrays are always writable
         raise ValueError(f"{name} is read-only; it is updated in place")
 
 
@@ -57,8 +61,14 @@ def check_finite(name: str, buffer: np.ndarray, layout, present: list[bool]) -> 
 
 
 def check_distinct(**buffers) -> None:
+    """The buffers live on one device (all host or all the same GPU) and share no memory."""
     names = list(buffers)
+    first = names[0]
+    for name in names[1:]:
+        if describe_device(buffers[name]) != describe_device(buffers[first]):
+            raise ValueError(f"{name} is on the {describe_device(buffers[name])}, {first} on the "
+                             f"{describe_device(buffers[first])}; both must be on one device")
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            if np.may_share_memory(buffers[a], buffers[b]):
+            if may_share_memory(buffers[a], buffers[b]):
                 raise ValueError(f"{a} and {b} share memory")

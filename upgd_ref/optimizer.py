@@ -174,6 +174,7 @@ class AdaptiveUPGD:
         seed, noise_norm = _check_seed(self.seed), _check_noise_norm(self.noise_norm)
         if self.state.step >= MAX_STEP:
             raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
+        self.state.follow(params)  # state lives where the parameters live
         if vgs is None:
             stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, seed, noise_norm,
                                       self.variant)

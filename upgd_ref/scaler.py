@@ -29,7 +29,7 @@ import numpy as np
 from . import reference as ref
 from .backends import check_backend_name, select_backend
 from .checkpoint import MAX_STEP, read_state_dict, write_state_dict
-from .checks import check_finite, check_flat_buffer, check_present
+from .checks import check_flat_buffer, check_present
 from .hyperparams import VGS_DEFAULTS, validate_vgs
 from .layout import FlatLayout
 from .state import STATE_VERSION, VGS_FORMAT, FlatVGSState
@@ -82,7 +82,7 @@ class VarianceGradientScaler:
     def _check(self, grads, present, writable):
         present = check_present(present, self.layout.num_segments)
         check_flat_buffer("grads", grads, self.layout, writable=writable)
-        check_finite("grads", grads, self.layout, present)
+        select_backend(self.backend, grads).check_finite("grads", grads, self.layout, present)
         return present
 
     def scale(self, grads, present=None) -> float:

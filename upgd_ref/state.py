@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import assign, describe_device, like_buffer, to_numpy
 from .checkpoint import check_header, take_array, take_int
 from .layout import FlatLayout
 
@@ -18,6 +19,7 @@ STATE_VERSION = 1
 
 def _logical(layout, flat: np.ndarray) -> np.ndarray:
     """Padding removed: the concatenation of the segments, in order."""
+    flat = to_numpy(flat)
     return np.concatenate([flat[layout.segment_slice(i)] for i in range(layout.num_segments)])
 
 
@@ -109,10 +111,18 @@ class FlatUPGDState:
         return cls(step=step, segment_step=segment_step, grad_norm_ema=grad_norm_ema, **buffers)
 
     def assign(self, other: FlatUPGDState) -> None:
-        """Copy ``other`` into this record's buffers (their identity is kept)."""
+        """Copy ``other`` into this record's buffers (their identity and device are kept)."""
         self.step = other.step
         for name in ("segment_step", "grad_norm_ema", *self.BUFFERS):
-            getattr(self, name)[...] = getattr(other, name)
+            assign(getattr(self, name), getattr(other, name))
+
+    def follow(self, params) -> None:
+        """Move the flat buffers to the device of ``params`` (host or a GPU) when they are
+        elsewhere: state lives where the parameters live, as in torch.optim. An exact copy;
+        the per-segment records stay on the host."""
+        if describe_device(self.utility) != describe_device(params) or type(self.utility) is not type(params):
+            for name in self.BUFFERS:
+                setattr(self, name, like_buffer(to_numpy(getattr(self, name)), params))
 
 
 @dataclass

@@ -54,7 +54,6 @@ only in the sums and inside the normal generator (whose float64 result is rounde
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import numpy as np
 from numba import njit, prange
@@ -65,6 +64,11 @@ from ..rng import (
     C1, C2, C3, C4, C5, C6, LG1, LG2, LG3, LG4, LG5, LG6, LG7, LN2_HI, LN2_LO,
     OCTANT_FRACTION_BITS, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1,
     PI_OVER_4, S1, S2, S3, S4, S5, S6, SQRT2,
+)
+from .segments import (  # the tables' layout, shared with the CUDA kernels
+    BETA1, BETA2, BETA_U, CHUNK, DECAY, EPS, INV_BC1, INV_BC2, INV_CU, LENGTH, LOGICAL, LR, MAX_U, MIN_U,
+    MOMENTS_NONE, NOISE_TERMS, NUM_PASS1_COEFFICIENTS, NUM_PASS2_COEFFICIENTS, ONE_MINUS_BETA1, ONE_MINUS_BETA2,
+    ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
 )
 
 __all__ = [
@@ -95,48 +99,8 @@ __all__ = [
     "KERNELS",
 ]
 
-CHUNK = 2048  # elements per work item: partial sums are fixed by it, never by the threads
 LANES = 64  # independent accumulators per reduction (SIMD-friendly, fixed summation order)
 _BLOCK = 4 * LANES  # elements combined in registers per update of the lane accumulators
-
-# Chunk table columns.
-SEGMENT, START, LENGTH, LOGICAL = 0, 1, 2, 3
-# Pass-1 coefficient columns (per segment, in the buffers' dtype).
-BETA_U, ONE_MINUS_BETA_U, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = range(6)
-NUM_PASS1_COEFFICIENTS = 6
-# Pass-2 coefficient columns: 1 - lr*wd, lr, eps, 1/cu, 1/(1-beta1^t), 1/(1-beta2^t), std.
-DECAY, LR, EPS, INV_CU, INV_BC1, INV_BC2, STD = range(7)
-NUM_PASS2_COEFFICIENTS = 7
-# Partial-result columns of a chunk (float64).
-SUM, SUM_SQ, MIN_U, MAX_U = range(4)
-# Family mode bits (``family_pass2_*``; 0 is the production arithmetic): moments "none"
-# (direction g), protection "max" (sigmoid((u/cu)/U_hi)), noise placement "terms".
-MOMENTS_NONE, PROTECTION_MAX, NOISE_TERMS = 1, 2, 4
-
-
-def _tanh_series(terms: int) -> tuple[float, ...]:
-    """Taylor coefficients of ``tanh(w) / w`` in powers of ``w**2``, highest first:
-    ``c_n = 2**(2n) (2**(2n) - 1) B_(2n) / (2n)!`` for ``n = 1 .. terms`` (exact fractions,
-    rounded once)."""
-    bernoulli = [Fraction(1)]
-    for m in range(1, 2 * terms + 1):
-        bernoulli.append(-sum(math.comb(m + 1, k) * bernoulli[k] for k in range(m)) / (m + 1))
-    coefficients = [2 ** (2 * n) * (2 ** (2 * n) - 1) * bernoulli[2 * n] / math.factorial(2 * n)
-                    for n in range(1, terms + 1)]
-    return tuple(float(c) for c in reversed(coefficients))
-
-
-def _halves(coefficients: tuple) -> tuple[tuple, tuple]:
-    """``(high, low)``: the coefficients of ``H`` and ``L`` in ``P(y) = H(y) y**len(low) + L(y)``."""
-    middle = (len(coefficients) + 1) // 2
-    return coefficients[:middle], coefficients[middle:]
-
-
-# tanh on |w| <= 1/2: the first omitted term is below 5e-9 (float32, 8 terms: < 0.1 ulp of the
-# protection, which lies in [0.27, 0.73]) and below 5e-18 (float64, 17 terms).
-_TANH_FLOAT32 = _halves(_tanh_series(8))
-_TANH_FLOAT64 = _halves(_tanh_series(17))
-
 
 @intrinsic
 def like(typingctx, value, example):
@@ -371,8 +335,8 @@ def tanh_half_unit(w):
     odd Taylor series, 8 terms in float32 and 17 in float64."""
     w2 = w * w
     if is_float32(w):
-        return w * two_chain_horner(_TANH_FLOAT32[0], _TANH_FLOAT32[1], w2)
-    return w * two_chain_horner(_TANH_FLOAT64[0], _TANH_FLOAT64[1], w2)
+        return w * two_chain_horner(TANH_FLOAT32[0], TANH_FLOAT32[1], w2)
+    return w * two_chain_horner(TANH_FLOAT64[0], TANH_FLOAT64[1], w2)
 
 
 @njit(inline="always")

@@ -1,0 +1,270 @@
+r"""``CudaBackend``: the flat-buffer operations of :mod:`upgd_ref.backends` on the CUDA kernels.
+
+One step is the same plan as the Numba backend's (``specs/kernels-cuda.md``):
+
+1. validation: a count of non-finite elements per chunk and per segment, one small copy to
+   the host (it must be known before anything is written);
+2. pass 1 (``pass1_*``): ``g <- f g`` when VGS scales, ``u`` (and ``m``, ``v``), per chunk
+   ``sum g``, ``sum g^2``, ``min u``, ``max u``; ``segment_reduce`` combines them per segment
+   in a fixed order, and the ``(S, 4)`` result goes to the host;
+3. on the host, float64 per segment: :func:`~upgd_ref.kernels.segments.plan_pass2` (the
+   reference's formulas, shared with the Numba backend);
+4. pass 2 (``pass2_*`` or ``family_pass2_*``) with the Philox normals generated in registers.
+
+The kernels are launched by a *launcher*: :class:`CupyLauncher` (CuPy arrays on a GPU,
+``backend="cupy"``) or :class:`~upgd_ref.kernels.cuda_emulator.EmulatorLauncher` (the same
+source compiled for the CPU, NumPy arrays, ``backend="cuda-emulator"``). This module holds
+no arithmetic of the step; the launch layer is all that differs between the two.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import checks
+from .. import reference as ref
+from ..layout import FlatLayout
+from ..rng import _check_u64
+from ..state import FlatUPGDState, FlatVGSState
+from .cuda_source import ARGUMENT_DTYPES, COMPILE_OPTIONS, KERNEL_SIGNATURES, THREADS, cuda_source, kernel_name
+from .segments import (
+    MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, chunk_table, family_mode, pass1_coefficients, plan_pass2,
+    segment_chunk_offsets, split_u64, vgs_statistics_update, zero_padding,
+)
+
+__all__ = ["CudaBackend", "CupyLauncher"]
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class CupyLauncher:
+    """Compiles the CUDA source with CuPy (``RawModule``, :data:`COMPILE_OPTIONS`) per device
+    and launches on CuPy's current stream.
+
+    ``grid_limit``: most blocks per launch (default 32 per multiprocessor); kernels loop over
+    their chunks, and results do not depend on it.
+    """
+
+    array_kind = "cupy"
+
+    def __init__(self, grid_limit: int | None = None):
+        self.grid_limit = grid_limit
+        self._modules: dict[int, object] = {}
+
+    @property
+    def array_module(self):
+        import cupy  # on first use: importing upgd_ref does not import CuPy
+
+        return cupy
+
+    def available(self) -> bool:
+        """Whether CuPy sees a GPU."""
+        return self.array_module.is_available()
+
+    def _module(self):
+        cupy = self.array_module
+        device = cupy.cuda.Device()
+        module = self._modules.get(device.id)
+        if module is None:
+            module = cupy.RawModule(code=cuda_source(), options=COMPILE_OPTIONS)
+            self._modules[device.id] = module
+        return module, device
+
+    def compile(self) -> None:
+        """Compile (or load from CuPy's cache) every entry point for the current device."""
+        module, _ = self._module()
+        for name in KERNEL_SIGNATURES:
+            module.get_function(name)
+
+    def launch(self, name: str, items: int, *args) -> None:
+        if items == 0:
+            return
+        cupy = self.array_module
+        module, device = self._module()
+        converted = []
+        for position, (kind, value) in enumerate(zip(KERNEL_SIGNATURES[name], args, strict=True)):
+            if kind.endswith("*"):
+                expected = ARGUMENT_DTYPES[kind[:-1]]
+                if not isinstance(value, cupy.ndarray) or value.dtype != expected or not value.flags.c_contiguous:
+                    raise TypeError(f"{name} argument {position} must be a contiguous {expected} CuPy array")
+                if value.device.id != device.id:
+                    raise ValueError(f"{name} argument {position} is on GPU {value.device.id}, "
+                                     f"the current device is GPU {device.id}")
+                converted.append(value)
+            else:
+                converted.append(ARGUMENT_DTYPES[kind].type(value))
+        limit = self.grid_limit or 32 * device.attributes["MultiProcessorCount"]
+        module.get_function(name)((min(items, limit),), (THREADS,), tuple(converted))
+
+    def to_host(self, array) -> np.ndarray:
+        return self.array_module.asnumpy(array)
+
+
+class CudaBackend:
+    """The CUDA kernels behind :mod:`upgd_ref.backends` (float32 and float64 layouts).
+
+    ``launcher``: a :class:`CupyLauncher` (buffers are CuPy arrays) or an
+    :class:`~upgd_ref.kernels.cuda_emulator.EmulatorLauncher` (NumPy arrays). Device copies
+    of a layout's tables are cached per layout.
+    """
+
+    def __init__(self, name: str, launcher):
+        self.name = name
+        self.launcher = launcher
+        self._tables: dict = {}
+
+    def __repr__(self) -> str:
+        return f"CudaBackend({self.name!r}, {type(self.launcher).__name__})"
+
+    @property
+    def array_module(self):
+        return self.launcher.array_module
+
+    @property
+    def array_kind(self) -> str:
+        return self.launcher.array_kind
+
+    def available(self) -> bool:
+        """Whether the kernels can run here (a GPU for CuPy, a C++ compiler for the emulator)."""
+        return self.launcher.available()
+
+    def _device(self, host: np.ndarray):
+        return self.array_module.ascontiguousarray(self.array_module.asarray(host))
+
+    def _chunks(self, layout: FlatLayout):
+        """``(chunk table, segment chunk offsets)`` on the device, built once per layout (and device)."""
+        xp = self.array_module
+        device = xp.cuda.Device().id if hasattr(xp, "cuda") else None
+        key = (layout.offsets, layout.logical_offsets, layout.sizes, device)
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = (self._device(np.ascontiguousarray(chunk_table(layout))),
+                      self._device(segment_chunk_offsets(layout)))
+            self._tables[key] = tables
+        return tables
+
+    def _flags(self, present):
+        return self._device(np.asarray(present, dtype=np.bool_))
+
+    def _segment_partials(self, layout, chunks, flags, partial) -> np.ndarray:
+        """Per-segment ``(sum, sum_sq, min, max)`` of the chunk partials, on the host."""
+        _, segment_chunks = self._chunks(layout)
+        out = self.array_module.empty((layout.num_segments, NUM_PARTIALS), dtype=np.float64)
+        self.launcher.launch("segment_reduce", layout.num_segments, partial, segment_chunks, flags,
+                             layout.num_segments, out)
+        return self.launcher.to_host(out)
+
+    def _new_partial(self, chunks):
+        return self.array_module.zeros((chunks.shape[0], NUM_PARTIALS), dtype=np.float64)
+
+    # --- noise --------------------------------------------------------------------------
+
+    def noise(self, layout, seed: int, step: int, dtype=None, out=None):
+        """As :func:`upgd_ref.rng.noise`, bit for bit, into ``out`` (a checked buffer) or a new
+        device buffer; padding set to 0."""
+        dtype = np.dtype(layout.dtype if dtype is None else dtype)
+        if dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
+        seed = _check_u64("seed", seed)
+        step = _check_u64("step", step)
+        if out is None:
+            out = self.array_module.zeros(layout.size, dtype=dtype)
+        else:
+            zero_padding(layout, out)
+        chunks, _ = self._chunks(layout)
+        self.launcher.launch(kernel_name("noise", dtype), chunks.shape[0], out, chunks, chunks.shape[0],
+                             *split_u64(step), *split_u64(seed))
+        return out
+
+    # --- validation ---------------------------------------------------------------------
+
+    def check_finite(self, name: str, buffer, layout, present) -> None:
+        """:func:`upgd_ref.checks.check_finite`: a count on the device; only when it finds a
+        non-finite value is the buffer copied to the host for the reference's message."""
+        chunks, _ = self._chunks(layout)
+        flags = self._flags(present)
+        partial = self._new_partial(chunks)
+        self.launcher.launch(kernel_name("nonfinite", layout.dtype), chunks.shape[0], buffer, chunks, flags,
+                             chunks.shape[0], partial)
+        if self._segment_partials(layout, chunks, flags, partial)[:, SUM].any():
+            checks.check_finite(name, self.launcher.to_host(buffer), layout, present)
+
+    # --- VGS ----------------------------------------------------------------------------
+
+    def vgs_scale(self, layout, grads, factor: float, present) -> None:
+        chunks, _ = self._chunks(layout)
+        self.launcher.launch(kernel_name("scale", layout.dtype), chunks.shape[0], grads, chunks,
+                             self._flags(present), chunks.shape[0], layout.dtype.type(factor))
+
+    def vgs_update(self, layout, grads, state: FlatVGSState, beta: float, present) -> None:
+        chunks, _ = self._chunks(layout)
+        flags = self._flags(present)
+        partial = self._new_partial(chunks)
+        self.launcher.launch(kernel_name("moments", layout.dtype), chunks.shape[0], grads, chunks, flags,
+                             chunks.shape[0], partial)
+        sums = self._segment_partials(layout, chunks, flags, partial)[:, [SUM, SUM_SQ]]
+        vgs_statistics_update(state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), beta)
+
+    # --- the step -----------------------------------------------------------------------
+
+    def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
+                  variant=ref.PRODUCTION):
+        stats, _ = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, 1.0, variant)
+        return stats
+
+    def fused_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
+                   vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
+        """``vgs_scale``, ``upgd_step``, ``vgs_update`` in one read of the gradient."""
+        stats, sums = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor,
+                                 variant)
+        vgs_statistics_update(vgs_state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), vgs_beta)
+        return stats
+
+    def _step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor, variant):
+        variant = ref.check_variant(variant)
+        dtype = layout.dtype
+        step = _check_u64("step", state.step + 1)  # the noise counter T
+        chunks, _ = self._chunks(layout)
+        num_chunks = chunks.shape[0]
+        host_flags = np.asarray(present, dtype=np.bool_)
+        flags = self._flags(host_flags)
+        coefficients = self._device(pass1_coefficients(hyper, dtype))
+        factor = dtype.type(vgs_factor)
+        moments = variant.moments == "adam"
+        partial = self._new_partial(chunks)
+        self.launcher.launch(kernel_name("pass1", dtype), num_chunks, grads, params, state.utility,
+                             state.first_moment, state.second_moment, chunks, flags, coefficients, num_chunks,
+                             factor, int(factor != 1), int(moments), partial)
+        per_segment = self._segment_partials(layout, chunks, flags, partial)
+        sums = per_segment[:, [SUM, SUM_SQ]]
+        u_lo, u_hi = np.nan, np.nan
+        if host_flags.any():
+            lo, hi = per_segment[host_flags, MIN_U].min(), per_segment[host_flags, MAX_U].max()
+            if lo <= hi:  # some present segment has elements
+                u_lo, u_hi = lo, hi
+        plan = plan_pass2(layout, state, host_flags, hyper, sums, u_lo, u_hi, noise_norm, variant)
+        if plan.run:
+            coefficients = self._device(plan.coefficients)
+            words = (*split_u64(step), *split_u64(seed))
+            if variant == ref.PRODUCTION:
+                self.launcher.launch(kernel_name("pass2", dtype), num_chunks, params, state.utility,
+                                     state.first_moment, state.second_moment, chunks, flags, coefficients,
+                                     num_chunks, plan.u_lo, plan.inv_range, *words)
+            else:
+                self.launcher.launch(kernel_name("family_pass2", dtype), num_chunks, params, grads, state.utility,
+                                     state.first_moment, state.second_moment, chunks, flags, coefficients,
+                                     num_chunks, plan.u_lo, plan.inv_range, plan.u_hi, family_mode(variant), *words)
+        state.step = step
+        state.segment_step[...] = plan.segment_step
+        state.grad_norm_ema[...] = plan.grad_norm_ema
+        return plan.stats, sums
+
+    # --- compilation --------------------------------------------------------------------
+
+    def warmup(self, dtypes=("float32", "float64")) -> float:
+        """Compile (or load) every entry point; returns the seconds it took."""
+        start = time.perf_counter()
+        self.launcher.compile()
+        return time.perf_counter() - start

@@ -1,0 +1,164 @@
+"""The CUDA source of the GPU kernels, its compile options and its entry points.
+
+``upgd_step.cu`` (next to this file) holds the kernels; :func:`cuda_source` prepends a
+prelude of ``#define`` constants generated here from their Python definitions (chunk-table
+and coefficient columns from :mod:`.segments`, Philox and fdlibm constants from
+:mod:`upgd_ref.rng`, the tanh series as straight-line Horner code), so every number exists
+once. :data:`KERNEL_SIGNATURES` names each entry point's arguments; both launchers (CuPy on
+a GPU, the host-compiled emulator) convert and check arguments with it, because neither a
+CUDA launch nor ctypes checks them.
+
+:func:`compile_with_nvrtc` compiles the source with NVRTC through CuPy's low-level
+``cupy.cuda.nvrtc`` API, which needs the NVRTC library (the ``nvidia-cuda-nvrtc-cu12``
+wheel) but no GPU and no driver: that is how CI checks that the GPU code compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from .. import rng
+from . import segments
+
+__all__ = [
+    "THREADS", "COMPILE_OPTIONS", "KERNEL_SIGNATURES", "ARGUMENT_DTYPES", "cuda_source", "kernel_name",
+    "compile_with_nvrtc", "ptx_entries",
+]
+
+#: Threads per block. Part of the definition of the reductions' order (specs/kernels-cuda.md §2).
+THREADS = 256
+#: NVRTC options of every compilation: no contraction of a * b + c into an FMA (bit-identity
+#: with the CPU), C++17 (hex float literals, lambdas). Division and square root are IEEE
+#: (NVRTC's defaults ``-prec-div=true``, ``-prec-sqrt=true``, ``-ftz=false``), spelled out.
+COMPILE_OPTIONS = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", "-std=c++17")
+
+SOURCE_FILE = Path(__file__).with_name("upgd_step.cu")
+
+_DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_PER_DTYPE = {
+    "nonfinite": ("T*", "i64*", "u8*", "i64", "f64*"),
+    "scale": ("T*", "i64*", "u8*", "i64", "T"),
+    "moments": ("T*", "i64*", "u8*", "i64", "f64*"),
+    "pass1": ("T*", "T*", "T*", "T*", "T*", "i64*", "u8*", "T*", "i64", "T", "i32", "i32", "f64*"),
+    "pass2": ("T*", "T*", "T*", "T*", "i64*", "u8*", "T*", "i64", "T", "T", "u32", "u32", "u32", "u32"),
+    "family_pass2": ("T*", "T*", "T*", "T*", "T*", "i64*", "u8*", "T*", "i64", "T", "T", "T", "i32",
+                     "u32", "u32", "u32", "u32"),
+    "noise": ("T*", "i64*", "i64", "u32", "u32", "u32", "u32"),
+}
+#: Entry point -> argument kinds: ``f32``, ``f64``, ``i32``, ``i64``, ``u32`` (by value) and the
+#: same with ``*`` (a device buffer of that dtype; ``u8*`` holds the present flags).
+KERNEL_SIGNATURES: dict[str, tuple[str, ...]] = {
+    f"{name}_{suffix}": tuple(kind.replace("T", suffix) for kind in kinds)
+    for name, kinds in _PER_DTYPE.items() for suffix in ("f32", "f64")
+}
+KERNEL_SIGNATURES["segment_reduce"] = ("f64*", "i64*", "u8*", "i64", "f64*")
+#: NumPy dtype of each argument kind (pointer or value).
+ARGUMENT_DTYPES = {"f32": np.dtype(np.float32), "f64": np.dtype(np.float64), "i32": np.dtype(np.int32),
+                   "i64": np.dtype(np.int64), "u32": np.dtype(np.uint32), "u8": np.dtype(np.bool_)}
+
+
+def kernel_name(base: str, dtype) -> str:
+    """``pass1`` and float32 -> ``pass1_f32``."""
+    return f"{base}_{_DTYPE_SUFFIX[np.dtype(dtype)]}"
+
+
+def _double(value: float) -> str:
+    return f"({float(value).hex()})"
+
+
+def _float(value: float) -> str:
+    return f"({float(np.float32(value)).hex()}f)"
+
+
+def _tanh_function(ctype: str, halves, literal) -> str:
+    """``tanh(w)`` for ``|w| <= 1/2`` as in the Numba kernels: ``w * (H(y) y**len(low) + L(y))``,
+    ``y = w * w``, two Horner chains from 0, coefficients rounded to the dtype."""
+    high, low = halves
+    lines = [f"UPGD_DEVICE {ctype} tanh_half_unit({ctype} w) {{",
+             f"    {ctype} y = w * w;",
+             f"    {ctype} high = ({ctype})0;"]
+    lines += [f"    high = high * y + {literal(c)};" for c in high]
+    lines += [f"    {ctype} low = ({ctype})0;", f"    {ctype} power = ({ctype})1;"]
+    for c in low:
+        lines += [f"    low = low * y + {literal(c)};", "    power = power * y;"]
+    lines += ["    return w * (high * power + low);", "}"]
+    return "\n".join(lines)
+
+
+def _prelude() -> str:
+    integers = {
+        "UPGD_THREADS": THREADS,
+        **{name: getattr(segments, name) for name in (
+            "SEGMENT", "START", "LENGTH", "LOGICAL", "BETA_U", "ONE_MINUS_BETA_U", "BETA1", "ONE_MINUS_BETA1",
+            "BETA2", "ONE_MINUS_BETA2", "NUM_PASS1_COEFFICIENTS", "DECAY", "LR", "EPS", "INV_CU", "INV_BC1",
+            "INV_BC2", "STD", "NUM_PASS2_COEFFICIENTS", "SUM", "SUM_SQ", "MIN_U", "MAX_U", "NUM_PARTIALS",
+            "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS")},
+        "PHILOX_ROUNDS": rng.PHILOX_ROUNDS,
+        "OCTANT_FRACTION_BITS": rng.OCTANT_FRACTION_BITS,
+    }
+    words = {name: getattr(rng, name) for name in ("PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1")}
+    doubles = {name: getattr(rng, name) for name in (
+        "LN2_HI", "LN2_LO", "LG1", "LG2", "LG3", "LG4", "LG5", "LG6", "LG7", "SQRT2",
+        "S1", "S2", "S3", "S4", "S5", "S6", "C1", "C2", "C3", "C4", "C5", "C6", "PI_OVER_4")}
+    doubles["OCTANT_FRACTION_SCALE"] = 2.0 ** -rng.OCTANT_FRACTION_BITS
+    lines = ["// Generated by upgd_ref/kernels/cuda_source.py from the Python definitions."]
+    lines += [f"#define {name} {value}" for name, value in integers.items()]
+    lines += [f"#define {name} 0x{value:08X}u" for name, value in words.items()]
+    lines += [f"#define {name} {_double(value)}" for name, value in doubles.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _tanh_functions() -> str:
+    return "\n\n".join([_tanh_function("float", segments.TANH_FLOAT32, _float),
+                        _tanh_function("double", segments.TANH_FLOAT64, _double)]) + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_source() -> str:
+    """The complete CUDA source: generated constants, then ``upgd_step.cu`` with the tanh
+    series functions inserted at its ``// @tanh-functions`` line."""
+    body = SOURCE_FILE.read_text()
+    marker = "// @tanh-functions\n"
+    if marker not in body:
+        raise RuntimeError(f"{SOURCE_FILE} lacks the line {marker.strip()!r}")
+    return _prelude() + body.replace(marker, _tanh_functions())
+
+
+def compile_with_nvrtc(arch: str = "sm_90", *, options=COMPILE_OPTIONS, cubin: bool = True) -> dict:
+    """Compile :func:`cuda_source` with NVRTC; no GPU or driver needed.
+
+    ``arch``: ``"sm_90"`` gives PTX and a CUBIN for that GPU, ``"compute_90"`` PTX only.
+    Returns ``{"ptx": str, "cubin": bytes | None, "log": str, "version": (major, minor)}``;
+    a compile error raises ``RuntimeError`` carrying NVRTC's log.
+    """
+    from cupy.cuda import nvrtc
+
+    program = nvrtc.createProgram(cuda_source(), "upgd_step.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, [f"-arch={arch}", *options])
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC failed to compile upgd_step.cu for {arch}: {exc}\n"
+                               f"{nvrtc.getProgramLog(program)}") from None
+        ptx = nvrtc.getPTX(program)
+        return {
+            "ptx": ptx.decode() if isinstance(ptx, bytes) else ptx,
+            "cubin": nvrtc.getCUBIN(program) if cubin and arch.startswith("sm_") else None,
+            "log": nvrtc.getProgramLog(program),
+            "version": nvrtc.getVersion(),
+        }
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+def ptx_entries(ptx: str) -> dict[str, str]:
+    """Entry name -> its PTX text (from ``.entry name(`` to the next entry)."""
+    parts = ptx.split(".entry ")
+    entries = {}
+    for part in parts[1:]:
+        name = part.split("(", 1)[0].strip()
+        entries[name] = part
+    return entries

@@ -1,0 +1,257 @@
+r"""What every kernel backend shares: the chunk table, the coefficient tables and the
+per-segment float64 scalars computed on the host between pass 1 and pass 2.
+
+No Numba and no CuPy here: the Numba kernels (:mod:`.numba_step`), the CUDA source
+(:mod:`.cuda_source`) and their host sides (:mod:`.numba_backend`, :mod:`.cuda_backend`)
+all read the column indices and the chunk size from this module, so both kernel families
+work on the same tables and the per-segment formulas exist once (the reference's, applied
+to the reduced values; ``specs/kernels.md`` §1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import reference as ref
+from ..layout import FlatLayout
+from ..state import FlatVGSState
+
+__all__ = [
+    "CHUNK", "SEGMENT", "START", "LENGTH", "LOGICAL",
+    "BETA_U", "ONE_MINUS_BETA_U", "BETA1", "ONE_MINUS_BETA1", "BETA2", "ONE_MINUS_BETA2", "NUM_PASS1_COEFFICIENTS",
+    "DECAY", "LR", "EPS", "INV_CU", "INV_BC1", "INV_BC2", "STD", "NUM_PASS2_COEFFICIENTS",
+    "SUM", "SUM_SQ", "MIN_U", "MAX_U", "NUM_PARTIALS",
+    "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS",
+    "TANH_FLOAT32", "TANH_FLOAT64",
+    "chunk_table", "segment_chunk_offsets", "split_u64", "zero_padding",
+    "pass1_coefficients", "pass2_coefficients", "family_mode",
+    "PassTwoPlan", "plan_pass2", "vgs_statistics_update",
+]
+
+CHUNK = 2048  # elements per work item: partial sums are fixed by it, never by the threads
+
+# Chunk table columns.
+SEGMENT, START, LENGTH, LOGICAL = 0, 1, 2, 3
+# Pass-1 coefficient columns (per segment, in the buffers' dtype).
+BETA_U, ONE_MINUS_BETA_U, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = range(6)
+NUM_PASS1_COEFFICIENTS = 6
+# Pass-2 coefficient columns: 1 - lr*wd, lr, eps, 1/cu, 1/(1-beta1^t), 1/(1-beta2^t), std.
+DECAY, LR, EPS, INV_CU, INV_BC1, INV_BC2, STD = range(7)
+NUM_PASS2_COEFFICIENTS = 7
+# Partial-result columns of a chunk (float64).
+SUM, SUM_SQ, MIN_U, MAX_U = range(4)
+NUM_PARTIALS = 4
+# Family mode bits of the family pass 2 (0 is the production arithmetic): moments "none"
+# (direction g), protection "max" (sigmoid((u/cu)/U_hi)), noise placement "terms".
+MOMENTS_NONE, PROTECTION_MAX, NOISE_TERMS = 1, 2, 4
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _tanh_series(terms: int) -> tuple[float, ...]:
+    """Taylor coefficients of ``tanh(w) / w`` in powers of ``w**2``, highest first:
+    ``c_n = 2**(2n) (2**(2n) - 1) B_(2n) / (2n)!`` for ``n = 1 .. terms`` (exact fractions,
+    rounded once)."""
+    bernoulli = [Fraction(1)]
+    for m in range(1, 2 * terms + 1):
+        bernoulli.append(-sum(math.comb(m + 1, k) * bernoulli[k] for k in range(m)) / (m + 1))
+    coefficients = [2 ** (2 * n) * (2 ** (2 * n) - 1) * bernoulli[2 * n] / math.factorial(2 * n)
+                    for n in range(1, terms + 1)]
+    return tuple(float(c) for c in reversed(coefficients))
+
+
+def _halves(coefficients: tuple) -> tuple[tuple, tuple]:
+    """``(high, low)``: the coefficients of ``H`` and ``L`` in ``P(y) = H(y) y**len(low) + L(y)``."""
+    middle = (len(coefficients) + 1) // 2
+    return coefficients[:middle], coefficients[middle:]
+
+
+#: ``(high, low)`` halves of the tanh series on ``|w| <= 1/2`` (``specs/kernels.md`` §3): the
+#: first omitted term is below 5e-9 (float32, 8 terms: < 0.1 ulp of the protection, which
+#: lies in [0.27, 0.73]) and below 5e-18 (float64, 17 terms).
+TANH_FLOAT32 = _halves(_tanh_series(8))
+TANH_FLOAT64 = _halves(_tanh_series(17))
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_table(offsets: tuple, logical_offsets: tuple, sizes: tuple) -> np.ndarray:
+    """:func:`chunk_table` from the layout's tuples (hashable, so the table is built once)."""
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    per_segment = -(-sizes_arr // CHUNK)  # ceil(size / CHUNK); 0 for an empty segment
+    segment = np.repeat(np.arange(len(sizes), dtype=np.int64), per_segment)
+    first_chunk = np.cumsum(per_segment) - per_segment
+    within = (np.arange(segment.size, dtype=np.int64) - first_chunk[segment]) * CHUNK
+    table = np.empty((segment.size, 4), dtype=np.int64)
+    table[:, SEGMENT] = segment
+    table[:, START] = np.asarray(offsets, dtype=np.int64)[segment] + within
+    table[:, LENGTH] = np.minimum(CHUNK, sizes_arr[segment] - within)
+    table[:, LOGICAL] = np.asarray(logical_offsets, dtype=np.int64)[segment] + within
+    table.flags.writeable = False  # shared between calls through the cache
+    return table
+
+
+def chunk_table(layout: FlatLayout) -> np.ndarray:
+    """The layout's chunks: int64 ``(C, 4)``, columns ``SEGMENT, START, LENGTH, LOGICAL``.
+
+    Segment ``i`` of size ``n`` has ``ceil(n / CHUNK)`` chunks, in order; chunk ``c``
+    covers ``flat[START : START + LENGTH]``, logical indices from ``LOGICAL``.
+    """
+    return _chunk_table(layout.offsets, layout.logical_offsets, layout.sizes)
+
+
+def segment_chunk_offsets(layout: FlatLayout) -> np.ndarray:
+    """int64 ``(S + 1,)``: segment ``i``'s chunks are rows ``[o[i], o[i + 1])`` of the chunk table."""
+    per_segment = -(-np.asarray(layout.sizes, dtype=np.int64) // CHUNK)
+    return np.concatenate([[0], np.cumsum(per_segment)]).astype(np.int64)
+
+
+def zero_padding(layout: FlatLayout, flat) -> None:
+    """Set the padding after each segment to 0 (NumPy or CuPy flat buffer)."""
+    for offset, size in zip(layout.offsets, layout.sizes):
+        flat[offset + size : offset + size + (-size) % layout.alignment] = 0
+
+
+def split_u64(value: int) -> tuple[int, int]:
+    """``(low 32 bits, high 32 bits)`` of a 64-bit counter or key."""
+    return value & _MASK32, value >> 32
+
+
+def _column(hyper: list[dict], name: str) -> np.ndarray:
+    return np.array([h[name] for h in hyper], dtype=np.float64)
+
+
+def pass1_coefficients(hyper: list[dict], dtype) -> np.ndarray:
+    """Per segment ``beta, 1 - beta`` of the utility and both moments, rounded to ``dtype``."""
+    out = np.empty((len(hyper), NUM_PASS1_COEFFICIENTS), dtype=dtype)
+    for beta_name, beta_column, complement_column in (
+        ("beta_utility", BETA_U, ONE_MINUS_BETA_U),
+        ("beta1", BETA1, ONE_MINUS_BETA1),
+        ("beta2", BETA2, ONE_MINUS_BETA2),
+    ):
+        beta = _column(hyper, beta_name)
+        out[:, beta_column] = beta
+        out[:, complement_column] = 1.0 - beta
+    return out
+
+
+def _reciprocal_in(dtype, value) -> np.ndarray:
+    """``1 / value`` rounded to ``dtype``, where ``value`` is first rounded to ``dtype`` (the
+    reference divides by the dtype-rounded value)."""
+    rounded = np.asarray(value, dtype=dtype).astype(np.float64)
+    return (1.0 / rounded).astype(dtype)
+
+
+def _bias_corrections(hyper: list[dict], name: str, t: np.ndarray) -> np.ndarray:
+    """``1 - beta**t_i`` per segment with the reference's scalar ``pow`` (NumPy's array power
+    can be an ulp off, and ``1 - beta**t`` amplifies that by ``1 / (1 - beta**t)``)."""
+    return np.array([ref.bias_correction(h[name], int(steps)) for h, steps in zip(hyper, t)], dtype=np.float64)
+
+
+def pass2_coefficients(hyper: list[dict], t: np.ndarray, std: np.ndarray, dtype,
+                       update_factor: float = 1.0) -> np.ndarray:
+    """Per segment ``1 - lr wd, update_factor lr, eps, 1/cu, 1/(1 - beta1^t), 1/(1 - beta2^t), std``
+    (the reference's ``step = update_factor * lr``, a float64 product rounded once)."""
+    lr = _column(hyper, "lr")
+    out = np.empty((len(hyper), NUM_PASS2_COEFFICIENTS), dtype=dtype)
+    out[:, DECAY] = 1.0 - lr * _column(hyper, "weight_decay")
+    out[:, LR] = update_factor * lr
+    out[:, EPS] = _column(hyper, "eps")
+    with np.errstate(divide="ignore"):  # t = 0 only for absent segments, never read
+        out[:, INV_CU] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta_utility", t))
+        out[:, INV_BC1] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta1", t))
+        out[:, INV_BC2] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta2", t))
+    out[:, STD] = np.where(np.isnan(std), 0.0, std)
+    return out
+
+
+def family_mode(variant: ref.UPGDVariant) -> int:
+    """The ``mode`` bits of the family pass 2 for a (checked) variant."""
+    return ((MOMENTS_NONE if variant.moments == "none" else 0)
+            | (PROTECTION_MAX if variant.protection == "max" else 0)
+            | (NOISE_TERMS if variant.noise_placement == "terms" else 0))
+
+
+# --- between the passes -----------------------------------------------------------------
+
+
+def _noise_scales(square_sums, present, hyper, grad_norm_ema, t, noise_norm):
+    """``(||g_i||, n_i, std_i)`` per segment from ``sum g_i^2`` (``specs/algorithm.md`` §3.3).
+
+    Absent segments: NaN norm and std, ``n_i`` unchanged. The global norm adds the present
+    squares in segment order, as the reference does.
+    """
+    squares = np.where(present, square_sums, np.nan)
+    segment_norm = np.sqrt(squares)
+    global_norm = np.sqrt(sum(squares[i] for i in np.flatnonzero(present))) if present.any() else np.nan
+    ema = np.array(grad_norm_ema, dtype=np.float64)
+    std = np.full(len(hyper), np.nan)
+    for i in np.flatnonzero(present):
+        h = hyper[i]
+        r = segment_norm[i] if noise_norm == "segment" else global_norm
+        if h["adaptive_noise"]:
+            ema[i] = ref.grad_norm_ema_update(ema[i], r, h["noise_beta"])
+        std[i] = ref.noise_std(
+            np, sigma=h["sigma"], adaptive_noise=h["adaptive_noise"],
+            instant_noise_scale=h["instant_noise_scale"], min_noise_std=h["min_noise_std"],
+            noise_beta=h["noise_beta"], norm=r, grad_norm_ema=ema[i], t=t[i],
+        )
+    return segment_norm, ema, std
+
+
+class PassTwoPlan(NamedTuple):
+    """Everything pass 2 needs and the step reports, computed on the host after pass 1.
+
+    ``run`` is False when no present segment has an element (pass 2 is skipped);
+    ``u_lo``, ``u_hi``, ``inv_range`` are in the layout's dtype.
+    """
+
+    run: bool
+    coefficients: np.ndarray  # (S, NUM_PASS2_COEFFICIENTS), layout dtype
+    u_lo: np.generic
+    u_hi: np.generic
+    inv_range: np.generic
+    segment_step: np.ndarray  # t_i after this step
+    grad_norm_ema: np.ndarray  # n_i after this step
+    stats: ref.StepStats
+
+
+def plan_pass2(layout: FlatLayout, state, present: np.ndarray, hyper: list[dict], sums: np.ndarray,
+               u_lo: float, u_hi: float, noise_norm: str, variant: ref.UPGDVariant) -> PassTwoPlan:
+    """Per-segment float64 work between the passes (``specs/kernels.md`` §1 step 3).
+
+    ``sums``: ``(S, 2)`` per-segment ``sum g, sum g^2`` of the (scaled) gradient; ``u_lo``,
+    ``u_hi``: the utility extrema over present segments (NaN when they hold no element).
+    ``t_i``, ``||g_i||``, ``n_i``, ``std_i``, the bias corrections and ``1 / (U_hi - U_lo +
+    1e-8)`` are the reference's formulas, rounded to the dtype where the reference rounds.
+    """
+    dtype = layout.dtype
+    t = state.segment_step + present
+    with np.errstate(all="ignore"):  # as the reference backend: NaN marks absent segments
+        grad_norm, ema, std = _noise_scales(sums[:, 1], present, hyper, state.grad_norm_ema, t, noise_norm)
+    u_lo, u_hi = dtype.type(u_lo), dtype.type(u_hi)
+    run = not np.isnan(u_lo)  # some present segment has elements
+    inv_range = dtype.type(np.nan)
+    if run:
+        utility_range = u_hi - u_lo + dtype.type(ref.UTILITY_RANGE_EPS)  # in dtype, as the reference
+        inv_range = dtype.type(_reciprocal_in(dtype, utility_range))
+    coefficients = pass2_coefficients(hyper, t, std, dtype, variant.update_factor)
+    stats = ref.StepStats(grad_norm=grad_norm, noise_std=std, utility_min=u_lo, utility_max=u_hi)
+    return PassTwoPlan(run, coefficients, u_lo, u_hi, inv_range, t, ema, stats)
+
+
+def vgs_statistics_update(state: FlatVGSState, sums: np.ndarray, sizes, present, beta: float) -> None:
+    """``k += 1``; ``a_i, b_i <- beta * old + (1 - beta) * mean(g_i), mean(g_i^2)`` for present,
+    non-empty segments (``sums``: per-segment ``sum g, sum g^2`` of the scaled gradients)."""
+    for i in np.flatnonzero(present):
+        if sizes[i]:
+            state.grad_mean_avg[i] = beta * state.grad_mean_avg[i] + (1.0 - beta) * (sums[i, 0] / sizes[i])
+            state.grad_sq_avg[i] = beta * state.grad_sq_avg[i] + (1.0 - beta) * (sums[i, 1] / sizes[i])
+    state.step += 1
