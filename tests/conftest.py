@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from upgd_ref import AdaptiveUPGD, FlatLayout, VarianceGradientScaler
-from upgd_ref.backends import BACKENDS
+from upgd_ref.backends import backends_for
 
-#: Every backend registered when the tests are collected (reference, numba, ...).
-BACKEND_NAMES = tuple(BACKENDS)
+#: Every backend for NumPy buffers registered when the tests are collected (reference, numba,
+#: cuda-emulator, ...). The CuPy backend has its own tests (tests/test_cuda_gpu.py).
+BACKEND_NAMES = tuple(backends_for("numpy"))
 
 #: Whether ``AdaptiveUPGD.step`` takes a ``vgs=`` scaler (scale, step, update in one call).
 STEP_TAKES_VGS = "vgs" in inspect.signature(AdaptiveUPGD.step).parameters

@@ -41,12 +41,13 @@ def _gradient(data, params, scale, paper: bool):
     return g
 
 
-def run_member_case(member, case):
+def run_member_case(member, case, backend="numba"):
+    """Largest ``error / bound`` per field over the case's lockstep steps on ``backend``."""
     layout = case["layout"]
     data = np.random.default_rng(case["data_seed"])
     opt = MEMBERS[member](layout, param_groups=case["groups"], noise_norm=case["noise_norm"], seed=case["seed"],
-                          backend="numba")
-    vgs = None if case["vgs"] is None else VarianceGradientScaler(layout, backend="numba", **case["vgs"])
+                          backend=backend)
+    vgs = None if case["vgs"] is None else VarianceGradientScaler(layout, backend=backend, **case["vgs"])
     params = layout.pack([data.standard_normal(s) for s in layout.shapes])
     paper = member.endswith("paper")
     worst: dict[str, float] = {}

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_cupy_array", "array_kind", "describe_device", "to_numpy", "like_buffer", "assign", "may_share_memory"]
+__all__ = ["is_cupy_array", "array_kind", "describe_device", "to_numpy", "like_buffer", "as_kind", "assign", "may_share_memory"]
 
 
 def is_cupy_array(x) -> bool:
@@ -38,13 +38,22 @@ def to_numpy(x) -> np.ndarray:
 
 
 def like_buffer(values: np.ndarray, example):
-    """``values`` (NumPy) as an array of the same kind and device as ``example``."""
+    """``values`` (NumPy) as an array of the same kind and device as ``example`` (a copy)."""
     if is_cupy_array(example):
         import cupy
 
         with cupy.cuda.Device(example.device.id):
             return cupy.asarray(values)
     return to_numpy(values).copy()
+
+
+def as_kind(values: np.ndarray, kind: str):
+    """A copy of ``values`` as a ``kind`` array (``"numpy"``, or ``"cupy"`` on the current GPU)."""
+    if kind == "cupy":
+        import cupy
+
+        return cupy.asarray(values)
+    return np.array(values)
 
 
 def assign(target, values) -> None:

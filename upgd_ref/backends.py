@@ -29,7 +29,7 @@ from .rng import noise as reference_noise
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
-    "ReferenceBackend", "BACKENDS", "AUTO_ORDER", "backends_for", "check_backend_name", "select_backend", "noise",
+    "ReferenceBackend", "BACKENDS", "AUTO_ORDER", "available_backends", "backends_for", "check_backend_name", "select_backend", "noise",
     "warmup",
 ]
 
@@ -126,6 +126,11 @@ def backends_for(kind: str = "numpy") -> list[str]:
     return [name for name, backend in BACKENDS.items() if backend.array_kind == kind]
 
 
+def available_backends() -> list[str]:
+    """Names of the registered backends that can run here (``"cupy"`` needs a GPU)."""
+    return [name for name, backend in BACKENDS.items() if getattr(backend, "available", lambda: True)()]
+
+
 def check_backend_name(name: str) -> str:
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {['auto', *BACKENDS]}")
@@ -181,7 +186,7 @@ def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = 
 def _check_noise_out(out, layout, dtype) -> None:
     expected = np.dtype(layout.dtype if dtype is None else dtype)
     if array_kind(out) not in ("numpy", "cupy"):
-        raise TypeError(f"out must be a NumPy or CuPy array, got {type(out).__name__}")
+        raise TypeError(f"out must be a NumPy array (or a CuPy array on a GPU), got {type(out).__name__}")
     if out.shape != (layout.size,):
         raise ValueError(f"out must have shape ({layout.size},) for this layout, got {out.shape}")
     if out.dtype != expected:
@@ -199,5 +204,4 @@ def warmup(dtypes=("float32", "float64")) -> dict[str, float]:
     a GPU; their emulator with a C++ compiler). Numba, CuPy and the emulator cache what they
     compile on disk, so a later process loads it in well under a second.
     """
-    return {name: backend.warmup(dtypes) for name, backend in BACKENDS.items()
-            if hasattr(backend, "warmup") and getattr(backend, "available", lambda: True)()}
+    return {name: BACKENDS[name].warmup(dtypes) for name in available_backends() if hasattr(BACKENDS[name], "warmup")}

@@ -412,12 +412,12 @@ def _target_lines(result: dict) -> list[str]:
 
 
 def _size(text: str) -> int:
-    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    scale = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1)
     digits = text[:-1] if scale != 1 else text
     try:
         value = float(digits) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1M, 250k, 4096)") from None
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1B, 1M, 250k, 4096)") from None
     if value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"size must be a positive whole number, got {text!r}")
     return int(value)
@@ -443,9 +443,21 @@ def _positive_int(text: str) -> int:
 
 
 def _run(args) -> int:
-    result = run_benchmark(args.sizes, args.dtypes, args.threads, args.segments, args.repeats,
-                           use_torch=not args.no_torch, quiet=args.quiet, cold_jit=args.cold_jit)
-    print(format_report(result))
+    if args.backend == "cupy":
+        from .bench_cuda import DEFAULT_CUDA_SIZES, format_cuda_report, run_cuda_benchmark
+
+        try:
+            result = run_cuda_benchmark(args.sizes or DEFAULT_CUDA_SIZES, args.dtypes or ["float32"],
+                                        args.segments, args.repeats, quiet=args.quiet)
+        except (ImportError, RuntimeError) as exc:
+            print(f"upgd-ref bench: error: {exc}", file=sys.stderr)
+            return 2
+        print(format_cuda_report(result))
+    else:
+        result = run_benchmark(args.sizes or DEFAULT_SIZES, args.dtypes or DEFAULT_DTYPES, args.threads,
+                               args.segments, args.repeats, use_torch=not args.no_torch, quiet=args.quiet,
+                               cold_jit=args.cold_jit)
+        print(format_report(result))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -459,10 +471,14 @@ def register(subparsers) -> None:
         description="Time one optimizer step of the Numba kernels, the NumPy reference and (when "
                     "installed) PyTorch, side by side; prints one table in ns/parameter and ms/step.",
     )
-    parser.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES),
-                        help="comma-separated parameter counts, e.g. 1M,10M (default) or 4096")
-    parser.add_argument("--dtypes", type=_dtypes, default=list(DEFAULT_DTYPES),
-                        help="comma-separated, from float32,float64 (default both)")
+    parser.add_argument("--backend", choices=("numba", "cupy"), default="numba",
+                        help="numba (default): the CPU kernels against NumPy and PyTorch; cupy: the CUDA "
+                             "kernels against the GPU's device-to-device copy bandwidth")
+    parser.add_argument("--sizes", type=_sizes, default=None,
+                        help="comma-separated parameter counts, e.g. 1M,10M (default; 1M,100M,1B with "
+                             "--backend cupy) or 4096")
+    parser.add_argument("--dtypes", type=_dtypes, default=None,
+                        help="comma-separated, from float32,float64 (default both; float32 with --backend cupy)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="Numba and torch threads (default: NUMBA_NUM_THREADS)")
     parser.add_argument("--segments", type=_positive_int, default=DEFAULT_SEGMENTS,

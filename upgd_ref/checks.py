@@ -14,7 +14,8 @@ def check_flat_buffer(name: str, buffer, layout, *, writable: bool) -> None:
     cupy_array = is_cupy_array(buffer)
     if not isinstance(buffer, np.ndarray) and not cupy_array:
         raise TypeError(
-            f"{name} must be a NumPy or CuPy array (flat buffer of the layout), got {type(buffer).__name__}; "
+            f"{name} must be a NumPy array (or a CuPy array on a GPU; flat buffer of the layout), got "
+            f"{type(buffer).__name__}; "
             "other array types go through upgd_ref.adapters"
         )
     if buffer.ndim != 1 or buffer.shape[0] != layout.size:

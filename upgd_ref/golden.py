@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from . import reference as ref
-from .backends import BACKENDS
+from .arrays import as_kind, to_numpy
+from .backends import BACKENDS, available_backends
 from .config import Config, build, load_config
 from .layout import FlatLayout
 from .rng import noise as reference_noise
@@ -526,14 +527,16 @@ def replay(case: GoldenCase, backend: str = "auto", *, fused: bool = True) -> di
     layout = case.layout
     built = build(case.config, layout, backend=backend)
     opt, scaler = built.optimizer, built.scaler
-    params = layout.pack(case.segments(case.arrays["params0"]))
+    kind = "numpy" if backend == "auto" else BACKENDS[backend].array_kind  # CuPy backends: buffers on the GPU
+    params = as_kind(layout.pack(case.segments(case.arrays["params0"])), kind)
     writer = TraceWriter(case=case.name)
-    writer.set_initial(layout.unpack(params))
+    writer.set_initial(layout.unpack(to_numpy(params)))
     for k in range(1, case.steps + 1):
-        grads = layout.pack(case.segments(case.arrays["grads"][k - 1]))
+        host_grads = layout.pack(case.segments(case.arrays["grads"][k - 1]))
+        grads = as_kind(host_grads, kind)
         present = [bool(b) for b in case.arrays["present"][k - 1]]
-        fields = dict(grads=[g.copy() for g in layout.unpack(grads)], present=np.asarray(present),
-                      normals=layout.unpack(opt.noise()))
+        fields = dict(grads=[g.copy() for g in layout.unpack(host_grads)], present=np.asarray(present),
+                      normals=layout.unpack(to_numpy(opt.noise())))
         if scaler is None or fused:
             info = opt.step(params, grads, present, vgs=scaler)
             factor, variance = info.vgs_factor, info.vgs_normalized_variance
@@ -543,10 +546,10 @@ def replay(case: GoldenCase, backend: str = "auto", *, fused: bool = True) -> di
             info = opt.step(params, grads, present)
             scaler.update(grads, present)
         fields.update(
-            params=layout.unpack(params), segment_step=opt.state.segment_step,
+            params=layout.unpack(to_numpy(params)), segment_step=opt.state.segment_step,
             grad_norm_ema=opt.state.grad_norm_ema, grad_norm=info.grad_norm, noise_std=info.noise_std,
             utility_min=info.utility_min, utility_max=info.utility_max,
-            **{name: layout.unpack(getattr(opt.state, name)) for name in STATE_FIELDS[1:]},
+            **{name: layout.unpack(to_numpy(getattr(opt.state, name))) for name in STATE_FIELDS[1:]},
         )
         if scaler is not None:
             fields.update(vgs_factor=factor, vgs_normalized_variance=variance,
@@ -839,7 +842,7 @@ def _cmd_verify(args) -> int:
     problems = check_manifest(args.golden)
     for problem in problems:
         print(f"integrity: {problem}")
-    backends = args.backend or list(BACKENDS)
+    backends = args.backend or available_backends()
     for entry in load_manifest(args.golden)["cases"]:
         case = load_case(entry["name"], args.golden)
         for backend in backends:

@@ -148,7 +148,7 @@ class CudaBackend:
     def _flags(self, present):
         return self._device(np.asarray(present, dtype=np.bool_))
 
-    def _segment_partials(self, layout, chunks, flags, partial) -> np.ndarray:
+    def _segment_partials(self, layout, flags, partial) -> np.ndarray:
         """Per-segment ``(sum, sum_sq, min, max)`` of the chunk partials, on the host."""
         _, segment_chunks = self._chunks(layout)
         out = self.array_module.empty((layout.num_segments, NUM_PARTIALS), dtype=np.float64)
@@ -188,7 +188,7 @@ class CudaBackend:
         partial = self._new_partial(chunks)
         self.launcher.launch(kernel_name("nonfinite", layout.dtype), chunks.shape[0], buffer, chunks, flags,
                              chunks.shape[0], partial)
-        if self._segment_partials(layout, chunks, flags, partial)[:, SUM].any():
+        if self._segment_partials(layout, flags, partial)[:, SUM].any():
             checks.check_finite(name, self.launcher.to_host(buffer), layout, present)
 
     # --- VGS ----------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class CudaBackend:
         partial = self._new_partial(chunks)
         self.launcher.launch(kernel_name("moments", layout.dtype), chunks.shape[0], grads, chunks, flags,
                              chunks.shape[0], partial)
-        sums = self._segment_partials(layout, chunks, flags, partial)[:, [SUM, SUM_SQ]]
+        sums = self._segment_partials(layout, flags, partial)[:, [SUM, SUM_SQ]]
         vgs_statistics_update(state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), beta)
 
     # --- the step -----------------------------------------------------------------------
@@ -237,7 +237,7 @@ class CudaBackend:
         self.launcher.launch(kernel_name("pass1", dtype), num_chunks, grads, params, state.utility,
                              state.first_moment, state.second_moment, chunks, flags, coefficients, num_chunks,
                              factor, int(factor != 1), int(moments), partial)
-        per_segment = self._segment_partials(layout, chunks, flags, partial)
+        per_segment = self._segment_partials(layout, flags, partial)
         sums = per_segment[:, [SUM, SUM_SQ]]
         u_lo, u_hi = np.nan, np.nan
         if host_flags.any():

@@ -1,0 +1,84 @@
+"""The CUDA source compiles with NVRTC for sm_90, without a GPU (``specs/kernels-cuda.md`` §6).
+
+CuPy's low-level ``cupy.cuda.nvrtc`` API needs only the NVRTC library (the
+``nvidia-cuda-nvrtc-cu12`` wheel), so CI compiles every entry point on every run and the GPU
+code cannot rot unseen. With ``UPGD_REF_REQUIRE_NVRTC=1`` (set by ``.ci/run``) a missing
+NVRTC fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from upgd_ref.kernels.cuda_source import COMPILE_OPTIONS, KERNEL_SIGNATURES, compile_with_nvrtc, ptx_entries
+
+#: Entry points whose every instruction is promised bit-identical to the CPU: none may hold
+#: a fused multiply-add. (``family_pass2_*`` calls CUDA's exp for the paper's protection,
+#: whose library code uses FMAs by design; it is judged by the tolerance contract.)
+FMA_FREE = sorted(name for name in KERNEL_SIGNATURES if not name.startswith("family_pass2"))
+
+
+def _nvrtc_available() -> str | None:
+    """None when NVRTC can compile, else why not."""
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # ImportError, or the NVRTC library not found
+        return f"NVRTC unavailable: {type(exc).__name__}: {exc}"
+    return None
+
+
+_missing = _nvrtc_available()
+if _missing and os.environ.get("UPGD_REF_REQUIRE_NVRTC") == "1":
+    raise RuntimeError(f"UPGD_REF_REQUIRE_NVRTC=1 but {_missing} (install cupy-cuda12x and nvidia-cuda-nvrtc-cu12)")
+pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
+
+
+@pytest.fixture(scope="module")
+def sm90():
+    return compile_with_nvrtc("sm_90")
+
+
+def _parameter_count(entry_text: str) -> int:
+    header = entry_text.split(")", 1)[0]
+    return len(re.findall(r"\.param\s", header))
+
+
+def test_every_entry_point_compiles_to_ptx_and_cubin_for_sm90(sm90):
+    assert sm90["cubin"] and len(sm90["cubin"]) > 10_000
+    assert ".target sm_90" in sm90["ptx"]
+    entries = ptx_entries(sm90["ptx"])
+    assert sorted(entries) == sorted(KERNEL_SIGNATURES)  # no entry missing, none unaccounted for
+    for name, kinds in KERNEL_SIGNATURES.items():
+        assert _parameter_count(entries[name]) == len(kinds), name
+
+
+def test_compute_90_ptx_only():
+    result = compile_with_nvrtc("compute_90", cubin=False)
+    assert result["cubin"] is None and ".target sm_90" in result["ptx"]
+
+
+def test_no_fused_multiply_add_where_bits_are_promised(sm90):
+    entries = ptx_entries(sm90["ptx"])
+    assert "--fmad=false" in COMPILE_OPTIONS
+    for name in FMA_FREE:
+        assert "fma." not in entries[name], f"{name} contains a fused multiply-add"
+
+
+def test_the_fma_check_can_fail():
+    """Without --fmad=false NVRTC contracts the update's a * b + c: the check above means something."""
+    options = tuple(o for o in COMPILE_OPTIONS if o != "--fmad=false")
+    entries = ptx_entries(compile_with_nvrtc("sm_90", options=options, cubin=False)["ptx"])
+    assert "fma." in entries["pass2_f32"] and "fma." in entries["noise_f64"]
+
+
+def test_a_compile_error_carries_nvrtc_log(monkeypatch):
+    from upgd_ref.kernels import cuda_source
+
+    monkeypatch.setattr(cuda_source, "cuda_source", lambda: "extern \"C\" __global__ void broken( { }")
+    with pytest.raises(RuntimeError, match="NVRTC failed to compile upgd_step.cu for sm_90"):
+        cuda_source.compile_with_nvrtc("sm_90")
