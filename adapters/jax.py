@@ -25,9 +25,10 @@ Two paths compute the same step:
   ``jax.jit`` on any device with float64 support, compiles once. The leaves of the params
   pytree, in ``jax.tree_util`` flatten order, are the segments.
 * ``backend="kernels"`` (eager only): the leaves are copied into the core's 64-byte aligned
-  flat buffers, the core's stateful classes run the step with their fastest registered
-  backend (the Numba kernels when Numba is installed), and the results come back as JAX
-  arrays that share those buffers through DLPack. It is the cross-check of the native path.
+  flat buffers (NumPy for CPU arrays; CuPy for CUDA GPU arrays, filled device to device), the
+  core's stateful classes run the step with their fastest registered backend (the Numba
+  kernels on the CPU, the CUDA kernels on a GPU), and the results come back as JAX arrays
+  that share those buffers through DLPack. It is the cross-check of the native path.
 
 This module contains no optimizer or noise math: every formula (the two-pass step, the VGS,
 Philox, the Box-Muller transform) is a call into :mod:`upgd_ref`. What it adds is JAX
@@ -53,6 +54,7 @@ from jax.extend import core as _jcore
 
 from upgd_ref import reference as _ref
 from upgd_ref import rng as _rng
+from upgd_ref.backends import BACKENDS as _CORE_BACKENDS
 from upgd_ref.backends import check_backend_name as _check_core_backend
 from upgd_ref.hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
 from upgd_ref.layout import FlatLayout
@@ -466,21 +468,36 @@ def _to_jax(view: np.ndarray):
 
 
 def _kernel_layout(leaves) -> FlatLayout:
+    devices = {}
     for i, leaf in enumerate(leaves):
-        platform = next(iter(leaf.devices())).platform
-        if platform != "cpu":
-            raise NotImplementedError(
-                f"backend='kernels' needs CPU arrays (leaf {i} is on {platform}): the core has no GPU "
-                "flat-buffer backend registered; use backend='native' on accelerators"
-            )
+        device = next(iter(leaf.devices()))
+        if device.platform not in ("cpu", "gpu", "cuda"):
+            raise NotImplementedError(f"backend='kernels' takes CPU or CUDA GPU arrays (leaf {i} is on "
+                                      f"{device.platform}); use backend='native' on other accelerators")
+        if device.platform != "cpu" and "cupy" not in _CORE_BACKENDS:
+            raise NotImplementedError(f"backend='kernels' on a GPU (leaf {i} is on {device}) needs CuPy "
+                                      "(pip install cupy-cuda12x); or use backend='native'")
+        devices.setdefault(device, i)
+    if len(devices) > 1:
+        raise ValueError(f"backend='kernels' needs every leaf on one device, got {sorted(map(str, devices))}")
     dtypes = {np.dtype(leaf.dtype).name for leaf in leaves}
     if len(dtypes) != 1:
         raise TypeError(f"backend='kernels' needs one dtype for all leaves (one flat buffer), got {sorted(dtypes)}")
     return FlatLayout([tuple(leaf.shape) for leaf in leaves], dtypes.pop())
 
 
-def _pack(layout: FlatLayout, leaves) -> np.ndarray:
-    return layout.pack([_host(leaf) for leaf in leaves])
+def _pack(layout: FlatLayout, leaves):
+    """The leaves copied into a new flat buffer of the layout: NumPy for CPU arrays; for GPU
+    arrays a CuPy buffer filled device to device from DLPack views (no host copy)."""
+    if not leaves or next(iter(leaves[0].devices())).platform == "cpu":
+        return layout.pack([_host(leaf) for leaf in leaves])
+    import cupy
+
+    with cupy.cuda.Device(next(iter(leaves[0].devices())).id):
+        flat = cupy.zeros(layout.size, dtype=layout.dtype)
+        for i, leaf in enumerate(leaves):
+            flat[layout.segment_slice(i)] = cupy.from_dlpack(leaf).reshape(-1)
+    return flat
 
 
 # --- variance_gradient_scaler ----------------------------------------------------------------

@@ -13,8 +13,9 @@ Normative description: ``specs/adapters-torch.md``. Change one import::
 
 This module contains no optimizer math. Every formula runs in :class:`upgd_ref.AdaptiveUPGD`
 (or its family members :class:`upgd_ref.UPGD`, :class:`upgd_ref.UPGDW`) and
-:class:`upgd_ref.VarianceGradientScaler` on flat, 64-byte aligned NumPy buffers; the
-adapter only
+:class:`upgd_ref.VarianceGradientScaler` on flat, 64-byte aligned buffers: NumPy arrays for
+CPU tensors, CuPy arrays sharing the memory of flat CUDA tensors (DLPack, no copy) for CUDA
+tensors, whose steps run the CUDA kernels on the tensors' current stream; the adapter only
 
 * re-homes the parameters of an optimizer into one flat buffer (``p.data`` becomes a view
   of a segment of it, the approach of DDP's ``gradient_as_bucket_view``), and points
@@ -23,13 +24,14 @@ adapter only
 * maps the production classes' API (constructor, ``param_groups``, ``state``, state dicts,
   pickling, logging) onto the core's.
 
-Only CPU tensors of one dtype (float32 or float64) per optimizer are supported: the core
-takes NumPy buffers, and a global utility minimum/maximum across several flat buffers
-needs a core hook that does not exist yet (see the spec, section "Limits").
+Tensors of one device (CPU, or one CUDA GPU with CuPy installed) and one dtype (float32 or
+float64) per optimizer are supported: a global utility minimum/maximum across several flat
+buffers needs a core hook that does not exist yet (see the spec, section "Limits").
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
@@ -45,7 +47,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import upgd_ref
 from upgd_ref import reference as _ref
-from upgd_ref.backends import check_backend_name
+from upgd_ref.arrays import to_numpy
+from upgd_ref.backends import BACKENDS, check_backend_name
 from upgd_ref.hyperparams import validate_upgd, validate_vgs
 from upgd_ref.layout import FlatLayout
 from upgd_ref.optimizer import PAPER_EPS, PROFILES
@@ -85,6 +88,7 @@ _VGS_STAT_VERSIONS = ("3.1", "3.2")
 _VGS_LEGACY_KEYS = ("grad_mean_ema", "grad_var_ema", "grad_norm_ema", "grad_max_ema")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 # Which flat buffer a parameter currently lives in: param -> (weakref to _Bucket, segment).
 _HOME = WeakIdKeyDictionary()
@@ -153,9 +157,9 @@ def _check_tensors(tensors, names, *, what: str, rehome: bool) -> torch.dtype:
         raise ValueError(f"{what}: parameters on several devices: {listing}; one optimizer or scaler "
                          "takes the parameters of one device")
     device = next(iter(devices))
-    if not device.startswith("cpu"):
-        raise ValueError(f"{what}: parameters on {device}: upgd_ref's kernels take CPU (NumPy) buffers only; "
-                         "no CUDA backend is available in this installation")
+    if not device.startswith("cpu") and not (device.startswith("cuda") and "cupy" in BACKENDS):
+        raise ValueError(f"{what}: parameters on {device}: upgd_ref takes CPU tensors, and CUDA tensors "
+                         "when CuPy is installed (pip install cupy-cuda12x)")
     if len(dtypes) > 1:
         listing = ", ".join(f"{d} ({n})" for d, n in dtypes.items())
         raise TypeError(f"{what}: parameters of several dtypes: {listing}; the global utility range spans "
@@ -180,21 +184,51 @@ def _check_tensors(tensors, names, *, what: str, rehome: bool) -> torch.dtype:
     return next(iter(dtypes))
 
 
+def _flat_buffer(layout: FlatLayout, device: torch.device):
+    """``(core buffer, torch tensor)`` sharing one zeroed flat buffer of the layout: a 64-byte
+    aligned NumPy array on the CPU, a CuPy view of a CUDA tensor (DLPack, no copy) on a GPU
+    (CUDA allocations are at least 256-byte aligned)."""
+    if device.type == "cpu":
+        array = layout.zeros()
+        return array, torch.from_numpy(array)
+    import cupy
+
+    tensor = torch.zeros(layout.size, dtype=_TORCH_DTYPES[layout.dtype.name], device=device)
+    return cupy.from_dlpack(tensor), tensor
+
+
+def _as_tensor(array) -> torch.Tensor:
+    """A core buffer (NumPy or CuPy) as a tensor sharing its memory."""
+    return torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.from_dlpack(array)
+
+
+@contextlib.contextmanager
+def _on_stream(device: torch.device):
+    """On a GPU, make CuPy launch on torch's current stream (kernels stay ordered with torch's)."""
+    if device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        yield
+
+
 class _Bucket:
-    """One flat parameter buffer and one flat gradient buffer (NumPy, 64-byte aligned).
+    """One flat parameter buffer and one flat gradient buffer (64-byte aligned) on the
+    parameters' device: NumPy arrays for CPU tensors, CuPy views of CUDA tensors otherwise.
 
     ``param_views[i]`` / ``grad_views[i]`` are torch tensors sharing memory with segment
-    ``i`` (``torch.from_numpy``; no copy). :meth:`home` makes them the parameters' storage.
+    ``i`` (no copy). :meth:`home` makes them the parameters' storage.
     """
 
     def __init__(self, params, layout: FlatLayout, names):
         self.params = list(params)
         self.names = list(names)
         self.layout = layout
-        self.param_np = layout.zeros()
-        self.grad_np = layout.zeros()
-        param_flat = torch.from_numpy(self.param_np)
-        grad_flat = torch.from_numpy(self.grad_np)
+        self.device = params[0].device if params else torch.device("cpu")
+        self.param_flat, param_flat = _flat_buffer(layout, self.device)
+        self.grad_flat, grad_flat = _flat_buffer(layout, self.device)
         self.param_views = [param_flat[layout.segment_slice(i)].view(s) for i, s in enumerate(layout.shapes)]
         self.grad_views = [grad_flat[layout.segment_slice(i)].view(s) for i, s in enumerate(layout.shapes)]
         self.param_ptrs = [v.data_ptr() for v in self.param_views]
@@ -234,11 +268,11 @@ class _Bucket:
             return
         for i in stale:
             p = self.params[i]
-            if p.dtype != self.dtype or p.device.type != "cpu" or p.shape != self.shapes[i] or p.layout != torch.strided:
+            if p.dtype != self.dtype or p.device != self.device or p.shape != self.shapes[i] or p.layout != torch.strided:
                 raise ValueError(
                     f"{self.names[i]} changed to {p.dtype}, {p.device}, shape {tuple(p.shape)} since the optimizer "
-                    f"was built ({self.dtype}, cpu, {tuple(self.shapes[i])}); create the optimizer after moving "
-                    "or converting the model"
+                    f"was built ({self.dtype}, {self.device}, {tuple(self.shapes[i])}); create the optimizer after "
+                    "moving or converting the model"
                 )
         ref = weakref.ref(self)
         with torch.no_grad():
@@ -421,7 +455,7 @@ class _ParamState(MutableMapping):
                 return int(state.segment_step[i])
             if key == "grad_norm_ema":
                 return float(state.grad_norm_ema[i])
-            flat = torch.from_numpy(getattr(state, opt._TENSOR_KEYS[key]))
+            flat = _as_tensor(getattr(state, opt._TENSOR_KEYS[key]))
             return flat[opt._core.layout.segment_slice(i)].view(opt._bucket.shapes[i])
         return self._extras()[key]
 
@@ -647,7 +681,8 @@ class _UPGDAdapter(torch.optim.Optimizer):
     def _segment_snapshot(self, i: int):
         """``(t, arrays, n)`` copies of segment ``i`` of the current core state."""
         state, sl = self._core.state, self._core.layout.segment_slice(i)
-        arrays = {name: getattr(state, name)[sl].copy() for name in ("utility", "first_moment", "second_moment")}
+        arrays = {name: to_numpy(getattr(state, name)[sl]).copy()
+                  for name in ("utility", "first_moment", "second_moment")}
         return int(state.segment_step[i]), arrays, float(state.grad_norm_ema[i])
 
     def _rebuild(self, restore: dict | None = None, *, unpickled: bool = False) -> None:
@@ -727,7 +762,7 @@ class _UPGDAdapter(torch.optim.Optimizer):
 
     def noise(self, step: int | None = None) -> list[torch.Tensor]:
         """Step ``step``'s standard normals (default: the next step's), one tensor per parameter."""
-        flat = torch.from_numpy(self._core.noise(step))
+        flat = torch.from_numpy(self._core.noise(step)).to(self._bucket.device)
         return [flat[self.layout.segment_slice(i)].view(s) for i, s in enumerate(self._bucket.shapes)]
 
     # --- the step -----------------------------------------------------------------------
@@ -745,7 +780,8 @@ class _UPGDAdapter(torch.optim.Optimizer):
             present, copied = bucket.gather_grads()
             self._core.param_groups = core_groups
             try:
-                info = self._core.step(bucket.param_np, bucket.grad_np, present)
+                with _on_stream(bucket.device):
+                    info = self._core.step(bucket.param_flat, bucket.grad_flat, present)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{type(self).__name__}.step: {_segment_note(exc, bucket.names)}") from exc
             bucket.adopt_grads(copied)
@@ -1227,12 +1263,11 @@ class VarianceGradientScaler:
             offset = bucket.layout.offsets[start]
             if all(bucket.layout.offsets[start + k] - offset == layout.offsets[k] for k in range(len(params))):
                 present, copied = bucket.gather_grads(start, start + len(params))
-                return bucket.grad_np[offset: offset + layout.size], present, lambda factor: bucket.adopt_grads(copied)
+                return bucket.grad_flat[offset: offset + layout.size], present, lambda factor: bucket.adopt_grads(copied)
         if self._scratch is None:
-            flat_np = layout.zeros()
-            flat = torch.from_numpy(flat_np)
-            self._scratch = (flat_np, [flat[layout.segment_slice(i)].view(s) for i, s in enumerate(layout.shapes)])
-        flat_np, views = self._scratch
+            flat_buffer, flat = _flat_buffer(layout, params[0].device)
+            self._scratch = (flat_buffer, [flat[layout.segment_slice(i)].view(s) for i, s in enumerate(layout.shapes)])
+        flat_buffer, views = self._scratch
         present = []
         with torch.no_grad():
             for name, p, view in zip(self._names, params, views):
@@ -1254,7 +1289,7 @@ class VarianceGradientScaler:
                         if is_present:
                             p.grad.copy_(view)
 
-        return flat_np, present, finish
+        return flat_buffer, present, finish
 
     # --- production API ---------------------------------------------------------------
 
@@ -1271,7 +1306,8 @@ class VarianceGradientScaler:
         self._push()
         buffer, present, finish = self._grads()
         try:
-            factor = self._core.scale(buffer, present)
+            with _on_stream(self._parameters[0].device):
+                factor = self._core.scale(buffer, present)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"VarianceGradientScaler.scale_gradients: {_segment_note(exc, self._names)}") from exc
         finish(factor)
@@ -1283,7 +1319,8 @@ class VarianceGradientScaler:
             self._push()
             buffer, present, finish = self._grads()
             try:
-                self._core.update(buffer, present)
+                with _on_stream(self._parameters[0].device):
+                    self._core.update(buffer, present)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"VarianceGradientScaler.step: {_segment_note(exc, self._names)}") from exc
             finish(1.0)

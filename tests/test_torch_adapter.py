@@ -152,7 +152,7 @@ def test_parameters_are_rehomed_into_one_aligned_flat_buffer(dtype):
     values = [p.detach().clone() for p in params]
     opt = AdaptiveUPGD(params, seed=1)
     bucket, layout = opt._bucket, opt.layout
-    base = bucket.param_np.ctypes.data
+    base = bucket.param_flat.ctypes.data
     assert base % 64 == 0
     for i, (p, v) in enumerate(zip(params, values)):
         assert p.is_leaf and p.requires_grad and p.dtype == dtype and p.shape == v.shape
@@ -161,7 +161,7 @@ def test_parameters_are_rehomed_into_one_aligned_flat_buffer(dtype):
             assert p.data_ptr() == base + layout.offsets[i] * p.element_size()
             assert p.data_ptr() % 64 == 0
     params[0].data.mul_(2)  # an in-place edit through the tensor is seen by the flat buffer
-    assert np.array_equal(layout.unpack(bucket.param_np)[0], (2 * values[0]).numpy())
+    assert np.array_equal(layout.unpack(bucket.param_flat)[0], (2 * values[0]).numpy())
 
 
 def test_autograd_accumulates_in_the_flat_gradient_buffer():
@@ -202,7 +202,7 @@ def test_bit_identical_to_the_core_on_the_same_buffers(dtype):
         flat_grads = opt.layout.pack([g.numpy() if g is not None else np.zeros(tuple(p.shape), p.detach().numpy().dtype)
                                       for g, p in zip(grads, params)])
         core.step(flat, flat_grads, present)
-        assert opt._bucket.param_np.tobytes() == flat.tobytes()
+        assert opt._bucket.param_flat.tobytes() == flat.tobytes()
         for name in ("utility", "first_moment", "second_moment", "segment_step", "grad_norm_ema"):
             assert getattr(opt.core.state, name).tobytes() == getattr(core.state, name).tobytes()
     frozen = params[4]
@@ -225,7 +225,7 @@ def test_scheduler_and_manual_edits_are_read_at_every_step():
         opt.step()
         scheduler.step()
         core.step(flat, opt.layout.pack([g.numpy() for g in grads]))
-        assert opt._bucket.param_np.tobytes() == flat.tobytes()
+        assert opt._bucket.param_flat.tobytes() == flat.tobytes()
     assert opt.param_groups[0]["lr"] == 0.1 * 0.5**3
     assert "initial_lr" in opt.param_groups[0]  # schedulers' own keys are carried, not used
 
@@ -365,7 +365,7 @@ def test_deepcopy_and_pickle_give_an_independent_equal_optimizer():
         assert snapshot(twin) == snapshot(opt)
         assert all(a is not b and (a.data_ptr() != b.data_ptr() or not a.numel()) for a, b in zip(twin_params, params))
         assert twin.state[twin_params[0]]["note"] == [1, 2]
-        assert twin._bucket.param_np.ctypes.data % 64 == 0
+        assert twin._bucket.param_flat.ctypes.data % 64 == 0
         reference = copy.deepcopy(opt)
         for o in (twin, reference):
             set_grads(o._bucket.params, grads_for(1, params))
@@ -399,7 +399,7 @@ def test_several_optimizers_coexist():
             set_grads(params, grads)
             opt.step()
             core.step(flat, opt.layout.pack([g.numpy() for g in grads]))
-            assert opt._bucket.param_np.tobytes() == flat.tobytes()
+            assert opt._bucket.param_flat.tobytes() == flat.tobytes()
 
 
 def test_a_second_optimizer_over_the_same_parameters_takes_them_over_without_losing_updates():

@@ -68,20 +68,17 @@ def _rows_for(cupy, size: int, dtype: str, segments: int, repeats: int, progress
     progress(f"bench cupy: {size:,} {dtype}: copy")
     source = cupy.empty_like(params)
     add("device-to-device copy", _timer(cupy, lambda: cupy.copyto(source, params), repeats), 2 * size * itemsize)
-    del source
 
     progress(f"bench cupy: {size:,} {dtype}: noise-free step")
     quiet = upgd_ref.AdaptiveUPGD(layout, lr=1e-3, sigma=0.0, backend="cupy")
     add("noise-free step", _timer(cupy, lambda: quiet.step(params, grads), repeats),
         STEP_BYTES["noise-free step"] * size * itemsize)
-    del quiet
 
     progress(f"bench cupy: {size:,} {dtype}: full step")
     full = upgd_ref.AdaptiveUPGD(layout, lr=1e-3, sigma=0.01, adaptive_noise=True, backend="cupy")
     scaler = upgd_ref.VarianceGradientScaler(layout, warmup_steps=0, backend="cupy")
     add("full step", _timer(cupy, lambda: full.step(params, grads, vgs=scaler), repeats),
         STEP_BYTES["full step"] * size * itemsize)
-    del full
 
     progress(f"bench cupy: {size:,} {dtype}: noise alone")
     out = cupy.empty(layout.size, dtype=layout.dtype)
