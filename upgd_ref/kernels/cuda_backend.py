@@ -27,11 +27,11 @@ from .. import checks
 from .. import reference as ref
 from ..layout import FlatLayout
 from ..rng import _check_u64
-from ..state import FlatUPGDState, FlatVGSState
-from .cuda_source import ARGUMENT_DTYPES, COMPILE_OPTIONS, KERNEL_SIGNATURES, THREADS, cuda_source, kernel_name
+from ..state import FlatVGSState
+from .cuda_source import COMPILE_OPTIONS, KERNEL_SIGNATURES, THREADS, checked_arguments, cuda_source, kernel_name
 from .segments import (
-    MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, chunk_table, family_mode, pass1_coefficients, plan_pass2,
-    segment_chunk_offsets, split_u64, vgs_statistics_update, zero_padding,
+    MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, TwoPassSteps, chunk_table, commit, family_mode, pass1_coefficients,
+    plan_pass2, segment_chunk_offsets, split_u64, vgs_statistics_update, zero_padding,
 )
 
 __all__ = ["CudaBackend", "CupyLauncher"]
@@ -81,20 +81,14 @@ class CupyLauncher:
     def launch(self, name: str, items: int, *args) -> None:
         if items == 0:
             return
-        cupy = self.array_module
         module, device = self._module()
-        converted = []
-        for position, (kind, value) in enumerate(zip(KERNEL_SIGNATURES[name], args, strict=True)):
-            if kind.endswith("*"):
-                expected = ARGUMENT_DTYPES[kind[:-1]]
-                if not isinstance(value, cupy.ndarray) or value.dtype != expected or not value.flags.c_contiguous:
-                    raise TypeError(f"{name} argument {position} must be a contiguous {expected} CuPy array")
-                if value.device.id != device.id:
-                    raise ValueError(f"{name} argument {position} is on GPU {value.device.id}, "
-                                     f"the current device is GPU {device.id}")
-                converted.append(value)
-            else:
-                converted.append(ARGUMENT_DTYPES[kind].type(value))
+
+        def on_this_device(array):
+            if array.device.id != device.id:
+                raise ValueError(f"{name}: a buffer is on GPU {array.device.id}, the current device is GPU {device.id}")
+            return array
+
+        converted = checked_arguments(name, args, self.array_module.ndarray, on_this_device)
         limit = self.grid_limit or 32 * device.attributes["MultiProcessorCount"]
         module.get_function(name)((min(items, limit),), (THREADS,), tuple(converted))
 
@@ -102,7 +96,7 @@ class CupyLauncher:
         return self.array_module.asnumpy(array)
 
 
-class CudaBackend:
+class CudaBackend(TwoPassSteps):
     """The CUDA kernels behind :mod:`upgd_ref.backends` (float32 and float64 layouts).
 
     ``launcher``: a :class:`CupyLauncher` (buffers are CuPy arrays) or an
@@ -209,19 +203,6 @@ class CudaBackend:
 
     # --- the step -----------------------------------------------------------------------
 
-    def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
-                  variant=ref.PRODUCTION):
-        stats, _ = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, 1.0, variant)
-        return stats
-
-    def fused_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
-                   vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
-        """``vgs_scale``, ``upgd_step``, ``vgs_update`` in one read of the gradient."""
-        stats, sums = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor,
-                                 variant)
-        vgs_statistics_update(vgs_state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), vgs_beta)
-        return stats
-
     def _step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor, variant):
         variant = ref.check_variant(variant)
         dtype = layout.dtype
@@ -256,9 +237,7 @@ class CudaBackend:
                 self.launcher.launch(kernel_name("family_pass2", dtype), num_chunks, params, grads, state.utility,
                                      state.first_moment, state.second_moment, chunks, flags, coefficients,
                                      num_chunks, plan.u_lo, plan.inv_range, plan.u_hi, family_mode(variant), *words)
-        state.step = step
-        state.segment_step[...] = plan.segment_step
-        state.grad_norm_ema[...] = plan.grad_norm_ema
+        commit(state, step, plan)
         return plan.stats, sums
 
     # --- compilation --------------------------------------------------------------------

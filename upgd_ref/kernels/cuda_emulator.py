@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cuda_source import ARGUMENT_DTYPES, KERNEL_SIGNATURES, cuda_source
+from .cuda_source import KERNEL_SIGNATURES, checked_arguments, cuda_source
 
 __all__ = ["HOST_COMPILE_FLAGS", "host_compiler", "EmulatorLauncher"]
 
@@ -102,16 +102,7 @@ class EmulatorLauncher:
 
     def launch(self, name: str, items: int, *args) -> None:
         function = getattr(self._functions(), name)
-        converted = []
-        for position, (kind, value) in enumerate(zip(KERNEL_SIGNATURES[name], args, strict=True)):
-            if kind.endswith("*"):
-                expected = ARGUMENT_DTYPES[kind[:-1]]
-                if not isinstance(value, np.ndarray) or value.dtype != expected or not value.flags.c_contiguous:
-                    raise TypeError(f"{name} argument {position} must be a contiguous {expected} NumPy array")
-                converted.append(value.ctypes.data)
-            else:
-                converted.append(ARGUMENT_DTYPES[kind].type(value))
-        function(*converted)
+        function(*checked_arguments(name, args, np.ndarray, lambda array: array.ctypes.data))
 
     @staticmethod
     def to_host(array) -> np.ndarray:

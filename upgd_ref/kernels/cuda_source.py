@@ -24,7 +24,8 @@ from .. import rng
 from . import segments
 
 __all__ = [
-    "THREADS", "COMPILE_OPTIONS", "KERNEL_SIGNATURES", "ARGUMENT_DTYPES", "cuda_source", "kernel_name",
+    "THREADS", "COMPILE_OPTIONS", "KERNEL_SIGNATURES", "ARGUMENT_DTYPES", "cuda_source", "checked_arguments",
+    "kernel_name",
     "compile_with_nvrtc", "ptx_entries",
 ]
 
@@ -58,6 +59,23 @@ KERNEL_SIGNATURES["segment_reduce"] = ("f64*", "i64*", "u8*", "i64", "f64*")
 #: NumPy dtype of each argument kind (pointer or value).
 ARGUMENT_DTYPES = {"f32": np.dtype(np.float32), "f64": np.dtype(np.float64), "i32": np.dtype(np.int32),
                    "i64": np.dtype(np.int64), "u32": np.dtype(np.uint32), "u8": np.dtype(np.bool_)}
+
+
+def checked_arguments(name: str, args, array_type, pointer) -> list:
+    """``args`` of entry point ``name`` converted for a launch: buffers must be contiguous
+    ``array_type`` arrays of the argument's dtype and become ``pointer(array)``; values become
+    NumPy scalars of the argument's type (neither CUDA nor ctypes checks either)."""
+    converted = []
+    for position, (kind, value) in enumerate(zip(KERNEL_SIGNATURES[name], args, strict=True)):
+        if kind.endswith("*"):
+            expected = ARGUMENT_DTYPES[kind[:-1]]
+            if not isinstance(value, array_type) or value.dtype != expected or not value.flags.c_contiguous:
+                raise TypeError(f"{name} argument {position} must be a contiguous {expected} "
+                                f"{array_type.__module__.split('.')[0]} array")
+            converted.append(pointer(value))
+        else:
+            converted.append(ARGUMENT_DTYPES[kind].type(value))
+    return converted
 
 
 def kernel_name(base: str, dtype) -> str:

@@ -33,7 +33,8 @@ from ..rng import _check_u64
 from ..state import FlatUPGDState, FlatVGSState
 from . import numba_step as k
 from .segments import (
-    chunk_table, family_mode, pass1_coefficients, plan_pass2, split_u64, vgs_statistics_update, zero_padding,
+    TwoPassSteps, chunk_table, commit, family_mode, pass1_coefficients, plan_pass2, split_u64,
+    vgs_statistics_update, zero_padding,
 )
 
 __all__ = ["NumbaBackend", "PARALLEL_MIN_SIZE", "chunk_table", "kernel_cache_stats"]
@@ -65,7 +66,7 @@ def _split_u64(value: int) -> tuple[np.uint64, np.uint64]:
     return tuple(np.uint64(word) for word in split_u64(value))
 
 
-class NumbaBackend:
+class NumbaBackend(TwoPassSteps):
     """Fused Numba kernels on NumPy flat buffers (float32 and float64 layouts).
 
     ``parallel_min_size``: layouts with at least this many elements use the parallel
@@ -131,19 +132,6 @@ class NumbaBackend:
 
     # --- the step -----------------------------------------------------------------------
 
-    def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
-                  variant=ref.PRODUCTION):
-        stats, _ = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, 1.0, variant)
-        return stats
-
-    def fused_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
-                   vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
-        """``vgs_scale``, ``upgd_step``, ``vgs_update`` in one read of the gradient."""
-        stats, sums = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor,
-                                 variant)
-        vgs_statistics_update(vgs_state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), vgs_beta)
-        return stats
-
     def _step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor, variant):
         variant = ref.check_variant(variant)
         dtype = layout.dtype
@@ -180,9 +168,7 @@ class NumbaBackend:
                       flags, plan.coefficients, plan.u_lo, plan.inv_range, plan.u_hi, family_mode(variant),
                       *_split_u64(step), *_split_u64(seed))
 
-        state.step = step
-        state.segment_step[...] = plan.segment_step
-        state.grad_norm_ema[...] = plan.grad_norm_ema
+        commit(state, step, plan)
         return plan.stats, sums
 
     # --- compilation --------------------------------------------------------------------

@@ -30,7 +30,7 @@ __all__ = [
     "TANH_FLOAT32", "TANH_FLOAT64",
     "chunk_table", "segment_chunk_offsets", "split_u64", "zero_padding",
     "pass1_coefficients", "pass2_coefficients", "family_mode",
-    "PassTwoPlan", "plan_pass2", "vgs_statistics_update",
+    "PassTwoPlan", "plan_pass2", "TwoPassSteps", "commit", "vgs_statistics_update",
 ]
 
 CHUNK = 2048  # elements per work item: partial sums are fixed by it, never by the threads
@@ -245,6 +245,31 @@ def plan_pass2(layout: FlatLayout, state, present: np.ndarray, hyper: list[dict]
     coefficients = pass2_coefficients(hyper, t, std, dtype, variant.update_factor)
     stats = ref.StepStats(grad_norm=grad_norm, noise_std=std, utility_min=u_lo, utility_max=u_hi)
     return PassTwoPlan(run, coefficients, u_lo, u_hi, inv_range, t, ema, stats)
+
+
+class TwoPassSteps:
+    """``upgd_step`` and ``fused_step`` of a kernel backend over its ``_step(layout, params,
+    grads, state, present, hyper, seed, noise_norm, vgs_factor, variant) -> (stats, sums)``,
+    which runs both passes and scales the gradient by ``vgs_factor`` inside pass 1."""
+
+    def upgd_step(self, layout, params, grads, state, present, hyper, seed, noise_norm, variant=ref.PRODUCTION):
+        stats, _ = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, 1.0, variant)
+        return stats
+
+    def fused_step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_state: FlatVGSState,
+                   vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
+        """``vgs_scale``, ``upgd_step``, ``vgs_update`` in one read of the gradient."""
+        stats, sums = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor,
+                                 variant)
+        vgs_statistics_update(vgs_state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), vgs_beta)
+        return stats
+
+
+def commit(state, step: int, plan: PassTwoPlan) -> None:
+    """The per-segment records after a step whose passes ran (``step``: the noise counter T)."""
+    state.step = step
+    state.segment_step[...] = plan.segment_step
+    state.grad_norm_ema[...] = plan.grad_norm_ema
 
 
 def vgs_statistics_update(state: FlatVGSState, sums: np.ndarray, sizes, present, beta: float) -> None:
