@@ -313,16 +313,31 @@ UPGD_DEVICE Chunk chunk_at(const i64* chunks, i64 c) {
     return k;
 }
 
+// For each chunk of a present segment: thread tid folds the chunk's elements tid, tid + 256,
+// ... (flat indices j) into its Partial by accumulate(q, j, chunk); then the block's fixed tree.
+template <class Accumulate>
+UPGD_DEVICE void reduce_present_chunks(const i64* chunks, const unsigned char* present, i64 num_chunks,
+                                       double* partial, Accumulate accumulate) {
+    reduce_items(num_chunks, partial, [&](i64 c, int tid) {
+        Partial q = empty_partial();
+        Chunk k = chunk_at(chunks, c);
+        if (present[k.segment])
+            for (i64 j = k.start + tid; j < k.start + k.length; j += UPGD_THREADS) accumulate(q, j, k);
+        return q;
+    });
+}
+
+UPGD_DEVICE void add_sums(Partial& q, double w) {
+    q.sum += w;
+    q.sum_sq += w * w;
+}
+
 // Per chunk of a present segment: count of non-finite elements of x (in `sum`).
 template <typename T>
 UPGD_DEVICE void nonfinite_kernel(const T* x, const i64* chunks, const unsigned char* present, i64 num_chunks,
                                   double* partial) {
-    reduce_items(num_chunks, partial, [&](i64 c, int tid) {
-        Partial q = empty_partial();
-        Chunk k = chunk_at(chunks, c);
-        if (!present[k.segment]) return q;
-        for (i64 j = tid; j < k.length; j += UPGD_THREADS) q.sum += is_finite_value(x[k.start + j]) ? 0.0 : 1.0;
-        return q;
+    reduce_present_chunks(chunks, present, num_chunks, partial, [&](Partial& q, i64 j, const Chunk&) {
+        q.sum += is_finite_value(x[j]) ? 0.0 : 1.0;
     });
 }
 
@@ -340,17 +355,8 @@ UPGD_DEVICE void scale_kernel(T* g, const i64* chunks, const unsigned char* pres
 template <typename T>
 UPGD_DEVICE void moments_kernel(const T* g, const i64* chunks, const unsigned char* present, i64 num_chunks,
                                 double* partial) {
-    reduce_items(num_chunks, partial, [&](i64 c, int tid) {
-        Partial q = empty_partial();
-        Chunk k = chunk_at(chunks, c);
-        if (!present[k.segment]) return q;
-        for (i64 j = tid; j < k.length; j += UPGD_THREADS) {
-            double w = (double)g[k.start + j];
-            q.sum += w;
-            q.sum_sq += w * w;
-        }
-        return q;
-    });
+    reduce_present_chunks(chunks, present, num_chunks, partial,
+                          [&](Partial& q, i64 j, const Chunk&) { add_sums(q, (double)g[j]); });
 }
 
 // Pass 1: g <- f g (when scaled), u (and m, v with moments), partial sums and utility extrema.
@@ -358,31 +364,23 @@ template <typename T>
 UPGD_DEVICE void pass1_kernel(T* g, const T* p, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,
                               const T* coefficients, i64 num_chunks, T factor, int scaled, int moments,
                               double* partial) {
-    reduce_items(num_chunks, partial, [&](i64 c, int tid) {
-        Partial q = empty_partial();
-        Chunk k = chunk_at(chunks, c);
-        if (!present[k.segment]) return q;
+    reduce_present_chunks(chunks, present, num_chunks, partial, [&](Partial& q, i64 j, const Chunk& k) {
         const T* b = coefficients + NUM_PASS1_COEFFICIENTS * k.segment;
-        for (i64 j = k.start + tid; j < k.start + k.length; j += UPGD_THREADS) {
-            T gj = g[j];
-            if (scaled) {
-                gj = gj * factor;
-                g[j] = gj;
-            }
-            T uj = ema(b[BETA_U], u[j], b[ONE_MINUS_BETA_U], -gj * p[j]);
-            u[j] = uj;
-            if (moments) {
-                m[j] = ema(b[BETA1], m[j], b[ONE_MINUS_BETA1], gj);
-                v[j] = ema(b[BETA2], v[j], b[ONE_MINUS_BETA2], gj * gj);
-            }
-            double w = (double)gj;
-            q.sum += w;
-            q.sum_sq += w * w;
-            double uw = (double)uj;
-            q.lo = uw < q.lo ? uw : q.lo;
-            q.hi = uw > q.hi ? uw : q.hi;
+        T gj = g[j];
+        if (scaled) {
+            gj = gj * factor;
+            g[j] = gj;
         }
-        return q;
+        T uj = ema(b[BETA_U], u[j], b[ONE_MINUS_BETA_U], -gj * p[j]);
+        u[j] = uj;
+        if (moments) {
+            m[j] = ema(b[BETA1], m[j], b[ONE_MINUS_BETA1], gj);
+            v[j] = ema(b[BETA2], v[j], b[ONE_MINUS_BETA2], gj * gj);
+        }
+        add_sums(q, (double)gj);
+        double uw = (double)uj;
+        q.lo = uw < q.lo ? uw : q.lo;
+        q.hi = uw > q.hi ? uw : q.hi;
     });
 }
 
