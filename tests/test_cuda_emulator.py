@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import upgd_ref
 from upgd_ref.backends import AUTO_ORDER, BACKENDS, select_backend
+from upgd_ref.kernels.cuda_backend import CudaBackend, CupyLauncher
 from upgd_ref.kernels.cuda_emulator import host_compiler
 from upgd_ref.kernels.cuda_source import THREADS
 from upgd_ref.kernels.segments import CHUNK, NUM_PARTIALS, chunk_table
@@ -42,8 +43,9 @@ def test_registered_for_numpy_and_never_chosen_by_auto(emulator):
     assert select_backend("cuda-emulator", np.zeros(3, dtype=np.float32)) is emulator
 
 
-@pytest.mark.skipif("cupy" not in BACKENDS, reason="CuPy not installed")
-def test_the_cupy_backend_refuses_numpy_buffers():
+def test_the_cupy_backend_refuses_numpy_buffers(monkeypatch):
+    """Refused before anything runs (no GPU needed): the backend is named, the buffers are NumPy."""
+    monkeypatch.setitem(BACKENDS, "cupy", CudaBackend("cupy", CupyLauncher()))
     layout = upgd_ref.FlatLayout([(3,)], dtype="float32")
     opt = upgd_ref.AdaptiveUPGD(layout, backend="cupy")
     params, grads = layout.zeros(), layout.zeros()

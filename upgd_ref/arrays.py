@@ -10,7 +10,9 @@ import sys
 
 import numpy as np
 
-__all__ = ["is_cupy_array", "array_kind", "describe_device", "to_numpy", "like_buffer", "as_kind", "assign", "may_share_memory"]
+__all__ = [
+    "is_cupy_array", "array_kind", "describe_device", "to_numpy", "like_buffer", "as_kind", "assign", "may_share_memory",
+]
 
 
 def is_cupy_array(x) -> bool:

@@ -7,7 +7,8 @@ only after its own computation is complete.
 ``backend="auto"`` picks by array type: NumPy buffers -> the fastest backend registered for
 NumPy, CuPy arrays -> the CUDA kernels. Backends register themselves in :data:`BACKENDS`:
 the Numba kernels (:mod:`upgd_ref.kernels`) whenever Numba can be imported, in front of the
-reference; ``"cupy"`` (the CUDA kernels on CuPy arrays) whenever CuPy is installed;
+reference; ``"cupy"`` (the CUDA kernels on CuPy arrays) whenever CuPy is installed and the
+CUDA driver library loads;
 ``"cuda-emulator"`` (the same CUDA source compiled for the CPU, on NumPy buffers) whenever a
 C++ compiler is found. Each backend's ``array_kind`` says which buffers it takes.
 
@@ -18,6 +19,7 @@ update in one call; the kernels read the gradient once for all three).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 
 import numpy as np
@@ -25,12 +27,14 @@ import numpy as np
 from . import checks
 from . import reference as ref
 from .arrays import array_kind
+from .kernels.cuda_backend import CudaBackend, CupyLauncher  # imports neither CuPy nor Numba
+from .kernels.cuda_emulator import EmulatorLauncher, host_compiler
 from .rng import noise as reference_noise
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
-    "ReferenceBackend", "BACKENDS", "AUTO_ORDER", "available_backends", "backends_for", "check_backend_name", "select_backend", "noise",
-    "warmup",
+    "ReferenceBackend", "BACKENDS", "AUTO_ORDER", "available_backends", "backends_for", "check_backend_name",
+    "select_backend", "noise", "warmup",
 ]
 
 
@@ -108,16 +112,22 @@ if importlib.util.find_spec("numba") is not None:  # without Numba the reference
     BACKENDS["numba"] = NumbaBackend()
     AUTO_ORDER.insert(0, "numba")
 
-if importlib.util.find_spec("cupy") is not None:  # CuPy itself is imported on first use
-    from .kernels.cuda_backend import CudaBackend, CupyLauncher
 
+
+def _cuda_driver_loads() -> bool:
+    """Whether the CUDA driver library loads (a cheap stand-in for "this machine has a GPU")."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+# CuPy itself is imported on first use; without a driver no CuPy array can exist.
+if importlib.util.find_spec("cupy") is not None and _cuda_driver_loads():
     BACKENDS["cupy"] = CudaBackend("cupy", CupyLauncher())
 
-from .kernels.cuda_emulator import EmulatorLauncher, host_compiler  # noqa: E402
-
 if host_compiler() is not None:
-    from .kernels.cuda_backend import CudaBackend
-
     BACKENDS["cuda-emulator"] = CudaBackend("cuda-emulator", EmulatorLauncher())
 
 

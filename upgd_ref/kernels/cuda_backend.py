@@ -37,6 +37,7 @@ from .segments import (
 __all__ = ["CudaBackend", "CupyLauncher"]
 
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_MAX_CACHED_LAYOUTS = 16  # device copies of chunk tables kept at once
 
 
 class CupyLauncher:
@@ -134,6 +135,8 @@ class CudaBackend(TwoPassSteps):
         key = (layout.offsets, layout.logical_offsets, layout.sizes, device)
         tables = self._tables.get(key)
         if tables is None:
+            if len(self._tables) >= _MAX_CACHED_LAYOUTS:
+                self._tables.clear()
             tables = (self._device(np.ascontiguousarray(chunk_table(layout))),
                       self._device(segment_chunk_offsets(layout)))
             self._tables[key] = tables
@@ -151,7 +154,7 @@ class CudaBackend(TwoPassSteps):
         return self.launcher.to_host(out)
 
     def _new_partial(self, chunks):
-        return self.array_module.zeros((chunks.shape[0], NUM_PARTIALS), dtype=np.float64)
+        return self.array_module.empty((chunks.shape[0], NUM_PARTIALS), dtype=np.float64)  # every row is written
 
     # --- noise --------------------------------------------------------------------------
 
