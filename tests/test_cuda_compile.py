@@ -82,3 +82,15 @@ def test_a_compile_error_carries_nvrtc_log(monkeypatch):
     monkeypatch.setattr(cuda_source, "cuda_source", lambda: "extern \"C\" __global__ void broken( { }")
     with pytest.raises(RuntimeError, match="NVRTC failed to compile upgd_step.cu for sm_90"):
         cuda_source.compile_with_nvrtc("sm_90")
+
+
+def test_the_gpu_loads_a_cubin_compiled_with_exactly_our_options(tmp_path, monkeypatch, sm90):
+    """CuPy's own compilation would append -ftz=true; the backend loads this cached CUBIN instead."""
+    from upgd_ref.kernels import cuda_source
+
+    monkeypatch.setenv("UPGD_REF_CACHE_DIR", str(tmp_path))
+    path = cuda_source.cached_cubin("sm_90")
+    assert path.parent == tmp_path and path.read_bytes() == sm90["cubin"]
+    assert "--ftz=false" in COMPILE_OPTIONS and not any("ftz=true" in o for o in COMPILE_OPTIONS)
+    monkeypatch.setattr(cuda_source, "compile_with_nvrtc", lambda *a, **k: pytest.fail("recompiled"))
+    assert cuda_source.cached_cubin("sm_90") == path  # cached: no second compilation

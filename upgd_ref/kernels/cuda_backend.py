@@ -28,7 +28,7 @@ from .. import reference as ref
 from ..layout import FlatLayout
 from ..rng import _check_u64
 from ..state import FlatVGSState
-from .cuda_source import COMPILE_OPTIONS, KERNEL_SIGNATURES, THREADS, checked_arguments, cuda_source, kernel_name
+from .cuda_source import KERNEL_SIGNATURES, THREADS, cached_cubin, checked_arguments, kernel_name
 from .segments import (
     MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, TwoPassSteps, chunk_table, commit, family_mode, pass1_coefficients,
     plan_pass2, segment_chunk_offsets, split_u64, vgs_statistics_update, zero_padding,
@@ -41,8 +41,9 @@ _MAX_CACHED_LAYOUTS = 16  # device copies of chunk tables kept at once
 
 
 class CupyLauncher:
-    """Compiles the CUDA source with CuPy (``RawModule``, :data:`COMPILE_OPTIONS`) per device
-    and launches on CuPy's current stream.
+    """Loads the CUDA source compiled by NVRTC with exactly the options of
+    :data:`~upgd_ref.kernels.cuda_source.COMPILE_OPTIONS` for each device's architecture
+    (:func:`~upgd_ref.kernels.cuda_source.cached_cubin`) and launches on CuPy's current stream.
 
     ``grid_limit``: most blocks per launch (default 32 per multiprocessor); kernels loop over
     their chunks, and results do not depend on it.
@@ -69,7 +70,7 @@ class CupyLauncher:
         device = cupy.cuda.Device()
         module = self._modules.get(device.id)
         if module is None:
-            module = cupy.RawModule(code=cuda_source(), options=COMPILE_OPTIONS)
+            module = cupy.RawModule(path=str(cached_cubin(f"sm_{device.compute_capability}")))
             self._modules[device.id] = module
         return module, device
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cuda_source import KERNEL_SIGNATURES, checked_arguments, cuda_source
+from .cuda_source import KERNEL_SIGNATURES, cache_dir, checked_arguments, cuda_source
 
 __all__ = ["HOST_COMPILE_FLAGS", "host_compiler", "EmulatorLauncher"]
 
@@ -43,14 +43,10 @@ def host_compiler() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("UPGD_REF_CACHE_DIR", Path.home() / ".cache" / "upgd_ref"))
-
-
 def _build(compiler: str) -> Path:
     source = cuda_source()
     key = hashlib.sha256("\0".join([source, compiler, *HOST_COMPILE_FLAGS]).encode()).hexdigest()[:20]
-    target = _cache_dir() / f"upgd_step_emulator_{key}.so"
+    target = cache_dir() / f"upgd_step_emulator_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ wheel) but no GPU and no driver: that is how CI checks that the GPU code compile
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from . import segments
 __all__ = [
     "THREADS", "COMPILE_OPTIONS", "KERNEL_SIGNATURES", "ARGUMENT_DTYPES", "cuda_source", "checked_arguments",
     "kernel_name",
-    "compile_with_nvrtc", "ptx_entries",
+    "compile_with_nvrtc", "cache_dir", "cached_cubin", "ptx_entries",
 ]
 
 #: Threads per block. Part of the definition of the reductions' order (specs/kernels-cuda.md §2).
@@ -170,6 +172,33 @@ def compile_with_nvrtc(arch: str = "sm_90", *, options=COMPILE_OPTIONS, cubin: b
         }
     finally:
         nvrtc.destroyProgram(program)
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$UPGD_REF_CACHE_DIR``, default ``~/.cache/upgd_ref``."""
+    return Path(os.environ.get("UPGD_REF_CACHE_DIR", Path.home() / ".cache" / "upgd_ref"))
+
+
+def cached_cubin(arch: str) -> Path:
+    """A CUBIN of :func:`cuda_source` for ``arch`` (``"sm_90"``), compiled by
+    :func:`compile_with_nvrtc` with exactly :data:`COMPILE_OPTIONS` once per source text,
+    NVRTC version and architecture, and kept in :func:`cache_dir`.
+
+    The GPU backend loads this file rather than compiling through ``cupy.RawModule(code=...)``,
+    because CuPy appends ``-ftz=true`` to every compilation of its own, which would flush
+    float32 subnormals to zero and break bit-identity with the CPU.
+    """
+    from cupy.cuda import nvrtc
+
+    version = "%d.%d" % nvrtc.getVersion()
+    key = hashlib.sha256("\0".join([cuda_source(), arch, version, *COMPILE_OPTIONS]).encode()).hexdigest()[:20]
+    target = cache_dir() / f"upgd_step_{arch}_{key}.cubin"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(compile_with_nvrtc(arch)["cubin"])
+        os.replace(partial, target)  # atomic: concurrent processes never load a partial file
+    return target
 
 
 def ptx_entries(ptx: str) -> dict[str, str]:
