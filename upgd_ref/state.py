@@ -120,7 +120,7 @@ class FlatUPGDState:
         """Move the flat buffers to the device of ``params`` (host or a GPU) when they are
         elsewhere: state lives where the parameters live, as in torch.optim. An exact copy;
         the per-segment records stay on the host."""
-        if describe_device(self.utility) != describe_device(params) or type(self.utility) is not type(params):
+        if describe_device(self.utility) != describe_device(params):  # "host" or "GPU n"
             for name in self.BUFFERS:
                 setattr(self, name, like_buffer(to_numpy(getattr(self, name)), params))
 
