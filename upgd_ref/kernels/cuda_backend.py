@@ -30,13 +30,12 @@ from ..rng import _check_u64
 from ..state import FlatVGSState
 from .cuda_source import KERNEL_SIGNATURES, THREADS, cached_cubin, checked_arguments, kernel_name
 from .segments import (
-    MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, TwoPassSteps, chunk_table, commit, family_mode, pass1_coefficients,
-    plan_pass2, segment_chunk_offsets, split_u64, vgs_statistics_update, zero_padding,
+    MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, TwoPassSteps, check_noise_request, chunk_table, commit, family_mode,
+    pass1_coefficients, plan_pass2, segment_chunk_offsets, split_u64, vgs_statistics_update, zero_padding,
 )
 
 __all__ = ["CudaBackend", "CupyLauncher"]
 
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _MAX_CACHED_LAYOUTS = 16  # device copies of chunk tables kept at once
 
 
@@ -162,11 +161,7 @@ class CudaBackend(TwoPassSteps):
     def noise(self, layout, seed: int, step: int, dtype=None, out=None):
         """As :func:`upgd_ref.rng.noise`, bit for bit, into ``out`` (a checked buffer) or a new
         device buffer; padding set to 0."""
-        dtype = np.dtype(layout.dtype if dtype is None else dtype)
-        if dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
-        seed = _check_u64("seed", seed)
-        step = _check_u64("step", step)
+        dtype, seed, step = check_noise_request(layout, dtype, seed, step)
         if out is None:
             out = self.array_module.zeros(layout.size, dtype=dtype)
         else:

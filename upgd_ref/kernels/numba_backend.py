@@ -33,7 +33,7 @@ from ..rng import _check_u64
 from ..state import FlatUPGDState, FlatVGSState
 from . import numba_step as k
 from .segments import (
-    TwoPassSteps, chunk_table, commit, family_mode, pass1_coefficients, plan_pass2, split_u64,
+    TwoPassSteps, check_noise_request, chunk_table, commit, family_mode, pass1_coefficients, plan_pass2, split_u64,
     vgs_statistics_update, zero_padding,
 )
 
@@ -43,7 +43,6 @@ __all__ = ["NumbaBackend", "PARALLEL_MIN_SIZE", "chunk_table", "kernel_cache_sta
 #: more than it saves). Serial and parallel kernels give identical bits.
 PARALLEL_MIN_SIZE = 1 << 15
 
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def kernel_cache_stats() -> tuple[int, int]:
@@ -91,11 +90,7 @@ class NumbaBackend(TwoPassSteps):
     def noise(self, layout, seed: int, step: int, dtype=None, out=None) -> np.ndarray:
         """As :func:`upgd_ref.rng.noise`, bit for bit, with the same errors; into ``out`` (a
         checked buffer of the layout, padding then set to 0) when given."""
-        dtype = np.dtype(layout.dtype if dtype is None else dtype)
-        if dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
-        seed = _check_u64("seed", seed)
-        step = _check_u64("step", step)
+        dtype, seed, step = check_noise_request(layout, dtype, seed, step)
         if out is None:
             out = layout.zeros(dtype=dtype)
         else:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import reference as ref
 from ..layout import FlatLayout
+from ..rng import _check_u64
 from ..state import FlatVGSState
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
     "SUM", "SUM_SQ", "MIN_U", "MAX_U", "NUM_PARTIALS",
     "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS",
     "TANH_FLOAT32", "TANH_FLOAT64",
-    "chunk_table", "segment_chunk_offsets", "split_u64", "zero_padding",
+    "chunk_table", "segment_chunk_offsets", "check_noise_request", "split_u64", "zero_padding",
     "pass1_coefficients", "pass2_coefficients", "family_mode",
     "PassTwoPlan", "plan_pass2", "TwoPassSteps", "commit", "vgs_statistics_update",
 ]
@@ -117,6 +118,14 @@ def zero_padding(layout: FlatLayout, flat) -> None:
     """Set the padding after each segment to 0 (NumPy or CuPy flat buffer)."""
     for offset, size in zip(layout.offsets, layout.sizes):
         flat[offset + size : offset + size + (-size) % layout.alignment] = 0
+
+
+def check_noise_request(layout: FlatLayout, dtype, seed, step) -> tuple[np.dtype, int, int]:
+    """``(dtype, seed, step)`` of a kernel noise request, checked as :func:`upgd_ref.rng.noise` checks."""
+    dtype = np.dtype(layout.dtype if dtype is None else dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
+    return dtype, _check_u64("seed", seed), _check_u64("step", step)
 
 
 def split_u64(value: int) -> tuple[int, int]:

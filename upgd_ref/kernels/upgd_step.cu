@@ -420,22 +420,32 @@ UPGD_DEVICE void chunk_blocks(Chunk k, int tid, bool draw, u32 step_lo, u32 step
     }
 }
 
-// Pass 2 of the production member (g is not read).
-template <typename T>
-UPGD_DEVICE void pass2_kernel(T* p, const T* u, const T* m, const T* v, const i64* chunks,
-                              const unsigned char* present, const T* coefficients, i64 num_chunks, T u_lo,
-                              T inv_range, u32 step_lo, u32 step_hi, u32 key0, u32 key1) {
+// For each chunk of a present segment: update(j, noise, b) for each of its elements j, with b the
+// segment's pass-2 coefficients and noise = std normal, or 0 without drawing when std == 0.
+template <typename T, class Update>
+UPGD_DEVICE void update_present_chunks(const i64* chunks, const unsigned char* present, const T* coefficients,
+                                       i64 num_chunks, u32 step_lo, u32 step_hi, u32 key0, u32 key1,
+                                       Update update) {
     for_each_item(num_chunks, [&](i64 c, int tid) {
         Chunk k = chunk_at(chunks, c);
         if (!present[k.segment]) return;
         const T* b = coefficients + NUM_PASS2_COEFFICIENTS * k.segment;
         const T noise_std = b[STD];
         const bool draw = noise_std != (T)0;
-        chunk_blocks(k, tid, draw, step_lo, step_hi, key0, key1, [&](i64 j, double normal) {
-            T noise = draw ? noise_std * (T)normal : (T)0;
-            p[j] = updated_param(p[j], u[j], m[j], v[j], noise, b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1],
-                                 b[INV_BC2], u_lo, inv_range);
-        });
+        chunk_blocks(k, tid, draw, step_lo, step_hi, key0, key1,
+                     [&](i64 j, double normal) { update(j, draw ? noise_std * (T)normal : (T)0, b); });
+    });
+}
+
+// Pass 2 of the production member (g is not read).
+template <typename T>
+UPGD_DEVICE void pass2_kernel(T* p, const T* u, const T* m, const T* v, const i64* chunks,
+                              const unsigned char* present, const T* coefficients, i64 num_chunks, T u_lo,
+                              T inv_range, u32 step_lo, u32 step_hi, u32 key0, u32 key1) {
+    update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1,
+                          [&](i64 j, T noise, const T* b) {
+        p[j] = updated_param(p[j], u[j], m[j], v[j], noise, b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1],
+                             b[INV_BC2], u_lo, inv_range);
     });
 }
 
@@ -446,20 +456,13 @@ UPGD_DEVICE void family_pass2_kernel(T* p, const T* g, const T* u, const T* m, c
                                      const unsigned char* present, const T* coefficients, i64 num_chunks, T u_lo,
                                      T inv_range, T u_hi, int mode, u32 step_lo, u32 step_hi, u32 key0,
                                      u32 key1) {
-    for_each_item(num_chunks, [&](i64 c, int tid) {
-        Chunk k = chunk_at(chunks, c);
-        if (!present[k.segment]) return;
-        const T* b = coefficients + NUM_PASS2_COEFFICIENTS * k.segment;
-        const T noise_std = b[STD];
-        const bool draw = noise_std != (T)0;
-        const bool moments = !(mode & MOMENTS_NONE);
-        chunk_blocks(k, tid, draw, step_lo, step_hi, key0, key1, [&](i64 j, double normal) {
-            T noise = draw ? noise_std * (T)normal : (T)0;
-            T mj = moments ? m[j] : (T)0;
-            T vj = moments ? v[j] : (T)0;
-            p[j] = family_param(p[j], g[j], u[j], mj, vj, noise, b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1],
-                                b[INV_BC2], u_lo, inv_range, u_hi, mode);
-        });
+    const bool moments = !(mode & MOMENTS_NONE);
+    update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1,
+                          [&](i64 j, T noise, const T* b) {
+        T mj = moments ? m[j] : (T)0;
+        T vj = moments ? v[j] : (T)0;
+        p[j] = family_param(p[j], g[j], u[j], mj, vj, noise, b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1],
+                            b[INV_BC2], u_lo, inv_range, u_hi, mode);
     });
 }
 
