@@ -314,15 +314,18 @@ UPGD_DEVICE Chunk chunk_at(const i64* chunks, i64 c) {
 }
 
 // For each chunk of a present segment: thread tid folds the chunk's elements tid, tid + 256,
-// ... (flat indices j) into its Partial by accumulate(q, j, chunk); then the block's fixed tree.
-template <class Accumulate>
+// ... (flat indices j) into its Partial by accumulate(q, j), where accumulate = for_chunk(chunk)
+// (per-chunk values such as coefficients are read once, into registers); then the fixed tree.
+template <class ForChunk>
 UPGD_DEVICE void reduce_present_chunks(const i64* chunks, const unsigned char* present, i64 num_chunks,
-                                       double* partial, Accumulate accumulate) {
+                                       double* partial, ForChunk for_chunk) {
     reduce_items(num_chunks, partial, [&](i64 c, int tid) {
         Partial q = empty_partial();
         Chunk k = chunk_at(chunks, c);
-        if (present[k.segment])
-            for (i64 j = k.start + tid; j < k.start + k.length; j += UPGD_THREADS) accumulate(q, j, k);
+        if (present[k.segment]) {
+            auto accumulate = for_chunk(k);
+            for (i64 j = k.start + tid; j < k.start + k.length; j += UPGD_THREADS) accumulate(q, j);
+        }
         return q;
     });
 }
@@ -336,8 +339,8 @@ UPGD_DEVICE void add_sums(Partial& q, double w) {
 template <typename T>
 UPGD_DEVICE void nonfinite_kernel(const T* x, const i64* chunks, const unsigned char* present, i64 num_chunks,
                                   double* partial) {
-    reduce_present_chunks(chunks, present, num_chunks, partial, [&](Partial& q, i64 j, const Chunk&) {
-        q.sum += is_finite_value(x[j]) ? 0.0 : 1.0;
+    reduce_present_chunks(chunks, present, num_chunks, partial, [&](const Chunk&) {
+        return [&](Partial& q, i64 j) { q.sum += is_finite_value(x[j]) ? 0.0 : 1.0; };
     });
 }
 
@@ -355,8 +358,9 @@ UPGD_DEVICE void scale_kernel(T* g, const i64* chunks, const unsigned char* pres
 template <typename T>
 UPGD_DEVICE void moments_kernel(const T* g, const i64* chunks, const unsigned char* present, i64 num_chunks,
                                 double* partial) {
-    reduce_present_chunks(chunks, present, num_chunks, partial,
-                          [&](Partial& q, i64 j, const Chunk&) { add_sums(q, (double)g[j]); });
+    reduce_present_chunks(chunks, present, num_chunks, partial, [&](const Chunk&) {
+        return [&](Partial& q, i64 j) { add_sums(q, (double)g[j]); };
+    });
 }
 
 // Pass 1: g <- f g (when scaled), u (and m, v with moments), partial sums and utility extrema.
@@ -364,23 +368,28 @@ template <typename T>
 UPGD_DEVICE void pass1_kernel(T* g, const T* p, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,
                               const T* coefficients, i64 num_chunks, T factor, int scaled, int moments,
                               double* partial) {
-    reduce_present_chunks(chunks, present, num_chunks, partial, [&](Partial& q, i64 j, const Chunk& k) {
+    reduce_present_chunks(chunks, present, num_chunks, partial, [&](const Chunk& k) {
         const T* b = coefficients + NUM_PASS1_COEFFICIENTS * k.segment;
-        T gj = g[j];
-        if (scaled) {
-            gj = gj * factor;
-            g[j] = gj;
-        }
-        T uj = ema(b[BETA_U], u[j], b[ONE_MINUS_BETA_U], -gj * p[j]);
-        u[j] = uj;
-        if (moments) {
-            m[j] = ema(b[BETA1], m[j], b[ONE_MINUS_BETA1], gj);
-            v[j] = ema(b[BETA2], v[j], b[ONE_MINUS_BETA2], gj * gj);
-        }
-        add_sums(q, (double)gj);
-        double uw = (double)uj;
-        q.lo = uw < q.lo ? uw : q.lo;
-        q.hi = uw > q.hi ? uw : q.hi;
+        const T beta_u = b[BETA_U], one_minus_beta_u = b[ONE_MINUS_BETA_U];
+        const T beta1 = b[BETA1], one_minus_beta1 = b[ONE_MINUS_BETA1];
+        const T beta2 = b[BETA2], one_minus_beta2 = b[ONE_MINUS_BETA2];
+        return [=](Partial& q, i64 j) {
+            T gj = g[j];
+            if (scaled) {
+                gj = gj * factor;
+                g[j] = gj;
+            }
+            T uj = ema(beta_u, u[j], one_minus_beta_u, -gj * p[j]);
+            u[j] = uj;
+            if (moments) {
+                m[j] = ema(beta1, m[j], one_minus_beta1, gj);
+                v[j] = ema(beta2, v[j], one_minus_beta2, gj * gj);
+            }
+            add_sums(q, (double)gj);
+            double uw = (double)uj;
+            q.lo = uw < q.lo ? uw : q.lo;
+            q.hi = uw > q.hi ? uw : q.hi;
+        };
     });
 }
 
@@ -420,7 +429,13 @@ UPGD_DEVICE void chunk_blocks(Chunk k, int tid, bool draw, u32 step_lo, u32 step
     }
 }
 
-// For each chunk of a present segment: update(j, noise, b) for each of its elements j, with b the
+// A segment's pass-2 coefficients, read once per chunk (into registers).
+template <typename T>
+struct PassTwo {
+    T decay, lr, eps, inv_cu, inv_bc1, inv_bc2;
+};
+
+// For each chunk of a present segment: update(j, noise, c) for each of its elements j, with c the
 // segment's pass-2 coefficients and noise = std normal, or 0 without drawing when std == 0.
 template <typename T, class Update>
 UPGD_DEVICE void update_present_chunks(const i64* chunks, const unsigned char* present, const T* coefficients,
@@ -430,10 +445,11 @@ UPGD_DEVICE void update_present_chunks(const i64* chunks, const unsigned char* p
         Chunk k = chunk_at(chunks, c);
         if (!present[k.segment]) return;
         const T* b = coefficients + NUM_PASS2_COEFFICIENTS * k.segment;
+        const PassTwo<T> cf = {b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1], b[INV_BC2]};
         const T noise_std = b[STD];
         const bool draw = noise_std != (T)0;
         chunk_blocks(k, tid, draw, step_lo, step_hi, key0, key1,
-                     [&](i64 j, double normal) { update(j, draw ? noise_std * (T)normal : (T)0, b); });
+                     [&](i64 j, double normal) { update(j, draw ? noise_std * (T)normal : (T)0, cf); });
     });
 }
 
@@ -443,9 +459,9 @@ UPGD_DEVICE void pass2_kernel(T* p, const T* u, const T* m, const T* v, const i6
                               const unsigned char* present, const T* coefficients, i64 num_chunks, T u_lo,
                               T inv_range, u32 step_lo, u32 step_hi, u32 key0, u32 key1) {
     update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1,
-                          [&](i64 j, T noise, const T* b) {
-        p[j] = updated_param(p[j], u[j], m[j], v[j], noise, b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1],
-                             b[INV_BC2], u_lo, inv_range);
+                          [&](i64 j, T noise, const PassTwo<T>& c) {
+        p[j] = updated_param(p[j], u[j], m[j], v[j], noise, c.decay, c.lr, c.eps, c.inv_cu, c.inv_bc1, c.inv_bc2,
+                             u_lo, inv_range);
     });
 }
 
@@ -458,11 +474,11 @@ UPGD_DEVICE void family_pass2_kernel(T* p, const T* g, const T* u, const T* m, c
                                      u32 key1) {
     const bool moments = !(mode & MOMENTS_NONE);
     update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1,
-                          [&](i64 j, T noise, const T* b) {
+                          [&](i64 j, T noise, const PassTwo<T>& c) {
         T mj = moments ? m[j] : (T)0;
         T vj = moments ? v[j] : (T)0;
-        p[j] = family_param(p[j], g[j], u[j], mj, vj, noise, b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1],
-                            b[INV_BC2], u_lo, inv_range, u_hi, mode);
+        p[j] = family_param(p[j], g[j], u[j], mj, vj, noise, c.decay, c.lr, c.eps, c.inv_cu, c.inv_bc1,
+                            c.inv_bc2, u_lo, inv_range, u_hi, mode);
     });
 }
 
