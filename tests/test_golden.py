@@ -12,7 +12,7 @@ import pytest
 
 from upgd_ref import cli, golden
 from upgd_ref import reference as ref
-from upgd_ref.backends import BACKENDS, backends_for
+from upgd_ref.backends import backends_for
 from upgd_ref.config import build
 from upgd_ref.trace import FIELDS, TraceWriter, read_trace, write_npz, write_trace
 

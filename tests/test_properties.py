@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import upgd_ref
 from upgd_ref import reference as ref
 from upgd_ref import tolerances
-from upgd_ref.backends import BACKENDS, backends_for
+from upgd_ref.backends import backends_for
 from upgd_ref.hyperparams import validate_upgd
 
 BACKEND_NAMES = sorted(backends_for("numpy"))
