@@ -26,9 +26,10 @@ from hypothesis import strategies as st
 import upgd_ref
 from upgd_ref import tolerances
 from upgd_ref import reference as ref
+from upgd_ref.tolerances import INDEPENDENT_RTOL
 
 from .independent import SPEC_DEFAULTS, SPEC_MEMBERS, PlainFamilyUPGD, PlainVGS
-from .test_independent import NOISE_MODES
+from .test_independent import NOISE_MODES, SCENARIOS
 from .test_independent import _hyper as _random_hyper
 
 STEPS = 45
@@ -153,44 +154,38 @@ def _run_free(member, seed, mode_index, vgs_on, noise_norm, backend, fused):
             values = plain.step(values, scaled, normals)
         plain_vgs.update(scaled)
 
-        assert factor == pytest.approx(expected_factor, rel=1e-12, abs=0)
+        assert factor == pytest.approx(expected_factor, rel=INDEPENDENT_RTOL, abs=0)
         for i, (got, want) in enumerate(zip(layout.unpack(params), values)):
             # 1e-12 relative to the larger of |p| before and after the step: where the update
             # cancels p almost exactly, relative to the (tiny) result would measure the cancellation
             rel = np.abs(got - want) / np.maximum(np.abs(want), np.abs(pre[i]))
-            assert not np.any(rel > 1e-12), (step, i, float(np.nanmax(rel)))
+            assert not np.any(rel > INDEPENDENT_RTOL), (step, i, float(np.nanmax(rel)))
             assert np.isfinite(got).all()
         state = opt.state
         assert list(state.segment_step) == plain.t
-        np.testing.assert_allclose(state.grad_norm_ema, plain.n, rtol=1e-12, atol=0)
-        np.testing.assert_allclose(info.noise_std, plain.last_std, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(state.grad_norm_ema, plain.n, rtol=INDEPENDENT_RTOL, atol=0)
+        np.testing.assert_allclose(info.noise_std, plain.last_std, rtol=INDEPENDENT_RTOL, atol=0)
         assert info.utility_max > 0
         for i, (got, want) in enumerate(zip(layout.unpack(state.utility), plain.u)):
             h, g = hyper[i], scaled[i] if scaled[i] is not None else np.zeros_like(pre[i])
             scale = np.abs(h["beta_utility"] * old_u[i]) + np.abs((1 - h["beta_utility"]) * g * pre[i])
             # 1e-12 of the terms' scale (or of u, for state carried over): the parameters and
             # with them the utility terms may drift by 1e-12 relative while free-running
-            bound = 1e-12 * np.maximum(scale, np.abs(want))
+            bound = INDEPENDENT_RTOL * np.maximum(scale, np.abs(want))
             worst = max(worst, tolerances.max_violation(got, want, bound))
         for name, expected in (("first_moment", plain.m), ("second_moment", plain.v)):
             for got, want in zip(layout.unpack(getattr(state, name)), expected):
                 if options["moments"] == "none":  # §7.1: they stay exactly 0
                     assert not np.any(got)
                 else:
-                    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+                    np.testing.assert_allclose(got, want, rtol=INDEPENDENT_RTOL, atol=1e-300)
     assert worst <= 1.0
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("member", MEMBERS, ids=MEMBER_IDS)
 @settings(max_examples=6, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    mode_index=st.integers(0, len(NOISE_MODES) - 1),
-    vgs_on=st.booleans(),
-    noise_norm=st.sampled_from(["segment", "global"]),
-    fused=st.booleans(),
-)
+@given(**SCENARIOS, fused=st.booleans())
 def test_member_agrees_with_independent_float64_implementation(member, backend, seed, mode_index, vgs_on,
                                                                noise_norm, fused):
     _run_free(member, seed, mode_index, vgs_on, noise_norm, backend, fused)
@@ -250,7 +245,7 @@ def _run_lockstep(member, seed, mode_index, vgs_on, noise_norm, dtype, fused):
             pre_state, normals, hyper, present=present, noise_norm=noise_norm, variant=opt.variant)
         bounds = tolerances.upgd_step_bounds(scales, dtype, layout.sizes)
         for i in range(len(truth)):  # the independent truth is the library's float64 truth
-            np.testing.assert_allclose(truth[i], lib_params[i], rtol=1e-12, atol=0)
+            np.testing.assert_allclose(truth[i], lib_params[i], rtol=INDEPENDENT_RTOL, atol=0)
         got = {"params": layout.unpack(params), "utility": layout.unpack(opt.state.utility),
                "first_moment": layout.unpack(opt.state.first_moment),
                "second_moment": layout.unpack(opt.state.second_moment)}
@@ -270,13 +265,7 @@ def _run_lockstep(member, seed, mode_index, vgs_on, noise_norm, dtype, fused):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("member", MEMBERS, ids=MEMBER_IDS)
 @settings(max_examples=4, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    mode_index=st.integers(0, len(NOISE_MODES) - 1),
-    vgs_on=st.booleans(),
-    noise_norm=st.sampled_from(["segment", "global"]),
-    fused=st.booleans(),
-)
+@given(**SCENARIOS, fused=st.booleans())
 def test_numba_member_within_the_contract_in_lockstep(member, dtype, seed, mode_index, vgs_on, noise_norm, fused):
     pytest.importorskip("numba")
     _run_lockstep(member, seed, mode_index, vgs_on, noise_norm, dtype, fused)

@@ -8,6 +8,7 @@ import pytest
 
 from upgd_ref import reference as ref
 from upgd_ref.hyperparams import validate_upgd
+from upgd_ref.tolerances import INDEPENDENT_RTOL
 
 PAPER_ADAM = ref.UPGDVariant(moments="adam", protection="max", update_factor=2.0, noise_placement="terms")
 PAPER_PLAIN = ref.UPGDVariant(moments="none", protection="max", update_factor=2.0, noise_placement="sum")
@@ -62,7 +63,7 @@ def test_family_members_match_their_formulas(variant):
         mine, state, _ = ref.adaptive_upgd_step(mine, grads, state, normals, [h] * len(shapes), variant=variant)
         theirs, plain_state = member_step(variant, theirs, grads, normals, h, plain_state, t)
         for a, b in zip(mine, theirs):
-            np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+            np.testing.assert_allclose(a, b, rtol=INDEPENDENT_RTOL, atol=0)
     if variant.moments == "none":
         assert all(not np.any(m) for m in state.first_moment + state.second_moment)
 

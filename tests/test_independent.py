@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import upgd_ref
 from upgd_ref import tolerances
 from upgd_ref.hyperparams import validate_upgd
+from upgd_ref.tolerances import INDEPENDENT_RTOL
 
 from .independent import PlainAdaptiveUPGD, PlainVGS
 
@@ -26,6 +27,14 @@ NOISE_MODES = [
     dict(adaptive_noise=True, instant_noise_scale=False, noise_ema_init=0.0),
     dict(adaptive_noise=True, instant_noise_scale=True, min_noise_std=0.05),  # floor hit
 ]
+
+#: One random scenario of the independent comparisons: data seed, noise mode, VGS on or off, norm.
+SCENARIOS = dict(
+    seed=st.integers(0, 2**32 - 1),
+    mode_index=st.integers(0, len(NOISE_MODES) - 1),
+    vgs_on=st.booleans(),
+    noise_norm=st.sampled_from(["segment", "global"]),
+)
 
 
 def _random_case(rng):
@@ -101,16 +110,16 @@ def _run(seed, mode_index, vgs_on, noise_norm, backend):
         values = plain.step(values, scaled, normals)
         plain_vgs.update(scaled)
 
-        assert factor == pytest.approx(expected_factor, rel=1e-12, abs=0)
+        assert factor == pytest.approx(expected_factor, rel=INDEPENDENT_RTOL, abs=0)
         for i, (got, want) in enumerate(zip(layout.unpack(params), values)):
-            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0, err_msg=f"step {step} segment {i}")
+            np.testing.assert_allclose(got, want, rtol=INDEPENDENT_RTOL, atol=0, err_msg=f"step {step} segment {i}")
         state = opt.state
         assert list(state.segment_step) == plain.t
         for name, expected in (("utility", plain.u), ("first_moment", plain.m), ("second_moment", plain.v)):
             for got, want, scale in zip(layout.unpack(getattr(state, name)), expected, scales[name]):
                 bound = tolerances.STATE_ULPS * tolerances.unit_roundoff(np.float64) * scale
                 worst = max(worst, tolerances.max_violation(got, want, bound))
-        np.testing.assert_allclose(state.grad_norm_ema, plain.n, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(state.grad_norm_ema, plain.n, rtol=INDEPENDENT_RTOL, atol=0)
     assert worst <= 1.0
 
 
@@ -119,12 +128,7 @@ def _run(seed, mode_index, vgs_on, noise_norm, backend):
 # held to the contract in lockstep instead (tests/test_numba_step.py, specs/tolerances.md §3).
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @settings(max_examples=12, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    mode_index=st.integers(0, len(NOISE_MODES) - 1),
-    vgs_on=st.booleans(),
-    noise_norm=st.sampled_from(["segment", "global"]),
-)
+@given(**SCENARIOS)
 def test_agrees_with_independent_float64_implementation(backend, seed, mode_index, vgs_on, noise_norm):
     _run(seed, mode_index, vgs_on, noise_norm, backend)
 

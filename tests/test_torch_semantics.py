@@ -26,6 +26,7 @@ from upgd_ref import reference as ref  # noqa: E402
 from upgd_ref import tolerances  # noqa: E402
 from upgd_ref.adapters.torch import HYPERPARAMETER_KEYS, AdaptiveUPGD, VarianceGradientScaler  # noqa: E402
 from upgd_ref.hyperparams import validate_upgd  # noqa: E402
+from upgd_ref.tolerances import INDEPENDENT_RTOL  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -293,7 +294,7 @@ def test_adapter_matches_the_per_tensor_implementation_step_by_step(dtype_name, 
         if mode.get("adaptive_noise"):
             for i, p in enumerate(params):
                 if present[i]:
-                    assert opt.state[p]["grad_norm_ema"] == pytest.approx(float(truth[1].grad_norm_ema[i]), rel=1e-12)
+                    assert opt.state[p]["grad_norm_ema"] == pytest.approx(float(truth[1].grad_norm_ema[i]), rel=INDEPENDENT_RTOL)
 
 
 def test_injected_noise_is_upgd_ref_noise_element_for_element():
@@ -310,7 +311,7 @@ def test_injected_noise_is_upgd_ref_noise_element_for_element():
         recovered = [((b - p.detach()) / protection) for b, p in zip(before, params)]
         expected = opt.layout.unpack(upgd_ref.noise(opt.layout, opt.seed, k))
         for r, e in zip(recovered, expected):
-            np.testing.assert_allclose(r.numpy(), e, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(r.numpy(), e, rtol=INDEPENDENT_RTOL, atol=1e-12)
         assert [n.numpy().tobytes() for n in opt.noise(k)] == [np.ascontiguousarray(e).tobytes() for e in expected]
 
 
@@ -330,7 +331,7 @@ def test_vgs_matches_the_per_tensor_scaler(dtype_name):
         set_grads(params, grads)
         f = vgs.scale_gradients()
         assert abs(f - f_plain) <= tolerances.SCALAR_ULPS_F64 * 2.0**-53 * abs(f_plain)
-        assert vgs.get_normalized_variance() == pytest.approx(plain.normalized_variance(), rel=1e-12, abs=0)
+        assert vgs.get_normalized_variance() == pytest.approx(plain.normalized_variance(), rel=INDEPENDENT_RTOL, abs=0)
         for p, g in zip(params, grads):
             if g is not None:
                 assert torch.equal(p.grad, g * torch.tensor(f, dtype=dtype)) if f != 1.0 else torch.equal(p.grad, g)
@@ -398,7 +399,7 @@ def test_production_checkpoint_loads_and_training_continues_with_identical_math(
         _train(prod, params, dtype, 1, start=k)
         _train(mine, mine_params, dtype, 1, start=k)
         for p, q in zip(params, mine_params):
-            np.testing.assert_allclose(q.detach().numpy(), p.detach().numpy(), rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(q.detach().numpy(), p.detach().numpy(), rtol=INDEPENDENT_RTOL, atol=1e-15)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

@@ -38,6 +38,7 @@ __all__ = [
     "PARAM_ULPS",
     "REDUCTION_ULPS",
     "SCALAR_ULPS_F64",
+    "INDEPENDENT_RTOL",
     "unit_roundoff",
     "upgd_step_scales",
     "upgd_step_bounds",
@@ -49,6 +50,10 @@ STATE_ULPS = 8
 PARAM_ULPS = 16
 REDUCTION_ULPS = 8
 SCALAR_ULPS_F64 = 64
+#: Relative agreement of the float64 stateful API with an independent float64 implementation
+#: of the same formulas, free-running (specs/tolerances.md §3): two transcriptions of one
+#: expression order differ only where a libm call or a summation order does.
+INDEPENDENT_RTOL = 1e-12
 
 
 def unit_roundoff(dtype) -> float:
