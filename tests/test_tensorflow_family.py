@@ -16,7 +16,7 @@ import upgd_ref  # noqa: E402
 from upgd_ref.adapters import tensorflow as upgd_tf  # noqa: E402
 from upgd_ref.reference import UPGDVariant  # noqa: E402
 
-from .test_tensorflow_common import keras_state, values  # noqa: E402
+from .test_tensorflow_common import CoreTwin, keras_state, values  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Gradients do not exist for variables:UserWarning")
 
@@ -41,8 +41,9 @@ MEMBERS = {
 }
 
 
-class FamilyTwin:
-    """The core API class of a Keras family optimizer, configured from its ``get_config``."""
+class FamilyTwin(CoreTwin):
+    """The core API class of a Keras family optimizer, configured from its ``get_config``
+    (stepping and the bit-for-bit comparison are :class:`CoreTwin`'s)."""
 
     def __init__(self, opt, variables):
         config = opt.get_config()
@@ -63,35 +64,6 @@ class FamilyTwin:
                                               **common)
         self.scaler = None if config["vgs"] is None else upgd_ref.VarianceGradientScaler(layout, **config["vgs"])
         self.params = layout.pack(values(variables))
-
-    def step(self, grads, present=None):
-        present = [True] * self.layout.num_segments if present is None else list(present)
-        buffer = self.layout.pack([g if p else np.zeros(s) for g, p, s in zip(grads, present, self.layout.shapes)])
-        vgs = self.scaler
-        if vgs is not None:
-            vgs.scale(buffer, present)
-        info = self.core.step(self.params, buffer, present)
-        if vgs is not None:
-            vgs.update(buffer, present)
-        return info
-
-    def assert_matches(self, params, got, what=""):
-        layout, state = self.layout, self.core.state
-        for i, (mine, theirs) in enumerate(zip(layout.unpack(self.params), params)):
-            np.testing.assert_array_equal(theirs, mine, err_msg=f"{what} variable {i}")
-        names = ["utility"]
-        if self.core.variant.moments == "adam":
-            names += ["first_moment", "second_moment"]
-        else:
-            assert "first_moment" not in got and "second_moment" not in got
-        for name in names:
-            for i, (mine, theirs) in enumerate(zip(layout.unpack(getattr(state, name)), got[name])):
-                np.testing.assert_array_equal(theirs, mine, err_msg=f"{what} {name}[{i}]")
-        assert int(got["upgd_step"]) == state.step, what
-        np.testing.assert_array_equal(got["segment_step"], state.segment_step, err_msg=what)
-        np.testing.assert_array_equal(got["grad_norm_ema"], state.grad_norm_ema, err_msg=what)
-        if self.scaler is not None:
-            np.testing.assert_array_equal(got["vgs_grad_sq_avg"], self.scaler.state.grad_sq_avg, err_msg=what)
 
 
 def make_variables(dtype, seed=0):
