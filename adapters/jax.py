@@ -217,14 +217,11 @@ def _philox_blocks(seed: int, step, first_block: int, num_blocks: int):
 
     def words(operand):
         lo, hi = operand
-        pieces, block, end = [], first_block, first_block + num_blocks
-        while block < end:  # counter word 0 must not wrap inside one piece (specs/noise.md §4)
-            block_hi = block >> 32
-            n = min(end, (block_hi + 1) << 32) - block
+        pieces = []
+        for block, n in _rng.counter_runs(first_block, num_blocks):
             counter = (jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(block & _MASK32),
-                       jnp.asarray(block_hi, dtype=jnp.uint32), lo, hi)
+                       jnp.asarray(block >> 32, dtype=jnp.uint32), lo, hi)
             pieces.append(_rng.philox4x32_10(counter, key))
-            block += n
         if len(pieces) == 1:
             return tuple(pieces[0])
         return tuple(jnp.concatenate([p[k] for p in pieces]) for k in range(4))

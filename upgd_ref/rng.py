@@ -26,6 +26,7 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "philox4x32_10",
+    "counter_runs",
     "standard_normals",
     "noise",
     "PHILOX_M0",
@@ -189,6 +190,17 @@ def _check_u64(name: str, value) -> int:
     return value
 
 
+def counter_runs(first_block: int, num_blocks: int):
+    """``(block, n)``: blocks ``first_block ..`` split into runs of ``n`` consecutive blocks
+    within which counter word 0 (the block's low 32 bits) does not wrap (``specs/noise.md`` §4),
+    so each run's counters are ``arange(n) + (block mod 2**32)`` with one high word."""
+    block, end = first_block, first_block + num_blocks
+    while block < end:
+        n = min(end, ((block >> 32) + 1) << 32) - block
+        yield block, n
+        block += n
+
+
 def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
     """Standard normals for logical element indices ``start .. start + count - 1``.
 
@@ -210,16 +222,12 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
     key = (seed & _MASK32, seed >> 32)
     step_lo, step_hi = step & _MASK32, step >> 32
     pieces = []
-    block = first_block
-    while block <= last_block:  # the low counter word must not wrap inside one piece
-        block_hi = block >> 32
-        n = min(last_block + 1, (block_hi + 1) << 32) - block
+    for block, n in counter_runs(first_block, last_block + 1 - first_block):
         c0 = xp.arange(n, dtype=xp.uint32) + _u32(xp, block)
-        c1 = xp.full((n,), block_hi, dtype=xp.uint32)
+        c1 = xp.full((n,), block >> 32, dtype=xp.uint32)
         c2 = xp.full((n,), step_lo, dtype=xp.uint32)
         c3 = xp.full((n,), step_hi, dtype=xp.uint32)
         pieces.append(_normals_from_words(xp, *philox4x32_10((c0, c1, c2, c3), key)))
-        block += n
     flat = xp.reshape(xp.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0], (-1,))
     skip = start - 4 * first_block
     return xp.astype(flat[skip : skip + count], dtype)
