@@ -475,23 +475,15 @@ def test_unmodified_state_dicts_load(backend):
     assert scaler_state(target_vgs) == scaler_state(source_vgs)
 
 
-@pytest.mark.parametrize("case", sorted(UPGD_MALFORMED))
-def test_optimizer_rejects_malformed_state_dict(backend, case):
-    layout, source, _ = warm_pair(backend)
-    _, target, _ = warm_pair(backend, seed=9)
-    mutate, exc, match = UPGD_MALFORMED[case]
-    bad = mutate(copy.deepcopy(source.state_dict()))
-    before = snapshot(target, bad)
-    with pytest.raises(exc, match=match):
-        target.load_state_dict(bad)
-    assert_unchanged(before, snapshot(target, bad))
+MALFORMED = {"optimizer": (1, UPGD_MALFORMED), "scaler": (2, VGS_MALFORMED)}  # warm_pair index, cases
 
 
-@pytest.mark.parametrize("case", sorted(VGS_MALFORMED))
-def test_scaler_rejects_malformed_state_dict(backend, case):
-    _, _, source = warm_pair(backend)
-    _, _, target = warm_pair(backend, seed=9)
-    mutate, exc, match = VGS_MALFORMED[case]
+@pytest.mark.parametrize("which, case", [(w, c) for w, (_, table) in MALFORMED.items() for c in sorted(table)])
+def test_rejects_malformed_state_dict(backend, which, case):
+    index, table = MALFORMED[which]
+    source = warm_pair(backend)[index]
+    target = warm_pair(backend, seed=9)[index]
+    mutate, exc, match = table[case]
     bad = mutate(copy.deepcopy(source.state_dict()))
     before = snapshot(target, bad)
     with pytest.raises(exc, match=match):
