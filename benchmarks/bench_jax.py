@@ -32,7 +32,7 @@ import optax
 import upgd_ref
 from upgd_ref import rng
 from upgd_ref.adapters import jax as uj
-from upgd_ref.backends import AUTO_ORDER
+from upgd_ref.backends import auto_order
 
 UPGD_HYPER = dict(weight_decay=1e-3, sigma=0.01, adaptive_noise=True, noise_ema_init=0.0)
 LR = 1e-3
@@ -119,9 +119,9 @@ def step_table(numel: int, leaves: int, reps: int) -> None:
         "chain(vgs, adaptive_upgd) native (jit)": jitted_row(
             optax.chain(uj.variance_gradient_scaler(**vgs), uj.adaptive_upgd(LR, **UPGD_HYPER)), params, grads),
         "noise only, native (jit)": noise_row(params),
-        f"adaptive_upgd kernels (eager, core '{AUTO_ORDER[0]}')": eager_row(
+        f"adaptive_upgd kernels (eager, core '{auto_order()[0]}')": eager_row(
             uj.adaptive_upgd(LR, **UPGD_HYPER, backend="kernels"), params, grads),
-        f"chain(vgs, adaptive_upgd) kernels (eager, core '{AUTO_ORDER[0]}')": eager_row(
+        f"chain(vgs, adaptive_upgd) kernels (eager, core '{auto_order()[0]}')": eager_row(
             optax.chain(uj.variance_gradient_scaler(**vgs, backend="kernels"),
                         uj.adaptive_upgd(LR, **UPGD_HYPER, backend="kernels")), params, grads),
     }
@@ -165,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     step_table(args.numel, args.leaves, args.reps)
     noise_table(args.draws, max(3, args.reps // 3))
-    print(f"\ncore backends (fastest first): {AUTO_ORDER}; upgd_ref {upgd_ref.__version__}")
+    print(f"\ncore backends (fastest first): {auto_order()}; upgd_ref {upgd_ref.__version__}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import keras  # noqa: E402
 
 import upgd_ref  # noqa: E402
 from upgd_ref.adapters.tensorflow import AdaptiveUPGD  # noqa: E402
-from upgd_ref.backends import AUTO_ORDER  # noqa: E402
+from upgd_ref.backends import auto_order  # noqa: E402
 
 MODELS = {
     "small": dict(inputs=32, hidden=(64, 64), outputs=1, batch=64),
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
 
     print(f"tensorflow {tf.__version__}, keras {keras.__version__}, numpy {np.__version__}, "
-          f"upgd_ref {upgd_ref.__version__} (core backend: {AUTO_ORDER[0]}), "
+          f"upgd_ref {upgd_ref.__version__} (core backend: {auto_order()[0]}), "
           f"{os.cpu_count()} CPUs, {args.steps} steps x {args.reps} repetitions per row")
     header = (f"{'model':<7} {'params':>9}  {'kind':<5} {'optimizer':<30} {'median ms':>10} {'min ms':>8} "
               f"{'Δ median':>9} {'Δ min':>8} {'ratio':>6}")

@@ -34,7 +34,7 @@ import torch
 
 import upgd_ref
 from upgd_ref.adapters.torch import AdaptiveUPGD, VarianceGradientScaler
-from upgd_ref.backends import AUTO_ORDER
+from upgd_ref.backends import auto_order
 from upgd_ref.bench import torch_production_step, torch_vgs_state
 from upgd_ref.hyperparams import UPGD_DEFAULTS
 
@@ -154,7 +154,7 @@ def main() -> None:
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{args.numel:,} {args.dtype} parameters in {len(shapes)} tensors, median of {args.reps}, "
-          f"core backend {AUTO_ORDER[0]!r}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+          f"core backend {auto_order()[0]!r}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
           "adaptive noise on")
     print(f"{'row':<42} {'median ms':>10} {'min ms':>9}")
     for name, ts in times.items():

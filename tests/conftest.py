@@ -18,7 +18,7 @@ from upgd_ref.backends import backends_for
 
 #: Every backend for NumPy buffers registered when the tests are collected (reference, numba,
 #: cuda-emulator, ...). The CuPy backend has its own tests (tests/test_cuda_gpu.py).
-BACKEND_NAMES = tuple(backends_for("numpy"))
+BACKEND_NAMES = tuple(backends_for("numpy", emulators=True))
 
 #: Whether ``AdaptiveUPGD.step`` takes a ``vgs=`` scaler (scale, step, update in one call).
 STEP_TAKES_VGS = "vgs" in inspect.signature(AdaptiveUPGD.step).parameters

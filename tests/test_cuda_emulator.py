@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import upgd_ref
-from upgd_ref.backends import AUTO_ORDER, BACKENDS, select_backend
+from upgd_ref.backends import BACKENDS, auto_order, select_backend
 from upgd_ref.kernels.cuda_backend import CudaBackend, CupyLauncher
 from upgd_ref.kernels.cuda_emulator import host_compiler
 from upgd_ref.kernels.cuda_source import THREADS
-from upgd_ref.kernels.segments import CHUNK, NUM_PARTIALS, chunk_table
+from upgd_ref.kernels.chunk_abi import CHUNK, NUM_PARTIALS, chunk_table
 from upgd_ref.rng import noise as reference_noise
 
 from .test_numba_family import MEMBERS, run_member_case
@@ -37,7 +37,7 @@ def emulator():
 
 
 def test_registered_for_numpy_and_never_chosen_by_auto(emulator):
-    assert emulator.array_kind == "numpy" and "cuda-emulator" not in AUTO_ORDER
+    assert emulator.array_kind == "numpy" and "cuda-emulator" not in auto_order()
     for dtype in (np.float32, np.float64):
         assert select_backend("auto", np.zeros(3, dtype=dtype)) is not emulator
     assert select_backend("cuda-emulator", np.zeros(3, dtype=np.float32)) is emulator
@@ -68,7 +68,7 @@ def test_noise_is_bit_identical_to_the_definition(emulator, sizes, dtype, seed, 
     out[...] = np.nan  # padding must come back as 0
     got = upgd_ref.noise(layout, seed, step, out=out, backend="cuda-emulator")
     assert got is out and expected.tobytes() == out.tobytes()
-    assert emulator.noise(layout, seed, step).tobytes() == expected.tobytes()
+    assert emulator.noise(layout=layout, seed=seed, step=step).tobytes() == expected.tobytes()
 
 
 def _tree(values: list) -> float:

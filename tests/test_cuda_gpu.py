@@ -20,7 +20,7 @@ import upgd_ref
 from upgd_ref.backends import BACKENDS
 from upgd_ref.golden import compare, format_comparison, load_case, load_manifest, replay
 from upgd_ref.kernels.cuda_backend import CudaBackend, CupyLauncher
-from upgd_ref.kernels.segments import CHUNK
+from upgd_ref.kernels.chunk_abi import CHUNK
 from upgd_ref.rng import noise as reference_noise
 
 cupy = pytest.importorskip("cupy")

@@ -156,7 +156,7 @@ def test_specs_golden_md_lists_every_case():
 # --- every backend against the golden vectors ---------------------------------------------
 
 
-@pytest.mark.parametrize("backend", backends_for("numpy"))
+@pytest.mark.parametrize("backend", backends_for("numpy", emulators=True))
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_backend_reproduces_golden_case(cases, backend, name):
     case = cases[name]

@@ -45,7 +45,7 @@ def split(value: int) -> tuple[np.uint64, np.uint64]:
 @given(layout=layouts, seed=u64, step=u64, out_dtype=st.sampled_from([None, "float32", "float64"]),
        backend=st.sampled_from([SERIAL, PARALLEL]))
 def test_noise_is_bit_identical_to_the_reference(layout, seed, step, out_dtype, backend):
-    got = backend.noise(layout, seed, step, out_dtype)
+    got = backend.noise(layout=layout, seed=seed, step=step, dtype=out_dtype)
     want = rng.noise(layout, seed, step, out_dtype)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert bits(got) == bits(want)  # padding zero included
@@ -78,16 +78,16 @@ def test_noise_is_identical_for_one_and_two_threads():
     for threads in (1, 2):
         numba.set_num_threads(threads)
         try:
-            runs.append(bits(PARALLEL.noise(layout, 123, 456)))
+            runs.append(bits(PARALLEL.noise(layout=layout, seed=123, step=456)))
         finally:
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    assert runs[0] == runs[1] == bits(SERIAL.noise(layout, 123, 456))
+    assert runs[0] == runs[1] == bits(SERIAL.noise(layout=layout, seed=123, step=456))
 
 
 def test_float32_noise_is_the_float64_noise_rounded_once():
     layout = FlatLayout([(CHUNK + 9,), (4, 4)], dtype="float64")
-    wide = PARALLEL.noise(layout, 5, 6, "float64")
-    assert bits(PARALLEL.noise(layout, 5, 6, "float32")) == bits(wide.astype(np.float32))
+    wide = PARALLEL.noise(layout=layout, seed=5, step=6, dtype="float64")
+    assert bits(PARALLEL.noise(layout=layout, seed=5, step=6, dtype="float32")) == bits(wide.astype(np.float32))
 
 
 def test_auto_dispatch_uses_numba_and_matches_the_definition():
@@ -109,7 +109,7 @@ def test_bad_noise_arguments_raise_as_the_reference(seed, step, dtype):
     with pytest.raises(Exception) as reference_error:
         rng.noise(layout, seed, step, dtype)
     with pytest.raises(type(reference_error.value)) as numba_error:
-        PARALLEL.noise(layout, seed, step, dtype)
+        PARALLEL.noise(layout=layout, seed=seed, step=step, dtype=dtype)
     assert str(numba_error.value) == str(reference_error.value)
 
 

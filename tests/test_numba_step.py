@@ -294,7 +294,7 @@ def _fused_or_separate(layout, backend, gradients, presents, fused: bool):
     return snapshot(opt, vgs, params, grads), reported
 
 
-@pytest.mark.parametrize("backend", sorted(backends_for("numpy")))
+@pytest.mark.parametrize("backend", sorted(backends_for("numpy", emulators=True)))
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_step_is_scale_step_update(backend, dtype):
     """Bit-identical to the three calls, scaled gradients included; StepInfo reports f, G."""

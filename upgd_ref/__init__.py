@@ -5,13 +5,13 @@ One exact definition of the math (``specs/``), a float64 Array-API reference
 optimizers on flat parameter buffers (:class:`AdaptiveUPGD`, :class:`VarianceGradientScaler`).
 """
 
-from .backends import noise, warmup
 from .config import from_config
 from .diagnostics import StepLog, StepRecord
 from .layout import FlatLayout
 from .optimizer import UPGD, UPGDW, AdaptiveUPGD, StepInfo
 from .rng import standard_normals
 from .scaler import VarianceGradientScaler
+from .step import noise, warmup
 
 __version__ = "0.1.0"
 

@@ -1,117 +1,107 @@
-"""The one dispatch point: which implementation runs a step on which buffers.
+"""The one dispatch point: the :class:`Backend` protocol, the registry, and which backend runs
+a step on which buffers.
 
-A backend implements the flat-buffer operations below; the stateful classes validate
-their inputs first and then hand over, so every backend sees only valid data and mutates
-only after its own computation is complete.
+A backend implements the stages of a step on flat buffers (``specs/step.md``): local
+reductions (:meth:`Backend.nonfinite_counts`, :meth:`Backend.gradient_sums`, and the ones
+:meth:`Backend.first_pass` returns) and element-wise passes (:meth:`Backend.scale`,
+:meth:`Backend.first_pass`, :meth:`Backend.second_pass`). The combination of the reductions
+and the per-segment float64 plan between the passes are the core's
+(:mod:`upgd_ref.stages`), and :func:`upgd_ref.step.upgd_step` validates every input before
+it calls a backend, so a backend sees only valid data.
 
-``backend="auto"`` picks by array type: NumPy buffers -> the fastest backend registered for
-NumPy, CuPy arrays -> the CUDA kernels. Backends register themselves in :data:`BACKENDS`:
-the Numba kernels (:mod:`upgd_ref.kernels`) whenever Numba can be imported, in front of the
-reference; ``"cupy"`` (the CUDA kernels on CuPy arrays) whenever CuPy is installed and the
-CUDA driver library loads;
-``"cuda-emulator"`` (the same CUDA source compiled for the CPU, on NumPy buffers) whenever a
-C++ compiler is found. Each backend's ``array_kind`` says which buffers it takes.
+Backends register lazily: importing :mod:`upgd_ref` imports neither Numba nor CuPy and
+probes no driver or compiler. The first use of a backend (``BACKENDS[name]``, a step with
+``backend="auto"``, :func:`backends_for`) loads it; one that cannot run here (its package is
+not installed, no CUDA driver, no C++ compiler) is then absent from the registry.
 
-Operations: ``noise``, ``check_finite`` (raises as :func:`upgd_ref.checks.check_finite`),
-``upgd_step``, ``vgs_scale``, ``vgs_update`` and ``fused_step`` (VGS scale, step and VGS
-update in one call; the kernels read the gradient once for all three).
+``backend="auto"`` picks by array type: CuPy arrays -> ``"cupy"`` (the CUDA kernels);
+float32 NumPy buffers -> ``"numba"`` when Numba is installed, else the reference; float64
+NumPy buffers -> the reference (see :func:`select_backend`).
+
+``"cuda-emulator"`` (the CUDA source compiled for the CPU) is registered for testing the
+CUDA code's arithmetic on machines without a GPU: it can be named, but :func:`backends_for`
+and :func:`available_backends` list it only when asked for emulators.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from . import checks
-from . import reference as ref
 from .arrays import array_kind
-from .kernels.cuda_backend import CudaBackend, CupyLauncher  # imports neither CuPy nor Numba
-from .kernels.cuda_emulator import EmulatorLauncher, host_compiler
-from .rng import noise as reference_noise
-from .state import FlatUPGDState, FlatVGSState
+from .reference_backend import ReferenceBackend
+from .stages import SegmentReductions, StepPlan
 
 __all__ = [
-    "ReferenceBackend", "BACKENDS", "AUTO_ORDER", "available_backends", "backends_for", "check_backend_name",
-    "select_backend", "noise", "warmup",
+    "Backend", "Registration", "BackendRegistry", "BACKENDS", "auto_order", "available_backends", "backends_for",
+    "check_backend_name", "select_backend",
 ]
 
 
-class ReferenceBackend:
-    """The Array-API reference run on NumPy views of the flat buffers."""
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend implements; every method takes keyword arguments only.
 
-    name = "reference"
-    array_kind = "numpy"
+    ``layout`` is the :class:`~upgd_ref.FlatLayout` of the buffers; ``present`` one bool per
+    segment; ``state`` a :class:`~upgd_ref.state.FlatUPGDState` whose buffers live where
+    ``params`` live; ``hyper`` one validated hyper-parameter dict per segment; ``variant``
+    a checked :class:`~upgd_ref.reference.UPGDVariant`.
+    """
 
-    def noise(self, layout, seed: int, step: int, dtype=None, out=None) -> np.ndarray:
-        values = reference_noise(layout, seed, step, dtype)
-        if out is None:
-            return values
-        out[...] = values
-        return out
+    name: str
+    array_kind: str  # "numpy" or "cupy": the buffers it takes
 
-    def check_finite(self, name: str, buffer, layout, present) -> None:
-        checks.check_finite(name, buffer, layout, present)
+    def available(self) -> bool:
+        """Whether it can run here (e.g. a GPU for CuPy)."""
 
-    def upgd_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
-                  variant=ref.PRODUCTION):
-        views = layout.unpack
-        normals = views(self.noise(layout, seed, state.step + 1))
-        start = ref.UPGDState(
-            step=np.int64(state.step),
-            segment_step=state.segment_step,
-            utility=views(state.utility),
-            first_moment=views(state.first_moment),
-            second_moment=views(state.second_moment),
-            grad_norm_ema=state.grad_norm_ema,
-        )
-        with np.errstate(all="ignore"):
-            new_params, new, stats = ref.adaptive_upgd_step(
-                views(params), views(grads), start, normals, hyper, present=present, noise_norm=noise_norm,
-                variant=variant,
-            )
-        for target, values in zip(views(params), new_params):
-            target[...] = values
-        for name in FlatUPGDState.BUFFERS:
-            for target, values in zip(views(getattr(state, name)), getattr(new, name)):
-                target[...] = values
-        state.step = int(new.step)
-        state.segment_step[...] = new.segment_step
-        state.grad_norm_ema[...] = new.grad_norm_ema
-        return stats
+    def warmup(self, dtypes) -> float:
+        """Compile (or load) its kernels for ``dtypes``; returns the seconds it took."""
 
-    def vgs_scale(self, layout, grads, factor: float, present) -> None:
-        for target, values in zip(layout.unpack(grads), ref.vgs_scale(layout.unpack(grads), factor, present)):
-            target[...] = values
+    def noise(self, *, layout, seed: int, step: int, dtype=None, out=None):
+        """The flat buffer of :func:`upgd_ref.rng.noise` (bit for bit), into ``out`` when given."""
 
-    def vgs_update(self, layout, grads, state: FlatVGSState, beta: float, present) -> None:
-        start = ref.VGSState(np.int64(state.step), state.grad_mean_avg, state.grad_sq_avg)
-        new = ref.vgs_update(start, layout.unpack(grads), beta=beta, present=present)
-        state.step = int(new.step)
-        state.grad_mean_avg[...] = new.grad_mean_avg
-        state.grad_sq_avg[...] = new.grad_sq_avg
+    def nonfinite_counts(self, *, layout, buffer, present) -> np.ndarray:
+        """int64 ``(S,)``: NaN and Inf elements per present segment (0 for absent ones)."""
 
-    def fused_step(self, layout, params, grads, state: FlatUPGDState, present, hyper, seed, noise_norm,
-                   vgs_state: FlatVGSState, vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
-        """``vgs_scale`` (when ``vgs_factor != 1``), ``upgd_step``, ``vgs_update``: the
-        definition that fused kernels must equal."""
-        if vgs_factor != 1.0:
-            self.vgs_scale(layout, grads, vgs_factor, present)
-        stats = self.upgd_step(layout, params, grads, state, present, hyper, seed, noise_norm, variant)
-        self.vgs_update(layout, grads, vgs_state, vgs_beta, present)
-        return stats
+    def gradient_sums(self, *, layout, grads, present) -> SegmentReductions:
+        """``sum g_i``, ``sum g_i**2`` per present segment (utility entries ``+inf``, ``-inf``)."""
+
+    def scale(self, *, layout, grads, factor: float, present) -> None:
+        """``g_i <- f g_i`` (``f`` rounded to the dtype) for present segments, in place."""
+
+    def first_pass(self, *, layout, params, grads, state, present, hyper, vgs_factor: float,
+                   variant) -> SegmentReductions:
+        """Pass 1: ``g <- f g`` when ``vgs_factor != 1``, the utility trace and moments of the
+        present segments in place, and their :class:`~upgd_ref.stages.SegmentReductions`."""
+
+    def second_pass(self, *, layout, params, grads, state, present, hyper, plan: StepPlan, seed: int,
+                    variant) -> None:
+        """Pass 2: the parameter update of the present segments in place, with the normals
+        of ``(seed, plan.step)``."""
 
 
-BACKENDS: dict[str, object] = {"reference": ReferenceBackend()}
-AUTO_ORDER = ["reference"]  # NumPy buffers, fastest first; kernels insert themselves in front
+class Registration(NamedTuple):
+    """A backend the registry can load: ``load()`` returns it, or ``None`` where it cannot
+    run. ``auto`` ranks it for NumPy buffers under ``backend="auto"`` (lower first);
+    ``emulator`` marks a test backend."""
 
-if importlib.util.find_spec("numba") is not None:  # without Numba the reference serves NumPy
-    from .kernels import NumbaBackend
+    name: str
+    array_kind: str
+    load: Callable[[], object]
+    auto: int | None = None
+    emulator: bool = False
 
-    BACKENDS["numba"] = NumbaBackend()
-    AUTO_ORDER.insert(0, "numba")
 
+def _load_numba():
+    if importlib.util.find_spec("numba") is None:
+        return None
+    from .kernels.numba_backend import NumbaBackend
+
+    return NumbaBackend()
 
 
 def _cuda_driver_loads() -> bool:
@@ -123,35 +113,124 @@ def _cuda_driver_loads() -> bool:
     return True
 
 
-# CuPy itself is imported on first use; without a driver no CuPy array can exist.
-if importlib.util.find_spec("cupy") is not None and _cuda_driver_loads():
-    BACKENDS["cupy"] = CudaBackend("cupy", CupyLauncher())
+def _load_cupy():
+    # CuPy itself is imported on first use; without a driver no CuPy array can exist.
+    if importlib.util.find_spec("cupy") is None or not _cuda_driver_loads():
+        return None
+    from .kernels.cuda_backend import CudaBackend, CupyLauncher
 
-if host_compiler() is not None:
-    BACKENDS["cuda-emulator"] = CudaBackend("cuda-emulator", EmulatorLauncher())
-
-
-def backends_for(kind: str = "numpy") -> list[str]:
-    """Names of the registered backends that take buffers of ``kind`` (``"numpy"``, ``"cupy"``)."""
-    return [name for name, backend in BACKENDS.items() if backend.array_kind == kind]
+    return CudaBackend("cupy", CupyLauncher())
 
 
-def available_backends() -> list[str]:
+def _load_emulator():
+    from .kernels.cuda_emulator import EmulatorLauncher, host_compiler
+
+    if host_compiler() is None:
+        return None
+    from .kernels.cuda_backend import CudaBackend
+
+    return CudaBackend("cuda-emulator", EmulatorLauncher())
+
+
+REGISTRATIONS = (
+    Registration("reference", "numpy", ReferenceBackend, auto=1),
+    Registration("numba", "numpy", _load_numba, auto=0),
+    Registration("cupy", "cupy", _load_cupy),
+    Registration("cuda-emulator", "numpy", _load_emulator, emulator=True),
+)
+
+
+class BackendRegistry(MutableMapping):
+    """Backends by name, each loaded on first access; one that cannot run here is absent.
+
+    Assigning a name (``registry[name] = backend``) installs or replaces a backend (tests use
+    it to swap in differently configured instances).
+    """
+
+    def __init__(self, registrations):
+        self.registrations = {r.name: r for r in registrations}
+        self._loaded: dict[str, object] = {}
+        self._absent: set[str] = set()
+
+    def _load(self, name: str):
+        if name in self._loaded:
+            return self._loaded[name]
+        if name in self._absent or name not in self.registrations:
+            return None
+        backend = self.registrations[name].load()
+        if backend is None:
+            self._absent.add(name)
+        else:
+            self._loaded[name] = backend
+        return backend
+
+    def __getitem__(self, name: str):
+        backend = self._load(name)
+        if backend is None:
+            raise KeyError(name)
+        return backend
+
+    def __setitem__(self, name: str, backend) -> None:
+        self._absent.discard(name)
+        self._loaded[name] = backend
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._loaded:
+            raise KeyError(name)
+        del self._loaded[name]
+        if name not in self.registrations:
+            return
+        self._absent.add(name)  # deleted: not reloaded behind the caller's back
+
+    def __iter__(self) -> Iterator[str]:
+        names = [*self.registrations, *(n for n in self._loaded if n not in self.registrations)]
+        return iter([name for name in names if self._load(name) is not None])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def is_emulator(self, name: str) -> bool:
+        registration = self.registrations.get(name)
+        return registration is not None and registration.emulator
+
+
+BACKENDS = BackendRegistry(REGISTRATIONS)
+
+
+def auto_order() -> list[str]:
+    """Names of the backends ``backend="auto"`` may pick for float32 NumPy buffers, fastest first."""
+    ranked = sorted((r.auto, r.name) for r in BACKENDS.registrations.values() if r.auto is not None)
+    return [name for _, name in ranked if name in BACKENDS]
+
+
+def backends_for(kind: str = "numpy", *, emulators: bool = False) -> list[str]:
+    """Names of the registered backends that take buffers of ``kind`` (``"numpy"``, ``"cupy"``);
+    with ``emulators=True`` also the test emulators."""
+    return [name for name, backend in BACKENDS.items()
+            if backend.array_kind == kind and (emulators or not BACKENDS.is_emulator(name))]
+
+
+def available_backends(*, emulators: bool = False) -> list[str]:
     """Names of the registered backends that can run here (``"cupy"`` needs a GPU)."""
-    return [name for name, backend in BACKENDS.items() if getattr(backend, "available", lambda: True)()]
+    return [name for name, backend in BACKENDS.items()
+            if backend.available() and (emulators or not BACKENDS.is_emulator(name))]
 
 
-def check_backend_name(name: str) -> str:
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; available: {['auto', *BACKENDS]}")
+def check_backend_name(name) -> str:
+    """``name`` when it is ``"auto"``, a registered name or a :class:`Backend`; ``ValueError`` otherwise."""
+    if isinstance(name, Backend) and not isinstance(name, str):
+        return name
+    if name != "auto" and name not in BACKENDS.registrations and name not in BACKENDS:
+        choices = ["auto", *(n for n in BACKENDS.registrations if not BACKENDS.is_emulator(n))]
+        raise ValueError(f"unknown backend {name!r}; choose one of {choices}")
     return name
 
 
-def select_backend(name: str, buffer):
-    """The backend object for ``name`` ("auto" or a registered name) and this buffer.
+def select_backend(name, buffer):
+    """The backend object for ``name`` ("auto", a registered name or a :class:`Backend`) and this buffer.
 
     ``"auto"``: CuPy arrays go to the CUDA kernels (``"cupy"``); float32 NumPy buffers to the
-    fastest NumPy backend (:data:`AUTO_ORDER`); float64 NumPy buffers to the reference,
+    fastest NumPy backend (:func:`auto_order`); float64 NumPy buffers to the reference,
     because float64 is the truth and the reference evaluates the spec's expressions
     literally with NumPy (its exp, its pairwise sums), so a float64 run equals a plain NumPy
     transcription of ``specs/algorithm.md`` bit for bit. The kernels' float64 results differ
@@ -161,9 +240,12 @@ def select_backend(name: str, buffer):
     check_backend_name(name)
     kind = array_kind(buffer) if buffer is not None else None
     if name != "auto":
-        backend = BACKENDS[name]
+        backend = name if not isinstance(name, str) else BACKENDS.get(name)
+        if backend is None:
+            raise ValueError(f"backend {name!r} cannot run here (its package, driver or compiler is missing); "
+                             f"available: {available_backends()}")
         if kind is not None and backend.array_kind != kind:
-            raise TypeError(f"backend {name!r} takes {backend.array_kind} arrays, got a {kind} array; "
+            raise TypeError(f"backend {backend.name!r} takes {backend.array_kind} arrays, got a {kind} array; "
                             f"backends for {kind} arrays: {backends_for(kind) or 'none installed'}")
         return backend
     if kind == "cupy":
@@ -171,47 +253,5 @@ def select_backend(name: str, buffer):
             raise TypeError("CuPy arrays need the 'cupy' backend, which needs CuPy")
         return BACKENDS["cupy"]
     if kind == "numpy":
-        return BACKENDS["reference" if buffer.dtype == np.float64 else AUTO_ORDER[0]]
+        return BACKENDS["reference" if buffer.dtype == np.float64 else auto_order()[0]]
     raise TypeError(f"no backend for arrays of type {type(buffer).__name__}")
-
-
-def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = "auto") -> np.ndarray:
-    """The standard normals that optimizer step ``step`` with ``seed`` uses, as a flat buffer.
-
-    Bit-identical for every backend: the definition is :func:`upgd_ref.rng.noise`
-    (``specs/noise.md``); ``backend="auto"`` computes them with the fastest one (on the GPU
-    when ``out`` is a CuPy array). ``out``: a writable, contiguous NumPy or CuPy buffer of the
-    layout's length and of the noise dtype to fill (its padding is set to 0) instead of a new
-    one. Without ``out``, ``backend="cupy"`` returns a CuPy array, the others NumPy.
-    """
-    if out is not None:
-        _check_noise_out(out, layout, dtype)
-    if backend == "auto":
-        chosen = select_backend("auto", out) if array_kind(out) == "cupy" else BACKENDS[AUTO_ORDER[0]]
-    else:
-        chosen = select_backend(backend, out)  # bit-identical whichever computes them
-    return chosen.noise(layout, seed, step, dtype, out)
-
-
-def _check_noise_out(out, layout, dtype) -> None:
-    expected = np.dtype(layout.dtype if dtype is None else dtype)
-    if array_kind(out) not in ("numpy", "cupy"):
-        raise TypeError(f"out must be a NumPy array (or a CuPy array on a GPU), got {type(out).__name__}")
-    if out.shape != (layout.size,):
-        raise ValueError(f"out must have shape ({layout.size},) for this layout, got {out.shape}")
-    if out.dtype != expected:
-        raise TypeError(f"out has dtype {out.dtype}; the noise dtype is {expected}")
-    if not out.flags.c_contiguous:
-        raise ValueError("out must be contiguous")
-    if array_kind(out) == "numpy" and not out.flags.writeable:
-        raise ValueError("out is read-only")
-
-
-def warmup(dtypes=("float32", "float64")) -> dict[str, float]:
-    """Compile every kernel backend's kernels for ``dtypes`` now rather than on first use.
-
-    Returns seconds per backend that compiles and can run here (Numba; the CUDA kernels with
-    a GPU; their emulator with a C++ compiler). Numba, CuPy and the emulator cache what they
-    compile on disk, so a later process loads it in well under a second.
-    """
-    return {name: BACKENDS[name].warmup(dtypes) for name in available_backends() if hasattr(BACKENDS[name], "warmup")}

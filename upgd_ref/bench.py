@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .backends import BACKENDS, noise, warmup
+from .backends import BACKENDS
+from .step import noise, warmup
 from .hyperparams import UPGD_DEFAULTS, VGS_DEFAULTS
 from .layout import FlatLayout
 from .optimizer import AdaptiveUPGD

@@ -842,7 +842,7 @@ def _cmd_verify(args) -> int:
     problems = check_manifest(args.golden)
     for problem in problems:
         print(f"integrity: {problem}")
-    backends = args.backend or available_backends()
+    backends = args.backend or available_backends(emulators=True)
     for entry in load_manifest(args.golden)["cases"]:
         case = load_case(entry["name"], args.golden)
         for backend in backends:

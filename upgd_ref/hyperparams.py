@@ -10,6 +10,7 @@ import numpy as np
 __all__ = [
     "UPGD_DEFAULTS",
     "VGS_DEFAULTS",
+    "CheckedHyperParams",
     "NOISE_NORMS",
     "validate_upgd",
     "validate_vgs",
@@ -63,7 +64,12 @@ def _flag(where: str, name: str, value) -> bool:
     return bool(value)
 
 
-def validate_upgd(values: dict, where: str = "") -> dict:
+class CheckedHyperParams(dict):
+    """A hyper-parameter dict that :func:`validate_upgd` produced: the step door
+    (:func:`upgd_ref.step.upgd_step`) does not check it again."""
+
+
+def validate_upgd(values: dict, where: str = "") -> CheckedHyperParams:
     """Checked copy of AdaptiveUPGD hyper-parameters; ``where`` prefixes error messages."""
     unknown = set(values) - set(UPGD_DEFAULTS)
     if unknown:
@@ -80,7 +86,7 @@ def validate_upgd(values: dict, where: str = "") -> dict:
             raise ValueError(f"{where}{name} must be in [0, 1), got {out[name]}")
     for name in _FLAGS:
         out[name] = _flag(where, name, out[name])
-    return out
+    return CheckedHyperParams(out)
 
 
 def validate_vgs(values: dict, where: str = "") -> dict:

@@ -33,17 +33,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import backends
-from .backends import check_backend_name, select_backend
-from .checkpoint import MAX_STEP, read_state_dict, write_state_dict
-from .checks import check_distinct, check_flat_buffer, check_present
+from . import step as door
+from .backends import check_backend_name
+from .checkpoint import read_state_dict, write_state_dict
+from .checks import check_present
 from .reference import PRODUCTION, UPGDVariant, check_variant
-from .hyperparams import (
-    NOISE_NORMS, UPGD_DEFAULTS, resolve_param_groups, segment_hyperparams, validate_upgd, validate_vgs,
-)
+from .hyperparams import UPGD_DEFAULTS, resolve_param_groups, segment_hyperparams, validate_upgd
 from .layout import FlatLayout
 from .scaler import VarianceGradientScaler
 from .state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
+from .step import StepRequest, VGSRequest, check_noise_norm, check_seed
 
 __all__ = ["AdaptiveUPGD", "UPGD", "UPGDW", "StepInfo", "PROFILES", "PAPER_EPS"]
 
@@ -74,20 +73,6 @@ class StepInfo:
     def to_dict(self) -> dict:
         """Plain Python values (lists, floats) for logging."""
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return int(seed)
-
-
-def _check_noise_norm(noise_norm) -> str:
-    if noise_norm not in NOISE_NORMS:
-        raise ValueError(f"noise_norm must be one of {NOISE_NORMS}, got {noise_norm!r}")
-    return noise_norm
 
 
 class AdaptiveUPGD:
@@ -128,8 +113,8 @@ class AdaptiveUPGD:
             min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
             noise_ema_init=noise_ema_init,
         ))
-        self.noise_norm = _check_noise_norm(noise_norm)
-        self.seed = _check_seed(seed)
+        self.noise_norm = check_noise_norm(noise_norm)
+        self.seed = check_seed(seed)
         self.backend = check_backend_name(backend)
         self.param_groups = resolve_param_groups(param_groups, self.defaults, layout)
         hyper = self._segment_hyperparams()
@@ -160,36 +145,23 @@ class AdaptiveUPGD:
         writable), the scaler's statistics advance, and the kernel backends read the
         gradient once for all three.
         """
-        layout = self.layout
-        present = check_present(present, layout.num_segments)
-        check_flat_buffer("params", params, layout, writable=True)
-        check_flat_buffer("grads", grads, layout, writable=vgs is not None)
-        check_distinct(params=params, grads=grads)
+        request = StepRequest(hyper=self._segment_hyperparams(), present=present, seed=self.seed,
+                              noise_norm=self.noise_norm, variant=self.variant)
+        vgs_factor = vgs_variance = math.nan
+        vgs_request = None
         if vgs is not None:
             self._check_scaler(vgs)
-        backend = select_backend(self.backend, params)
-        backend.check_finite("grads", grads, layout, present)
-        backend.check_finite("params", params, layout, present)
-        hyper = self._segment_hyperparams()
-        seed, noise_norm = _check_seed(self.seed), _check_noise_norm(self.noise_norm)
-        if self.state.step >= MAX_STEP:
-            raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
-        self.state.follow(params)  # state lives where the parameters live
-        if vgs is None:
-            stats = backend.upgd_step(layout, params, grads, self.state, present, hyper, seed, noise_norm,
-                                      self.variant)
-            vgs_factor = vgs_variance = math.nan
-        else:
-            vgs_factor, vgs_variance, vgs_beta = self._scaler_inputs(vgs)
-            stats = backend.fused_step(layout, params, grads, self.state, present, hyper, seed, noise_norm,
-                                       vgs.state, vgs_factor, vgs_beta, self.variant)
+            vgs_factor, vgs_variance = vgs.factor_and_variance()
+            vgs_request = VGSRequest(vgs.state, vgs_factor, vgs.hyperparams["beta"])
+        stats = door.upgd_step(self.layout, params, grads, self.state, request, vgs=vgs_request,
+                               backend=self.backend)
         grad_norm = np.asarray(stats.grad_norm, dtype=np.float64)
         noise_std = np.asarray(stats.noise_std, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             nsr = noise_std / grad_norm
         return StepInfo(
             step=self.state.step,
-            present=np.asarray(present),
+            present=np.asarray(check_present(present, self.layout.num_segments)),
             grad_norm=grad_norm,
             noise_std=noise_std,
             noise_to_signal=nsr,
@@ -209,21 +181,10 @@ class AdaptiveUPGD:
                 f"{vgs.layout.dtype.name}"
             )
 
-    @staticmethod
-    def _scaler_inputs(vgs) -> tuple[float, float, float]:
-        """``(f, G, beta)`` of the scaler, validated as ``scale`` and ``update`` validate."""
-        beta = validate_vgs(vgs.hyperparams)["beta"]
-        factor, variance = vgs._factor_and_variance()  # scaling_factor() and normalized_variance() in one
-        if vgs.state.step >= MAX_STEP:
-            raise OverflowError(
-                f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold"
-            )
-        return factor, variance, beta
-
     def noise(self, step: int | None = None, dtype=None) -> np.ndarray:
         """The standard normals of step ``step`` (default: the next one) for this optimizer."""
         step = self.state.step + 1 if step is None else step
-        return backends.noise(self.layout, self.seed, step, dtype, backend=self.backend)
+        return door.noise(self.layout, self.seed, step, dtype, backend=self.backend)
 
     # --- state ------------------------------------------------------------------------
 
@@ -251,7 +212,7 @@ class AdaptiveUPGD:
         seed = state_dict.get("seed")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
             raise ValueError(f"state dict field 'seed' must be an int in [0, 2**64), got {seed!r}")
-        noise_norm = _check_noise_norm(state_dict.get("noise_norm"))
+        noise_norm = check_noise_norm(state_dict.get("noise_norm"))
         variant = check_variant(state_dict.get("variant", PRODUCTION._asdict()))  # absent before v0.2: production
         if variant != self.variant:
             raise ValueError(f"state dict is for UPGD variant {dict(variant._asdict())}, "

@@ -60,12 +60,17 @@ __all__ = [
     "parameter_update",
     "family_parameter_update",
     "upgd_init",
+    "local_updates",
+    "utility_extrema",
+    "noise_scales",
+    "apply_updates",
     "adaptive_upgd_step",
     "vgs_init",
     "vgs_normalized_variances",
     "vgs_global_variance",
     "vgs_scaling_factor",
     "vgs_scale",
+    "vgs_statistics_update",
     "vgs_update",
 ]
 
@@ -280,63 +285,69 @@ def upgd_init(params, noise_ema_init) -> UPGDState:
     )
 
 
-def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, present=None,
-                       noise_norm="segment", variant: UPGDVariant = PRODUCTION):
-    """One AdaptiveUPGD step (section 3): returns ``(new_params, new_state, stats)``.
-
-    ``params``, ``grads``, ``normals`` (this step's standard normals, see ``upgd_ref.noise``)
-    are per-segment arrays; ``hyper`` is one hyper-parameter dict per segment; ``present[i]``
-    False means segment i has no gradient this step and is left entirely unchanged.
-    ``variant`` selects a member of the UPGD family (section 7); the default is AdaptiveUPGD.
-    """
-    variant = check_variant(variant)
-    xp = array_namespace(*params)
-    f64 = _float64(xp)
-    num_segments = len(params)
-    present = [True] * num_segments if present is None else [bool(b) for b in present]
-    nan = xp.asarray(float("nan"), dtype=f64)
-
-    segment_step = state.segment_step + xp.asarray(present, dtype=xp.int64)
+def local_updates(params, grads, state: UPGDState, hyper, present, variant: UPGDVariant = PRODUCTION):
+    """Pass 1, element-wise (section 3.2): ``(utility, first_moment, second_moment)`` lists with
+    every present segment's traces and moments advanced; absent segments' arrays unchanged."""
     utility, first_moment, second_moment = list(state.utility), list(state.first_moment), list(state.second_moment)
-
-    # Pass 1: traces and moments, then U_lo / U_hi over every present element.
-    for i in range(num_segments):
+    for i in range(len(params)):
         if present[i]:
             h, g = hyper[i], grads[i]
             utility[i] = utility_trace_update(utility[i], g, params[i], h["beta_utility"])
             if variant.moments == "adam":
                 first_moment[i] = first_moment_update(first_moment[i], g, h["beta1"])
                 second_moment[i] = second_moment_update(second_moment[i], g, h["beta2"])
-    filled = [i for i in range(num_segments) if present[i] and _numel(params[i]) != 0]
-    if filled:
-        utility_min = xp.min(xp.stack([xp.min(utility[i]) for i in filled]))
-        utility_max = xp.max(xp.stack([xp.max(utility[i]) for i in filled]))
-    else:
-        utility_min = utility_max = xp.astype(nan, params[0].dtype)
+    return utility, first_moment, second_moment
 
-    # Noise scale: per-segment gradient norms (or the global one), EMA, std.
-    squares = [sum_of_squares(grads[i]) if present[i] else nan for i in range(num_segments)]
+
+def utility_extrema(utility, present, dtype):
+    """``(U_lo, U_hi)`` over every element of the present, non-empty segments (NaN in
+    ``dtype`` when there is none): per-segment extrema combined in segment order."""
+    xp = array_namespace(*utility)
+    filled = [i for i in range(len(utility)) if present[i] and _numel(utility[i]) != 0]
+    if not filled:
+        nan = xp.astype(xp.asarray(float("nan"), dtype=_float64(xp)), dtype)
+        return nan, nan
+    return (xp.min(xp.stack([xp.min(utility[i]) for i in filled])),
+            xp.max(xp.stack([xp.max(utility[i]) for i in filled])))
+
+
+def noise_scales(xp, squares, present, hyper, grad_norm_ema, segment_step, noise_norm="segment"):
+    """Section 3.3 from the per-segment ``sum g_i**2`` (float64): ``(norms, emas, stds)``, lists.
+
+    ``norms[i] = sqrt(squares[i])``; with ``noise_norm="global"`` every segment's ``r`` is
+    ``sqrt`` of the present squares added in segment order. Absent segments: NaN norm and
+    std, ``n_i`` unchanged (``squares[i]`` is not read).
+    """
+    f64 = _float64(xp)
+    nan = xp.asarray(float("nan"), dtype=f64)
+    squares = [squares[i] if present[i] else nan for i in range(len(present))]
     segment_norm = [xp.sqrt(s) for s in squares]
-    global_norm = xp.sqrt(sum(squares[i] for i in range(num_segments) if present[i])) if any(present) else nan
+    global_norm = xp.sqrt(sum(squares[i] for i in range(len(present)) if present[i])) if any(present) else nan
     ema, std = [], []
-    for i in range(num_segments):
+    for i in range(len(present)):
         if not present[i]:
-            ema.append(state.grad_norm_ema[i])
+            ema.append(grad_norm_ema[i])
             std.append(nan)
             continue
         h = hyper[i]
         r = segment_norm[i] if noise_norm == "segment" else global_norm
-        n_i = grad_norm_ema_update(state.grad_norm_ema[i], r, h["noise_beta"]) if h["adaptive_noise"] else state.grad_norm_ema[i]
+        n_i = grad_norm_ema_update(grad_norm_ema[i], r, h["noise_beta"]) if h["adaptive_noise"] else grad_norm_ema[i]
         ema.append(n_i)
         std.append(noise_std(
             xp, sigma=h["sigma"], adaptive_noise=h["adaptive_noise"],
             instant_noise_scale=h["instant_noise_scale"], min_noise_std=h["min_noise_std"],
             noise_beta=h["noise_beta"], norm=r, grad_norm_ema=n_i, t=segment_step[i],
         ))
+    return segment_norm, ema, std
 
-    # Pass 2: bias corrections, protection, update.
+
+def apply_updates(params, grads, utility, first_moment, second_moment, normals, std, segment_step, hyper,
+                  present, utility_min, utility_max, variant: UPGDVariant = PRODUCTION):
+    """Pass 2 (section 3.4): the new parameter list (absent segments unchanged); ``std[i]``
+    and ``segment_step[i]`` are this step's, ``U_lo``, ``U_hi`` in the parameters' dtype."""
+    xp = array_namespace(*params)
     new_params = list(params)
-    for i in range(num_segments):
+    for i in range(len(params)):
         if not present[i]:
             continue
         h, t, dtype = hyper[i], segment_step[i], params[i].dtype
@@ -352,6 +363,36 @@ def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, prese
             params[i], grads[i], m_hat, v_hat, noise, su, lr=h["lr"], weight_decay=h["weight_decay"],
             eps=h["eps"], variant=variant,
         )
+    return new_params
+
+
+def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, present=None,
+                       noise_norm="segment", variant: UPGDVariant = PRODUCTION):
+    """One AdaptiveUPGD step (section 3): returns ``(new_params, new_state, stats)``.
+
+    ``params``, ``grads``, ``normals`` (this step's standard normals, see ``upgd_ref.noise``)
+    are per-segment arrays; ``hyper`` is one hyper-parameter dict per segment; ``present[i]``
+    False means segment i has no gradient this step and is left entirely unchanged.
+    ``variant`` selects a member of the UPGD family (section 7); the default is AdaptiveUPGD.
+
+    The stages are those of every backend (``specs/step.md``): :func:`local_updates` and the
+    per-segment reductions (``sum g_i**2``, the utility extrema), their combination
+    (:func:`utility_extrema`, :func:`noise_scales`), then :func:`apply_updates`.
+    """
+    variant = check_variant(variant)
+    xp = array_namespace(*params)
+    f64 = _float64(xp)
+    present = [True] * len(params) if present is None else [bool(b) for b in present]
+    nan = xp.asarray(float("nan"), dtype=f64)
+
+    segment_step = state.segment_step + xp.asarray(present, dtype=xp.int64)
+    utility, first_moment, second_moment = local_updates(params, grads, state, hyper, present, variant)
+    utility_min, utility_max = utility_extrema(utility, present, params[0].dtype)
+    squares = [sum_of_squares(grads[i]) if present[i] else nan for i in range(len(params))]
+    segment_norm, ema, std = noise_scales(xp, squares, present, hyper, state.grad_norm_ema, segment_step,
+                                          noise_norm)
+    new_params = apply_updates(params, grads, utility, first_moment, second_moment, normals, std, segment_step,
+                               hyper, present, utility_min, utility_max, variant)
 
     new_state = UPGDState(
         step=state.step + 1,
@@ -438,6 +479,22 @@ def vgs_scale(grads, factor, present=None):
     return out
 
 
+def vgs_statistics_update(state: VGSState, grad_mean, grad_sq_mean, updated, *, beta) -> VGSState:
+    """``k += 1``; ``a_i <- beta a_i + (1 - beta) mean(g_i)``, ``b_i <- beta b_i + (1 - beta)
+    mean(g_i**2)`` for each segment with ``updated[i]`` (float64 per-segment means); the
+    others keep their statistics and their ``grad_mean[i]`` is not read."""
+    xp = array_namespace(state.grad_mean_avg)
+    a, b = [], []
+    for i in range(len(updated)):
+        if updated[i]:
+            a.append(beta * state.grad_mean_avg[i] + (1.0 - beta) * grad_mean[i])
+            b.append(beta * state.grad_sq_avg[i] + (1.0 - beta) * grad_sq_mean[i])
+        else:
+            a.append(state.grad_mean_avg[i])
+            b.append(state.grad_sq_avg[i])
+    return VGSState(step=state.step + 1, grad_mean_avg=xp.stack(a), grad_sq_avg=xp.stack(b))
+
+
 def vgs_update(state: VGSState, grads, *, beta, present=None) -> VGSState:
     """``k += 1``; ``a_i, b_i`` <- EMA of ``mean(g_i)``, ``mean(g_i**2)`` (scaled gradients).
 
@@ -446,13 +503,8 @@ def vgs_update(state: VGSState, grads, *, beta, present=None) -> VGSState:
     xp = array_namespace(state.grad_mean_avg)
     f64 = _float64(xp)
     present = [True] * len(grads) if present is None else present
-    a, b = [], []
-    for i, g in enumerate(grads):
-        if present[i] and _numel(g) != 0:
-            wide = xp.astype(g, f64)
-            a.append(beta * state.grad_mean_avg[i] + (1.0 - beta) * xp.mean(wide))
-            b.append(beta * state.grad_sq_avg[i] + (1.0 - beta) * xp.mean(wide * wide))
-        else:
-            a.append(state.grad_mean_avg[i])
-            b.append(state.grad_sq_avg[i])
-    return VGSState(step=state.step + 1, grad_mean_avg=xp.stack(a), grad_sq_avg=xp.stack(b))
+    updated = [bool(present[i]) and _numel(g) != 0 for i, g in enumerate(grads)]
+    wide = [xp.astype(g, f64) if u else None for g, u in zip(grads, updated)]
+    means = [xp.mean(w) if u else None for w, u in zip(wide, updated)]
+    sq_means = [xp.mean(w * w) if u else None for w, u in zip(wide, updated)]
+    return vgs_statistics_update(state, means, sq_means, updated, beta=beta)

@@ -27,6 +27,8 @@ from array_api_compat import array_namespace
 __all__ = [
     "philox4x32_10",
     "counter_runs",
+    "check_u64",
+    "normals_from_words",
     "standard_normals",
     "noise",
     "PHILOX_M0",
@@ -172,7 +174,7 @@ def _cos_sin_of_turn(xp, word):
     return cos, sin
 
 
-def _normals_from_words(xp, w0, w1, w2, w3):
+def normals_from_words(xp, w0, w1, w2, w3):
     """Four float64 normals per Philox block, in lane order."""
     r01 = xp.sqrt(-2.0 * _log_of_uniform(xp, w0))
     cos01, sin01 = _cos_sin_of_turn(xp, w1)
@@ -181,7 +183,8 @@ def _normals_from_words(xp, w0, w1, w2, w3):
     return xp.stack([r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23], axis=1)
 
 
-def _check_u64(name: str, value) -> int:
+def check_u64(name: str, value) -> int:
+    """``value`` as a Python int in ``[0, 2**64)`` (a seed, step or counter); raises naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     value = int(value)
@@ -207,10 +210,10 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
     Pure function of ``(seed, step, index)``: any chunking of an index range gives the same
     values. ``dtype`` is ``xp.float64`` (default) or ``xp.float32`` (float64 rounded once).
     """
-    seed = _check_u64("seed", seed)
-    step = _check_u64("step", step)
-    start = _check_u64("start", start)
-    count = _check_u64("count", count)
+    seed = check_u64("seed", seed)
+    step = check_u64("step", step)
+    start = check_u64("start", start)
+    count = check_u64("count", count)
     if start + count > 2**64:
         raise ValueError(f"indices start + count = {start + count} exceed 2**64")
     dtype = xp.float64 if dtype is None else dtype
@@ -227,7 +230,7 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
         c1 = xp.full((n,), block >> 32, dtype=xp.uint32)
         c2 = xp.full((n,), step_lo, dtype=xp.uint32)
         c3 = xp.full((n,), step_hi, dtype=xp.uint32)
-        pieces.append(_normals_from_words(xp, *philox4x32_10((c0, c1, c2, c3), key)))
+        pieces.append(normals_from_words(xp, *philox4x32_10((c0, c1, c2, c3), key)))
     flat = xp.reshape(xp.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0], (-1,))
     skip = start - 4 * first_block
     return xp.astype(flat[skip : skip + count], dtype)

@@ -27,12 +27,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import reference as ref
-from .backends import check_backend_name, select_backend
-from .checkpoint import MAX_STEP, read_state_dict, write_state_dict
-from .checks import check_flat_buffer, check_present
+from .backends import check_backend_name
+from .checkpoint import read_state_dict, write_state_dict
 from .hyperparams import VGS_DEFAULTS, validate_vgs
 from .layout import FlatLayout
 from .state import STATE_VERSION, VGS_FORMAT, FlatVGSState
+from .step import vgs_factor, vgs_scale_step, vgs_update_step
 
 __all__ = ["VarianceGradientScaler"]
 
@@ -58,20 +58,17 @@ class VarianceGradientScaler:
     def __repr__(self) -> str:
         return f"VarianceGradientScaler({self.layout!r}, step={self.state.step}, factor={self.scaling_factor():.6g})"
 
-    def _factor_and_variance(self) -> tuple[float, float]:
-        hp = validate_vgs(self.hyperparams)
-        state = ref.VGSState(np.int64(self.state.step), self.state.grad_mean_avg, self.state.grad_sq_avg)
-        with np.errstate(all="ignore"):
-            factor, variance = ref.vgs_scaling_factor(state, **hp)
-        return float(factor), float(variance)
+    def factor_and_variance(self) -> tuple[float, float]:
+        """``(f, G)`` for the current statistics (:meth:`scaling_factor`, :meth:`normalized_variance`)."""
+        return vgs_factor(self.state, self.hyperparams)
 
     def scaling_factor(self) -> float:
         """``f`` for the current statistics."""
-        return self._factor_and_variance()[0]
+        return self.factor_and_variance()[0]
 
     def normalized_variance(self) -> float:
         """``G``, the clipped and capped 0.9 quantile of the per-segment normalised variances."""
-        return self._factor_and_variance()[1]
+        return self.factor_and_variance()[1]
 
     def segment_normalized_variances(self) -> np.ndarray:
         """``nv_i`` per segment."""
@@ -79,27 +76,16 @@ class VarianceGradientScaler:
         with np.errstate(all="ignore"):
             return np.asarray(ref.vgs_normalized_variances(state, beta=self.hyperparams["beta"], eps=self.hyperparams["eps"]))
 
-    def _check(self, grads, present, writable):
-        present = check_present(present, self.layout.num_segments)
-        check_flat_buffer("grads", grads, self.layout, writable=writable)
-        select_backend(self.backend, grads).check_finite("grads", grads, self.layout, present)
-        return present
-
     def scale(self, grads, present=None) -> float:
         """Multiply every present segment of ``grads`` by ``f`` in place; return ``f``."""
-        present = self._check(grads, present, writable=True)
         factor = self.scaling_factor()
-        if factor != 1.0:
-            select_backend(self.backend, grads).vgs_scale(self.layout, grads, factor, present)
+        vgs_scale_step(self.layout, grads, factor, present, backend=self.backend)
         return factor
 
     def update(self, grads, present=None) -> None:
         """Advance ``k`` and the running averages from the (already scaled) gradients."""
-        present = self._check(grads, present, writable=False)
         hp = validate_vgs(self.hyperparams)
-        if self.state.step >= MAX_STEP:
-            raise OverflowError(f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold")
-        select_backend(self.backend, grads).vgs_update(self.layout, grads, self.state, hp["beta"], present)
+        vgs_update_step(self.layout, grads, self.state, hp["beta"], present, backend=self.backend)
 
     def reset_statistics(self) -> None:
         self.state = FlatVGSState.zeros(self.layout.num_segments)

@@ -8,8 +8,8 @@
   ``upgd_step.cu``, ``cuda_source.py``): the same passes as CUDA kernels
   (``specs/kernels-cuda.md``), on a GPU through CuPy or on the CPU through the host-compiled
   emulator (``cuda_emulator.py``).
-* ``segments.py``: the chunk table, the coefficient tables and the per-segment float64
-  scalars both families share.
+* ``chunk_abi.py``: the chunk table and the coefficient and partial-result tables both
+  kernel families share (the CUDA source generates its constants from it).
 
 Nothing here imports Numba or CuPy until the backend that needs it is used.
 """

@@ -1,14 +1,14 @@
-r"""``CudaBackend``: the flat-buffer operations of :mod:`upgd_ref.backends` on the CUDA kernels.
+r"""``CudaBackend``: the stages of :class:`upgd_ref.backends.Backend` on the CUDA kernels.
 
-One step is the same plan as the Numba backend's (``specs/kernels-cuda.md``):
+One step is the same plan as the Numba backend's (``specs/kernels-cuda.md``, ``specs/step.md``):
 
 1. validation: a count of non-finite elements per chunk and per segment, one small copy to
    the host (it must be known before anything is written);
 2. pass 1 (``pass1_*``): ``g <- f g`` when VGS scales, ``u`` (and ``m``, ``v``), per chunk
    ``sum g``, ``sum g^2``, ``min u``, ``max u``; ``segment_reduce`` combines them per segment
    in a fixed order, and the ``(S, 4)`` result goes to the host;
-3. on the host, float64 per segment: :func:`~upgd_ref.kernels.segments.plan_pass2` (the
-   reference's formulas, shared with the Numba backend);
+3. on the host, float64 per segment: the core's plan (:func:`upgd_ref.stages.plan_step`,
+   the reference's formulas, shared with every backend);
 4. pass 2 (``pass2_*`` or ``family_pass2_*``) with the Philox normals generated in registers.
 
 The kernels are launched by a *launcher*: :class:`CupyLauncher` (CuPy arrays on a GPU,
@@ -23,16 +23,14 @@ import time
 
 import numpy as np
 
-from .. import checks
 from .. import reference as ref
 from ..layout import FlatLayout
-from ..rng import _check_u64
-from ..state import FlatVGSState
-from .cuda_source import KERNEL_SIGNATURES, THREADS, cached_cubin, checked_arguments, kernel_name
-from .segments import (
-    MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, TwoPassSteps, check_noise_request, chunk_table, commit, family_mode,
-    pass1_coefficients, plan_pass2, segment_chunk_offsets, split_u64, vgs_statistics_update, zero_padding,
+from ..stages import SegmentReductions
+from .chunk_abi import (
+    MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, check_noise_request, chunk_table, family_mode, pass1_coefficients,
+    segment_chunk_offsets, split_u64, update_tables, zero_padding,
 )
+from .cuda_source import KERNEL_SIGNATURES, THREADS, cached_cubin, checked_arguments, kernel_name
 
 __all__ = ["CudaBackend", "CupyLauncher"]
 
@@ -97,7 +95,7 @@ class CupyLauncher:
         return self.array_module.asnumpy(array)
 
 
-class CudaBackend(TwoPassSteps):
+class CudaBackend:
     """The CUDA kernels behind :mod:`upgd_ref.backends` (float32 and float64 layouts).
 
     ``launcher``: a :class:`CupyLauncher` (buffers are CuPy arrays) or an
@@ -151,14 +149,15 @@ class CudaBackend(TwoPassSteps):
         out = self.array_module.empty((layout.num_segments, NUM_PARTIALS), dtype=np.float64)
         self.launcher.launch("segment_reduce", layout.num_segments, partial, segment_chunks, flags,
                              layout.num_segments, out)
-        return self.launcher.to_host(out)
+        totals = self.launcher.to_host(out)
+        return SegmentReductions(*(np.ascontiguousarray(totals[:, column]) for column in (SUM, SUM_SQ, MIN_U, MAX_U)))
 
     def _new_partial(self, chunks):
         return self.array_module.empty((chunks.shape[0], NUM_PARTIALS), dtype=np.float64)  # every row is written
 
     # --- noise --------------------------------------------------------------------------
 
-    def noise(self, layout, seed: int, step: int, dtype=None, out=None):
+    def noise(self, *, layout, seed, step, dtype=None, out=None):
         """As :func:`upgd_ref.rng.noise`, bit for bit, into ``out`` (a checked buffer) or a new
         device buffer; padding set to 0."""
         dtype, seed, step = check_noise_request(layout, dtype, seed, step)
@@ -171,73 +170,65 @@ class CudaBackend(TwoPassSteps):
                              *split_u64(step), *split_u64(seed))
         return out
 
-    # --- validation ---------------------------------------------------------------------
+    # --- local reductions ---------------------------------------------------------------
 
-    def check_finite(self, name: str, buffer, layout, present) -> None:
-        """:func:`upgd_ref.checks.check_finite`: a count on the device; only when it finds a
-        non-finite value is the buffer copied to the host for the reference's message."""
+    def nonfinite_counts(self, *, layout, buffer, present) -> np.ndarray:
+        """Per-segment count of NaN and Inf elements of the present segments: a count on the
+        device, one small copy to the host."""
         chunks, _ = self._chunks(layout)
         flags = self._flags(present)
         partial = self._new_partial(chunks)
         self.launcher.launch(kernel_name("nonfinite", layout.dtype), chunks.shape[0], buffer, chunks, flags,
                              chunks.shape[0], partial)
-        if self._segment_partials(layout, flags, partial)[:, SUM].any():
-            checks.check_finite(name, self.launcher.to_host(buffer), layout, present)
+        return self._segment_partials(layout, flags, partial).grad_sum.astype(np.int64)
 
-    # --- VGS ----------------------------------------------------------------------------
-
-    def vgs_scale(self, layout, grads, factor: float, present) -> None:
-        chunks, _ = self._chunks(layout)
-        self.launcher.launch(kernel_name("scale", layout.dtype), chunks.shape[0], grads, chunks,
-                             self._flags(present), chunks.shape[0], layout.dtype.type(factor))
-
-    def vgs_update(self, layout, grads, state: FlatVGSState, beta: float, present) -> None:
+    def gradient_sums(self, *, layout, grads, present) -> SegmentReductions:
         chunks, _ = self._chunks(layout)
         flags = self._flags(present)
         partial = self._new_partial(chunks)
         self.launcher.launch(kernel_name("moments", layout.dtype), chunks.shape[0], grads, chunks, flags,
                              chunks.shape[0], partial)
-        sums = self._segment_partials(layout, flags, partial)[:, [SUM, SUM_SQ]]
-        vgs_statistics_update(state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), beta)
+        sums = self._segment_partials(layout, flags, partial)
+        return sums._replace(utility_min=np.full(layout.num_segments, np.inf),
+                             utility_max=np.full(layout.num_segments, -np.inf))
 
-    # --- the step -----------------------------------------------------------------------
+    # --- element-wise -------------------------------------------------------------------
 
-    def _step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor, variant):
-        variant = ref.check_variant(variant)
+    def scale(self, *, layout, grads, factor, present) -> None:
+        chunks, _ = self._chunks(layout)
+        self.launcher.launch(kernel_name("scale", layout.dtype), chunks.shape[0], grads, chunks,
+                             self._flags(present), chunks.shape[0], layout.dtype.type(factor))
+
+    def first_pass(self, *, layout, params, grads, state, present, hyper, vgs_factor, variant) -> SegmentReductions:
         dtype = layout.dtype
-        step = _check_u64("step", state.step + 1)  # the noise counter T
         chunks, _ = self._chunks(layout)
         num_chunks = chunks.shape[0]
-        host_flags = np.asarray(present, dtype=np.bool_)
-        flags = self._flags(host_flags)
+        flags = self._flags(present)
         coefficients = self._device(pass1_coefficients(hyper, dtype))
         factor = dtype.type(vgs_factor)
-        moments = variant.moments == "adam"
         partial = self._new_partial(chunks)
         self.launcher.launch(kernel_name("pass1", dtype), num_chunks, grads, params, state.utility,
                              state.first_moment, state.second_moment, chunks, flags, coefficients, num_chunks,
-                             factor, int(factor != 1), int(moments), partial)
-        per_segment = self._segment_partials(layout, flags, partial)
-        sums = per_segment[:, [SUM, SUM_SQ]]
-        u_lo, u_hi = np.nan, np.nan
-        if host_flags.any():
-            lo, hi = per_segment[host_flags, MIN_U].min(), per_segment[host_flags, MAX_U].max()
-            if lo <= hi:  # some present segment has elements
-                u_lo, u_hi = lo, hi
-        plan = plan_pass2(layout, state, host_flags, hyper, sums, u_lo, u_hi, noise_norm, variant)
-        if plan.run:
-            coefficients = self._device(plan.coefficients)
-            words = (*split_u64(step), *split_u64(seed))
-            if variant == ref.PRODUCTION:
-                self.launcher.launch(kernel_name("pass2", dtype), num_chunks, params, state.utility,
-                                     state.first_moment, state.second_moment, chunks, flags, coefficients,
-                                     num_chunks, plan.u_lo, plan.inv_range, *words)
-            else:
-                self.launcher.launch(kernel_name("family_pass2", dtype), num_chunks, params, grads, state.utility,
-                                     state.first_moment, state.second_moment, chunks, flags, coefficients,
-                                     num_chunks, plan.u_lo, plan.inv_range, plan.u_hi, family_mode(variant), *words)
-        commit(state, step, plan)
-        return plan.stats, sums
+                             factor, int(factor != 1), int(variant.moments == "adam"), partial)
+        return self._segment_partials(layout, flags, partial)
+
+    def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant) -> None:
+        dtype = layout.dtype
+        chunks, _ = self._chunks(layout)
+        num_chunks = chunks.shape[0]
+        flags = self._flags(present)
+        coefficients, inv_range = update_tables(plan, hyper, dtype, variant)
+        coefficients = self._device(coefficients)
+        words = (*split_u64(plan.step), *split_u64(seed))
+        if variant == ref.PRODUCTION:
+            self.launcher.launch(kernel_name("pass2", dtype), num_chunks, params, state.utility,
+                                 state.first_moment, state.second_moment, chunks, flags, coefficients,
+                                 num_chunks, plan.utility_min, inv_range, *words)
+        else:
+            self.launcher.launch(kernel_name("family_pass2", dtype), num_chunks, params, grads, state.utility,
+                                 state.first_moment, state.second_moment, chunks, flags, coefficients,
+                                 num_chunks, plan.utility_min, inv_range, plan.utility_max, family_mode(variant),
+                                 *words)
 
     # --- compilation --------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 ``upgd_step.cu`` (next to this file) holds the kernels; :func:`cuda_source` prepends a
 prelude of ``#define`` constants generated here from their Python definitions (chunk-table
-and coefficient columns from :mod:`.segments`, Philox and fdlibm constants from
+and coefficient columns from :mod:`.chunk_abi`, Philox and fdlibm constants from
 :mod:`upgd_ref.rng`, the tanh series as straight-line Horner code), so every number exists
 once. :data:`KERNEL_SIGNATURES` names each entry point's arguments; both launchers (CuPy on
 a GPU, the host-compiled emulator) convert and check arguments with it, because neither a
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import rng
-from . import segments
+from . import chunk_abi
 
 __all__ = [
     "THREADS", "COMPILE_OPTIONS", "KERNEL_SIGNATURES", "ARGUMENT_DTYPES", "cuda_source", "checked_arguments",
@@ -111,7 +111,7 @@ def _tanh_function(ctype: str, halves, literal) -> str:
 def _prelude() -> str:
     integers = {
         "UPGD_THREADS": THREADS,
-        **{name: getattr(segments, name) for name in (
+        **{name: getattr(chunk_abi, name) for name in (
             "SEGMENT", "START", "LENGTH", "LOGICAL", "BETA_U", "ONE_MINUS_BETA_U", "BETA1", "ONE_MINUS_BETA1",
             "BETA2", "ONE_MINUS_BETA2", "NUM_PASS1_COEFFICIENTS", "DECAY", "LR", "EPS", "INV_CU", "INV_BC1",
             "INV_BC2", "STD", "NUM_PASS2_COEFFICIENTS", "SUM", "SUM_SQ", "MIN_U", "MAX_U", "NUM_PARTIALS",
@@ -132,8 +132,8 @@ def _prelude() -> str:
 
 
 def _tanh_functions() -> str:
-    return "\n\n".join([_tanh_function("float", segments.TANH_FLOAT32, _float),
-                        _tanh_function("double", segments.TANH_FLOAT64, _double)]) + "\n"
+    return "\n\n".join([_tanh_function("float", chunk_abi.TANH_FLOAT32, _float),
+                        _tanh_function("double", chunk_abi.TANH_FLOAT64, _double)]) + "\n"
 
 
 @functools.lru_cache(maxsize=1)

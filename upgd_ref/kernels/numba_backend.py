@@ -1,16 +1,15 @@
-r"""``NumbaBackend``: the flat-buffer operations of :mod:`upgd_ref.backends` on Numba kernels.
+r"""``NumbaBackend``: the stages of :class:`upgd_ref.backends.Backend` on Numba kernels.
 
-One AdaptiveUPGD step (optionally fused with the VGS scale and update) is two kernel
-launches and a little float64 arithmetic on per-segment scalars in between
-(``specs/kernels.md`` §1):
+One AdaptiveUPGD step (optionally fused with the VGS scale) is two kernel launches; the
+core (:mod:`upgd_ref.step`) does the float64 per-segment work in between
+(``specs/kernels.md`` §1, ``specs/step.md``):
 
-1. pass 1 (:func:`~upgd_ref.kernels.numba_step.pass1_parallel`, or ``scaled_pass1_*``
-   which also writes ``g <- f g`` back for the fused VGS): the utility trace and moments,
-   per-chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``;
-2. per segment, in float64: chunk partials added in chunk order, ``t_i``, bias corrections,
-   ``||g_i||``, the norm average ``n_i``, ``std_i``, the VGS statistics;
-3. pass 2 (:func:`~upgd_ref.kernels.numba_step.pass2_parallel`): the update, with the
-   normals of step ``T = state.step + 1`` generated inside the kernel.
+1. :meth:`~NumbaBackend.first_pass` (:func:`~upgd_ref.kernels.numba_step.pass1_parallel`,
+   or ``scaled_pass1_*`` which also writes ``g <- f g`` back for the fused VGS): the
+   utility trace and moments, per-chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``, then
+   per segment in chunk order (:class:`~upgd_ref.stages.SegmentReductions`);
+2. :meth:`~NumbaBackend.second_pass` (:func:`~upgd_ref.kernels.numba_step.pass2_parallel`):
+   the update, with the normals of step ``T = state.step + 1`` generated inside the kernel.
 
 Every member of the UPGD family (``variant``) runs in the kernels: without moments pass 1
 is ``utility_pass1_*`` (``m``, ``v`` untouched); any non-production member's pass 2 is
@@ -27,14 +26,12 @@ import time
 import numpy as np
 
 from .. import reference as ref
-from ..checks import check_finite
 from ..layout import FlatLayout
-from ..rng import _check_u64
-from ..state import FlatUPGDState, FlatVGSState
+from ..stages import SegmentReductions
 from . import numba_step as k
-from .segments import (
-    TwoPassSteps, check_noise_request, chunk_table, commit, family_mode, pass1_coefficients, plan_pass2, split_u64,
-    vgs_statistics_update, zero_padding,
+from .chunk_abi import (
+    MAX_U, MIN_U, SEGMENT, SUM, SUM_SQ, check_noise_request, chunk_table, family_mode, pass1_coefficients,
+    split_u64, update_tables, zero_padding,
 )
 
 __all__ = ["NumbaBackend", "PARALLEL_MIN_SIZE", "chunk_table", "kernel_cache_stats"]
@@ -60,12 +57,17 @@ def _read_only(buffer: np.ndarray) -> np.ndarray:
     return view
 
 
+def _reductions(totals: np.ndarray) -> SegmentReductions:
+    return SegmentReductions(totals[:, SUM].copy(), totals[:, SUM_SQ].copy(), totals[:, MIN_U].copy(),
+                             totals[:, MAX_U].copy())
+
+
 def _split_u64(value: int) -> tuple[np.uint64, np.uint64]:
     """``(low 32 bits, high 32 bits)`` as the uint64 words the Philox kernels take."""
     return tuple(np.uint64(word) for word in split_u64(value))
 
 
-class NumbaBackend(TwoPassSteps):
+class NumbaBackend:
     """Fused Numba kernels on NumPy flat buffers (float32 and float64 layouts).
 
     ``parallel_min_size``: layouts with at least this many elements use the parallel
@@ -82,12 +84,15 @@ class NumbaBackend(TwoPassSteps):
     def __repr__(self) -> str:
         return f"NumbaBackend(parallel_min_size={self.parallel_min_size})"
 
+    def available(self) -> bool:
+        return True
+
     def _pick(self, layout, serial, parallel):
         return parallel if layout.num_logical >= self.parallel_min_size else serial
 
     # --- noise --------------------------------------------------------------------------
 
-    def noise(self, layout, seed: int, step: int, dtype=None, out=None) -> np.ndarray:
+    def noise(self, *, layout, seed, step, dtype=None, out=None) -> np.ndarray:
         """As :func:`upgd_ref.rng.noise`, bit for bit, with the same errors; into ``out`` (a
         checked buffer of the layout, padding then set to 0) when given."""
         dtype, seed, step = check_noise_request(layout, dtype, seed, step)
@@ -99,41 +104,35 @@ class NumbaBackend(TwoPassSteps):
         kernel(out, chunk_table(layout), *_split_u64(step), *_split_u64(seed))
         return out
 
-    # --- validation ---------------------------------------------------------------------
+    # --- local reductions ---------------------------------------------------------------
 
-    def check_finite(self, name: str, buffer: np.ndarray, layout, present) -> None:
-        """:func:`upgd_ref.checks.check_finite` with a parallel scan; the error (naming the
-        first bad element) comes from the same function, so messages are identical."""
+    def nonfinite_counts(self, *, layout, buffer, present) -> np.ndarray:
+        """Per-segment count of NaN and Inf elements of the present segments (a parallel scan)."""
         table = chunk_table(layout)
         counts = np.zeros(table.shape[0], dtype=np.int64)
         kernel = self._pick(layout, k.nonfinite_serial, k.nonfinite_parallel)
         kernel(_read_only(buffer), table, np.asarray(present, dtype=np.bool_), counts)
-        if counts.any():
-            check_finite(name, buffer, layout, present)
+        return np.bincount(table[:, SEGMENT], weights=counts, minlength=layout.num_segments).astype(np.int64)
 
-    # --- VGS ----------------------------------------------------------------------------
+    def gradient_sums(self, *, layout, grads, present) -> SegmentReductions:
+        table = chunk_table(layout)
+        flags = np.asarray(present, dtype=np.bool_)
+        partial = np.zeros((table.shape[0], 4))
+        self._pick(layout, k.moments_serial, k.moments_parallel)(_read_only(grads), table, flags, partial)
+        sums = _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
+        return sums._replace(utility_min=np.full(layout.num_segments, np.inf),
+                             utility_max=np.full(layout.num_segments, -np.inf))
 
-    def vgs_scale(self, layout, grads, factor: float, present) -> None:
+    # --- element-wise -------------------------------------------------------------------
+
+    def scale(self, *, layout, grads, factor, present) -> None:
         kernel = self._pick(layout, k.scale_serial, k.scale_parallel)
         kernel(grads, chunk_table(layout), np.asarray(present, dtype=np.bool_), layout.dtype.type(factor))
 
-    def vgs_update(self, layout, grads, state: FlatVGSState, beta: float, present) -> None:
-        table = chunk_table(layout)
-        flags = np.asarray(present, dtype=np.bool_)
-        partial = np.empty((table.shape[0], 4))
-        self._pick(layout, k.moments_serial, k.moments_parallel)(_read_only(grads), table, flags, partial)
-        sums = k.segment_sums(table, flags, partial, layout.num_segments)
-        vgs_statistics_update(state, sums, layout.sizes, flags, beta)
-
-    # --- the step -----------------------------------------------------------------------
-
-    def _step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor, variant):
-        variant = ref.check_variant(variant)
+    def first_pass(self, *, layout, params, grads, state, present, hyper, vgs_factor, variant) -> SegmentReductions:
         dtype = layout.dtype
-        step = _check_u64("step", state.step + 1)  # the noise counter T
         table = chunk_table(layout)
         flags = np.asarray(present, dtype=np.bool_)
-
         partial = np.empty((table.shape[0], 4))
         factor = dtype.type(vgs_factor)
         if variant.moments == "adam":
@@ -149,46 +148,30 @@ class NumbaBackend(TwoPassSteps):
             self._pick(layout, *scaled_kernels)(grads, *buffers, factor, partial)
         else:
             self._pick(layout, *kernels)(_read_only(grads), *buffers, partial)
-        sums = k.segment_sums(table, flags, partial, layout.num_segments)
-        u_lo, u_hi = k.utility_extrema(table, flags, partial)
-        plan = plan_pass2(layout, state, flags, hyper, sums, u_lo, u_hi, noise_norm, variant)
-        if plan.run:
-            if variant == ref.PRODUCTION:
-                pass2 = self._pick(layout, k.pass2_serial, k.pass2_parallel)
-                pass2(params, state.utility, state.first_moment, state.second_moment, table, flags,
-                      plan.coefficients, plan.u_lo, plan.inv_range, *_split_u64(step), *_split_u64(seed))
-            else:
-                pass2 = self._pick(layout, k.family_pass2_serial, k.family_pass2_parallel)
-                pass2(params, _read_only(grads), state.utility, state.first_moment, state.second_moment, table,
-                      flags, plan.coefficients, plan.u_lo, plan.inv_range, plan.u_hi, family_mode(variant),
-                      *_split_u64(step), *_split_u64(seed))
+        return _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
 
-        commit(state, step, plan)
-        return plan.stats, sums
+    def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant) -> None:
+        table = chunk_table(layout)
+        flags = np.asarray(present, dtype=np.bool_)
+        coefficients, inv_range = update_tables(plan, hyper, layout.dtype, variant)
+        words = (*_split_u64(plan.step), *_split_u64(seed))
+        if variant == ref.PRODUCTION:
+            pass2 = self._pick(layout, k.pass2_serial, k.pass2_parallel)
+            pass2(params, state.utility, state.first_moment, state.second_moment, table, flags, coefficients,
+                  plan.utility_min, inv_range, *words)
+        else:
+            pass2 = self._pick(layout, k.family_pass2_serial, k.family_pass2_parallel)
+            pass2(params, _read_only(grads), state.utility, state.first_moment, state.second_moment, table, flags,
+                  coefficients, plan.utility_min, inv_range, plan.utility_max, family_mode(variant), *words)
 
     # --- compilation --------------------------------------------------------------------
 
     def warmup(self, dtypes=("float32", "float64")) -> float:
         """Compile (or load from Numba's cache) every kernel, serial and parallel, for
-        ``dtypes``; returns the seconds it took."""
+        ``dtypes`` by running tiny steps through the core's door; returns the seconds it took."""
+        from ..step import warmup_steps  # the door imports the backends' registry, not this module
+
         start = time.perf_counter()
-        for dtype in dtypes:
-            layout = FlatLayout([(3,), (0,), (4, 2)], dtype=dtype)
-            hyper = [dict(ref.UPGD_DEFAULTS, adaptive_noise=True)] * layout.num_segments
-            present = [True, True, False]
-            family = ref.UPGDVariant(moments="none", protection="max", update_factor=2.0, noise_placement="terms")
-            for backend in (NumbaBackend(parallel_min_size=0), NumbaBackend(parallel_min_size=layout.num_logical + 1)):
-                params, grads = layout.zeros(), layout.zeros()
-                params[...] = 0.5
-                grads[...] = 0.25
-                state = FlatUPGDState.zeros(layout, [1.0] * layout.num_segments)
-                vgs_state = FlatVGSState.zeros(layout.num_segments)
-                backend.noise(layout, 0, 1)
-                backend.check_finite("grads", grads, layout, present)
-                backend.vgs_scale(layout, grads, 0.5, present)
-                backend.vgs_update(layout, grads, vgs_state, 0.99, present)
-                for member in (ref.PRODUCTION, family):  # the mode is a run-time argument: one compilation
-                    backend.upgd_step(layout, params, grads, state, present, hyper, 0, "segment", member)
-                    backend.fused_step(layout, params, grads, state, present, hyper, 0, "segment", vgs_state, 0.5,
-                                       0.99, member)
+        for backend in (NumbaBackend(parallel_min_size=0), NumbaBackend(parallel_min_size=2**62)):
+            warmup_steps(backend, dtypes)
         return time.perf_counter() - start

@@ -46,7 +46,7 @@ could go stale unnoticed.
 
 Also: the VGS scaling and statistics on their own (``scale_*``, ``moments_*``), the noise on
 its own (``noise_*``), a finiteness scan (``nonfinite_*``) and the serial combination of the
-chunk partials (``segment_sums``, ``utility_extrema``). Element-wise arithmetic runs in the
+chunk partials (``segment_reductions``). Element-wise arithmetic runs in the
 buffers' dtype with coefficients already rounded to it; float64 appears in float32 kernels
 only in the sums and inside the normal generator (whose float64 result is rounded once).
 """
@@ -65,7 +65,7 @@ from ..rng import (
     OCTANT_FRACTION_BITS, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1,
     PI_OVER_4, S1, S2, S3, S4, S5, S6, SQRT2,
 )
-from .segments import (  # the tables' layout, shared with the CUDA kernels
+from .chunk_abi import (  # the tables' layout, shared with the CUDA kernels
     BETA1, BETA2, BETA_U, CHUNK, DECAY, EPS, INV_BC1, INV_BC2, INV_CU, LENGTH, LOGICAL, LR, MAX_U, MIN_U,
     MOMENTS_NONE, NOISE_TERMS, NUM_PASS1_COEFFICIENTS, NUM_PASS2_COEFFICIENTS, ONE_MINUS_BETA1, ONE_MINUS_BETA2,
     ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
@@ -94,8 +94,7 @@ __all__ = [
     "moments_serial", "moments_parallel",
     "noise_serial", "noise_parallel",
     "nonfinite_serial", "nonfinite_parallel",
-    "segment_sums",
-    "utility_extrema",
+    "segment_reductions",
     "KERNELS",
 ]
 
@@ -860,32 +859,25 @@ def nonfinite_parallel(x, chunks, present, counts):
 
 
 @njit(cache=True, error_model="numpy")
-def segment_sums(chunks, present, partial, num_segments):
-    """Per-segment ``(sum g, sum g^2)`` from the chunk partials, added in chunk order.
+def segment_reductions(chunks, present, partial, num_segments):
+    """Per-segment ``(sum g, sum g^2, min u, max u)`` from the chunk partials of present
+    segments, sums added in chunk order (``+inf``, ``-inf`` extrema for a segment without
+    chunks).
 
     One thread, a fixed order: the same bits whatever the number of threads that produced
     the partials.
     """
-    totals = np.zeros((num_segments, 2))
+    totals = np.zeros((num_segments, 4))
+    totals[:, MIN_U] = np.inf
+    totals[:, MAX_U] = -np.inf
     for c in range(chunks.shape[0]):
         segment = chunks[c, SEGMENT]
         if present[segment]:
-            totals[segment, 0] += partial[c, SUM]
-            totals[segment, 1] += partial[c, SUM_SQ]
+            totals[segment, SUM] += partial[c, SUM]
+            totals[segment, SUM_SQ] += partial[c, SUM_SQ]
+            totals[segment, MIN_U] = min(totals[segment, MIN_U], partial[c, MIN_U])
+            totals[segment, MAX_U] = max(totals[segment, MAX_U], partial[c, MAX_U])
     return totals
-
-
-@njit(cache=True, error_model="numpy")
-def utility_extrema(chunks, present, partial):
-    """``(U_lo, U_hi)`` over the chunks of present segments; NaN when there is none."""
-    u_lo, u_hi = np.inf, -np.inf
-    for c in range(chunks.shape[0]):
-        if present[chunks[c, SEGMENT]]:
-            u_lo = min(u_lo, partial[c, MIN_U])
-            u_hi = max(u_hi, partial[c, MAX_U])
-    if u_lo > u_hi:
-        return np.nan, np.nan
-    return u_lo, u_hi
 
 
 #: Every cached top-level kernel (what :func:`upgd_ref.warmup` compiles).
@@ -895,5 +887,5 @@ KERNELS = (
     family_pass2_serial, family_pass2_parallel,
     noise_serial, noise_parallel,
     scale_serial, scale_parallel, moments_serial, moments_parallel, nonfinite_serial,
-    nonfinite_parallel, segment_sums, utility_extrema,
+    nonfinite_parallel, segment_reductions,
 )

@@ -1,11 +1,12 @@
-r"""What every kernel backend shares: the chunk table, the coefficient tables and the
-per-segment float64 scalars computed on the host between pass 1 and pass 2.
+r"""The chunk-table ABI every kernel backend shares: the chunk size, the chunk table, the
+columns of the coefficient and partial-result tables, and the host code that fills them.
 
 No Numba and no CuPy here: the Numba kernels (:mod:`.numba_step`), the CUDA source
-(:mod:`.cuda_source`) and their host sides (:mod:`.numba_backend`, :mod:`.cuda_backend`)
-all read the column indices and the chunk size from this module, so both kernel families
-work on the same tables and the per-segment formulas exist once (the reference's, applied
-to the reduced values; ``specs/kernels.md`` §1).
+(:mod:`.cuda_source`, which generates its constants from this module) and their host sides
+(:mod:`.numba_backend`, :mod:`.cuda_backend`) all read the column indices and the chunk size
+from here, so both kernel families work on the same tables (``specs/kernels.md`` §1). The
+per-segment formulas between the passes are not here: they are the core's
+(:mod:`upgd_ref.stages`), shared with the reference backend.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import numpy as np
 
 from .. import reference as ref
 from ..layout import FlatLayout
-from ..rng import _check_u64
-from ..state import FlatVGSState
+from ..rng import check_u64
 
 __all__ = [
     "CHUNK", "SEGMENT", "START", "LENGTH", "LOGICAL",
@@ -30,8 +30,7 @@ __all__ = [
     "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS",
     "TANH_FLOAT32", "TANH_FLOAT64",
     "chunk_table", "segment_chunk_offsets", "check_noise_request", "split_u64", "zero_padding",
-    "pass1_coefficients", "pass2_coefficients", "family_mode",
-    "PassTwoPlan", "plan_pass2", "TwoPassSteps", "commit", "vgs_statistics_update",
+    "pass1_coefficients", "pass2_coefficients", "family_mode", "update_tables",
 ]
 
 CHUNK = 2048  # elements per work item: partial sums are fixed by it, never by the threads
@@ -125,7 +124,7 @@ def check_noise_request(layout: FlatLayout, dtype, seed, step) -> tuple[np.dtype
     dtype = np.dtype(layout.dtype if dtype is None else dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
-    return dtype, _check_u64("seed", seed), _check_u64("step", step)
+    return dtype, check_u64("seed", seed), check_u64("step", step)
 
 
 def split_u64(value: int) -> tuple[int, int]:
@@ -188,104 +187,15 @@ def family_mode(variant: ref.UPGDVariant) -> int:
             | (NOISE_TERMS if variant.noise_placement == "terms" else 0))
 
 
-# --- between the passes -----------------------------------------------------------------
+# --- the update stage's tables ------------------------------------------------------------
 
 
-def _noise_scales(square_sums, present, hyper, grad_norm_ema, t, noise_norm):
-    """``(||g_i||, n_i, std_i)`` per segment from ``sum g_i^2`` (``specs/algorithm.md`` §3.3).
-
-    Absent segments: NaN norm and std, ``n_i`` unchanged. The global norm adds the present
-    squares in segment order, as the reference does.
-    """
-    squares = np.where(present, square_sums, np.nan)
-    segment_norm = np.sqrt(squares)
-    global_norm = np.sqrt(sum(squares[i] for i in np.flatnonzero(present))) if present.any() else np.nan
-    ema = np.array(grad_norm_ema, dtype=np.float64)
-    std = np.full(len(hyper), np.nan)
-    for i in np.flatnonzero(present):
-        h = hyper[i]
-        r = segment_norm[i] if noise_norm == "segment" else global_norm
-        if h["adaptive_noise"]:
-            ema[i] = ref.grad_norm_ema_update(ema[i], r, h["noise_beta"])
-        std[i] = ref.noise_std(
-            np, sigma=h["sigma"], adaptive_noise=h["adaptive_noise"],
-            instant_noise_scale=h["instant_noise_scale"], min_noise_std=h["min_noise_std"],
-            noise_beta=h["noise_beta"], norm=r, grad_norm_ema=ema[i], t=t[i],
-        )
-    return segment_norm, ema, std
-
-
-class PassTwoPlan(NamedTuple):
-    """Everything pass 2 needs and the step reports, computed on the host after pass 1.
-
-    ``run`` is False when no present segment has an element (pass 2 is skipped);
-    ``u_lo``, ``u_hi``, ``inv_range`` are in the layout's dtype.
-    """
-
-    run: bool
-    coefficients: np.ndarray  # (S, NUM_PASS2_COEFFICIENTS), layout dtype
-    u_lo: np.generic
-    u_hi: np.generic
-    inv_range: np.generic
-    segment_step: np.ndarray  # t_i after this step
-    grad_norm_ema: np.ndarray  # n_i after this step
-    stats: ref.StepStats
-
-
-def plan_pass2(layout: FlatLayout, state, present: np.ndarray, hyper: list[dict], sums: np.ndarray,
-               u_lo: float, u_hi: float, noise_norm: str, variant: ref.UPGDVariant) -> PassTwoPlan:
-    """Per-segment float64 work between the passes (``specs/kernels.md`` §1 step 3).
-
-    ``sums``: ``(S, 2)`` per-segment ``sum g, sum g^2`` of the (scaled) gradient; ``u_lo``,
-    ``u_hi``: the utility extrema over present segments (NaN when they hold no element).
-    ``t_i``, ``||g_i||``, ``n_i``, ``std_i``, the bias corrections and ``1 / (U_hi - U_lo +
-    1e-8)`` are the reference's formulas, rounded to the dtype where the reference rounds.
-    """
-    dtype = layout.dtype
-    t = state.segment_step + present
-    with np.errstate(all="ignore"):  # as the reference backend: NaN marks absent segments
-        grad_norm, ema, std = _noise_scales(sums[:, 1], present, hyper, state.grad_norm_ema, t, noise_norm)
-    u_lo, u_hi = dtype.type(u_lo), dtype.type(u_hi)
-    run = not np.isnan(u_lo)  # some present segment has elements
-    inv_range = dtype.type(np.nan)
-    if run:
-        utility_range = u_hi - u_lo + dtype.type(ref.UTILITY_RANGE_EPS)  # in dtype, as the reference
-        inv_range = dtype.type(_reciprocal_in(dtype, utility_range))
-    coefficients = pass2_coefficients(hyper, t, std, dtype, variant.update_factor)
-    stats = ref.StepStats(grad_norm=grad_norm, noise_std=std, utility_min=u_lo, utility_max=u_hi)
-    return PassTwoPlan(run, coefficients, u_lo, u_hi, inv_range, t, ema, stats)
-
-
-class TwoPassSteps:
-    """``upgd_step`` and ``fused_step`` of a kernel backend over its ``_step(layout, params,
-    grads, state, present, hyper, seed, noise_norm, vgs_factor, variant) -> (stats, sums)``,
-    which runs both passes and scales the gradient by ``vgs_factor`` inside pass 1."""
-
-    def upgd_step(self, layout, params, grads, state, present, hyper, seed, noise_norm, variant=ref.PRODUCTION):
-        stats, _ = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, 1.0, variant)
-        return stats
-
-    def fused_step(self, layout, params, grads, state, present, hyper, seed, noise_norm, vgs_state: FlatVGSState,
-                   vgs_factor: float, vgs_beta: float, variant=ref.PRODUCTION):
-        """``vgs_scale``, ``upgd_step``, ``vgs_update`` in one read of the gradient."""
-        stats, sums = self._step(layout, params, grads, state, present, hyper, seed, noise_norm, vgs_factor,
-                                 variant)
-        vgs_statistics_update(vgs_state, sums, layout.sizes, np.asarray(present, dtype=np.bool_), vgs_beta)
-        return stats
-
-
-def commit(state, step: int, plan: PassTwoPlan) -> None:
-    """The per-segment records after a step whose passes ran (``step``: the noise counter T)."""
-    state.step = step
-    state.segment_step[...] = plan.segment_step
-    state.grad_norm_ema[...] = plan.grad_norm_ema
-
-
-def vgs_statistics_update(state: FlatVGSState, sums: np.ndarray, sizes, present, beta: float) -> None:
-    """``k += 1``; ``a_i, b_i <- beta * old + (1 - beta) * mean(g_i), mean(g_i^2)`` for present,
-    non-empty segments (``sums``: per-segment ``sum g, sum g^2`` of the scaled gradients)."""
-    for i in np.flatnonzero(present):
-        if sizes[i]:
-            state.grad_mean_avg[i] = beta * state.grad_mean_avg[i] + (1.0 - beta) * (sums[i, 0] / sizes[i])
-            state.grad_sq_avg[i] = beta * state.grad_sq_avg[i] + (1.0 - beta) * (sums[i, 1] / sizes[i])
-    state.step += 1
+def update_tables(plan, hyper: list[dict], dtype, variant: ref.UPGDVariant) -> tuple[np.ndarray, np.generic]:
+    """``(coefficients, inv_range)`` of pass 2 for a :class:`~upgd_ref.stages.StepPlan`:
+    the per-segment coefficient table and ``1 / (U_hi - U_lo + 1e-8)``, both rounded in
+    ``dtype`` where the reference rounds (the range is formed in ``dtype``, as the reference
+    forms it)."""
+    dtype = np.dtype(dtype)
+    utility_range = plan.utility_max - plan.utility_min + dtype.type(ref.UTILITY_RANGE_EPS)
+    inv_range = dtype.type(_reciprocal_in(dtype, utility_range))
+    return pass2_coefficients(hyper, plan.segment_step, plan.std, dtype, variant.update_factor), inv_range

@@ -1,0 +1,281 @@
+r"""The functional door: one step on caller-owned flat buffers and state.
+
+:func:`upgd_step` plays the role ``torch.optim.adam.adam()`` plays between ``Adam`` and its
+implementations: :class:`~upgd_ref.AdaptiveUPGD`, the JAX kernel path, the Keras bridge, the
+torch adapter and golden replay all call it with their own buffers and state records.
+
+It validates everything first (buffers, the :class:`StepRequest`, the :class:`VGSRequest`,
+finiteness), so invalid input raises before anything is written, then runs the stages of
+``specs/step.md``: the backend's local pass 1 and its per-segment reductions, their
+combination (:func:`upgd_ref.stages.combine_reductions`), the float64 plan
+(:func:`upgd_ref.stages.plan_step`), the backend's pass 2, and the commit of the
+per-segment records (and, with ``vgs``, of the VGS statistics).
+
+Example::
+
+    >>> import numpy as np, upgd_ref
+    >>> from upgd_ref.step import StepRequest, upgd_step
+    >>> from upgd_ref.state import FlatUPGDState
+    >>> layout = upgd_ref.FlatLayout([(3,)], dtype="float64")
+    >>> params, grads = layout.pack([np.ones(3)]), layout.pack([np.full(3, 0.1)])
+    >>> state = FlatUPGDState.zeros(layout, [1.0])
+    >>> stats = upgd_step(layout, params, grads, state, StepRequest(hyper=[upgd_ref.hyperparams.UPGD_DEFAULTS]))
+    >>> state.step, [int(t) for t in state.segment_step]
+    (1, [1])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import reference as ref
+from .arrays import array_kind, to_numpy
+from .backends import BACKENDS, auto_order, available_backends, select_backend
+from .checkpoint import MAX_STEP
+from .checks import check_distinct, check_finite, check_flat_buffer, check_present
+from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, validate_upgd, validate_vgs
+from .layout import FlatLayout
+from .reference import PRODUCTION, UPGDVariant, check_variant
+from .rng import check_u64
+from .stages import combine_reductions, commit, plan_step, vgs_statistics
+from .state import FlatUPGDState, FlatVGSState
+
+__all__ = [
+    "StepRequest", "VGSRequest", "upgd_step", "vgs_scale_step", "vgs_update_step", "vgs_factor", "check_seed",
+    "check_noise_norm", "noise", "warmup", "warmup_steps",
+]
+
+
+def check_seed(seed, where: str = "") -> int:
+    """``seed`` as an int in ``[0, 2**64)``: ``TypeError`` for a non-integer, ``ValueError`` out of range."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{where}seed must be an int in [0, 2**64), got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"{where}seed must be an int in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def check_noise_norm(noise_norm, where: str = "") -> str:
+    if noise_norm not in NOISE_NORMS:
+        raise ValueError(f"{where}noise_norm must be one of {NOISE_NORMS}, got {noise_norm!r}")
+    return noise_norm
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """What one step computes, besides the buffers and the state.
+
+    ``hyper``: one hyper-parameter dict per segment (validated here unless it came from
+    :func:`upgd_ref.hyperparams.validate_upgd`); ``present``: one bool per segment (``None``:
+    all present); ``seed``: the noise seed; ``noise_norm``: ``"segment"`` or ``"global"``;
+    ``variant``: the member of the UPGD family (:class:`~upgd_ref.reference.UPGDVariant`).
+    """
+
+    hyper: Sequence[dict]
+    present: Sequence[bool] | None = None
+    seed: int = 0
+    noise_norm: str = "segment"
+    variant: UPGDVariant = field(default=PRODUCTION)
+
+    def checked(self, num_segments: int) -> StepRequest:
+        """This request with every field checked and normalised; raises naming the field."""
+        hyper = list(self.hyper) if isinstance(self.hyper, (list, tuple)) else None
+        if hyper is None or len(hyper) != num_segments:
+            raise ValueError(f"request.hyper must be a list of one dict per segment ({num_segments}), "
+                             f"got {type(self.hyper).__name__}")
+        seen: dict[int, CheckedHyperParams] = {}
+        for i, h in enumerate(hyper):
+            if not isinstance(h, CheckedHyperParams):
+                if not isinstance(h, dict):
+                    raise TypeError(f"request.hyper[{i}] must be a dict, got {type(h).__name__}")
+                if id(h) not in seen:
+                    seen[id(h)] = validate_upgd(h, where=f"request.hyper[{i}]: ")
+                hyper[i] = seen[id(h)]
+        return StepRequest(hyper=hyper, present=check_present(self.present, num_segments),
+                           seed=check_seed(self.seed, "request."),
+                           noise_norm=check_noise_norm(self.noise_norm, "request."),
+                           variant=check_variant(self.variant))
+
+
+@dataclass(frozen=True)
+class VGSRequest:
+    """The Variance Gradient Scaler's part of a fused step: its ``state`` (a
+    :class:`~upgd_ref.state.FlatVGSState`, advanced in place), the factor ``f`` the
+    gradients are scaled by (:func:`vgs_factor`) and the statistics' ``beta``."""
+
+    state: FlatVGSState
+    factor: float
+    beta: float
+
+
+def vgs_factor(state: FlatVGSState, hyperparams: dict) -> tuple[float, float]:
+    """``(f, G)`` of the statistics in ``state`` under ``hyperparams`` (``specs/algorithm.md`` §2)."""
+    hp = validate_vgs(hyperparams)
+    with np.errstate(all="ignore"):
+        f, g = ref.vgs_scaling_factor(ref.VGSState(np.int64(state.step), state.grad_mean_avg, state.grad_sq_avg),
+                                      **hp)
+    return float(f), float(g)
+
+
+def _check_finite(backend, name: str, buffer, layout, present) -> None:
+    """NaN or Inf in a present segment raises :func:`upgd_ref.checks.check_finite`'s error
+    (naming the segment and element); the backend counts first, so the message is only
+    worded (on a host copy) when something is wrong."""
+    if backend.nonfinite_counts(layout=layout, buffer=buffer, present=present).any():
+        check_finite(name, to_numpy(buffer), layout, present)
+
+
+def _check_vgs(vgs, layout) -> VGSRequest:
+    if not isinstance(vgs, VGSRequest):
+        raise TypeError(f"vgs must be a VGSRequest, got {type(vgs).__name__}")
+    if not isinstance(vgs.state, FlatVGSState) or vgs.state.grad_mean_avg.shape != (layout.num_segments,):
+        raise ValueError(f"vgs.state must be a FlatVGSState of {layout.num_segments} segments")
+    factor, beta = float(vgs.factor), float(vgs.beta)
+    if not (math.isfinite(factor) and 0.0 < factor <= 1.0):
+        raise ValueError(f"vgs.factor must be in (0, 1], got {vgs.factor!r}")
+    validate_vgs({"beta": beta}, where="vgs.")
+    if vgs.state.step >= MAX_STEP:
+        raise OverflowError(f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold")
+    return VGSRequest(vgs.state, factor, beta)
+
+
+def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: StepRequest, *,
+              vgs: VGSRequest | None = None, backend="auto") -> ref.StepStats:
+    """One step of the UPGD family on flat buffers: ``params`` and ``state`` updated in place.
+
+    ``params``, ``grads``: flat buffers of ``layout`` (NumPy, or CuPy on a GPU); ``state``: a
+    :class:`~upgd_ref.state.FlatUPGDState` (its buffers follow ``params`` to their device);
+    ``request``: a :class:`StepRequest`. ``vgs``: a :class:`VGSRequest`; then ``grads`` are
+    scaled by ``f`` in place (so they must be writable) and the scaler's statistics advance
+    from the scaled gradients, in the same read of the gradient. ``backend``: ``"auto"``, a
+    registered name or a :class:`~upgd_ref.backends.Backend`.
+
+    Returns the step's :class:`~upgd_ref.reference.StepStats`. Invalid input raises before
+    anything is modified; a segment with ``present[i] = False`` is left bit-identical.
+    """
+    check_flat_buffer("params", params, layout, writable=True)
+    check_flat_buffer("grads", grads, layout, writable=vgs is not None)
+    check_distinct(params=params, grads=grads)
+    if not isinstance(state, FlatUPGDState):
+        raise TypeError(f"state must be a FlatUPGDState, got {type(state).__name__}")
+    if not isinstance(request, StepRequest):
+        raise TypeError(f"request must be a StepRequest, got {type(request).__name__}")
+    request = request.checked(layout.num_segments)
+    vgs = None if vgs is None else _check_vgs(vgs, layout)
+    impl = select_backend(backend, params)
+    present = request.present
+    _check_finite(impl, "grads", grads, layout, present)
+    _check_finite(impl, "params", params, layout, present)
+    if state.step >= MAX_STEP:
+        raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
+    check_u64("step", state.step + 1)
+    state.follow(params)  # state lives where the parameters live
+
+    local = impl.first_pass(layout=layout, params=params, grads=grads, state=state, present=present,
+                            hyper=request.hyper, vgs_factor=1.0 if vgs is None else vgs.factor,
+                            variant=request.variant)
+    reductions = combine_reductions([(range(layout.num_segments), local)], layout.num_segments)
+    plan = plan_step(layout.dtype, state, present, request.hyper, reductions, request.noise_norm)
+    if plan.run:
+        impl.second_pass(layout=layout, params=params, grads=grads, state=state, present=present,
+                         hyper=request.hyper, plan=plan, seed=request.seed, variant=request.variant)
+    commit(state, plan)
+    if vgs is not None:
+        vgs_statistics(vgs.state, reductions, layout.sizes, present, vgs.beta)
+    return plan.stats
+
+
+def _scaler_call(layout, grads, present, backend, writable):
+    present = check_present(present, layout.num_segments)
+    check_flat_buffer("grads", grads, layout, writable=writable)
+    impl = select_backend(backend, grads)
+    _check_finite(impl, "grads", grads, layout, present)
+    return present, impl
+
+
+def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, backend="auto") -> None:
+    """``g_i <- f g_i`` in place for the present segments (``f`` from :func:`vgs_factor`)."""
+    present, impl = _scaler_call(layout, grads, present, backend, writable=True)
+    if factor != 1.0:
+        impl.scale(layout=layout, grads=grads, factor=factor, present=present)
+
+
+def vgs_update_step(layout: FlatLayout, grads, state: FlatVGSState, beta: float, present=None, *,
+                    backend="auto") -> None:
+    """Advance the VGS statistics in ``state`` from the (already scaled) gradients."""
+    present, impl = _scaler_call(layout, grads, present, backend, writable=False)
+    beta = validate_vgs({"beta": beta})["beta"]
+    if state.step >= MAX_STEP:
+        raise OverflowError(f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold")
+    sums = impl.gradient_sums(layout=layout, grads=grads, present=present)
+    vgs_statistics(state, combine_reductions([(range(layout.num_segments), sums)], layout.num_segments),
+                   layout.sizes, present, beta)
+
+
+def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = "auto"):
+    """The standard normals that optimizer step ``step`` with ``seed`` uses, as a flat buffer.
+
+    Bit-identical for every backend: the definition is :func:`upgd_ref.rng.noise`
+    (``specs/noise.md``); ``backend="auto"`` computes them with the fastest one (on the GPU
+    when ``out`` is a CuPy array). ``out``: a writable, contiguous NumPy or CuPy buffer of the
+    layout's length and of the noise dtype to fill (its padding is set to 0) instead of a new
+    one. Without ``out``, ``backend="cupy"`` returns a CuPy array, the others NumPy.
+    """
+    if out is not None:
+        _check_noise_out(out, layout, dtype)
+    if backend == "auto":
+        chosen = select_backend("auto", out) if array_kind(out) == "cupy" else BACKENDS[auto_order()[0]]
+    else:
+        chosen = select_backend(backend, out)  # bit-identical whichever computes them
+    return chosen.noise(layout=layout, seed=seed, step=step, dtype=dtype, out=out)
+
+
+def _check_noise_out(out, layout, dtype) -> None:
+    expected = np.dtype(layout.dtype if dtype is None else dtype)
+    if array_kind(out) not in ("numpy", "cupy"):
+        raise TypeError(f"out must be a NumPy array (or a CuPy array on a GPU), got {type(out).__name__}")
+    if out.shape != (layout.size,):
+        raise ValueError(f"out must have shape ({layout.size},) for this layout, got {out.shape}")
+    if out.dtype != expected:
+        raise TypeError(f"out has dtype {out.dtype}; the noise dtype is {expected}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be contiguous")
+    if array_kind(out) == "numpy" and not out.flags.writeable:
+        raise ValueError("out is read-only")
+
+
+def warmup_steps(backend, dtypes) -> None:
+    """Run every operation of ``backend`` once per dtype on a tiny layout (an empty and an
+    absent segment included) for each family mode, so its kernels are compiled."""
+    family = ref.UPGDVariant(moments="none", protection="max", update_factor=2.0, noise_placement="terms")
+    for dtype in dtypes:
+        layout = FlatLayout([(3,), (0,), (4, 2)], dtype=dtype)
+        hyper = [validate_upgd(dict(UPGD_DEFAULTS, adaptive_noise=True))] * layout.num_segments
+        present = [True, True, False]
+        params, grads = layout.zeros(), layout.zeros()
+        params[...], grads[...] = 0.5, 0.25
+        state = FlatUPGDState.zeros(layout, [1.0] * layout.num_segments)
+        vgs_state = FlatVGSState.zeros(layout.num_segments)
+        if array_kind(params) != backend.array_kind:
+            continue
+        backend.noise(layout=layout, seed=0, step=1)
+        vgs_scale_step(layout, grads, 0.5, present, backend=backend)
+        vgs_update_step(layout, grads, vgs_state, 0.99, present, backend=backend)
+        for member in (PRODUCTION, family):  # the mode is a run-time argument: one compilation
+            request = StepRequest(hyper=hyper, present=present, variant=member)
+            upgd_step(layout, params, grads, state, request, backend=backend)
+            upgd_step(layout, params, grads, state, request, vgs=VGSRequest(vgs_state, 0.5, 0.99), backend=backend)
+
+
+def warmup(dtypes=("float32", "float64")) -> dict[str, float]:
+    """Compile every kernel backend's kernels for ``dtypes`` now rather than on first use.
+
+    Returns seconds per backend that compiles and can run here (Numba; the CUDA kernels with
+    a GPU; their emulator with a C++ compiler). Numba, CuPy and the emulator cache what they
+    compile on disk, so a later process loads it in well under a second.
+    """
+    return {name: BACKENDS[name].warmup(dtypes) for name in available_backends(emulators=True) if name != "reference"}
