@@ -117,10 +117,10 @@ def test_chunk_sums_follow_the_documented_order(emulator, dtype):
         assert (partial[c, 0], partial[c, 1]) == expected, c
     # per segment: thread tid adds chunk partials tid, tid + 256, ... (here one per thread), then the tree
     offsets = np.concatenate([[0], np.cumsum(-(-np.asarray(layout.sizes) // CHUNK))])
-    out = emulator._segment_partials(layout, present, partial)
+    out = emulator.gradient_sums(layout=layout, grads=grads, present=present)  # the same kernels, then the tree
     for i in range(layout.num_segments):
         rows = partial[offsets[i] : offsets[i + 1], 0].tolist()
-        assert out[i, 0] == _tree(rows + [0.0] * (THREADS - len(rows))), i
+        assert out.grad_sum[i] == _tree(rows + [0.0] * (THREADS - len(rows))), i
 
 
 @pytest.mark.parametrize("member", sorted(MEMBERS))

@@ -37,8 +37,9 @@ from . import step as door
 from .backends import check_backend_name
 from .checkpoint import read_state_dict, write_state_dict
 from .checks import check_present
-from .reference import PRODUCTION, UPGDVariant, check_variant
-from .hyperparams import UPGD_DEFAULTS, resolve_param_groups, segment_hyperparams, validate_upgd
+from .family import MEMBERS, PAPER_EPS, PROFILES
+from .hyperparams import resolve_param_groups, segment_hyperparams
+from .reference import PRODUCTION, check_variant
 from .layout import FlatLayout
 from .scaler import VarianceGradientScaler
 from .state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
@@ -46,8 +47,9 @@ from .step import StepRequest, VGSRequest, check_noise_norm, check_seed
 
 __all__ = ["AdaptiveUPGD", "UPGD", "UPGDW", "StepInfo", "PROFILES", "PAPER_EPS"]
 
-PROFILES = ("production", "paper")
-PAPER_EPS = 1e-5  # the paper code's default Adam epsilon
+_A = MEMBERS["AdaptiveUPGD"].defaults
+_U = MEMBERS["UPGD"].defaults
+_W = MEMBERS["UPGDW"].defaults
 
 
 @dataclass(frozen=True)
@@ -91,28 +93,29 @@ class AdaptiveUPGD:
     ``specs/algorithm.md`` §7).
     """
 
-    _MOMENTS = "adam"
+    MEMBER = MEMBERS["AdaptiveUPGD"]
 
-    def __init__(self, layout: FlatLayout, *, lr=UPGD_DEFAULTS["lr"],
-                 weight_decay=UPGD_DEFAULTS["weight_decay"], beta_utility=UPGD_DEFAULTS["beta_utility"],
-                 sigma=UPGD_DEFAULTS["sigma"], beta1=UPGD_DEFAULTS["beta1"], beta2=UPGD_DEFAULTS["beta2"],
-                 eps=None, adaptive_noise=UPGD_DEFAULTS["adaptive_noise"],
-                 noise_beta=UPGD_DEFAULTS["noise_beta"], min_noise_std=UPGD_DEFAULTS["min_noise_std"],
-                 instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], noise_norm="segment",
-                 noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], seed=0, param_groups=None,
-                 backend="auto", profile="production"):
+    def __init__(self, layout: FlatLayout, *, lr=_A["lr"], weight_decay=_A["weight_decay"],
+                 beta_utility=_A["beta_utility"], sigma=_A["sigma"], beta1=_A["beta1"], beta2=_A["beta2"], eps=None,
+                 adaptive_noise=_A["adaptive_noise"], noise_beta=_A["noise_beta"], min_noise_std=_A["min_noise_std"],
+                 instant_noise_scale=_A["instant_noise_scale"], noise_norm="segment",
+                 noise_ema_init=_A["noise_ema_init"], seed=0, param_groups=None, backend="auto",
+                 profile="production"):
+        values = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
+                      beta2=beta2, adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                      instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
+        if eps is not None:  # None: the profile's eps
+            values["eps"] = eps
+        self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
+                    profile=profile)
+
+    def _setup(self, layout, values: dict, *, noise_norm, seed, param_groups, backend, profile) -> None:
+        """The one constructor body of every member: its table row checks ``values``."""
         if not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
-        self.variant = _profile_variant(self._MOMENTS, profile)
-        if eps is None:
-            eps = PAPER_EPS if profile == "paper" else UPGD_DEFAULTS["eps"]
+        self.variant = self.MEMBER.variant(profile)
         self.layout = layout
-        self.defaults = validate_upgd(dict(
-            lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
-            beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
-            min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
-            noise_ema_init=noise_ema_init,
-        ))
+        self.defaults = self.MEMBER.hyperparams(values, profile)
         self.noise_norm = check_noise_norm(noise_norm)
         self.seed = check_seed(seed)
         self.backend = check_backend_name(backend)
@@ -124,8 +127,10 @@ class AdaptiveUPGD:
         return f"{type(self).__name__}({self.layout!r}, step={self.state.step}, backend={self.backend!r})"
 
     def _segment_hyperparams(self) -> list[dict]:
-        """Validated hyper-parameters per segment, re-read from ``param_groups``."""
-        return segment_hyperparams(self.param_groups, self.layout.num_segments, self.defaults)
+        """Validated hyper-parameters per segment, re-read from ``param_groups`` (tied keys
+        copied from their sources, as the member's row says)."""
+        return [self.MEMBER.tie(h) for h in segment_hyperparams(self.param_groups, self.layout.num_segments,
+                                                                 self.defaults)]
 
     @property
     def step_count(self) -> int:
@@ -233,15 +238,6 @@ class AdaptiveUPGD:
         self.load_state_dict(read_state_dict(path))
 
 
-def _profile_variant(moments: str, profile) -> UPGDVariant:
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
-    if profile == "production":
-        return UPGDVariant(moments=moments)
-    return UPGDVariant(moments=moments, protection="max", update_factor=2.0,
-                       noise_placement="terms" if moments == "adam" else "sum")
-
-
 class UPGD(AdaptiveUPGD):
     """Plain UPGD: no moments, ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)`` (§7).
 
@@ -249,19 +245,19 @@ class UPGD(AdaptiveUPGD):
     noise, VGS, parameter groups and frozen segments work as for :class:`AdaptiveUPGD`.
     """
 
-    _MOMENTS = "none"
+    MEMBER = MEMBERS["UPGD"]
 
-    def __init__(self, layout: FlatLayout, *, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
-                 adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
-                 min_noise_std=UPGD_DEFAULTS["min_noise_std"],
-                 instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], noise_norm="segment",
-                 noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], seed=0, param_groups=None, backend="auto",
+    def __init__(self, layout: FlatLayout, *, lr=_U["lr"], weight_decay=_U["weight_decay"],
+                 beta_utility=_U["beta_utility"], sigma=_U["sigma"], adaptive_noise=_U["adaptive_noise"],
+                 noise_beta=_U["noise_beta"], min_noise_std=_U["min_noise_std"],
+                 instant_noise_scale=_U["instant_noise_scale"], noise_norm="segment",
+                 noise_ema_init=_U["noise_ema_init"], seed=0, param_groups=None, backend="auto",
                  profile="production"):
-        super().__init__(layout, lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
-                         adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
-                         instant_noise_scale=instant_noise_scale, noise_norm=noise_norm,
-                         noise_ema_init=noise_ema_init, seed=seed, param_groups=param_groups, backend=backend,
-                         profile=profile)
+        values = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
+                      adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                      instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
+        self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
+                    profile=profile)
 
 
 class UPGDW(AdaptiveUPGD):
@@ -272,22 +268,15 @@ class UPGDW(AdaptiveUPGD):
     state, and ignoring the flag silently would mislead (``specs/algorithm.md`` §7.2).
     """
 
-    def __init__(self, layout: FlatLayout, *, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 sigma=0.001, amsgrad=False, adaptive_noise=UPGD_DEFAULTS["adaptive_noise"],
-                 noise_beta=UPGD_DEFAULTS["noise_beta"], min_noise_std=UPGD_DEFAULTS["min_noise_std"],
-                 instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], noise_norm="segment",
-                 noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], seed=0, param_groups=None, backend="auto"):
-        if amsgrad is not False:
-            raise ValueError("amsgrad=True is not supported: UPGDW keeps no AMSGrad state (specs/algorithm.md §7.2)")
-        try:
-            beta1, beta2 = betas
-        except (TypeError, ValueError):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-        super().__init__(layout, lr=lr, weight_decay=weight_decay, beta_utility=beta2, sigma=sigma, beta1=beta1,
-                         beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
-                         min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
-                         noise_norm=noise_norm, noise_ema_init=noise_ema_init, seed=seed,
-                         param_groups=param_groups, backend=backend)
+    MEMBER = MEMBERS["UPGDW"]
 
-    def _segment_hyperparams(self) -> list[dict]:
-        return [dict(h, beta_utility=h["beta2"]) for h in super()._segment_hyperparams()]
+    def __init__(self, layout: FlatLayout, *, lr=_W["lr"], betas=(_W["beta1"], _W["beta2"]), eps=_W["eps"],
+                 weight_decay=_W["weight_decay"], sigma=_W["sigma"], amsgrad=False,
+                 adaptive_noise=_W["adaptive_noise"], noise_beta=_W["noise_beta"], min_noise_std=_W["min_noise_std"],
+                 instant_noise_scale=_W["instant_noise_scale"], noise_norm="segment",
+                 noise_ema_init=_W["noise_ema_init"], seed=0, param_groups=None, backend="auto"):
+        values = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sigma=sigma, amsgrad=amsgrad,
+                      adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                      instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
+        self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
+                    profile="production")

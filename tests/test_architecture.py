@@ -1,0 +1,144 @@
+"""The rules of ``specs/architecture.md``: lazy heavy imports, no import cycle, small files,
+no module reaching into another's private names."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = {"upgd_ref": ROOT / "upgd_ref", "upgd_ref.adapters": ROOT / "adapters"}
+MAX_LINES = 500
+LONG_FILE_EXCEPTIONS = {"upgd_ref/kernels/numba_step.py"}  # a list of small jitted kernels (specs/kernels.md)
+NAMEDTUPLE_API = {"_asdict", "_replace", "_fields", "_make", "_field_defaults"}  # public despite the underscore
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGE_DIRS.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            name = ".".join([package, *parts])
+            if name.startswith("upgd_ref.adapters") and package == "upgd_ref":
+                continue
+            out[name] = path
+    return out
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _top_level_imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports at import time (function bodies excluded:
+    a deliberate lazy import is not an edge)."""
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        edges = set()
+        for node in tree.body:
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, path.name == "__init__.py", node)
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, result, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                result.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return result
+
+
+def test_importing_the_package_loads_no_heavy_dependency():
+    script = ("import sys, json, upgd_ref\n"
+              "print(json.dumps(sorted(m for m in ('numba', 'yaml', 'argparse', 'matplotlib', 'cupy', "
+              "'upgd_ref.kernels.cuda_emulator', 'upgd_ref.kernels.numba_backend') if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+def test_no_import_cycle():
+    assert _cycles(_top_level_imports(_modules())) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_files_stay_small():
+    long = {str(path.relative_to(ROOT)): n for path in _modules().values()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert set(long) <= LONG_FILE_EXCEPTIONS, long
+
+
+def _private_reaches(path: Path, modules: set[str]) -> list[str]:
+    tree = ast.parse(path.read_text())
+    project_aliases = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            source = node.module or ""
+            project = node.level > 0 or source.split(".")[0] == "upgd_ref"
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if project and private:
+                    found.append(f"{path.name}:{node.lineno} imports {alias.name}")
+                if project:
+                    project_aliases.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "upgd_ref":
+                    project_aliases.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in project_aliases and node.attr.startswith("_")
+                and not node.attr.startswith("__") and node.attr not in NAMEDTUPLE_API):
+            found.append(f"{path.name}:{node.lineno} reads {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reaches_into_private_names():
+    modules = _modules()
+    paths = list(modules.values()) + sorted((ROOT / "tests").glob("*.py"))
+    found = [reach for path in paths for reach in _private_reaches(path, set(modules))]
+    assert found == []
