@@ -8,7 +8,6 @@ payloads and padding included) and a mismatch can be located with ``diff_snapsho
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import numpy as np
 import pytest
@@ -20,8 +19,6 @@ from upgd_ref.backends import backends_for
 #: cuda-emulator, ...). The CuPy backend has its own tests (tests/test_cuda_gpu.py).
 BACKEND_NAMES = tuple(backends_for("numpy", emulators=True))
 
-#: Whether ``AdaptiveUPGD.step`` takes a ``vgs=`` scaler (scale, step, update in one call).
-STEP_TAKES_VGS = "vgs" in inspect.signature(AdaptiveUPGD.step).parameters
 
 
 @pytest.fixture(params=BACKEND_NAMES)

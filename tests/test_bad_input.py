@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from .conftest import STEP_TAKES_VGS, assert_unchanged, random_buffers, snapshot
+from .conftest import assert_unchanged, random_buffers, snapshot
 from upgd_ref import AdaptiveUPGD, FlatLayout, VarianceGradientScaler
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]
@@ -544,10 +544,8 @@ def test_vgs_rejects_non_finite_naming_the_segment(backend, method, segment, val
 
 # --- step(..., vgs=scaler): scale, step and update as one call ---------------------------
 
-needs_vgs_keyword = pytest.mark.skipif(not STEP_TAKES_VGS, reason="AdaptiveUPGD.step has no vgs= keyword yet")
 
 
-@needs_vgs_keyword
 @pytest.mark.parametrize("which", ["params", "grads"])
 def test_step_with_vgs_rejects_non_finite_before_scaling(backend, which):
     layout, opt, vgs, params, grads = warm(backend)
@@ -556,7 +554,6 @@ def test_step_with_vgs_rejects_non_finite_before_scaling(backend, which):
                     opt, vgs, params, grads)
 
 
-@needs_vgs_keyword
 def test_step_with_vgs_rejects_read_only_grads(backend):
     layout, opt, vgs, params, grads = warm(backend)
     grads_ro = read_only(grads)
@@ -564,14 +561,12 @@ def test_step_with_vgs_rejects_read_only_grads(backend):
                     opt, vgs, params, grads_ro)
 
 
-@needs_vgs_keyword
 def test_step_with_vgs_rejects_invalid_scaler_hyperparameters(backend):
     layout, opt, vgs, params, grads = warm(backend)
     vgs.hyperparams["beta"] = 1.0
     expect_rejected(ValueError, r"beta", lambda: opt.step(params, grads, vgs=vgs), opt, vgs, params, grads)
 
 
-@needs_vgs_keyword
 def test_step_with_vgs_rejects_invalid_param_group_edit(backend):
     layout, opt, vgs, params, grads = warm(backend)
     opt.param_groups[1]["lr"] = -1.0
@@ -579,7 +574,6 @@ def test_step_with_vgs_rejects_invalid_param_group_edit(backend):
                     opt, vgs, params, grads)
 
 
-@needs_vgs_keyword
 def test_step_with_vgs_rejects_foreign_scaler(backend):
     layout, opt, vgs, params, grads = warm(backend)
     other = VarianceGradientScaler(FlatLayout([(3, 4), (5,)], dtype=layout.dtype), backend=backend)

@@ -20,7 +20,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from .conftest import STEP_TAKES_VGS, assert_unchanged, fingerprint, random_buffers, snapshot
+from .conftest import assert_unchanged, fingerprint, random_buffers, snapshot
 from upgd_ref import AdaptiveUPGD, FlatLayout, VarianceGradientScaler
 from upgd_ref.checkpoint import read_state_dict, write_state_dict
 from upgd_ref.state import STATE_VERSION, UPGD_FORMAT, VGS_FORMAT
@@ -145,7 +145,6 @@ def test_restored_copy_steps_in_lockstep(backend, config, via, start, tmp_path):
         assert vgs.scaling_factor() < 1.0
 
 
-@pytest.mark.skipif(not STEP_TAKES_VGS, reason="AdaptiveUPGD.step has no vgs= keyword yet")
 @pytest.mark.parametrize("via", ["state_dict", "file"])
 def test_restored_copy_steps_in_lockstep_with_vgs_keyword(backend, via, tmp_path):
     layout, opt, vgs = build("groups+vgs+adaptive", backend)
