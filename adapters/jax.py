@@ -58,12 +58,9 @@ from upgd_ref.backends import BACKENDS as _CORE_BACKENDS
 from upgd_ref.backends import check_backend_name as _check_core_backend
 from upgd_ref.hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
 from upgd_ref.layout import FlatLayout
-from upgd_ref.optimizer import PAPER_EPS, _profile_variant
-from upgd_ref.optimizer import UPGD as _CoreUPGD
-from upgd_ref.optimizer import UPGDW as _CoreUPGDW
-from upgd_ref.optimizer import AdaptiveUPGD as _CoreAdaptiveUPGD
-from upgd_ref.scaler import VarianceGradientScaler as _CoreScaler
+from upgd_ref.family import MEMBERS, PAPER_EPS
 from upgd_ref.state import FlatUPGDState, FlatVGSState
+from upgd_ref.step import StepRequest, upgd_step, vgs_factor, vgs_scale_step, vgs_update_step
 
 __all__ = [
     "AdaptiveUPGDState",
@@ -174,7 +171,7 @@ def _box_muller(radius_word, angle_word, strict: bool):
     pair twice its lanes 0 and 1 are the cosine and sine normal of that pair, and XLA reduces
     the unused lanes away.
     """
-    transform = functools.partial(_rng._normals_from_words, jnp)
+    transform = functools.partial(_rng.normals_from_words, jnp)
     words = (radius_word, angle_word, radius_word, angle_word)
     if strict:
         closed = jax.make_jaxpr(transform)(*words)
@@ -540,15 +537,13 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
         _check_eager("kernels", leaves, state)
         layout = _kernel_layout(leaves)
         grads = _pack(layout, leaves)
-        scaler = _CoreScaler(layout, backend=kernel_backend, **hp)
-        scaler.state = FlatVGSState(int(state.count), np.array(state.grad_mean_avg, dtype=np.float64),
-                                    np.array(state.grad_sq_avg, dtype=np.float64))
-        scaler.scale(grads)
-        scaler.update(grads)
+        flat = FlatVGSState(int(state.count), np.array(state.grad_mean_avg, dtype=np.float64),
+                            np.array(state.grad_sq_avg, dtype=np.float64))
+        vgs_scale_step(layout, grads, vgs_factor(flat, hp)[0], backend=kernel_backend)
+        vgs_update_step(layout, grads, flat, hp["beta"], backend=kernel_backend)
         with x64_scope():
-            new = VarianceGradientScalerState(jnp.asarray(scaler.state.step, dtype=jnp.int64),
-                                              jnp.asarray(scaler.state.grad_mean_avg),
-                                              jnp.asarray(scaler.state.grad_sq_avg))
+            new = VarianceGradientScalerState(jnp.asarray(flat.step, dtype=jnp.int64),
+                                              jnp.asarray(flat.grad_mean_avg), jnp.asarray(flat.grad_sq_avg))
         return [_to_jax(v) for v in layout.unpack(grads)], new
 
     def update(updates, state, params=None, **extra_args):
@@ -607,19 +602,15 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     bit-identical to :func:`upgd_ref.noise`. ``profile="paper"``: the original paper's
     Adam-style variant (``specs/algorithm.md`` §7; ``eps`` defaults to ``1e-5`` then).
     """
-    variant = _profile_variant("adam", profile)
+    variant = MEMBERS["AdaptiveUPGD"].variant(profile)
     if eps is None:
         eps = PAPER_EPS if profile == "paper" else UPGD_DEFAULTS["eps"]
     hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2,
                  eps=eps)
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
-
-    def core(layout, lr, **common):
-        return _CoreAdaptiveUPGD(layout, lr=lr, **hyper, **noisy, **common, profile=profile)
-
-    return _upgd_family("adaptive_upgd", variant, learning_rate, dict(hyper, **noisy), core, noise_norm, seed,
-                        backend, kernel_backend)
+    return _upgd_family("adaptive_upgd", variant, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
+                        kernel_backend)
 
 
 def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
@@ -633,16 +624,13 @@ def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001
     ``profile="paper"`` gives the paper's plain UPGD. The state has the same fields as
     :func:`adaptive_upgd`'s; ``first_moment`` and ``second_moment`` stay zero.
     """
-    variant = _profile_variant("none", profile)
+    variant = MEMBERS["UPGD"].variant(profile)
     hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
 
-    def core(layout, lr, **common):
-        return _CoreUPGD(layout, lr=lr, **hyper, **noisy, **common, profile=profile)
-
-    # beta1, beta2, eps are unused without moments: the core defaults fill the validated dict.
-    return _upgd_family("upgd", variant, learning_rate, dict(hyper, **noisy), core, noise_norm, seed, backend,
+    # beta1, beta2, eps are unused without moments: the library defaults fill the validated dict.
+    return _upgd_family("upgd", variant, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
                         kernel_backend)
 
 
@@ -654,24 +642,20 @@ def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sig
     """UPGDW (``specs/algorithm.md`` §7) as an optax transformation: AdaptiveUPGD with the
     production UPGDW defaults and the utility decay tied to ``b2`` (``beta_utility = b2``),
     the step of :class:`upgd_ref.UPGDW`. ``b1``, ``b2``: optax's names for ``betas``."""
-    variant = _profile_variant("adam", "production")
+    variant = MEMBERS["UPGDW"].variant()
     hyper = dict(weight_decay=weight_decay, beta_utility=b2, sigma=sigma, beta1=b1, beta2=b2, eps=eps)
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
 
-    def core(layout, lr, **common):
-        return _CoreUPGDW(layout, lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, sigma=sigma,
-                          **noisy, **common)
-
-    return _upgd_family("upgdw", variant, learning_rate, dict(hyper, **noisy), core, noise_norm, seed, backend,
+    return _upgd_family("upgdw", variant, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
                         kernel_backend)
 
 
-def _upgd_family(name, variant, learning_rate, hyper, make_core, noise_norm, seed, backend,
+def _upgd_family(name, variant, learning_rate, hyper, noise_norm, seed, backend,
                  kernel_backend) -> optax.GradientTransformationExtraArgs:
     """The optax transformation of one UPGD family member (``variant``, ``specs/algorithm.md``
     §7): the native path runs :func:`upgd_ref.reference.adaptive_upgd_step` with ``variant``,
-    the kernel path the core class ``make_core(layout, lr, noise_norm=, seed=, backend=)``."""
+    the kernel path :func:`upgd_ref.step.upgd_step` on flat buffers packed from the leaves."""
     hyper = validate_upgd(dict(hyper, lr=0.0 if callable(learning_rate) else learning_rate))
     if noise_norm not in NOISE_NORMS:
         raise ValueError(f"noise_norm must be one of {NOISE_NORMS}, got {noise_norm!r}")
@@ -715,8 +699,7 @@ def _upgd_family(name, variant, learning_rate, hyper, make_core, noise_norm, see
             with x64_scope():
                 lr = _learning_rate(learning_rate, state.count, params[:1])[0]
             lr = float(np.asarray(lr, dtype=np.float64))
-        opt = make_core(layout, lr, noise_norm=noise_norm, seed=seed, backend=kernel_backend)
-        opt.state = FlatUPGDState(
+        flat = FlatUPGDState(
             step=int(state.count),
             segment_step=np.array(state.segment_step, dtype=np.int64),
             utility=_pack(layout, state.utility),
@@ -724,15 +707,17 @@ def _upgd_family(name, variant, learning_rate, hyper, make_core, noise_norm, see
             second_moment=_pack(layout, state.second_moment),
             grad_norm_ema=np.array(state.grad_norm_ema, dtype=np.float64),
         )
+        request = StepRequest(hyper=[validate_upgd(dict(hyper, lr=lr))] * layout.num_segments, seed=seed,
+                              noise_norm=noise_norm, variant=variant)
         flat_params = _pack(layout, params)
         old_params = flat_params.copy()
-        opt.step(flat_params, _pack(layout, grads))
+        upgd_step(layout, flat_params, _pack(layout, grads), flat, request, backend=kernel_backend)
         np.subtract(flat_params, old_params, out=flat_params)  # the optax update, in place
         with x64_scope():
-            new = _ref.UPGDState(jnp.asarray(opt.state.step, dtype=jnp.int64), jnp.asarray(opt.state.segment_step),
-                                 *[[_to_jax(v) for v in layout.unpack(getattr(opt.state, name))]
+            new = _ref.UPGDState(jnp.asarray(flat.step, dtype=jnp.int64), jnp.asarray(flat.segment_step),
+                                 *[[_to_jax(v) for v in layout.unpack(getattr(flat, name))]
                                    for name in FlatUPGDState.BUFFERS],
-                                 jnp.asarray(opt.state.grad_norm_ema))
+                                 jnp.asarray(flat.grad_norm_ema))
         return [_to_jax(v) for v in layout.unpack(flat_params)], new
 
     def update(updates, state, params=None, **extra_args):

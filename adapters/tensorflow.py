@@ -42,11 +42,12 @@ from upgd_ref import AdaptiveUPGD as CoreAdaptiveUPGD
 from upgd_ref import UPGD as CoreUPGD
 from upgd_ref import UPGDW as CoreUPGDW
 from upgd_ref import FlatLayout
-from upgd_ref import VarianceGradientScaler as CoreVarianceGradientScaler
-from upgd_ref.hyperparams import NOISE_NORMS, UPGD_DEFAULTS, validate_upgd, validate_vgs
+from upgd_ref.hyperparams import NOISE_NORMS, UPGD_DEFAULTS, segment_hyperparams, validate_upgd, validate_vgs
 from upgd_ref.layout import SUPPORTED_DTYPES
-from upgd_ref.optimizer import PAPER_EPS, _profile_variant
+from upgd_ref.family import MEMBERS, PAPER_EPS
+from upgd_ref.optimizer import StepInfo
 from upgd_ref.state import FlatUPGDState, FlatVGSState
+from upgd_ref.step import StepRequest, VGSRequest, upgd_step, vgs_factor
 
 __all__ = ["AdaptiveUPGD", "UPGD", "UPGDW", "VGSConfig", "SUPPORTED_VARIABLE_DTYPES"]
 
@@ -141,7 +142,6 @@ class _CoreBridge:
         self.names = tuple(names)
         self.core = make_core(self.layout)  # a core class of the family, with its variant
         self.moments = moments  # False: no moment variables cross the bridge (UPGD)
-        self.scaler = CoreVarianceGradientScaler(self.layout, backend="auto")
         self.last_step_info = None
         # The only buffer reused between calls: gradients are never handed back to TF.
         self.grad_buffer = self.layout.zeros()
@@ -186,7 +186,7 @@ class _CoreBridge:
             present[i] = True
         groups = [dict(g, lr=lr) for g in param_groups]
         with _CORE_LOCK:
-            core, scaler = self.core, self.scaler
+            core = self.core
             params = self._flat(indices, values)
             grad_buffer = self.grad_buffer
             if n < self.layout.num_segments:
@@ -194,7 +194,7 @@ class _CoreBridge:
             for i, g in zip(indices, grads):
                 grad_buffer[self.layout.segment_slice(i)] = np.reshape(g, (-1,))
             # Copies: TensorFlow hands numpy_function writable views of its own tensors.
-            core.state = FlatUPGDState(
+            state = FlatUPGDState(
                 step=int(step),
                 segment_step=np.array(segment_step, dtype=np.int64),
                 utility=self._flat(indices, utility),
@@ -202,20 +202,22 @@ class _CoreBridge:
                 second_moment=self._flat(indices, second),
                 grad_norm_ema=np.array(grad_norm_ema, dtype=np.float64),
             )
-            core.param_groups = groups  # re-validated by the core's step
-            scaler.state = FlatVGSState(
+            vgs_state = FlatVGSState(
                 int(vgs_step), np.array(vgs_mean, dtype=np.float64), np.array(vgs_square, dtype=np.float64)
             )
             try:
-                _check_state(core.state, scaler.state)
-                if vgs_settings is not None:
-                    scaler.hyperparams = vgs_settings
-                # scale -> two-pass step -> statistics update, in one core call.
-                info = core.step(params, grad_buffer, present, vgs=None if vgs_settings is None else scaler)
+                _check_state(state, vgs_state)
+                hyper = [core.MEMBER.tie(h) for h in segment_hyperparams(groups, self.layout.num_segments)]
+                request = StepRequest(hyper=hyper, present=present, seed=core.seed, noise_norm=core.noise_norm,
+                                      variant=core.variant)
+                vgs = factor = variance = None
+                if vgs_settings is not None:  # scale -> two-pass step -> statistics update, in one call
+                    factor, variance = vgs_factor(vgs_state, vgs_settings)
+                    vgs = VGSRequest(vgs_state, factor, validate_vgs(vgs_settings)["beta"])
+                stats = upgd_step(self.layout, params, grad_buffer, state, request, vgs=vgs, backend=core.backend)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise self._explain(exc) from None
-            self.last_step_info = info
-            state, vgs_state = core.state, scaler.state
+            self.last_step_info = StepInfo.from_stats(stats, state.step, request.present, factor, variance)
         moment_outputs = (
             (*self._segments(state.first_moment, indices), *self._segments(state.second_moment, indices))
             if self.moments else ()
@@ -276,7 +278,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
     :class:`UPGDW` are the other members of the family.
     """
 
-    _MOMENTS = "adam"  # the family member's moments option (specs/algorithm.md §7.1)
+    _MEMBER = MEMBERS["AdaptiveUPGD"]  # the family member's row (specs/algorithm.md §7)
     _CORE = CoreAdaptiveUPGD
     # attribute name -> core hyper-parameter name; the attributes are the Keras config keys.
     _ATTRIBUTES = {key: key for key in _UPGD_KEYS}
@@ -301,7 +303,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
     def _init_family(self, learning_rate, values, *, vgs, seed, noise_norm, profile, name, kwargs):
         """Validate everything (before Keras creates any variable), then set up the optimizer.
         ``values``: the member's hyper-parameters by attribute name (``_ATTRIBUTES``)."""
-        variant = _profile_variant(self._MOMENTS, profile)
+        variant = self._MEMBER.variant(profile)
         core_values = {self._ATTRIBUTES[attr]: value for attr, value in values.items()}
         hyper = validate_upgd(dict(
             core_values, lr=learning_rate if isinstance(learning_rate, (int, float)) else UPGD_DEFAULTS["lr"],
@@ -445,7 +447,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         if any(None in tuple(v.shape) for v in var_list):
             raise ValueError(f"{type(self).__name__} needs variables with fully defined shapes")
         super().build(var_list)
-        moments = self._MOMENTS == "adam"  # UPGD keeps no moment variables
+        moments = self._MEMBER.moments == "adam"  # UPGD keeps no moment variables
         self._utility, self._first_moment, self._second_moment = (
             [self.add_variable_from_reference(v, name=state_name) for v in var_list]
             if state_name == "utility" or moments else []
@@ -575,7 +577,7 @@ class UPGD(AdaptiveUPGD):
     :class:`AdaptiveUPGD`.
     """
 
-    _MOMENTS = "none"
+    _MEMBER = MEMBERS["UPGD"]
     _CORE = CoreUPGD
     _ATTRIBUTES = {key: key for key in _UPGD_KEYS if key not in _MOMENT_KEYS}
 
@@ -604,7 +606,7 @@ class UPGDW(AdaptiveUPGD):
     the algorithm keeps no AMSGrad state.
     """
 
-    _MOMENTS = "adam"
+    _MEMBER = MEMBERS["UPGDW"]
     _CORE = CoreUPGDW
     _ATTRIBUTES = {"weight_decay": "weight_decay", "sigma": "sigma", "beta_1": "beta1", "beta_2": "beta2",
                    "epsilon": "eps", **{key: key for key in _NOISE_KEYS}}

@@ -72,6 +72,18 @@ class StepInfo:
     vgs_factor: float = math.nan
     vgs_normalized_variance: float = math.nan
 
+    @classmethod
+    def from_stats(cls, stats, step: int, present, vgs_factor=None, vgs_variance=None) -> StepInfo:
+        """The record of a step from the door's :class:`~upgd_ref.reference.StepStats`."""
+        grad_norm = np.asarray(stats.grad_norm, dtype=np.float64)
+        noise_std = np.asarray(stats.noise_std, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            nsr = noise_std / grad_norm
+        return cls(step=step, present=np.asarray(present), grad_norm=grad_norm, noise_std=noise_std,
+                   noise_to_signal=nsr, utility_min=float(stats.utility_min), utility_max=float(stats.utility_max),
+                   vgs_factor=math.nan if vgs_factor is None else vgs_factor,
+                   vgs_normalized_variance=math.nan if vgs_variance is None else vgs_variance)
+
     def to_dict(self) -> dict:
         """Plain Python values (lists, floats) for logging."""
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
@@ -152,29 +164,15 @@ class AdaptiveUPGD:
         """
         request = StepRequest(hyper=self._segment_hyperparams(), present=present, seed=self.seed,
                               noise_norm=self.noise_norm, variant=self.variant)
-        vgs_factor = vgs_variance = math.nan
-        vgs_request = None
+        vgs_factor = vgs_variance = vgs_request = None
         if vgs is not None:
             self._check_scaler(vgs)
             vgs_factor, vgs_variance = vgs.factor_and_variance()
             vgs_request = VGSRequest(vgs.state, vgs_factor, vgs.hyperparams["beta"])
         stats = door.upgd_step(self.layout, params, grads, self.state, request, vgs=vgs_request,
                                backend=self.backend)
-        grad_norm = np.asarray(stats.grad_norm, dtype=np.float64)
-        noise_std = np.asarray(stats.noise_std, dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            nsr = noise_std / grad_norm
-        return StepInfo(
-            step=self.state.step,
-            present=np.asarray(check_present(present, self.layout.num_segments)),
-            grad_norm=grad_norm,
-            noise_std=noise_std,
-            noise_to_signal=nsr,
-            utility_min=float(stats.utility_min),
-            utility_max=float(stats.utility_max),
-            vgs_factor=vgs_factor,
-            vgs_normalized_variance=vgs_variance,
-        )
+        return StepInfo.from_stats(stats, self.state.step, check_present(present, self.layout.num_segments),
+                                   vgs_factor, vgs_variance)
 
     def _check_scaler(self, vgs) -> None:
         if not isinstance(vgs, VarianceGradientScaler):
