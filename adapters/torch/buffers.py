@@ -1,0 +1,263 @@
+"""Parameters and gradients re-homed into the core's flat, 64-byte aligned buffers.
+
+A :class:`Bucket` holds one flat parameter buffer and one flat gradient buffer of a
+layout; ``p.data`` becomes a view of its segment (the approach of DDP's
+``gradient_as_bucket_view``) and ``p.grad`` points at a view of the gradient buffer where
+it can. CPU tensors share memory with NumPy arrays, CUDA tensors with CuPy arrays (DLPack,
+no copy), whose kernels run on torch's current stream (:func:`on_stream`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import numpy as np
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from upgd_ref.backends import BACKENDS
+from upgd_ref.layout import FlatLayout
+
+from .conversions import DTYPE_NAMES, TORCH_DTYPES
+
+# Which flat buffer a parameter currently lives in: param -> (weakref to Bucket, segment).
+_HOME = WeakIdKeyDictionary()
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill a block of memory exactly once."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _homed_in(p: torch.Tensor):
+    """``(bucket, segment)`` when ``p.data`` is currently a view of a live bucket, else None."""
+    entry = _HOME.get(p)
+    if entry is None:
+        return None
+    bucket = entry[0]()
+    if bucket is None or not bucket.is_homed(entry[1]):
+        return None
+    return bucket, entry[1]
+
+
+def check_tensors(tensors, names, *, what: str, rehome: bool) -> torch.dtype:
+    """The common dtype of ``tensors`` after checking they can go to the core.
+
+    ``rehome``: the tensors' storage will be replaced by flat-buffer views, so it must hold
+    nothing but the tensor (or already be a flat-buffer view of ours). Raises before
+    anything is modified.
+    """
+    if not tensors:
+        raise ValueError(f"{what}: no parameters")
+    seen: dict[int, int] = {}
+    devices, dtypes = {}, {}
+    for k, (p, name) in enumerate(zip(tensors, names)):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{what}: {name} is a {torch.typename(p)}, not a Tensor")
+        if id(p) in seen:
+            raise ValueError(f"{what}: {name} is the same tensor as {names[seen[id(p)]]}; "
+                             "a parameter can occupy one segment only")
+        seen[id(p)] = k
+        if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):
+            raise ValueError(f"{what}: {name} is an uninitialized (lazy) parameter; run a forward pass first")
+        if p.layout != torch.strided:
+            raise TypeError(f"{what}: {name} has layout {p.layout}; only dense (strided) tensors are supported")
+        if p.is_complex():
+            raise TypeError(f"{what}: {name} is complex ({p.dtype}); only real float32/float64 are supported")
+        if p.dtype not in DTYPE_NAMES:
+            raise TypeError(f"{what}: {name} has dtype {p.dtype}; only torch.float32 and torch.float64 are supported")
+        devices.setdefault(str(p.device), name)
+        dtypes.setdefault(p.dtype, name)
+    if len(devices) > 1:
+        listing = ", ".join(f"{d} ({n})" for d, n in devices.items())
+        raise ValueError(f"{what}: parameters on several devices: {listing}; one optimizer or scaler "
+                         "takes the parameters of one device")
+    device = next(iter(devices))
+    if not device.startswith("cpu") and not (device.startswith("cuda") and "cupy" in BACKENDS):
+        raise ValueError(f"{what}: parameters on {device}: upgd_ref takes CPU tensors, and CUDA tensors "
+                         "when CuPy is installed (pip install cupy-cuda12x)")
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{d} ({n})" for d, n in dtypes.items())
+        raise TypeError(f"{what}: parameters of several dtypes: {listing}; the global utility range spans "
+                        "one flat buffer, so create one optimizer per dtype")
+    if rehome:
+        storages: dict[int, str] = {}
+        for p, name in zip(tensors, names):
+            if p.numel() == 0 or _homed_in(p) is not None:
+                continue
+            nbytes = p.untyped_storage().nbytes()
+            if p.storage_offset() != 0 or nbytes != p.numel() * p.element_size() or not _is_dense(p):
+                raise ValueError(
+                    f"{what}: {name} cannot be re-homed into a flat buffer: it is a view into a larger storage "
+                    f"(offset {p.storage_offset()}, {nbytes} storage bytes for {p.numel()} elements, strides "
+                    f"{tuple(p.stride())}) that other tensors may share; give it its own storage (p.data = p.data.clone())"
+                )
+            ptr = p.untyped_storage().data_ptr()
+            if ptr in storages:
+                raise ValueError(f"{what}: {name} shares its storage with {storages[ptr]}; "
+                                 "parameters that alias each other cannot be re-homed")
+            storages[ptr] = name
+    return next(iter(dtypes))
+
+
+def check_grad(what: str, g: torch.Tensor) -> None:
+    """A gradient the core can take: dense and real (``what`` names it in errors)."""
+    if g.layout != torch.strided:
+        raise TypeError(f"{what}: sparse gradients ({g.layout}) are not supported")
+    if g.is_complex():
+        raise TypeError(f"{what}: complex gradients are not supported")
+
+
+def segment_views(flat: torch.Tensor, layout: FlatLayout) -> list[torch.Tensor]:
+    """One tensor per segment of ``layout``, in its shape, sharing memory with ``flat``."""
+    return [flat[layout.segment_slice(i)].view(s) for i, s in enumerate(layout.shapes)]
+
+
+def flat_buffer(layout: FlatLayout, device: torch.device):
+    """``(core buffer, segment views)`` sharing one zeroed flat buffer of the layout: a 64-byte
+    aligned NumPy array on the CPU, a CuPy view of a CUDA tensor (DLPack, no copy) on a GPU
+    (CUDA allocations are at least 256-byte aligned); the views as :func:`segment_views`."""
+    if device.type == "cpu":
+        array = layout.zeros()
+        return array, segment_views(torch.from_numpy(array), layout)
+    import cupy
+
+    tensor = torch.zeros(layout.size, dtype=TORCH_DTYPES[layout.dtype.name], device=device)
+    return cupy.from_dlpack(tensor), segment_views(tensor, layout)
+
+
+def tensor_view(array) -> torch.Tensor:
+    """A core buffer (NumPy or CuPy) as a tensor sharing its memory."""
+    return torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.from_dlpack(array)
+
+
+@contextlib.contextmanager
+def on_stream(device: torch.device):
+    """On a GPU, make CuPy launch on torch's current stream (kernels stay ordered with torch's)."""
+    if device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        yield
+
+
+class Bucket:
+    """One flat parameter buffer and one flat gradient buffer (64-byte aligned) on the
+    parameters' device: NumPy arrays for CPU tensors, CuPy views of CUDA tensors otherwise.
+
+    ``param_views[i]`` / ``grad_views[i]`` are torch tensors sharing memory with segment
+    ``i`` (no copy). :meth:`home` makes them the parameters' storage. ``segment_by_id``
+    maps ``id(param)`` to its segment.
+    """
+
+    def __init__(self, params, layout: FlatLayout, names):
+        self.params = list(params)
+        self.names = list(names)
+        self.layout = layout
+        self.device = params[0].device if params else torch.device("cpu")
+        self.param_flat, self.param_views = flat_buffer(layout, self.device)
+        self.grad_flat, self.grad_views = flat_buffer(layout, self.device)
+        self.param_ptrs = [v.data_ptr() for v in self.param_views]
+        self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
+        self.shapes = [torch.Size(s) for s in layout.shapes]
+        self.dtype = TORCH_DTYPES[layout.dtype.name]
+        self.segment_by_id = {id(p): i for i, p in enumerate(self.params)}
+
+    def is_homed(self, i: int) -> bool:
+        p = self.params[i]
+        return p.data_ptr() == self.param_ptrs[i] and p.shape == self.shapes[i] and p.is_contiguous()
+
+    def home(self) -> None:
+        """Copy every parameter (and existing gradient) in and re-point it at its segment."""
+        ref = weakref.ref(self)
+        done = []
+        try:
+            with torch.no_grad():
+                for i, p in enumerate(self.params):
+                    old_data, grad = p.data, p.grad
+                    self.param_views[i].copy_(old_data)
+                    p.data = self.param_views[i]
+                    done.append((p, old_data))
+                    if grad is not None and grad.layout == torch.strided:
+                        self.grad_views[i].copy_(grad)
+                        p.grad = self.grad_views[i]
+        except Exception:
+            for p, old_data in done:  # leave the parameters where they were
+                p.data = old_data
+            raise
+        for i, p in enumerate(self.params):
+            _HOME[p] = (ref, i)
+
+    def ensure_homed(self) -> None:
+        """Re-home parameters whose ``.data`` was replaced since (``p.data = ...``, another optimizer)."""
+        stale = [i for i in range(len(self.params)) if not self.is_homed(i)]
+        if not stale:
+            return
+        for i in stale:
+            p = self.params[i]
+            if p.dtype != self.dtype or p.device != self.device or p.shape != self.shapes[i] or p.layout != torch.strided:
+                raise ValueError(
+                    f"{self.names[i]} changed to {p.dtype}, {p.device}, shape {tuple(p.shape)} since the optimizer "
+                    f"was built ({self.dtype}, {self.device}, {tuple(self.shapes[i])}); create the optimizer after "
+                    "moving or converting the model"
+                )
+        ref = weakref.ref(self)
+        with torch.no_grad():
+            for i in stale:
+                p = self.params[i]
+                self.param_views[i].copy_(p.data)
+                p.data = self.param_views[i]
+                _HOME[p] = (ref, i)
+
+    def gather_grads(self, start: int = 0, stop: int | None = None):
+        """``(present, copied)`` for segments ``start:stop``; gradients that are not views of
+        this bucket are copied into it (``copied`` lists them, for :meth:`adopt_grads`).
+
+        Only segments no ``.grad`` points at are written, so a failure later leaves every
+        user-visible tensor unchanged.
+        """
+        stop = len(self.params) if stop is None else stop
+        present, copied = [], []
+        for i in range(start, stop):
+            g = self.params[i].grad
+            if g is None:
+                present.append(False)
+                continue
+            check_grad(self.names[i], g)
+            present.append(True)
+            if g.data_ptr() != self.grad_ptrs[i] or not g.is_contiguous():
+                copied.append(i)
+        if copied:
+            with torch.no_grad():
+                for i in copied:
+                    self.grad_views[i].copy_(self.params[i].grad)
+        return present, copied
+
+    def adopt_grads(self, copied) -> None:
+        """Point ``.grad`` of the copied segments at their views (next backward accumulates there)."""
+        for i in copied:
+            self.params[i].grad = self.grad_views[i]
+
+
+def bucket_run(params):
+    """``(bucket, start)`` when ``params`` are consecutive segments of one live bucket."""
+    if not params:
+        return None
+    entry = _HOME.get(params[0])
+    if entry is None:
+        return None
+    bucket, start = entry[0](), entry[1]
+    if bucket is None or start + len(params) > len(bucket.params):
+        return None
+    for k, p in enumerate(params):
+        if bucket.params[start + k] is not p:
+            return None
+    return bucket, start

@@ -1,0 +1,181 @@
+"""Drop-in replacements for the production ``AdaptiveUPGD``, ``UPGD`` and ``UPGDW``.
+
+Each class is a :class:`~.flat_optimizer.FlatBufferOptimizer`: its constructor has the
+production signature, defaults and messages, and it names the core class that runs its
+step, its param-group keys and its per-parameter state keys.
+"""
+
+from __future__ import annotations
+
+import upgd_ref
+from upgd_ref.hyperparams import validate_upgd
+from upgd_ref.optimizer import PAPER_EPS, PROFILES
+
+from .conversions import hyper_value, number_from_tensor
+from .flat_optimizer import FlatBufferOptimizer
+
+#: The production optimizer's param-group keys (besides ``params``), in its order.
+HYPERPARAMETER_KEYS = (
+    "lr", "weight_decay", "beta_utility", "sigma", "beta1", "beta2", "eps",
+    "adaptive_noise", "noise_beta", "min_noise_std", "instant_noise_scale",
+)
+#: The production optimizer's per-parameter state keys (``grad_norm_ema`` only with adaptive noise).
+STATE_KEYS = ("step", "avg_utility", "first_moment", "sec_moment", "grad_norm_ema")
+#: Param-group keys of :class:`UPGD` (the production plain UPGD's, then the adaptive-noise options).
+UPGD_HYPERPARAMETER_KEYS = ("lr", "weight_decay", "beta_utility", "sigma", *HYPERPARAMETER_KEYS[7:])
+#: Param-group keys of :class:`UPGDW` (the production UPGDW's, then the adaptive-noise options).
+UPGDW_HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "sigma", "amsgrad", *HYPERPARAMETER_KEYS[7:])
+
+#: The production classes' constructor checks: argument -> (message, exclusive upper bound
+#: or None); every value must also be >= 0.
+_PRODUCTION_CHECKS = {
+    "lr": ("Invalid learning rate", None),
+    "weight_decay": ("Invalid weight_decay value", None),
+    "beta_utility": ("Invalid beta_utility parameter", 1.0),
+    "sigma": ("Invalid sigma value", None),
+    "beta1": ("Invalid beta1 parameter", 1.0),
+    "beta2": ("Invalid beta2 parameter", 1.0),
+    "eps": ("Invalid eps value", None),
+    "noise_beta": ("Invalid noise_beta parameter", 1.0),
+    "min_noise_std": ("Invalid min_noise_std value", None),
+}
+#: The production UPGDW's own messages (those of ``torch.optim.AdamW``).
+_UPGDW_CHECKS = _PRODUCTION_CHECKS | {
+    "eps": ("Invalid epsilon value", None),
+    "beta1": ("Invalid beta parameter at index 0", 1.0),
+    "beta2": ("Invalid beta parameter at index 1", 1.0),
+}
+_AMSGRAD_REFUSED = "amsgrad=True is not supported: UPGDW keeps no AMSGrad state (specs/algorithm.md §7.2)"
+
+
+def _check_production(values: dict, checks=_PRODUCTION_CHECKS) -> None:
+    """The production class's range checks and messages (``ValueError``), in the order of ``values``."""
+    for key, value in values.items():
+        message, upper = checks[key]
+        if not (0.0 <= value if upper is None else 0.0 <= value < upper):
+            raise ValueError(f"{message}: {value}")
+
+
+def _check_profile(profile):
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    return profile
+
+
+def _split_betas(what: str, betas):
+    """``(beta1, beta2)`` of a ``betas`` pair (``what`` names it in the error)."""
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a pair (beta1, beta2), got {betas!r}") from None
+    return beta1, beta2
+
+
+class AdaptiveUPGD(FlatBufferOptimizer):
+    """Drop-in replacement for the production ``AdaptiveUPGD`` (a ``torch.optim.Optimizer``).
+
+    Same constructor, defaults, validation errors, param-group keys, ``state[p]`` keys and
+    state-dict format as the production class; the step runs in :class:`upgd_ref.AdaptiveUPGD`
+    on a flat buffer that the parameters are re-homed into. Keyword-only extras:
+
+    * ``seed``: noise seed (int in ``[0, 2**64)``); ``None`` draws one from torch's global
+      generator. Step ``k``'s normals are ``upgd_ref.noise(optimizer.layout, seed, k)``.
+    * ``backend``: core backend name (``"auto"``: the fastest for NumPy buffers).
+    * ``noise_ema_init``: start value of the gradient-norm average (1.0 as production; 0.0
+      is the unbiased form); ``noise_norm``: ``"segment"`` (production) or ``"global"``.
+    * ``profile``: ``"production"`` or ``"paper"`` (the paper's Adam-style UPGD,
+      ``specs/algorithm.md`` §7; ``eps`` then defaults to ``1e-5``).
+    """
+
+    _CORE = upgd_ref.AdaptiveUPGD
+    _HYPER_KEYS = HYPERPARAMETER_KEYS
+    _STATE_KEYS = STATE_KEYS
+    _DEFAULT_PROFILE = "production"
+
+    def __init__(self, params, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
+                 beta1=0.9, beta2=0.999, eps=None, adaptive_noise=False, noise_beta=0.999,
+                 min_noise_std=1e-6, instant_noise_scale=True, *, seed=None, backend="auto",
+                 noise_ema_init=1.0, noise_norm="segment", profile="production"):
+        _check_profile(profile)
+        if eps is None:  # 1e-8 (production), 1e-5 (the paper's code)
+            eps = PAPER_EPS if profile == "paper" else 1e-8
+        # The production class's checks and messages, then the core's (types, finiteness).
+        _check_production(dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
+                               beta2=beta2, eps=eps, noise_beta=noise_beta, min_noise_std=min_noise_std))
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
+            beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
+            min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
+        )
+        self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
+                    noise_norm=noise_norm, profile=profile)
+
+
+class UPGD(FlatBufferOptimizer):
+    """Drop-in replacement for the production plain ``UPGD``: no moments (§7 of the algorithm).
+
+    ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)``; ``state[p]`` holds ``step`` and
+    ``avg_utility`` (and ``grad_norm_ema`` with adaptive noise). The step runs in
+    :class:`upgd_ref.UPGD`. Keyword-only: the adaptive-noise options of :class:`AdaptiveUPGD`
+    (also param-group keys), ``seed``, ``backend``, ``noise_ema_init``, ``noise_norm`` and
+    ``profile`` (``"paper"``: the paper's plain UPGD).
+    """
+
+    _CORE = upgd_ref.UPGD
+    _HYPER_KEYS = UPGD_HYPERPARAMETER_KEYS
+    _STATE_KEYS = ("step", "avg_utility", "grad_norm_ema")
+    _DEFAULT_PROFILE = "production"
+
+    def __init__(self, params, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001, *,
+                 adaptive_noise=False, noise_beta=0.999, min_noise_std=1e-6, instant_noise_scale=True,
+                 seed=None, backend="auto", noise_ema_init=1.0, noise_norm="segment", profile="production"):
+        _check_profile(profile)
+        _check_production(dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
+                               noise_beta=noise_beta, min_noise_std=min_noise_std))
+        defaults = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
+                        adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                        instant_noise_scale=instant_noise_scale)
+        self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
+                    noise_norm=noise_norm, profile=profile)
+
+
+class UPGDW(FlatBufferOptimizer):
+    """Drop-in replacement for the production ``UPGDW``: AdaptiveUPGD with ``beta_utility = beta2``.
+
+    Param groups carry ``betas`` (torch convention), mapped to the core's ``beta1``/``beta2``
+    and ``beta_utility = betas[1]`` at every step. ``amsgrad=True`` (constructor or param
+    group) raises ``ValueError``: the algorithm keeps no AMSGrad state. ``state[p]`` holds the
+    :class:`AdaptiveUPGD` keys. The step runs in :class:`upgd_ref.UPGDW`. Keyword-only: the
+    adaptive-noise options (also param-group keys), ``seed``, ``backend``,
+    ``noise_ema_init``, ``noise_norm``.
+    """
+
+    _CORE = upgd_ref.UPGDW
+    _HYPER_KEYS = UPGDW_HYPERPARAMETER_KEYS
+    _STATE_KEYS = STATE_KEYS
+    _DEFAULT_PROFILE = None
+
+    @classmethod
+    def _core_hyper(cls, where: str, group) -> dict:
+        if number_from_tensor(f"{where}['amsgrad']", group["amsgrad"]):
+            raise ValueError(f"{where}: {_AMSGRAD_REFUSED}")
+        beta1, beta2 = _split_betas(f"{where}['betas']", group["betas"])
+        hyper = {k: hyper_value(f"{where}['{k}']", k, group[k]) for k in cls._HYPER_KEYS if k not in ("betas", "amsgrad")}
+        betas = {"beta1": hyper_value(f"{where}['betas'][0]", "beta1", beta1),
+                 "beta2": hyper_value(f"{where}['betas'][1]", "beta2", beta2)}
+        validate_upgd(betas, where=f"{where}['betas']: ")  # name the key the user set, not beta_utility
+        return hyper | betas | {"beta_utility": betas["beta2"]}
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, sigma=0.001,
+                 amsgrad=False, *, adaptive_noise=False, noise_beta=0.999, min_noise_std=1e-6,
+                 instant_noise_scale=True, seed=None, backend="auto", noise_ema_init=1.0, noise_norm="segment"):
+        if amsgrad:
+            raise ValueError(_AMSGRAD_REFUSED)
+        beta1, beta2 = _split_betas("betas", betas)
+        _check_production(dict(lr=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay, sigma=sigma,
+                               noise_beta=noise_beta, min_noise_std=min_noise_std), _UPGDW_CHECKS)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sigma=sigma, amsgrad=amsgrad,
+                        adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
+                        instant_noise_scale=instant_noise_scale)
+        self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
+                    noise_norm=noise_norm, profile=None)
