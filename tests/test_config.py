@@ -122,7 +122,7 @@ def test_from_config_builds_each_family_member(tmp_path, optimizer, extra, cls, 
     assert built.optimizer.defaults["sigma"] == 0.01 and built.optimizer.seed == 3
     direct = getattr(upgd_ref, cls)(LAYOUT, sigma=0.01, seed=3, backend="reference",
                                     **{k: v for k, v in extra.items() if not (cls == "UPGDW" and k == "profile")})
-    assert built.optimizer._segment_hyperparams() == direct._segment_hyperparams()
+    assert built.optimizer.step_hyperparams() == direct.step_hyperparams()
     # the same trajectory as the class built by hand
     rng = np.random.default_rng(1)
     p1 = LAYOUT.pack([rng.standard_normal(s) for s in LAYOUT.shapes])
@@ -160,7 +160,7 @@ def test_upgdw_betas_set_beta_utility(tmp_path):
     path = write(tmp_path, "optimizer: UPGDW\noptimizer_kwargs:\n  betas: [0.8, 0.95]\n  lr: 0.01\n"
                            "  param_groups:\n    - segments: [1]\n      beta2: 0.5\n")
     built = upgd_ref.from_config(path, LAYOUT)
-    hyper = built.optimizer._segment_hyperparams()
+    hyper = built.optimizer.step_hyperparams()
     assert [(h["beta1"], h["beta2"], h["beta_utility"]) for h in hyper] == [
         (0.8, 0.95, 0.95), (0.8, 0.5, 0.5), (0.8, 0.95, 0.95)]
     assert built.config.hyperparams["beta_utility"] == 0.95

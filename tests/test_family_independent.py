@@ -277,7 +277,7 @@ def test_spec_tables_match_the_classes():
     for (cls, profile), (options, defaults) in SPEC_MEMBERS.items():
         opt = getattr(upgd_ref, cls)(layout, **({} if cls == "UPGDW" else {"profile": profile}))
         assert opt.variant == ref.UPGDVariant(**{**options, "update_factor": float(options["update_factor"])})
-        hyper = opt._segment_hyperparams()[0]
+        hyper = opt.step_hyperparams()[0]
         expected = _expected_hyper((cls, profile), {}, [], 1)[0]
         for name in ("lr", "weight_decay", "beta_utility", "sigma", "noise_beta", "min_noise_std"):
             assert hyper[name] == expected[name], (cls, profile, name)

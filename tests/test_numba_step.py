@@ -79,7 +79,7 @@ class Lockstep:
             second_moment=_copies(views(state.second_moment)), grad_norm_ema=state.grad_norm_ema.copy(),
         )
         self.ema_old = state.grad_norm_ema.copy()
-        self.hyper = opt._segment_hyperparams()  # UPGDW ties beta_utility to beta2 there
+        self.hyper = opt.step_hyperparams()  # UPGDW ties beta_utility to beta2 there
         normals = views(rng.noise(layout, opt.seed, state.step + 1, dtype="float64"))
         self.truth, scales = tolerances.upgd_step_scales(
             _copies(views(params)), self.scaled_grads, pre, normals, self.hyper, present=self.present,

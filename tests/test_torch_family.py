@@ -379,7 +379,7 @@ def test_upgdw_betas_validation_and_utility_tie():
     with pytest.raises(ValueError, match="epsilon"):
         UPGDW(params, eps=-1.0)
     opt = UPGDW(params, betas=(0.5, 0.6), seed=0)
-    hyper = opt.core._segment_hyperparams()[0]
+    hyper = opt.core.step_hyperparams()[0]
     assert (hyper["beta1"], hyper["beta2"], hyper["beta_utility"]) == (0.5, 0.6, 0.6)
     opt.param_groups[0]["betas"] = (0.5, 1.5)
     params[0].grad = torch.ones_like(params[0])

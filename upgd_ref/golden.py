@@ -399,7 +399,7 @@ def _make_case(name: str, entry: dict, arrays: dict) -> GoldenCase:
     if "variant" in entry and ref.check_variant(entry["variant"]) != variant:
         raise ValueError(f"golden case {name}: manifest variant {entry['variant']} differs from the one its "
                          f"config builds ({dict(variant._asdict())})")
-    return GoldenCase(name, entry, layout, config, optimizer._segment_hyperparams(), arrays, variant)
+    return GoldenCase(name, entry, layout, config, optimizer.step_hyperparams(), arrays, variant)
 
 
 def golden_trace(spec: CaseSpec) -> tuple[dict, dict]:

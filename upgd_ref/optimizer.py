@@ -132,13 +132,13 @@ class AdaptiveUPGD:
         self.seed = check_seed(seed)
         self.backend = check_backend_name(backend)
         self.param_groups = resolve_param_groups(param_groups, self.defaults, layout)
-        hyper = self._segment_hyperparams()
+        hyper = self.step_hyperparams()
         self.state = FlatUPGDState.zeros(layout, [h["noise_ema_init"] for h in hyper])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.layout!r}, step={self.state.step}, backend={self.backend!r})"
 
-    def _segment_hyperparams(self) -> list[dict]:
+    def step_hyperparams(self) -> list[dict]:
         """Validated hyper-parameters per segment, re-read from ``param_groups`` (tied keys
         copied from their sources, as the member's row says)."""
         return [self.MEMBER.tie(h) for h in segment_hyperparams(self.param_groups, self.layout.num_segments,
@@ -162,7 +162,7 @@ class AdaptiveUPGD:
         writable), the scaler's statistics advance, and the kernel backends read the
         gradient once for all three.
         """
-        request = StepRequest(hyper=self._segment_hyperparams(), present=present, seed=self.seed,
+        request = StepRequest(hyper=self.step_hyperparams(), present=present, seed=self.seed,
                               noise_norm=self.noise_norm, variant=self.variant)
         vgs_factor = vgs_variance = vgs_request = None
         if vgs is not None:
