@@ -24,6 +24,17 @@ BACKEND_NAMES = tuple(backends_for("numpy"))
 STEP_TAKES_VGS = "vgs" in inspect.signature(AdaptiveUPGD.step).parameters
 
 
+#: The README's set-up command: installs every package the suite needs (the ``test`` extra).
+SETUP_COMMAND = 'pip install -e ".[test]"'
+
+
+def pytest_collectreport(report):
+    """A module that cannot import what it needs fails collection (never skips); say how to set up."""
+    if report.failed:
+        report.sections.append(("set-up", f"A missing package? The README's set-up command installs every "
+                                          f"package the suite needs: {SETUP_COMMAND}"))
+
+
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request) -> str:
     """The name of each registered backend in turn."""
