@@ -21,7 +21,7 @@ FMA_FREE = sorted(name for name in KERNEL_SIGNATURES if not name.startswith("fam
 
 
 try:
-    nvrtc.getVersion()  # CuPy imports without the NVRTC library; this call loads it
+    nvrtc.getVersion()  # loads the NVRTC library, which importing CuPy does not need
 except Exception as exc:
     raise RuntimeError(f"NVRTC unavailable ({type(exc).__name__}: {exc}); the test extra installs "
                        "nvidia-cuda-nvrtc-cu12") from exc
