@@ -21,6 +21,17 @@ BACKEND_NAMES = tuple(backends_for("numpy", emulators=True))
 
 
 
+#: The README's set-up command: installs every package the suite needs (the ``test`` extra).
+SETUP_COMMAND = 'pip install -e ".[test]"'
+
+
+def pytest_collectreport(report):
+    """A module that cannot import what it needs fails collection (never skips); say how to set up."""
+    if report.failed:
+        report.sections.append(("set-up", f"A missing package? The README's set-up command installs every "
+                                          f"package the suite needs: {SETUP_COMMAND}"))
+
+
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request) -> str:
     """The name of each registered backend in turn."""

@@ -7,14 +7,13 @@ reuse it (specs/algorithm.md).
 
 from __future__ import annotations
 
+import array_api_strict as xps
 import numpy as np
 import pytest
 
 from upgd_ref import reference as ref
 from upgd_ref import rng
 from upgd_ref.hyperparams import validate_upgd
-
-xps = pytest.importorskip("array_api_strict")
 
 
 def _to_strict(arrays):

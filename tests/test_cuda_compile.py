@@ -1,17 +1,16 @@
 """The CUDA source compiles with NVRTC for sm_90, without a GPU (``specs/kernels-cuda.md`` §6).
 
 CuPy's low-level ``cupy.cuda.nvrtc`` API needs only the NVRTC library (the
-``nvidia-cuda-nvrtc-cu12`` wheel), so CI compiles every entry point on every run and the GPU
-code cannot rot unseen. With ``UPGD_REF_REQUIRE_NVRTC=1`` (set by ``.ci/run``) a missing
-NVRTC fails these tests instead of skipping them.
+``nvidia-cuda-nvrtc-cu12`` wheel, in the ``test`` extra), so every run of the suite compiles
+every entry point and the GPU code cannot rot unseen. A missing NVRTC fails this module.
 """
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
+from cupy.cuda import nvrtc
 
 from upgd_ref.kernels.cuda_source import COMPILE_OPTIONS, KERNEL_SIGNATURES, compile_with_nvrtc, ptx_entries
 
@@ -21,21 +20,11 @@ from upgd_ref.kernels.cuda_source import COMPILE_OPTIONS, KERNEL_SIGNATURES, com
 FMA_FREE = sorted(name for name in KERNEL_SIGNATURES if not name.startswith("family_pass2"))
 
 
-def _nvrtc_available() -> str | None:
-    """None when NVRTC can compile, else why not."""
-    try:
-        from cupy.cuda import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as exc:  # ImportError, or the NVRTC library not found
-        return f"NVRTC unavailable: {type(exc).__name__}: {exc}"
-    return None
-
-
-_missing = _nvrtc_available()
-if _missing and os.environ.get("UPGD_REF_REQUIRE_NVRTC") == "1":
-    raise RuntimeError(f"UPGD_REF_REQUIRE_NVRTC=1 but {_missing} (install cupy-cuda12x and nvidia-cuda-nvrtc-cu12)")
-pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
+try:
+    nvrtc.getVersion()  # loads the NVRTC library, which importing CuPy does not need
+except Exception as exc:
+    raise RuntimeError(f"NVRTC unavailable ({type(exc).__name__}: {exc}); the test extra installs "
+                       "nvidia-cuda-nvrtc-cu12") from exc
 
 
 @pytest.fixture(scope="module")

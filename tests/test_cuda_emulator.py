@@ -26,7 +26,8 @@ from upgd_ref.rng import noise as reference_noise
 from .test_numba_family import MEMBERS, run_member_case
 from .test_numba_step import cases
 
-pytestmark = pytest.mark.skipif(host_compiler() is None, reason="no C++ compiler for the CUDA emulator")
+if host_compiler() is None:
+    raise RuntimeError("the CUDA emulator needs a C++ compiler ($CXX, c++, g++ or clang++ on PATH; README, Install)")
 
 WARP = 32
 

@@ -13,8 +13,11 @@ through DLPack without host copies.
 
 from __future__ import annotations
 
+import cupy
+import jax
 import numpy as np
 import pytest
+import torch
 
 import upgd_ref
 from upgd_ref.backends import BACKENDS
@@ -23,7 +26,6 @@ from upgd_ref.kernels.cuda_backend import CudaBackend, CupyLauncher
 from upgd_ref.kernels.chunk_abi import CHUNK
 from upgd_ref.rng import noise as reference_noise
 
-cupy = pytest.importorskip("cupy")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cupy.is_available(), reason="no CUDA GPU")]
 
 MEMBERS = {
@@ -142,7 +144,6 @@ def test_state_follows_the_parameters_and_checkpoints_stay_portable():
 
 
 def test_torch_cuda_tensors_run_on_the_gpu_without_host_copies():
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
     from upgd_ref.adapters.torch import AdaptiveUPGD
@@ -163,7 +164,6 @@ def test_torch_cuda_tensors_run_on_the_gpu_without_host_copies():
 
 
 def test_jax_gpu_arrays_share_memory_with_cupy():
-    jax = pytest.importorskip("jax")
     try:
         gpu = jax.devices("gpu")[0]
     except RuntimeError:

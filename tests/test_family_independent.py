@@ -267,7 +267,6 @@ def _run_lockstep(member, seed, mode_index, vgs_on, noise_norm, dtype, fused):
 @settings(max_examples=4, deadline=None)
 @given(**SCENARIOS, fused=st.booleans())
 def test_numba_member_within_the_contract_in_lockstep(member, dtype, seed, mode_index, vgs_on, noise_norm, fused):
-    pytest.importorskip("numba")
     _run_lockstep(member, seed, mode_index, vgs_on, noise_norm, dtype, fused)
 
 

@@ -7,15 +7,13 @@ where values are unknown, propagate as NaN (``optax.apply_if_finite`` skips such
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
-
-import jax.numpy as jnp  # noqa: E402
-
-from upgd_ref.adapters import jax as uj  # noqa: E402
+from upgd_ref.adapters import jax as uj
 
 
 def _params():

@@ -1,7 +1,8 @@
 """Shared helpers of the JAX adapter tests: golden-case replay through optax.
 
 ``replay(case, backend)`` runs a golden case (``upgd_ref.golden``) through
-``optax.chain(variance_gradient_scaler(...), adaptive_upgd(...))`` and returns its trace, which
+``optax.chain(variance_gradient_scaler(...), member)`` (the case's family member: ``adaptive_upgd``,
+``upgd`` or ``upgdw``) and returns its trace, which
 ``upgd_ref.golden.compare`` judges step by step against the tolerance contract.
 """
 
@@ -9,18 +10,13 @@ from __future__ import annotations
 
 import contextlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from upgd_ref.reference import PRODUCTION
-import pytest
-
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
-
-import jax.numpy as jnp  # noqa: E402
-
-from upgd_ref.adapters import jax as uj  # noqa: E402
-from upgd_ref.trace import TraceWriter  # noqa: E402
+from upgd_ref.adapters import jax as uj
+from upgd_ref.trace import TraceWriter
 
 
 def dtype_scope(dtype):
@@ -29,19 +25,31 @@ def dtype_scope(dtype):
 
 
 def applicable(case) -> bool:
-    """Golden cases replayed here: AdaptiveUPGD (production), one parameter group, every
-    segment present. The other family members are held to the core classes in
-    tests/test_jax_family.py."""
-    return (case.config.optimizer == "AdaptiveUPGD" and case.variant == PRODUCTION
-            and case.config.param_groups is None and bool(np.all(case.arrays["present"])))
+    """Golden cases replayed here: every family member, one parameter group, every segment
+    present (frozen segments and parameter groups are not expressible, specs/adapters-jax.md §3)."""
+    return case.config.param_groups is None and bool(np.all(case.arrays["present"]))
+
+
+def _member(config, backend):
+    """The adapter's constructor of ``config``'s family member, called with its hyper-parameters."""
+    kwargs = dict(config.hyperparams)
+    lr = kwargs.pop("lr")
+    common = dict(noise_norm=config.noise_norm, seed=config.seed, backend=backend)
+    if config.optimizer == "UPGDW":  # optax's names for betas; the utility decay is tied to b2
+        b1, b2 = kwargs.pop("beta1"), kwargs.pop("beta2")
+        del kwargs["beta_utility"]
+        return uj.upgdw(lr, b1=b1, b2=b2, **kwargs, **common)
+    if config.optimizer == "UPGD":  # no moments: beta1, beta2 and eps are unused
+        for unused in ("beta1", "beta2", "eps"):
+            del kwargs[unused]
+        return uj.upgd(lr, **kwargs, **common, profile=config.profile)
+    assert config.optimizer == "AdaptiveUPGD", config.optimizer
+    return uj.adaptive_upgd(lr, **kwargs, **common, profile=config.profile)
 
 
 def transformation(case, backend="native"):
     """The optax transformation a golden case describes."""
-    kwargs = dict(case.config.hyperparams)
-    lr = kwargs.pop("lr")
-    upgd = uj.adaptive_upgd(lr, **kwargs, noise_norm=case.config.noise_norm, seed=case.config.seed,
-                            backend=backend)
+    upgd = _member(case.config, backend)
     if case.vgs is None:
         return upgd
     return optax.chain(uj.variance_gradient_scaler(**case.vgs, backend=backend), upgd)

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import copy
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
-
-import jax.numpy as jnp  # noqa: E402
-
-import upgd_ref  # noqa: E402
-from upgd_ref.adapters import jax as uj  # noqa: E402
-from upgd_ref.reference import UPGDVariant  # noqa: E402
+import upgd_ref
+from upgd_ref.adapters import jax as uj
+from upgd_ref.reference import UPGDVariant
 
 SHAPES = [(5, 4), (4,), (0, 3), (3, 2, 2)]
 STEPS = 12

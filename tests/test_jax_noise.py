@@ -9,17 +9,14 @@ float32 and float64, at the counter edges and over 10M draws.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-pytest.importorskip("optax")
-
-import jax.numpy as jnp  # noqa: E402
-
-import upgd_ref  # noqa: E402
-from upgd_ref import rng  # noqa: E402
-from upgd_ref.adapters import jax as uj  # noqa: E402
+import upgd_ref
+from upgd_ref import rng
+from upgd_ref.adapters import jax as uj
 
 EDGES = [
     # (seed, step, start, count): ordinary, unaligned start, 64-bit seed and step words,

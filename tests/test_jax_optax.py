@@ -9,20 +9,18 @@ state survives an ``.npz`` round trip.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
+import upgd_ref
+from upgd_ref.adapters import jax as uj
+from upgd_ref.hyperparams import validate_upgd
+from upgd_ref.tolerances import unit_roundoff
 
-import jax.numpy as jnp  # noqa: E402
-
-import upgd_ref  # noqa: E402
-from upgd_ref.adapters import jax as uj  # noqa: E402
-from upgd_ref.hyperparams import validate_upgd  # noqa: E402
-from upgd_ref.tolerances import unit_roundoff  # noqa: E402
-
-from .test_jax_common import lockstep_ratios  # noqa: E402
+from .test_jax_common import lockstep_ratios
 
 
 def _params(dtype=None, seed=0):

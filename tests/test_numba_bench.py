@@ -10,6 +10,7 @@ import math
 import numba
 import numpy as np
 import pytest
+import torch
 
 from upgd_ref import FlatLayout, bench, cli, reference as ref, tolerances
 from upgd_ref.hyperparams import UPGD_DEFAULTS
@@ -21,7 +22,6 @@ TORCH_ROWS = ["torch fused Adam", "torch.randn (same count)",
 
 
 def test_bench_measures_every_row_and_ratio():
-    torch = pytest.importorskip("torch")
     result = bench.run_benchmark(sizes=[3000], dtypes=["float32", "float64"], repeats=2, quiet=True)
     assert [r["name"] for r in result["rows"]] == (NUMPY_ROWS + TORCH_ROWS) * 2
     assert all(r["seconds"] > 0 and math.isfinite(r["ns_per_param"]) and r["repeats"] == 2 for r in result["rows"])
@@ -64,7 +64,6 @@ def _torch_state(states, params, key, default):
 
 
 def test_torch_production_loop_is_the_algorithm():
-    torch = pytest.importorskip("torch")
     layout = FlatLayout([(50,), (3, 4), (7,)], dtype="float64")
     hyper = {**UPGD_DEFAULTS, "lr": 0.05, "weight_decay": 0.01, "sigma": 0.0, "min_noise_std": 0.0,
              "adaptive_noise": True, "noise_ema_init": 0.0}

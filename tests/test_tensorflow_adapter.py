@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
+import upgd_ref
+from upgd_ref.adapters.tensorflow import AdaptiveUPGD, VGSConfig
+from upgd_ref.hyperparams import VGS_DEFAULTS
 
-import upgd_ref  # noqa: E402
-from upgd_ref.adapters.tensorflow import AdaptiveUPGD, VGSConfig  # noqa: E402
-from upgd_ref.hyperparams import VGS_DEFAULTS  # noqa: E402
-
-from .test_tensorflow_common import CoreTwin, contract_violation, keras_state, values  # noqa: E402
+from .test_tensorflow_common import CoreTwin, contract_violation, keras_state, values
 
 pytestmark = pytest.mark.filterwarnings("ignore:Gradients do not exist for variables:UserWarning")
 

@@ -6,17 +6,16 @@ ties the utility decay to ``beta_2`` and rejects ``amsgrad=True``; configs round
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
+import upgd_ref
+from upgd_ref.adapters import tensorflow as upgd_tf
+from upgd_ref.reference import UPGDVariant
 
-import upgd_ref  # noqa: E402
-from upgd_ref.adapters import tensorflow as upgd_tf  # noqa: E402
-from upgd_ref.reference import UPGDVariant  # noqa: E402
-
-from .test_tensorflow_common import CoreTwin, keras_state, values  # noqa: E402
+from .test_tensorflow_common import CoreTwin, keras_state, values
 
 pytestmark = pytest.mark.filterwarnings("ignore:Gradients do not exist for variables:UserWarning")
 

@@ -6,15 +6,14 @@ training; XLA and NaN are clear errors."""
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
+from upgd_ref.adapters.tensorflow import AdaptiveUPGD
 
-from upgd_ref.adapters.tensorflow import AdaptiveUPGD  # noqa: E402
-
-from .test_tensorflow_common import CoreTwin, contract_violation, keras_state, values  # noqa: E402
+from .test_tensorflow_common import CoreTwin, contract_violation, keras_state, values
 
 pytestmark = pytest.mark.filterwarnings("ignore:Gradients do not exist for variables:UserWarning")
 

@@ -14,11 +14,10 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import upgd_ref  # noqa: E402
-from upgd_ref.adapters.torch import (  # noqa: E402
+import upgd_ref
+from upgd_ref.adapters.torch import (
     CHECKPOINT_KEY,
     HYPERPARAMETER_KEYS,
     AdaptiveUPGD,

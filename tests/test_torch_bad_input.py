@@ -4,10 +4,9 @@ bit-identical."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from upgd_ref.adapters.torch import AdaptiveUPGD, VarianceGradientScaler  # noqa: E402
+from upgd_ref.adapters.torch import AdaptiveUPGD, VarianceGradientScaler
 
 
 def make_params(dtype=torch.float32, seed=0, shapes=((4, 3), (5,), (2, 2))):

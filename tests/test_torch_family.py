@@ -17,12 +17,11 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import upgd_ref  # noqa: E402
-from upgd_ref.adapters.torch import UPGD, UPGDW, AdaptiveUPGD  # noqa: E402
-from upgd_ref.tolerances import INDEPENDENT_RTOL  # noqa: E402
+import upgd_ref
+from upgd_ref.adapters.torch import UPGD, UPGDW, AdaptiveUPGD
+from upgd_ref.tolerances import INDEPENDENT_RTOL
 
 SHAPES = ((4, 3), (5,), (0,), (2, 3, 2), (1,))
 GROUP_SPLIT = 2  # parameters [0, 2) in group 0, the rest in group 1

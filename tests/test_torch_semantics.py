@@ -18,15 +18,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import upgd_ref  # noqa: E402
-from upgd_ref import reference as ref  # noqa: E402
-from upgd_ref import tolerances  # noqa: E402
-from upgd_ref.adapters.torch import HYPERPARAMETER_KEYS, AdaptiveUPGD, VarianceGradientScaler  # noqa: E402
-from upgd_ref.hyperparams import validate_upgd  # noqa: E402
-from upgd_ref.tolerances import INDEPENDENT_RTOL  # noqa: E402
+import upgd_ref
+from upgd_ref import reference as ref
+from upgd_ref import tolerances
+from upgd_ref.adapters.torch import HYPERPARAMETER_KEYS, AdaptiveUPGD, VarianceGradientScaler
+from upgd_ref.hyperparams import validate_upgd
+from upgd_ref.tolerances import INDEPENDENT_RTOL
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

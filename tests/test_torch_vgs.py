@@ -9,11 +9,10 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import upgd_ref  # noqa: E402
-from upgd_ref.adapters.torch import VGS_VERSION, AdaptiveUPGD, VarianceGradientScaler  # noqa: E402
+import upgd_ref
+from upgd_ref.adapters.torch import VGS_VERSION, AdaptiveUPGD, VarianceGradientScaler
 
 PRODUCTION_KEYS = {"enabled", "beta", "alpha", "eps", "warmup_steps", "step_count", "min_scaling_factor",
                    "variance_cap", "param_grad_mean_ema", "param_grad_sq_ema", "param_numel", "grad_mean_ema",
