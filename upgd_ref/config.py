@@ -35,8 +35,8 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import copy
+import functools
 import math
 import numbers
 import os
@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import yaml
 
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
 from .layout import FlatLayout
@@ -161,20 +160,25 @@ class Built(NamedTuple):
     config: Config
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` as a float.
+@functools.lru_cache(maxsize=1)
+def _loader():
+    """SafeLoader that also reads ``1e-5`` as a float (PyYAML is imported on first use).
 
     YAML 1.1 (PyYAML) only treats exponent forms with a dot (``1.0e-5``) as floats, so the
     natural ``lr: 1e-5`` would arrive as the string ``"1e-5"``; the templates use the dotted
     form so that plain ``yaml.safe_load`` reads them the same way.
     """
+    import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
 
 
 def _read_yaml(path) -> dict:
@@ -186,8 +190,10 @@ def _read_yaml(path) -> dict:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc})") from exc
+    import yaml
+
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     return data
@@ -330,6 +336,8 @@ def from_config(path_or_dict, layout: FlatLayout, *, backend: str = "auto") -> B
 def dump_config(data: dict, comment: str = "") -> str:
     """YAML text for a config mapping (key order kept), preceded by ``comment`` as ``#`` lines."""
     header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines()) if comment else ""
+    import yaml
+
     return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
@@ -469,22 +477,26 @@ def _default_out(path: str) -> str:
 
 
 def _positive_float(text: str) -> float:
+    from argparse import ArgumentTypeError  # the command line's error type, imported with it
+
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise ArgumentTypeError(f"not a number: {text!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        raise ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def _count(text: str) -> int:
+    from argparse import ArgumentTypeError  # the command line's error type, imported with it
+
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
