@@ -49,7 +49,8 @@ import numpy as np
 
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
 from .layout import FlatLayout
-from .optimizer import PAPER_EPS, PROFILES, UPGD, UPGDW, AdaptiveUPGD
+from .family import MEMBERS, PAPER_EPS, PROFILES
+from .optimizer import UPGD, UPGDW, AdaptiveUPGD
 from .scaler import VarianceGradientScaler
 
 __all__ = [
@@ -68,20 +69,24 @@ __all__ = [
     "register",
 ]
 
-OPTIMIZERS = ("AdaptiveUPGD", "UPGD", "UPGDW")
+OPTIMIZERS = tuple(MEMBERS)
 OPTIMIZER_CLASSES = {"AdaptiveUPGD": AdaptiveUPGD, "UPGD": UPGD, "UPGDW": UPGDW}
 TOP_LEVEL_KEYS = ("optimizer", "optimizer_kwargs", "vgs")
 # Constructor arguments that are not per-group hyper-parameters.
 OPTIMIZER_EXTRA_KEYS = ("noise_norm", "seed", "param_groups", "profile")
 _MOMENT_KEYS = ("beta1", "beta2", "eps")
-# The optimizer_kwargs hyper-parameter keys each member accepts (besides OPTIMIZER_EXTRA_KEYS).
-MEMBER_KEYS = {
-    "AdaptiveUPGD": tuple(UPGD_DEFAULTS),
-    "UPGD": tuple(k for k in UPGD_DEFAULTS if k not in _MOMENT_KEYS),
-    "UPGDW": tuple(k for k in UPGD_DEFAULTS if k not in ("beta_utility", "beta1", "beta2")) + ("betas", "amsgrad"),
-}
+
+
+def _member_keys(row) -> tuple:
+    """The optimizer_kwargs hyper-parameter keys of a family member (besides OPTIMIZER_EXTRA_KEYS):
+    its constructor's, with pair arguments (UPGDW's ``betas``) and refused options (``amsgrad``)."""
+    carried = {key for keys in row.pairs.values() for key in keys}
+    return tuple(k for k in row.keys if k not in carried) + tuple(row.pairs) + tuple(row.refused)
+
+
+MEMBER_KEYS = {name: _member_keys(row) for name, row in MEMBERS.items()}
 # Member defaults that differ from UPGD_DEFAULTS (UPGDW's production signature, specs/algorithm.md §7.2).
-_UPGDW_DEFAULTS = {"lr": 1e-4, "weight_decay": 0.01, "sigma": 0.001, "eps": 1e-8, "beta1": 0.9, "beta2": 0.999}
+_UPGDW_DEFAULTS = {k: MEMBERS["UPGDW"].defaults[k] for k in ("lr", "weight_decay", "sigma", "eps", "beta1", "beta2")}
 _GROUP_MEMBER_KEYS = ("segments", "params")
 
 
