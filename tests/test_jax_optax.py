@@ -17,6 +17,7 @@ import pytest
 
 import upgd_ref
 from upgd_ref.adapters import jax as uj
+from upgd_ref.adapters.jax.kernel_buffers import host_view, jax_view
 from upgd_ref.hyperparams import validate_upgd
 from upgd_ref.tolerances import unit_roundoff
 
@@ -219,7 +220,7 @@ def test_kernel_path_shares_memory_through_dlpack():
     flat buffer (each leaf at its layout offset)."""
     params = _params()
     leaf = jax.tree_util.tree_leaves(params)[0]
-    assert uj._host(leaf).ctypes.data == leaf.unsafe_buffer_pointer()
+    assert host_view(leaf).ctypes.data == leaf.unsafe_buffer_pointer()
     tx = uj.adaptive_upgd(0.01, backend="kernels")
     updates, state = tx.update(_grads(params, 1), tx.init(params), params)
     leaves = jax.tree_util.tree_leaves(updates)
@@ -230,7 +231,7 @@ def test_kernel_path_shares_memory_through_dlpack():
         if x.size:
             assert x.unsafe_buffer_pointer() - base == layout.offsets[i] * 4
     view = upgd_ref.layout.aligned_zeros(100, np.float32)[16:]
-    assert uj._to_jax(view).unsafe_buffer_pointer() == view.ctypes.data
+    assert jax_view(view).unsafe_buffer_pointer() == view.ctypes.data
 
 
 def _mlp_problem():

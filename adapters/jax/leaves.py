@@ -1,0 +1,75 @@
+"""Pytree leaves as the JAX adapter takes them: the float64 scope, telling eager calls from
+traced ones, and the checks of leaf dtypes, structures, shapes and values
+(``specs/adapters-jax.md`` §7)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = ("float32", "float64")
+
+
+def x64_scope():
+    """Context in which ``jax.numpy`` keeps float64/int64 even when ``jax_enable_x64`` is off.
+
+    Entered *inside* a trace it makes that trace emit float64 operations (XLA supports them
+    on CPU and GPU), so the scalar state (step counts, VGS statistics, gradient-norm
+    averages) and the noise transform are float64 in both modes, as the core specifies.
+    """
+    enable = getattr(jax, "enable_x64", None)
+    if callable(enable):  # jax >= 0.6: a configuration state usable as a context manager
+        return enable(True)
+    from jax.experimental import enable_x64  # older releases
+
+    return enable_x64()
+
+
+def is_tracer(x) -> bool:
+    """True for a value being traced (inside ``jax.jit``, ``grad``, ``vmap``...), not a concrete array."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def is_eager(*trees) -> bool:
+    """True when the call runs eagerly: no traced input and no staging trace (``jax.jit``,
+    ``lax.cond``) around it; ``lax.cond`` branches can close over concrete arrays, so the
+    inputs alone do not tell."""
+    if any(is_tracer(x) for tree in trees for x in jax.tree_util.tree_leaves(tree)):
+        return False
+    return not is_tracer(jnp.zeros(()) + 0)
+
+
+def check_leaf_dtype(name: str, leaf) -> None:
+    """``leaf`` must be an array of a supported dtype; ``name`` says which leaf in the message."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"{name} is a {type(leaf).__name__}, not an array")
+    if np.dtype(dtype).name not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {np.dtype(dtype).name}; AdaptiveUPGD and the VGS take float32 or float64")
+
+
+def flatten_checked(role: str, tree, treedef, like_leaves):
+    """Leaves of ``tree``, checked against ``treedef`` and the shapes/dtypes of ``like_leaves``."""
+    leaves, structure = jax.tree_util.tree_flatten(tree)
+    if structure != treedef:
+        raise ValueError(
+            f"{role} have pytree structure {structure}, but the state was initialised for {treedef}; "
+            "the params pytree must keep its structure between init and update"
+        )
+    for i, (leaf, like) in enumerate(zip(leaves, like_leaves)):
+        check_leaf_dtype(f"{role} leaf {i}", leaf)
+        if tuple(leaf.shape) != tuple(like.shape):
+            raise ValueError(f"{role} leaf {i} has shape {tuple(leaf.shape)}, the state has {tuple(like.shape)}")
+        if np.dtype(leaf.dtype) != np.dtype(like.dtype):
+            raise TypeError(f"{role} leaf {i} has dtype {np.dtype(leaf.dtype)}, the state has {np.dtype(like.dtype)}")
+    return leaves
+
+
+def check_finite(role: str, leaves) -> None:
+    """A non-finite value is an error naming the leaf (call only when :func:`is_eager`)."""
+    for i, leaf in enumerate(leaves):
+        bad = ~np.isfinite(np.asarray(leaf))
+        if bad.any():
+            index = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
+            raise ValueError(f"{role} leaf {i} holds a non-finite value at index {tuple(int(j) for j in index)}")

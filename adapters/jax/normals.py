@@ -1,0 +1,232 @@
+"""The core's noise generator (``specs/noise.md``) on ``jax.numpy``.
+
+:mod:`upgd_ref.rng` holds every formula (Philox, the Box-Muller transform); this module adds
+the noise counter's block/lane indexing for a concrete or traced step (``specs/noise.md`` §4;
+the core's ``standard_normals`` takes the step as a Python int) and an evaluator that keeps
+XLA from contracting the transform's products into fused multiply-adds, which would change
+its float64 bits (``specs/adapters-jax.md`` §6).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as _jcore
+
+from upgd_ref import rng as _rng
+
+from .leaves import SUPPORTED_DTYPES, check_leaf_dtype, is_tracer, x64_scope
+
+_MASK32 = 0xFFFFFFFF
+
+_ADDITIVE = frozenset({"add", "sub", "neg", "add_any"})
+_INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
+
+
+def _opaque(x):
+    """``x`` for every non-NaN value, through a ``select`` LLVM cannot fold into an FMA."""
+    return jax.lax.select(x == x, x, jnp.zeros_like(x))
+
+
+def _eval_without_contraction(jaxpr, consts, args):
+    """Evaluate a jaxpr, passing every float64 product that feeds an addition through
+    :func:`_opaque`.
+
+    XLA:CPU compiles with floating-point contraction allowed, so ``a*b + c`` can become one
+    fused multiply-add, which rounds once instead of twice and changes the float64 normals
+    in about 1% of draws (``specs/adapters-jax.md`` §6). A product that reaches its addition
+    through a ``select`` cannot be contracted; the values are unchanged (the noise has no
+    NaN). Calls to nested jaxprs (``jit``) are inlined so their products are guarded too.
+    """
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, _jcore.Literal) else env[v]
+
+    feeds_sum = {v for e in jaxpr.eqns if e.primitive.name in _ADDITIVE for v in e.invars
+                 if not isinstance(v, _jcore.Literal)}
+    feeds_sum.update(v for v in jaxpr.outvars if not isinstance(v, _jcore.Literal))
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        values = [read(v) for v in eqn.invars]
+        inner = eqn.params.get("jaxpr")
+        if eqn.primitive.name in _INLINE_CALLS and isinstance(inner, _jcore.ClosedJaxpr):
+            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values)
+        else:
+            outs = eqn.primitive.bind(*values, **eqn.params)
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+            if (eqn.primitive.name == "mul" and eqn.outvars[0] in feeds_sum
+                    and jnp.dtype(outs[0].dtype) == jnp.float64):
+                outs = [_opaque(outs[0])]
+        for v, x in zip(eqn.outvars, outs):
+            if not isinstance(v, _jcore.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _box_muller(radius_word, angle_word, strict: bool):
+    """``(r*cos, r*sin)`` of the core's transform (``rng.normals_from_words``), float64.
+
+    The core computes a whole block ``(w0, w1, w2, w3) -> 4 normals``; given the same word
+    pair twice its lanes 0 and 1 are the cosine and sine normal of that pair, and XLA reduces
+    the unused lanes away.
+    """
+    transform = functools.partial(_rng.normals_from_words, jnp)
+    words = (radius_word, angle_word, radius_word, angle_word)
+    if strict:
+        closed = jax.make_jaxpr(transform)(*words)
+        z = _eval_without_contraction(closed.jaxpr, closed.consts, list(words))[0]
+    else:
+        z = transform(*words)
+    return z[:, 0], z[:, 1]
+
+
+def _check_static_index(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
+
+
+def _step_words(step):
+    """``(step_lo, step_hi)`` uint32 of a concrete or traced step number."""
+    if is_tracer(step) or isinstance(step, jax.Array):
+        step = jnp.asarray(step)
+        if not jnp.issubdtype(step.dtype, jnp.integer):
+            raise TypeError(f"step must be an integer array, got {step.dtype}")
+        wide = step.astype(jnp.uint64)
+        return (wide & _MASK32).astype(jnp.uint32), (wide >> 32).astype(jnp.uint32)
+    step = _check_static_index("step", step)
+    return jnp.asarray(step & _MASK32, dtype=jnp.uint32), jnp.asarray(step >> 32, dtype=jnp.uint32)
+
+
+def _philox_blocks(seed: int, step, first_block: int, num_blocks: int):
+    """The four Philox words of blocks ``first_block .. first_block + num_blocks - 1``.
+
+    Computed inside a ``lax.cond`` whose two branches are the same computation: XLA
+    materialises a conditional's results, whereas a plain expression would be fused into
+    every consumer element and so run once per lane, four times per block.
+    """
+    step_lo, step_hi = _step_words(step)
+    key = (seed & _MASK32, seed >> 32)
+
+    def words(operand):
+        lo, hi = operand
+        pieces = []
+        for block, n in _rng.counter_runs(first_block, num_blocks):
+            counter = (jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(block & _MASK32),
+                       jnp.asarray(block >> 32, dtype=jnp.uint32), lo, hi)
+            pieces.append(_rng.philox4x32_10(counter, key))
+        if len(pieces) == 1:
+            return tuple(pieces[0])
+        return tuple(jnp.concatenate([p[k] for p in pieces]) for k in range(4))
+
+    return jax.lax.cond((step_lo & jnp.uint32(1)) == jnp.uint32(0), words, words, (step_lo, step_hi))
+
+
+def _normals_at(words, local, dtype, strict: bool):
+    """Normals of the elements at positions ``local`` (uint32) counted from the first block
+    of ``words``: position ``j`` is lane ``j % 4`` of block ``j // 4`` (specs/noise.md §4)."""
+    block = local >> jnp.uint32(2)
+    lane = local & jnp.uint32(3)
+    w0, w1, w2, w3 = (jnp.take(w, block) for w in words)
+    # Lanes 0, 1 use (w0, w1), lanes 2, 3 use (w2, w3); even lanes the cosine, odd the sine.
+    low = lane < jnp.uint32(2)
+    cos_normal, sin_normal = _box_muller(jnp.where(low, w0, w2), jnp.where(low, w1, w3), strict)
+    z = jnp.where((lane & jnp.uint32(1)) == jnp.uint32(0), cos_normal, sin_normal)
+    return z.astype(dtype)
+
+
+def _check_range(start: int, count: int) -> None:
+    if start % 4 + count >= 2**32:
+        raise ValueError(f"at most 2**32 - 4 normals per call (positions are uint32), got {count}")
+
+
+def standard_normals(seed, step, start, count, dtype=None, *, strict: bool = True):
+    """``upgd_ref.standard_normals(seed, step, start, count)`` computed with ``jax.numpy``.
+
+    ``step`` may be traced (inside ``jax.jit``); ``seed``, ``start`` and ``count`` are Python
+    ints (they fix the shape). ``dtype``: ``jnp.float32`` or ``jnp.float64`` (default
+    float64; available also with ``jax_enable_x64`` off). ``strict=True`` keeps the values
+    bit-identical to the core under ``jax.jit``; ``strict=False`` lets XLA contract
+    multiply-adds (``specs/adapters-jax.md`` §6 gives the measured effect).
+    """
+    seed = _check_static_index("seed", seed)
+    start = _check_static_index("start", start)
+    count = _check_static_index("count", count)
+    with x64_scope():
+        dtype = jnp.dtype(jnp.float64 if dtype is None else dtype)
+        if dtype.name not in SUPPORTED_DTYPES:
+            raise TypeError(f"noise dtype must be float32 or float64, got {dtype}")
+        if count == 0:
+            return jnp.zeros((0,), dtype=dtype)
+        _check_range(start, count)
+        if not is_tracer(step):  # eager: one compiled function for every step
+            step = jnp.asarray(_check_static_index("step", step) if not isinstance(step, jax.Array) else step,
+                               dtype=jnp.uint64)
+            return _standard_normals_jit(seed, step, start, count, dtype, strict)
+        return _standard_normals_body(seed, step, start, count, dtype, strict)
+
+
+def _standard_normals_body(seed, step, start, count, dtype, strict):
+    with x64_scope():
+        first_block, last_block = start // 4, (start + count - 1) // 4
+        words = _philox_blocks(seed, step, first_block, last_block - first_block + 1)
+        local = jnp.arange(count, dtype=jnp.uint32) + jnp.uint32(start % 4)
+        return _normals_at(words, local, dtype, strict)
+
+
+_standard_normals_jit = jax.jit(_standard_normals_body, static_argnums=(0, 2, 3, 4, 5))
+
+
+def leaf_normals(leaves, seed: int, step):
+    """Standard normals per leaf: leaf ``i`` takes logical indices from ``sum(sizes[:i])``."""
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    total = sum(sizes)
+    if total == 0:
+        return [jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves]
+    _check_range(0, total)
+    words = _philox_blocks(seed, step, 0, -(-total // 4))
+    out, offset = [], 0
+    for leaf, size in zip(leaves, sizes):
+        local = jnp.arange(size, dtype=jnp.uint32) + jnp.uint32(offset)
+        out.append(jnp.reshape(_normals_at(words, local, leaf.dtype, True), leaf.shape))
+        offset += size
+    return out
+
+
+def noise(params, seed: int, step):
+    """The standard normals that step ``step`` (1, 2, ...) of ``adaptive_upgd(seed=seed)``
+    adds to ``params`` (a pytree), as a pytree of the leaves' shapes and dtypes.
+
+    Equal to ``upgd_ref.noise(FlatLayout(shapes), seed, step)`` unpacked per leaf, leaves in
+    ``jax.tree_util`` flatten order. ``step`` may be traced.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    for i, leaf in enumerate(leaves):
+        check_leaf_dtype(f"params leaf {i}", leaf)
+    seed = _check_static_index("seed", seed)
+    with x64_scope():
+        if is_tracer(step):
+            normals = leaf_normals(leaves, seed, step)
+        else:  # eager: one compiled function for every step
+            if not isinstance(step, jax.Array):
+                step = _check_static_index("step", step)
+            normals = _leaf_normals_jit(leaves, seed, jnp.asarray(step, dtype=jnp.uint64))
+    return jax.tree_util.tree_unflatten(treedef, normals)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _leaf_normals_jit(leaves, seed, step):
+    with x64_scope():
+        return leaf_normals(leaves, seed, step)

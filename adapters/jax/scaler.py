@@ -1,0 +1,89 @@
+"""The Variance Gradient Scaler (``specs/algorithm.md`` §2) as an optax transformation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from upgd_ref import reference as _ref
+from upgd_ref.backends import check_backend_name as _check_core_backend
+from upgd_ref.hyperparams import VGS_DEFAULTS, validate_vgs
+from upgd_ref.state import FlatVGSState
+from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
+
+from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
+from .leaves import check_finite, check_leaf_dtype, is_eager, x64_scope
+from .state import VarianceGradientScalerState, check_wide
+
+
+def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS["beta"], alpha=VGS_DEFAULTS["alpha"],
+                             eps=VGS_DEFAULTS["eps"], warmup_steps=VGS_DEFAULTS["warmup_steps"],
+                             min_scaling_factor=VGS_DEFAULTS["min_scaling_factor"],
+                             variance_cap=VGS_DEFAULTS["variance_cap"], *, backend="native",
+                             kernel_backend="auto") -> optax.GradientTransformationExtraArgs:
+    """The Variance Gradient Scaler as an optax transformation (``specs/algorithm.md`` §2).
+
+    ``update(grads, state, params=None)`` returns ``f * grads`` with ``f`` computed from the
+    statistics of the previous steps, and advances the statistics with those scaled
+    gradients. Chain it *before* :func:`adaptive_upgd`. Segments are the leaves of the
+    gradient pytree. ``kernel_backend``: the core backend of ``backend="kernels"``.
+    """
+    hp = validate_vgs(dict(enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
+                           min_scaling_factor=min_scaling_factor, variance_cap=variance_cap))
+    backend = check_backend(backend)
+    _check_core_backend(kernel_backend)
+
+    def init(params):
+        leaves = jax.tree_util.tree_leaves(params)
+        if not leaves:
+            raise ValueError("variance_gradient_scaler needs at least one array leaf")
+        for i, leaf in enumerate(leaves):
+            check_leaf_dtype(f"params leaf {i}", leaf)
+        with x64_scope():
+            state = _ref.vgs_init(jnp, len(leaves))
+        return VarianceGradientScalerState(state.step, state.grad_mean_avg, state.grad_sq_avg)
+
+    @jax.jit
+    def native(leaves, state):
+        with x64_scope():
+            core = _ref.VGSState(state.count, state.grad_mean_avg, state.grad_sq_avg)
+            factor, _ = _ref.vgs_scaling_factor(core, **hp)
+            scaled = _ref.vgs_scale(leaves, factor)
+            new = _ref.vgs_update(core, scaled, beta=hp["beta"])
+        return scaled, VarianceGradientScalerState(new.step, new.grad_mean_avg, new.grad_sq_avg)
+
+    def kernels(leaves, state):
+        check_eager("kernels", leaves, state)
+        layout = kernel_layout(leaves)
+        grads = pack_leaves(layout, leaves)
+        flat = FlatVGSState(int(state.count), np.array(state.grad_mean_avg, dtype=np.float64),
+                            np.array(state.grad_sq_avg, dtype=np.float64))
+        vgs_scale_step(layout, grads, vgs_factor(flat, hp)[0], backend=kernel_backend)
+        vgs_update_step(layout, grads, flat, hp["beta"], backend=kernel_backend)
+        with x64_scope():
+            new = VarianceGradientScalerState(jnp.asarray(flat.step, dtype=jnp.int64),
+                                              jnp.asarray(flat.grad_mean_avg), jnp.asarray(flat.grad_sq_avg))
+        return [jax_view(v) for v in layout.unpack(grads)], new
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        if not isinstance(state, VarianceGradientScalerState):
+            raise TypeError(f"state must be a VarianceGradientScalerState, got {type(state).__name__}")
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        num = state.grad_mean_avg.shape[0] if hasattr(state.grad_mean_avg, "shape") else -1
+        if len(leaves) != num:
+            raise ValueError(
+                f"gradients have {len(leaves)} leaves (structure {treedef}), the VGS state was initialised "
+                f"for {num}; the pytree must keep its structure between init and update"
+            )
+        for i, leaf in enumerate(leaves):
+            check_leaf_dtype(f"gradient leaf {i}", leaf)
+        check_wide(state, ("count", "grad_mean_avg", "grad_sq_avg"), num)
+        if backend == "native" and is_eager(leaves, state):
+            check_finite("gradient", leaves)
+        scaled, new_state = (native if backend == "native" else kernels)(leaves, state)
+        return jax.tree_util.tree_unflatten(treedef, scaled), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
