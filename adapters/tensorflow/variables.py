@@ -1,0 +1,81 @@
+"""The Keras variables of the optimizer: which variables it can optimize, and the state
+variables it adds for them.
+
+The state variables are created in one fixed order (that of ``optimizer.variables``, which
+``model.save`` writes by position), with the names and dtypes of ``specs/adapters-tensorflow.md``;
+changing either changes the saved-file format.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import keras
+
+from upgd_ref.layout import SUPPORTED_DTYPES
+
+SUPPORTED_VARIABLE_DTYPES = SUPPORTED_DTYPES  # float32, float64: what the core computes in
+_STATE_NAMES = ("utility", "first_moment", "second_moment")
+
+
+def variable_name(variable) -> str:
+    """The variable's path (Keras 3) or name, for messages."""
+    return str(getattr(variable, "path", None) or getattr(variable, "name", "?"))
+
+
+def variables_dtype(owner: str, var_list) -> str:
+    """The one dtype of ``var_list`` (float32 or float64), checked: not empty, one supported
+    dtype, fully defined shapes. ``owner``: the optimizer's class name, for messages."""
+    if not var_list:
+        raise ValueError(f"{owner} needs at least one variable to optimize")
+    dtype_of = {id(v): keras.backend.standardize_dtype(v.dtype) for v in var_list}
+    dtypes = sorted(set(dtype_of.values()))
+    bad = [v for v in var_list if dtype_of[id(v)] not in SUPPORTED_VARIABLE_DTYPES]
+    if bad:
+        raise TypeError(
+            f"{owner} supports float32 and float64 variables; variable {variable_name(bad[0])!r} is "
+            f"{dtype_of[id(bad[0])]}. For float16 compute use the 'mixed_float16' dtype policy, which keeps "
+            "variables in float32."
+        )
+    if len(dtypes) > 1:
+        raise TypeError(f"{owner} needs all variables in one dtype (the core runs one flat layout); got {dtypes}")
+    if any(None in tuple(v.shape) for v in var_list):
+        raise ValueError(f"{owner} needs variables with fully defined shapes")
+    return dtypes[0]
+
+
+class StateVariables(NamedTuple):
+    """The optimizer's state variables, in creation order (``specs/algorithm.md`` §2.1, §3.1)."""
+
+    utility: list  # u, one per variable
+    first_moment: list  # m, one per variable; empty without moments (UPGD)
+    second_moment: list  # v, likewise
+    segment_step: Any  # int64 (S,): t_i
+    grad_norm_ema: Any  # float64 (S,): n_i
+    upgd_step: Any  # int64 scalar: T
+    vgs_step: Any  # int64 scalar: k
+    vgs_grad_mean_avg: Any  # float64 (S,): a_i
+    vgs_grad_sq_avg: Any  # float64 (S,): b_i
+
+
+def add_state_variables(optimizer: keras.optimizers.Optimizer, var_list, *, moments: bool,
+                        noise_ema_init: float) -> StateVariables:
+    """Create the state variables of ``var_list`` on ``optimizer`` (its public ``add_variable``
+    API); ``moments=False``: no moment variables (UPGD)."""
+    utility, first_moment, second_moment = (
+        [optimizer.add_variable_from_reference(v, name=state_name) for v in var_list]
+        if state_name == "utility" or moments else []
+        for state_name in _STATE_NAMES
+    )
+    s = len(var_list)
+    return StateVariables(
+        utility, first_moment, second_moment,
+        segment_step=optimizer.add_variable((s,), initializer="zeros", dtype="int64", name="segment_step"),
+        grad_norm_ema=optimizer.add_variable(
+            (s,), initializer=keras.initializers.Constant(noise_ema_init), dtype="float64", name="grad_norm_ema"
+        ),
+        upgd_step=optimizer.add_variable((), initializer="zeros", dtype="int64", name="upgd_step"),
+        vgs_step=optimizer.add_variable((), initializer="zeros", dtype="int64", name="vgs_step"),
+        vgs_grad_mean_avg=optimizer.add_variable((s,), initializer="zeros", dtype="float64", name="vgs_grad_mean_avg"),
+        vgs_grad_sq_avg=optimizer.add_variable((s,), initializer="zeros", dtype="float64", name="vgs_grad_sq_avg"),
+    )
