@@ -22,8 +22,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/device.txt"
 
 status=0
-python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_cuda_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" || status=1
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda_compile.py tests/test_cuda_emulator.py 2>&1 \
+python3 -m pytest -m gpu -v -p no:cacheprovider tests/kernels/test_cuda_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" || status=1
+python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cuda_compile.py tests/kernels/test_cuda_emulator.py 2>&1 \
     | tee -a "$OUT/gpu-tests.log" || status=1
 upgd-ref golden verify --backend cupy 2>&1 | tee "$OUT/golden.log" || status=1
 upgd-ref bench --backend cupy --sizes "${SIZES:-1M,100M,1B}" --json "$OUT/bench.json" 2>&1 \

@@ -52,10 +52,13 @@ _FLAGS = ("adaptive_noise", "instant_noise_scale")
 def _real(where: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{where}{name} must be finite, got {value}")
-    return value
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64's range (e.g. 10**400)
+        raise ValueError(f"{where}{name} must be finite, got a number too large for float64") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}{name} must be finite, got {number}")
+    return number
 
 
 def _flag(where: str, name: str, value) -> bool:

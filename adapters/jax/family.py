@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +12,10 @@ import optax
 
 from upgd_ref import reference as _ref
 from upgd_ref.backends import check_backend_name as _check_core_backend
-from upgd_ref.family import MEMBERS, PAPER_EPS
-from upgd_ref.hyperparams import NOISE_NORMS, UPGD_DEFAULTS, validate_upgd
+from upgd_ref.family import MEMBERS
+from upgd_ref.hyperparams import UPGD_DEFAULTS, validate_upgd
 from upgd_ref.state import FlatUPGDState
-from upgd_ref.step import StepRequest, upgd_step
+from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
 from .leaves import check_finite, check_leaf_dtype, flatten_checked, is_eager, is_tracer, x64_scope
@@ -55,15 +54,13 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     bit-identical to :func:`upgd_ref.noise`. ``profile="paper"``: the original paper's
     Adam-style variant (``specs/algorithm.md`` §7; ``eps`` defaults to ``1e-5`` then).
     """
-    variant = MEMBERS["AdaptiveUPGD"].variant(profile)
-    if eps is None:
-        eps = PAPER_EPS if profile == "paper" else UPGD_DEFAULTS["eps"]
-    hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2,
-                 eps=eps)
+    hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2)
+    if eps is not None:  # None: the profile's default (the paper's 1e-5 under "paper")
+        hyper["eps"] = eps
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
-    return _upgd_family("adaptive_upgd", variant, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
-                        kernel_backend)
+    return _upgd_family("adaptive_upgd", "AdaptiveUPGD", profile, learning_rate, dict(hyper, **noisy), noise_norm,
+                        seed, backend, kernel_backend)
 
 
 def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
@@ -77,13 +74,11 @@ def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001
     ``profile="paper"`` gives the paper's plain UPGD. The state has the same fields as
     :func:`adaptive_upgd`'s; ``first_moment`` and ``second_moment`` stay zero.
     """
-    variant = MEMBERS["UPGD"].variant(profile)
     hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
-
     # beta1, beta2, eps are unused without moments: the library defaults fill the validated dict.
-    return _upgd_family("upgd", variant, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
+    return _upgd_family("upgd", "UPGD", profile, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
                         kernel_backend)
 
 
@@ -95,26 +90,23 @@ def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sig
     """UPGDW (``specs/algorithm.md`` §7) as an optax transformation: AdaptiveUPGD with the
     production UPGDW defaults and the utility decay tied to ``b2`` (``beta_utility = b2``),
     the step of :class:`upgd_ref.UPGDW`. ``b1``, ``b2``: optax's names for ``betas``."""
-    variant = MEMBERS["UPGDW"].variant()
-    hyper = dict(weight_decay=weight_decay, beta_utility=b2, sigma=sigma, beta1=b1, beta2=b2, eps=eps)
+    hyper = dict(weight_decay=weight_decay, sigma=sigma, beta1=b1, beta2=b2, eps=eps)  # beta_utility: tied to b2
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
+    return _upgd_family("upgdw", "UPGDW", "production", learning_rate, dict(hyper, **noisy), noise_norm, seed,
+                        backend, kernel_backend)
 
-    return _upgd_family("upgdw", variant, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
-                        kernel_backend)
 
-
-def _upgd_family(name, variant, learning_rate, hyper, noise_norm, seed, backend,
+def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, backend,
                  kernel_backend) -> optax.GradientTransformationExtraArgs:
     """The optax transformation of one UPGD family member (``variant``, ``specs/algorithm.md``
     §7): the native path runs :func:`upgd_ref.reference.adaptive_upgd_step` with ``variant``,
     the kernel path :func:`upgd_ref.step.upgd_step` on flat buffers packed from the leaves."""
-    hyper = validate_upgd(dict(hyper, lr=0.0 if callable(learning_rate) else learning_rate))
-    if noise_norm not in NOISE_NORMS:
-        raise ValueError(f"noise_norm must be one of {NOISE_NORMS}, got {noise_norm!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    seed = int(seed)
+    row = MEMBERS[member]
+    variant = row.variant(profile)
+    hyper = row.hyperparams(dict(hyper, lr=0.0 if callable(learning_rate) else learning_rate), profile)
+    noise_norm = check_noise_norm(noise_norm)
+    seed = check_seed(seed)
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
 

@@ -68,8 +68,7 @@ class UPGDW(AdaptiveUPGD):
                  noise_beta=UPGD_DEFAULTS["noise_beta"], min_noise_std=UPGD_DEFAULTS["min_noise_std"],
                  instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], vgs=None, seed=0,
                  noise_norm="segment", noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], name="upgdw", **kwargs):
-        if amsgrad is not False:
-            raise ValueError("amsgrad=True is not supported: UPGDW keeps no AMSGrad state (specs/algorithm.md §7.2)")
+        self._MEMBER.check_refused({"amsgrad": amsgrad})
         self._init_family(
             learning_rate, dict(weight_decay=weight_decay, sigma=sigma, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                                 adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,

@@ -15,10 +15,11 @@ import keras
 from upgd_ref import AdaptiveUPGD as CoreAdaptiveUPGD
 from upgd_ref import FlatLayout
 from upgd_ref.family import MEMBERS, PAPER_EPS
-from upgd_ref.hyperparams import NOISE_NORMS, UPGD_DEFAULTS, validate_upgd
+from upgd_ref.hyperparams import UPGD_DEFAULTS
+from upgd_ref.step import check_noise_norm, check_seed
 
 from .bridge import CoreBridge
-from .settings import check_seed, validated_vgs
+from .settings import validated_vgs
 from .variables import add_state_variables, variable_name, variables_dtype
 
 try:  # TensorFlow-internal, stable since TF 1.x; used only to give XLA a clear error.
@@ -83,11 +84,12 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         ``values``: the member's hyper-parameters by attribute name (``_ATTRIBUTES``)."""
         variant = self._MEMBER.variant(profile)
         core_values = {self._ATTRIBUTES[attr]: value for attr, value in values.items()}
-        hyper = validate_upgd(dict(
-            core_values, lr=learning_rate if isinstance(learning_rate, (int, float)) else UPGD_DEFAULTS["lr"],
-        ))
-        if noise_norm not in NOISE_NORMS:
-            raise ValueError(f"noise_norm must be one of {NOISE_NORMS}, got {noise_norm!r}")
+        # A schedule, callable or tensor is Keras' to check; anything else is a number (or not).
+        deferred = callable(learning_rate) or tf.is_tensor(learning_rate) or isinstance(learning_rate, keras.Variable)
+        hyper = self._MEMBER.hyperparams(dict(
+            core_values, lr=UPGD_DEFAULTS["lr"] if deferred else learning_rate,
+        ), profile)
+        noise_norm = check_noise_norm(noise_norm)
         vgs_settings = validated_vgs(vgs)
         seed = check_seed(seed)
         if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):

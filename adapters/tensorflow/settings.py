@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 
 from upgd_ref.hyperparams import validate_vgs
 
@@ -48,8 +47,3 @@ def validated_vgs(vgs):
     )
 
 
-def check_seed(seed) -> int:
-    """The noise key ``seed`` as an int, checked to be in ``[0, 2**64)``."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return int(seed)
