@@ -6,12 +6,20 @@ import json
 import sys
 from pathlib import Path
 
-from ..backends import BACKENDS, available_backends
+from ..backends import BACKENDS, absence_reason, available_backends
 from ..trace import read_trace
-from .cases import DEFAULT_DIR, MANIFEST
-from .comparator import TraceError, compare, format_comparison
-from .replay import replay
-from .store import check_manifest, generate, load_case, load_manifest
+from ..golden import (
+    DEFAULT_DIR,
+    MANIFEST,
+    TraceError,
+    check_manifest,
+    compare,
+    format_comparison,
+    generate,
+    load_case,
+    load_manifest,
+    replay,
+)
 
 
 def _cmd_generate(args) -> int:
@@ -50,6 +58,11 @@ def _cmd_verify(args) -> int:
     for problem in problems:
         print(f"integrity: {problem}")
     backends = args.backend or available_backends(emulators=True)
+    absent = [name for name in backends if absence_reason(name) is not None]
+    if absent:
+        for name in absent:
+            print(f"upgd-ref golden verify: backend {name!r} cannot run here: {absence_reason(name)}", file=sys.stderr)
+        return 2
     for entry in load_manifest(args.golden)["cases"]:
         case = load_case(entry["name"], args.golden)
         for backend in backends:
@@ -65,28 +78,36 @@ def _cmd_verify(args) -> int:
     return 0 if not problems else 1
 
 
+GOLDEN_HELP = "golden directory (default: the set shipped with the package)"
+
+
 def register(subparsers) -> None:
-    """Add ``upgd-ref golden {generate,list,compare,verify}``."""
+    """Add ``upgd-ref golden {generate,list,compare,verify}``; ``--golden`` defaults to the shipped set."""
     parser = subparsers.add_parser("golden", help="golden vectors: generate, list, compare a trace, verify backends")
     sub = parser.add_subparsers(dest="golden_command", required=True)
 
-    gen = sub.add_parser("generate", help="write specs/golden/ (deterministic) from the float64 reference")
-    gen.add_argument("--out", default=str(DEFAULT_DIR), help=f"directory (default {DEFAULT_DIR})")
+    gen = sub.add_parser("generate", help="write the golden files (deterministic) from the float64 reference",
+                         description="Write every case's trace and manifest.json to --out. Byte-deterministic: "
+                                     "regenerating the shipped set reproduces it bit for bit.")
+    gen.add_argument("--out", required=True,
+                     help=f"directory to write (required; the shipped set lives in {DEFAULT_DIR})")
     gen.set_defaults(run=_cmd_generate)
 
     listing = sub.add_parser("list", help="list the golden cases")
-    listing.add_argument("--golden", default=str(DEFAULT_DIR), help="golden directory")
+    listing.add_argument("--golden", default=str(DEFAULT_DIR), help=GOLDEN_HELP)
     listing.set_defaults(run=_cmd_list)
 
     cmp_ = sub.add_parser("compare", help="check a trace (.npz, specs/golden.md) against a golden case")
     cmp_.add_argument("trace", help="trace file written with upgd_ref.trace.TraceWriter or the documented format")
     cmp_.add_argument("--case", help="golden case name (default: the trace's meta.case)")
-    cmp_.add_argument("--golden", default=str(DEFAULT_DIR), help="golden directory")
+    cmp_.add_argument("--golden", default=str(DEFAULT_DIR), help=GOLDEN_HELP)
     cmp_.add_argument("--per-step", action="store_true", help="print every step and field")
     cmp_.add_argument("--json", help="also write the full report as JSON here")
     cmp_.set_defaults(run=_cmd_compare)
 
     ver = sub.add_parser("verify", help="check manifest hashes and replay every case on every backend")
-    ver.add_argument("--golden", default=str(DEFAULT_DIR), help="golden directory")
-    ver.add_argument("--backend", action="append", choices=list(BACKENDS), help="only this backend (repeatable)")
+    ver.add_argument("--golden", default=str(DEFAULT_DIR), help=GOLDEN_HELP)
+    ver.add_argument("--backend", action="append", choices=list(BACKENDS.registrations),
+                     help="only this backend (repeatable; default: every backend that can run here, "
+                          "the CUDA emulator included)")
     ver.set_defaults(run=_cmd_verify)
