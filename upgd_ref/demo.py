@@ -21,18 +21,13 @@ final loss (mean of the last tenth).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import os
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config, ConfigError, build, load_config
+from .config import Config, build, load_config
 from .diagnostics import StepLog, record_step
 from .layout import FlatLayout
 
@@ -50,9 +45,7 @@ __all__ = [
     "summarize",
     "format_table",
     "findings",
-    "ProgressBar",
     "plot",
-    "register",
 ]
 
 # The demo's own base configuration: production hyper-parameters except a learning rate
@@ -195,9 +188,12 @@ def typical_grad_norm(log: StepLog, noise_norm: str = "segment") -> float:
 
 def probe_grad_norm(config: Config, workload: Workload = Workload(), steps: int = PROBE_STEPS,
                     seed: int = 0) -> float:
-    """Typical pre-VGS gradient norm of ``steps`` demo steps under ``config``."""
-    log = train(config, workload, steps, seed)
-    return typical_grad_norm(log, config.noise_norm)
+    """The calibration norm ``N``: :func:`typical_grad_norm` (median pre-VGS gradient norm) of
+    the first ``steps`` demo steps trained under ``config``'s hyper-parameters with its noise
+    fixed at its sigma and VGS off, data and noise seeded with ``seed``. ``upgd-ref demo`` and
+    ``upgd-ref migrate-config --probe demo`` both report this number."""
+    probe = _config_with(config, adaptive=False, sigma=config.hyperparams["sigma"], vgs_on=False, seed=seed)
+    return typical_grad_norm(train(probe, workload, steps, seed), config.noise_norm)
 
 
 def _window_mean(values: np.ndarray, where: str) -> float:
@@ -266,44 +262,9 @@ def findings(summaries: dict, sigma_rel: float) -> list[str]:
     return lines
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, else every 25%)."""
-
-    def __init__(self, total: int, stream=None, enabled: bool = True):
-        self.total, self.done, self.label = max(1, total), 0, ""
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._next_report = 0.25
-        self._start = time.perf_counter()
-
-    def set_label(self, label: str) -> None:
-        self.label = label
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        fraction = self.done / self.total
-        if self.tty:
-            if self.done % 20 == 0 or self.done == self.total:
-                filled = int(30 * fraction)
-                self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%} {self.label:<24}")
-                self.stream.flush()
-        elif fraction >= self._next_report:
-            self.stream.write(f"{fraction:.0%} ({self.label}, {time.perf_counter() - self._start:.1f}s)\n")
-            self._next_report += 0.25
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def run_demo(config: Config, *, steps: int, seed: int, workload: Workload = Workload(), progress=None) -> dict:
     """Probe, calibrate and train the four runs; returns logs, summaries and the sigmas."""
-    probe_config = _config_with(config, adaptive=False, sigma=config.hyperparams["sigma"], vgs_on=False, seed=seed)
-    norm = probe_grad_norm(probe_config, workload, min(PROBE_STEPS, steps), seed)
+    norm = probe_grad_norm(config, workload, min(PROBE_STEPS, steps), seed)
     sigma = config.hyperparams["sigma"]
     if config.hyperparams["adaptive_noise"]:
         sigma_rel, sigma_abs = sigma, sigma * norm
@@ -364,62 +325,3 @@ def plot(result: dict, path, workload: Workload = Workload()) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 10:
-        raise argparse.ArgumentTypeError(f"must be >= 10, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
-    return value
-
-
-def _run(args) -> int:
-    try:
-        config = load_config(args.config) if args.config else load_config(DEMO_CONFIG, source="demo defaults")
-    except ConfigError as exc:
-        print(f"upgd-ref demo: {exc}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
-    progress = ProgressBar(len(RUNS) * args.steps, enabled=not args.quiet)
-    started = time.perf_counter()
-    result = run_demo(config, steps=args.steps, seed=args.seed, progress=progress)
-    progress.close()
-    elapsed = time.perf_counter() - started
-    print(f"upgd-ref demo: {args.steps} steps x {len(RUNS)} runs, seed {args.seed}, {elapsed:.1f}s "
-          f"(config: {config.source})")
-    print(f"calibration: typical pre-VGS segment gradient norm {result['probe_grad_norm']:.4g} "
-          f"-> sigma_abs {result['sigma_abs']:.4g} (fixed) <-> sigma_rel {result['sigma_rel']:.4g} (adaptive)")
-    print()
-    print(format_table(result["summaries"]))
-    print()
-    for line in findings(result["summaries"], result["sigma_rel"]):
-        print(line)
-    png = os.path.join(args.out, "demo.png")
-    plot(result, png)
-    summary_path = os.path.join(args.out, "demo.json")
-    with open(summary_path, "w", encoding="utf-8") as fh:
-        json.dump({k: result[k] for k in ("summaries", "probe_grad_norm", "sigma_abs", "sigma_rel")}
-                  | {"steps": args.steps, "seed": args.seed, "config": config.raw}, fh, indent=1)
-    print(f"\nwrote {png} and {summary_path}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``upgd-ref demo``."""
-    parser = subparsers.add_parser(
-        "demo", help="train a toy continual-learning net with fixed/adaptive noise x VGS off/on",
-        description=__doc__.split("\n\n")[0].replace("``", ""),
-    )
-    parser.add_argument("--steps", type=_positive_int, default=2000, help="steps per run (default 2000)")
-    parser.add_argument("--seed", type=_seed, default=0, help="data, initial weights and noise seed (overrides the config's seed)")
-    parser.add_argument("--out", default="demo-out", help="directory for demo.png and demo.json")
-    parser.add_argument("--config", help="YAML config (specs/configs/ format) replacing the demo's base")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_run)
