@@ -36,12 +36,12 @@ from . import reference as ref
 from .arrays import array_kind, to_numpy
 from .backends import BACKENDS, auto_order, available_backends, select_backend
 from .checkpoint import MAX_STEP
-from .checks import check_distinct, check_finite, check_flat_buffer, check_present
-from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, validate_upgd, validate_vgs
+from .checks import NONFINITE_POLICIES, NonFiniteStepError, check_distinct, check_finite, check_flat_buffer, check_nonfinite_policy, check_present
+from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, check_coefficients, validate_upgd, validate_vgs
 from .layout import FlatLayout
 from .reference import PRODUCTION, UPGDVariant, check_variant
 from .rng import check_u64
-from .stages import combine_reductions, commit, plan_step, vgs_statistics
+from .stages import combine_reductions, commit, plan_step, refusal, vgs_commit, vgs_next, vgs_statistics
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
@@ -72,7 +72,10 @@ class StepRequest:
     ``hyper``: one hyper-parameter dict per segment (validated here unless it came from
     :func:`upgd_ref.hyperparams.validate_upgd`); ``present``: one bool per segment (``None``:
     all present); ``seed``: the noise seed; ``noise_norm``: ``"segment"`` or ``"global"``;
-    ``variant``: the member of the UPGD family (:class:`~upgd_ref.reference.UPGDVariant`).
+    ``variant``: the member of the UPGD family (:class:`~upgd_ref.reference.UPGDVariant`);
+    ``nonfinite``: what a step that would leave something non-finite does
+    (``specs/algorithm.md`` §8): ``"raise"`` a :class:`~upgd_ref.checks.NonFiniteStepError`,
+    or ``"skip"`` (nothing changes but ``state.skipped_steps``).
     """
 
     hyper: Sequence[dict]
@@ -80,6 +83,7 @@ class StepRequest:
     seed: int = 0
     noise_norm: str = "segment"
     variant: UPGDVariant = field(default=PRODUCTION)
+    nonfinite: str = "raise"
 
     def checked(self, num_segments: int) -> StepRequest:
         """This request with every field checked and normalised; raises naming the field."""
@@ -98,7 +102,8 @@ class StepRequest:
         return StepRequest(hyper=hyper, present=check_present(self.present, num_segments),
                            seed=check_seed(self.seed, "request."),
                            noise_norm=check_noise_norm(self.noise_norm, "request."),
-                           variant=check_variant(self.variant))
+                           variant=check_variant(self.variant),
+                           nonfinite=check_nonfinite_policy(self.nonfinite, "request."))
 
 
 @dataclass(frozen=True)
@@ -168,25 +173,74 @@ def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: 
     vgs = None if vgs is None else _check_vgs(vgs, layout)
     impl = select_backend(backend, params)
     present = request.present
-    _check_finite(impl, "grads", grads, layout, present)
-    _check_finite(impl, "params", params, layout, present)
+    for i, h in enumerate(request.hyper):
+        if present[i]:
+            check_coefficients(h, layout.dtype, request.variant, where=f"segment {i}: ")
     if state.step >= MAX_STEP:
         raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
     check_u64("step", state.step + 1)
     state.follow(params)  # state lives where the parameters live
 
+    factor = 1.0 if vgs is None else vgs.factor
     local = impl.first_pass(layout=layout, params=params, grads=grads, state=state, present=present,
-                            hyper=request.hyper, vgs_factor=1.0 if vgs is None else vgs.factor,
-                            variant=request.variant)
+                            hyper=request.hyper, vgs_factor=factor, variant=request.variant)  # writes nothing
     reductions = combine_reductions([(range(layout.num_segments), local)], layout.num_segments)
     plan = plan_step(layout.dtype, state, present, request.hyper, reductions, request.noise_norm)
+    vgs_new = None if vgs is None else vgs_next(vgs.state, reductions, layout.sizes, present, vgs.beta)
+    refused = refusal(layout.dtype, plan, reductions, request.hyper, present, request.variant, vgs_new)
+    if refused is not None:
+        if request.nonfinite == "skip":
+            state.skipped_steps += 1
+            return plan.stats._replace(skipped=True)
+        _raise_refusal(refused, layout, params, grads, state, present, request, factor)
     if plan.run:
         impl.second_pass(layout=layout, params=params, grads=grads, state=state, present=present,
-                         hyper=request.hyper, plan=plan, seed=request.seed, variant=request.variant)
+                         hyper=request.hyper, plan=plan, seed=request.seed, variant=request.variant,
+                         vgs_factor=factor)
     commit(state, plan)
     if vgs is not None:
-        vgs_statistics(vgs.state, reductions, layout.sizes, present, vgs.beta)
+        vgs_commit(vgs.state, vgs_new)
     return plan.stats
+
+
+def _raise_refusal(refused, layout, params, grads, state, present, request, factor) -> None:
+    """Raise :class:`~upgd_ref.checks.NonFiniteStepError` for a refused step, naming the
+    segment and, for a per-element refusal, the field and element (found on a host copy:
+    this is the error path, never the hot one)."""
+    if refused.field == "elements":
+        i = refused.segment
+        check_finite("grads", to_numpy(grads), layout, present)
+        check_finite("params", to_numpy(params), layout, present)
+        found = _first_nonfinite_trace(layout, params, grads, state, present, request, factor, i)
+        if found is not None:
+            name, element, value = found
+            raise NonFiniteStepError(f"{name}: segment {i}: element {element} would become {value} "
+                                     f"(an overflow of {layout.dtype.name}); nothing was changed",
+                                     field=name, segment=i, element=element)
+    raise NonFiniteStepError(f"{refused.message}; nothing was changed", field=refused.field, segment=refused.segment)
+
+
+def _first_nonfinite_trace(layout, params, grads, state, present, request, factor, i):
+    """``(field, element, value)`` of the first non-finite new ``u``, ``m``, ``v`` or update
+    direction ``d`` of segment ``i``, from the reference formulas on host copies."""
+    h, dtype = request.hyper[i], layout.dtype
+    g, p = (to_numpy(b)[layout.segment_slice(i)] for b in (grads, params))
+    u, m, v = (to_numpy(getattr(state, name))[layout.segment_slice(i)] for name in FlatUPGDState.BUFFERS)
+    t = int(state.segment_step[i]) + 1
+    with np.errstate(all="ignore"):
+        g = g * dtype.type(factor)
+        fields = {"utility": ref.utility_trace_update(u, g, p, h["beta_utility"])}
+        if request.variant.moments == "adam":
+            m = ref.first_moment_update(m, g, h["beta1"])
+            v = ref.second_moment_update(v, g, h["beta2"])
+            m_hat = m * (1.0 / np.asarray(ref.bias_correction(h["beta1"], t), dtype=dtype)).astype(dtype)
+            v_hat = v * (1.0 / np.asarray(ref.bias_correction(h["beta2"], t), dtype=dtype)).astype(dtype)
+            fields.update(first_moment=m, second_moment=v, direction=m_hat / (np.sqrt(v_hat) + dtype.type(h["eps"])))
+    for name, values in fields.items():
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            return name, int(bad[0]), values[bad[0]]
+    return None
 
 
 def _scaler_call(layout, grads, present, backend, writable):
