@@ -36,7 +36,7 @@ from . import reference as ref
 from .rng import NORMAL_MAX
 
 __all__ = ["SegmentReductions", "StepPlan", "Refusal", "BOUND_MARGIN", "combine_reductions", "plan_step", "refusal",
-           "update_bound", "commit", "vgs_next", "vgs_commit", "vgs_statistics"]
+           "update_bound", "commit", "vgs_next", "vgs_commit"]
 
 #: A step is refused when the bound on a parameter's new magnitude exceeds this fraction of
 #: the dtype's largest value (``specs/algorithm.md`` §8): room for the few roundings between
@@ -159,7 +159,7 @@ def update_bound(dtype, hyper: dict, update_factor: float, param_max: float, dir
         decay = abs(float(np.asarray(1.0 - hyper["lr"] * hyper["weight_decay"], dtype=dtype)))
         step = abs(float(np.asarray(update_factor * hyper["lr"], dtype=dtype)))
         noise = abs(float(np.asarray(std, dtype=dtype))) * NORMAL_MAX
-    return param_max * decay + max(1.0, step) * (direction_max + noise)
+    return float(param_max) * decay + max(1.0, step) * (float(direction_max) + noise)  # Python floats: inf, no warning
 
 
 def refusal(dtype, plan: StepPlan, reductions: SegmentReductions, hyper: Sequence[dict], present: Sequence[bool],
@@ -233,8 +233,3 @@ def vgs_commit(state, new: ref.VGSState) -> None:
     state.step = int(new.step)
     state.grad_mean_avg[...] = new.grad_mean_avg
     state.grad_sq_avg[...] = new.grad_sq_avg
-
-
-def vgs_statistics(state, reductions: SegmentReductions, sizes, present, beta: float) -> None:
-    """The VGS statistics of ``state`` advanced in place (:func:`vgs_next`, then :func:`vgs_commit`)."""
-    vgs_commit(state, vgs_next(state, reductions, sizes, present, beta))

@@ -36,12 +36,14 @@ from . import reference as ref
 from .arrays import array_kind, to_numpy
 from .backends import BACKENDS, auto_order, available_backends, select_backend
 from .checkpoint import MAX_STEP
-from .checks import NONFINITE_POLICIES, NonFiniteStepError, check_distinct, check_finite, check_flat_buffer, check_nonfinite_policy, check_present
+from .checks import (
+    NonFiniteStepError, check_distinct, check_finite, check_flat_buffer, check_nonfinite_policy, check_present,
+)
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, check_coefficients, validate_upgd, validate_vgs
 from .layout import FlatLayout
 from .reference import PRODUCTION, UPGDVariant, check_variant
 from .rng import check_u64
-from .stages import combine_reductions, commit, plan_step, refusal, vgs_commit, vgs_next, vgs_statistics
+from .stages import combine_reductions, commit, plan_step, refusal, vgs_commit, vgs_next
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
@@ -124,14 +126,6 @@ def vgs_factor(state: FlatVGSState, hyperparams: dict) -> tuple[float, float]:
         f, g = ref.vgs_scaling_factor(ref.VGSState(np.int64(state.step), state.grad_mean_avg, state.grad_sq_avg),
                                       **hp)
     return float(f), float(g)
-
-
-def _check_finite(backend, name: str, buffer, layout, present) -> None:
-    """NaN or Inf in a present segment raises :func:`upgd_ref.checks.check_finite`'s error
-    (naming the segment and element); the backend counts first, so the message is only
-    worded (on a host copy) when something is wrong."""
-    if backend.nonfinite_counts(layout=layout, buffer=buffer, present=present).any():
-        check_finite(name, to_numpy(buffer), layout, present)
 
 
 def _check_vgs(vgs, layout) -> VGSRequest:
@@ -246,28 +240,55 @@ def _first_nonfinite_trace(layout, params, grads, state, present, request, facto
 def _scaler_call(layout, grads, present, backend, writable):
     present = check_present(present, layout.num_segments)
     check_flat_buffer("grads", grads, layout, writable=writable)
-    impl = select_backend(backend, grads)
-    _check_finite(impl, "grads", grads, layout, present)
-    return present, impl
+    return present, select_backend(backend, grads)
 
 
-def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, backend="auto") -> None:
-    """``g_i <- f g_i`` in place for the present segments (``f`` from :func:`vgs_factor`)."""
+def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, backend="auto",
+                   nonfinite: str = "raise") -> bool:
+    """``g_i <- f g_i`` in place for the present segments (``f`` from :func:`vgs_factor`).
+
+    Non-finite gradients raise :class:`~upgd_ref.checks.NonFiniteStepError` (``nonfinite=
+    "raise"``) or leave ``grads`` as they are (``"skip"``; returns False). ``f <= 1`` cannot
+    overflow a finite gradient."""
+    nonfinite = check_nonfinite_policy(nonfinite)
     present, impl = _scaler_call(layout, grads, present, backend, writable=True)
+    if impl.nonfinite_counts(layout=layout, buffer=grads, present=present).any():
+        if nonfinite == "skip":
+            return False
+        check_finite("grads", to_numpy(grads), layout, present)
     if factor != 1.0:
         impl.scale(layout=layout, grads=grads, factor=factor, present=present)
+    return True
 
 
 def vgs_update_step(layout: FlatLayout, grads, state: FlatVGSState, beta: float, present=None, *,
-                    backend="auto") -> None:
-    """Advance the VGS statistics in ``state`` from the (already scaled) gradients."""
+                    backend="auto", nonfinite: str = "raise") -> bool:
+    """Advance the VGS statistics in ``state`` from the (already scaled) gradients.
+
+    When a gradient or a new statistic is not finite (``specs/algorithm.md`` §8) nothing
+    changes: ``nonfinite="raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`,
+    ``"skip"`` adds 1 to ``state.skipped_steps`` and returns False."""
+    nonfinite = check_nonfinite_policy(nonfinite)
     present, impl = _scaler_call(layout, grads, present, backend, writable=False)
     beta = validate_vgs({"beta": beta})["beta"]
     if state.step >= MAX_STEP:
         raise OverflowError(f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold")
-    sums = impl.gradient_sums(layout=layout, grads=grads, present=present)
-    vgs_statistics(state, combine_reductions([(range(layout.num_segments), sums)], layout.num_segments),
-                   layout.sizes, present, beta)
+    sums = combine_reductions([(range(layout.num_segments), impl.gradient_sums(layout=layout, grads=grads,
+                                                                               present=present))],
+                              layout.num_segments)
+    new = vgs_next(state, sums, layout.sizes, present, beta)
+    finite = np.isfinite(sums.grad_sum) & np.isfinite(sums.grad_sq_sum) | ~np.asarray(present, dtype=np.bool_)
+    finite &= np.isfinite(new.grad_mean_avg) & np.isfinite(new.grad_sq_avg)
+    if not finite.all():
+        if nonfinite == "skip":
+            state.skipped_steps += 1
+            return False
+        check_finite("grads", to_numpy(grads), layout, present)
+        bad = int(np.flatnonzero(~finite)[0])
+        raise NonFiniteStepError(f"vgs: segment {bad}: the statistics a_i, b_i (or the gradient's sums) overflow "
+                                 "float64; nothing was changed", field="vgs", segment=bad)
+    vgs_commit(state, new)
+    return True
 
 
 def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = "auto"):
