@@ -5,7 +5,7 @@ float32 and float64, frozen segments, parameter groups, every noise mode, VGS on
 
 The paper members divide by ``U_hi``: the random cases keep the utilities of even elements
 positive (``g = -|r| sign(p)``, so ``-g p > 0``), hence ``U_hi > 0``; the ``U_hi = 0`` case
-(NaN where ``u = 0``) is tested on its own against the reference.
+(``0/0`` where ``u = 0``, so refused) is tested on its own with the reference.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ class CoreBridge:
         self.core = make_core(self.layout)  # a core class of the family, with its variant
         self.moments = moments  # False: no moment variables cross the bridge (UPGD)
         self.last_step_info = None
+        self.skipped_steps = 0  # steps the non-finite policy skipped (specs/algorithm.md §8), this process
         # The only buffer reused between calls: gradients are never handed back to TF.
         self.grad_buffer = self.layout.zeros()
 
@@ -94,6 +95,7 @@ class CoreBridge:
                 first_moment=self._flat(indices, first),
                 second_moment=self._flat(indices, second),
                 grad_norm_ema=np.array(grad_norm_ema, dtype=np.float64),
+                skipped_steps=self.skipped_steps,
             )
             vgs_state = FlatVGSState(
                 int(vgs_step), np.array(vgs_mean, dtype=np.float64), np.array(vgs_square, dtype=np.float64)
@@ -102,7 +104,7 @@ class CoreBridge:
                 _check_state(state, vgs_state)
                 hyper = [core.MEMBER.tie(h) for h in segment_hyperparams(groups, self.layout.num_segments)]
                 request = StepRequest(hyper=hyper, present=present, seed=core.seed, noise_norm=core.noise_norm,
-                                      variant=core.variant)
+                                      variant=core.variant, nonfinite=core.nonfinite)
                 vgs = factor = variance = None
                 if vgs_settings is not None:  # scale -> two-pass step -> statistics update, in one call
                     factor, variance = vgs_factor(vgs_state, vgs_settings)
@@ -110,7 +112,9 @@ class CoreBridge:
                 stats = upgd_step(self.layout, params, grad_buffer, state, request, vgs=vgs, backend=core.backend)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise self._explain(exc) from None
-            self.last_step_info = StepInfo.from_stats(stats, state.step, request.present, factor, variance)
+            self.skipped_steps = state.skipped_steps  # a skipped step wrote nothing: the outputs are the inputs
+            self.last_step_info = StepInfo.from_stats(stats, state.step, request.present, factor, variance,
+                                                      state.skipped_steps)
         moment_outputs = (
             (*self._segments(state.first_moment, indices), *self._segments(state.second_moment, indices))
             if self.moments else ()
