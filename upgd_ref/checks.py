@@ -22,7 +22,7 @@ class NonFiniteStepError(ValueError):
     ``"grad_norm_ema"``, ``"vgs"``, ...); ``segment`` and ``element`` where known, else ``None``.
     """
 
-    def __init__(self, message: str, *, field: str, segment: int | None = None, element: int | None = None):
+    def __init__(self, message: str, *, field: str = "", segment: int | None = None, element: int | None = None):
         super().__init__(message)
         self.field, self.segment, self.element = field, segment, element
 

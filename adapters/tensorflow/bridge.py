@@ -3,6 +3,7 @@ out (``specs/adapters-tensorflow.md``)."""
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 
@@ -58,7 +59,9 @@ class CoreBridge:
         named = sorted({int(m) for m in _SEGMENT_RE.findall(message) if int(m) < len(self.names)})
         if named:
             message += " [" + ", ".join(f"segment {i} is variable {self.names[i]!r}" for i in named) + "]"
-        return type(exc)(message)
+        explained = copy.copy(exc)  # its type and attributes (NonFiniteStepError's field, segment)
+        explained.args = (message,)
+        return explained
 
     def step(self, indices, param_groups, vgs_settings, lr, *arrays):
         """One core step with learning rate ``lr`` (a float).
