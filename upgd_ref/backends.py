@@ -75,13 +75,15 @@ class Backend(Protocol):
 
     def first_pass(self, *, layout, params, grads, state, present, hyper, vgs_factor: float,
                    variant) -> SegmentReductions:
-        """Pass 1: ``g <- f g`` when ``vgs_factor != 1``, the utility trace and moments of the
-        present segments in place, and their :class:`~upgd_ref.stages.SegmentReductions`."""
+        """Pass 1, read-only: the :class:`~upgd_ref.stages.SegmentReductions` of ``f g`` and
+        the new utility trace, moments and direction of the present segments (computed, not
+        written: a refused step must leave everything as it was)."""
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan: StepPlan, seed: int,
-                    variant) -> None:
-        """Pass 2: the parameter update of the present segments in place, with the normals
-        of ``(seed, plan.step)``."""
+                    variant, vgs_factor: float = 1.0) -> None:
+        """Pass 2: pass 1's values again (the same bits) written — ``g <- f g`` when
+        ``vgs_factor != 1``, ``u``, ``m``, ``v`` — and the parameter update of the present
+        segments, in place, with the normals of ``(seed, plan.step)``."""
 
 
 class Registration(NamedTuple):

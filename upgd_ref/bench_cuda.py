@@ -10,10 +10,10 @@ after one untimed warm-up call, all in one process:
 * cupy full step: VGS + adaptive noise, ``opt.step(..., vgs=scaler)``;
 * cupy noise alone: ``upgd_ref.noise(..., out=buffer)``.
 
-A step's bandwidth is its compulsory traffic over its time: 60 B per float32 parameter
-without VGS scaling (validation reads ``g``, ``p``; pass 1 reads ``g, p, u, m, v`` and
-writes ``u, m, v``; pass 2 reads ``p, u, m, v`` and writes ``p``), 64 B with it (pass 1
-writes ``g`` back); twice that in float64.
+A step's bandwidth is its compulsory traffic over its time: 56 B per float32 parameter
+without VGS scaling (pass 1 reads ``g, p, u, m, v`` and writes nothing; pass 2 reads ``g,
+p, u, m, v`` and writes ``u, m, v, p``), 60 B with it (pass 2 writes ``g`` back); twice that
+in float64.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from .layout import FlatLayout
 __all__ = ["run_cuda_benchmark", "format_cuda_report", "STEP_BYTES", "CUDA_TARGETS", "DEFAULT_CUDA_SIZES"]
 
 DEFAULT_CUDA_SIZES = (1_000_000, 100_000_000, 1_000_000_000)
-#: Bytes per parameter (in units of the dtype's size): validation 2, pass 1 8 (9 when VGS
-#: scales, writing g back), pass 2 5.
-STEP_BYTES = {"noise-free step": 15, "full step": 16, "noise alone": 1}
+#: Bytes per parameter (in units of the dtype's size): pass 1 5 (read-only, the finiteness
+#: checks included), pass 2 9 (10 when VGS scales, writing g back).
+STEP_BYTES = {"noise-free step": 14, "full step": 15, "noise alone": 1}
 #: Targets at >= 100M float32 parameters: noise-free step bandwidth / copy bandwidth, full /
 #: noise-free time.
 CUDA_TARGETS = {"noise_free_bandwidth_over_copy": (">=", 0.70), "full_over_noise_free": ("<=", 1.3)}

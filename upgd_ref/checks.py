@@ -6,7 +6,32 @@ import numpy as np
 
 from .arrays import describe_device, is_cupy_array, may_share_memory
 
-__all__ = ["check_flat_buffer", "check_present", "check_finite", "check_distinct"]
+__all__ = ["NONFINITE_POLICIES", "NonFiniteStepError", "check_nonfinite_policy", "check_flat_buffer", "check_present",
+           "check_finite", "check_distinct"]
+
+#: What a step does when it would leave a non-finite parameter, state entry or statistic
+#: (``specs/algorithm.md`` §8): raise, or skip the step (nothing changes, a counter advances).
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteStepError(ValueError):
+    """A step refused by the finiteness contract (``specs/algorithm.md`` §8); nothing changed.
+
+    ``field``: what is or would become non-finite (``"grads"``, ``"params"``, ``"utility"``,
+    ``"first_moment"``, ``"second_moment"``, ``"direction"``, ``"noise_std"``,
+    ``"grad_norm_ema"``, ``"vgs"``, ...); ``segment`` and ``element`` where known, else ``None``.
+    """
+
+    def __init__(self, message: str, *, field: str = "", segment: int | None = None, element: int | None = None):
+        super().__init__(message)
+        self.field, self.segment, self.element = field, segment, element
+
+
+def check_nonfinite_policy(policy, where: str = "") -> str:
+    """``policy`` when it is one of :data:`NONFINITE_POLICIES`, else ``ValueError``."""
+    if not isinstance(policy, str) or policy not in NONFINITE_POLICIES:
+        raise ValueError(f"{where}nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
+    return policy
 
 
 def check_flat_buffer(name: str, buffer, layout, *, writable: bool) -> None:
@@ -58,7 +83,8 @@ def check_finite(name: str, buffer: np.ndarray, layout, present: list[bool]) -> 
             segment = buffer[layout.segment_slice(i)]
             if not np.isfinite(segment).all():
                 bad = int(np.flatnonzero(~np.isfinite(segment))[0])
-                raise ValueError(f"{name}: segment {i} holds a non-finite value (element {bad}: {segment[bad]})")
+                raise NonFiniteStepError(f"{name}: segment {i} holds a non-finite value (element {bad}: {segment[bad]})",
+                                         field=name, segment=i, element=bad)
 
 
 def check_distinct(**buffers) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "validate_upgd",
     "validate_vgs",
     "resolve_param_groups",
+    "check_coefficients",
 ]
 
 UPGD_DEFAULTS = {
@@ -44,7 +45,7 @@ VGS_DEFAULTS = {
 
 NOISE_NORMS = ("segment", "global")
 
-_NON_NEGATIVE = ("lr", "weight_decay", "sigma", "eps", "min_noise_std", "noise_ema_init")
+_NON_NEGATIVE = ("lr", "weight_decay", "sigma", "min_noise_std", "noise_ema_init")
 _UNIT_INTERVAL = ("beta_utility", "beta1", "beta2", "noise_beta")  # [0, 1)
 _FLAGS = ("adaptive_noise", "instant_noise_scale")
 
@@ -83,13 +84,38 @@ def validate_upgd(values: dict, where: str = "") -> CheckedHyperParams:
         out[name] = _real(where, name, out[name])
         if not out[name] >= 0.0:
             raise ValueError(f"{where}{name} must be >= 0, got {out[name]}")
+    out["eps"] = _real(where, "eps", out["eps"])
+    if not out["eps"] > 0.0:  # eps = 0 divides 0 by 0 wherever the gradients have all been 0
+        raise ValueError(f"{where}eps must be > 0, got {out['eps']}")
     for name in _UNIT_INTERVAL:
         out[name] = _real(where, name, out[name])
         if not 0.0 <= out[name] < 1.0:
             raise ValueError(f"{where}{name} must be in [0, 1), got {out[name]}")
     for name in _FLAGS:
         out[name] = _flag(where, name, out[name])
+    if not math.isfinite(out["lr"] * out["weight_decay"]):
+        raise ValueError(f"{where}lr * weight_decay must be finite in float64, got {out['lr']} * {out['weight_decay']}")
     return CheckedHyperParams(out)
+
+
+def check_coefficients(hyper: dict, dtype, variant, where: str = "") -> None:
+    """The coefficients a step rounds to the parameters' ``dtype`` must be finite there
+    (``specs/algorithm.md`` §8, the range table): ``update_factor * lr`` and ``1 - lr *
+    weight_decay``, and ``eps`` must not round to 0 (members with moments). ``ValueError``
+    naming the hyper-parameter; these depend on the settings only, so no policy skips them."""
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        step = np.asarray(variant.update_factor * hyper["lr"], dtype=dtype)
+        decay = np.asarray(1.0 - hyper["lr"] * hyper["weight_decay"], dtype=dtype)
+        eps = np.asarray(hyper["eps"], dtype=dtype)
+    if not np.isfinite(step):
+        raise ValueError(f"{where}lr = {hyper['lr']} (times the update factor {variant.update_factor}) overflows "
+                         f"{dtype.name}")
+    if not np.isfinite(decay):
+        raise ValueError(f"{where}1 - lr * weight_decay = {1.0 - hyper['lr'] * hyper['weight_decay']} overflows "
+                         f"{dtype.name}; lower lr or weight_decay")
+    if variant.moments == "adam" and eps == 0:
+        raise ValueError(f"{where}eps = {hyper['eps']} rounds to 0 in {dtype.name}; eps must be > 0 there")
 
 
 def validate_vgs(values: dict, where: str = "") -> dict:

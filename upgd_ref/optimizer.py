@@ -36,7 +36,7 @@ import numpy as np
 from . import step as door
 from .backends import check_backend_name
 from .checkpoint import read_state_dict, write_state_dict
-from .checks import check_present
+from .checks import check_nonfinite_policy, check_present
 from .family import MEMBERS, PAPER_EPS, PROFILES
 from .hyperparams import resolve_param_groups, segment_hyperparams
 from .reference import PRODUCTION, check_variant
@@ -59,7 +59,9 @@ class StepInfo:
     ``noise_to_signal[i] = noise_std[i] / grad_norm[i]`` (inf for a zero gradient).
     ``vgs_factor`` (``f``) and ``vgs_normalized_variance`` (``G``) are the VGS values this
     step used when a scaler was passed to :meth:`AdaptiveUPGD.step`, NaN otherwise (NaN, not
-    1.0, so a log cannot mistake "no scaler" for "a scaler that did not scale").
+    1.0, so a log cannot mistake "no scaler" for "a scaler that did not scale"). ``skipped``:
+    this step was refused and skipped (``nonfinite="skip"``, ``specs/algorithm.md`` §8; then
+    ``step`` is the unchanged count); ``skipped_steps``: how many steps were skipped so far.
     """
 
     step: int
@@ -71,9 +73,11 @@ class StepInfo:
     utility_max: float
     vgs_factor: float = math.nan
     vgs_normalized_variance: float = math.nan
+    skipped: bool = False
+    skipped_steps: int = 0
 
     @classmethod
-    def from_stats(cls, stats, step: int, present, vgs_factor=None, vgs_variance=None) -> StepInfo:
+    def from_stats(cls, stats, step: int, present, vgs_factor=None, vgs_variance=None, skipped_steps=0) -> StepInfo:
         """The record of a step from the door's :class:`~upgd_ref.reference.StepStats`."""
         grad_norm = np.asarray(stats.grad_norm, dtype=np.float64)
         noise_std = np.asarray(stats.noise_std, dtype=np.float64)
@@ -82,7 +86,8 @@ class StepInfo:
         return cls(step=step, present=np.asarray(present), grad_norm=grad_norm, noise_std=noise_std,
                    noise_to_signal=nsr, utility_min=float(stats.utility_min), utility_max=float(stats.utility_max),
                    vgs_factor=math.nan if vgs_factor is None else vgs_factor,
-                   vgs_normalized_variance=math.nan if vgs_variance is None else vgs_variance)
+                   vgs_normalized_variance=math.nan if vgs_variance is None else vgs_variance,
+                   skipped=bool(stats.skipped), skipped_steps=int(skipped_steps))
 
     def to_dict(self) -> dict:
         """Plain Python values (lists, floats) for logging."""
@@ -103,6 +108,11 @@ class AdaptiveUPGD:
     ``profile="paper"`` computes the original paper's Adam-style variant instead
     (``sigmoid((u/cu)/U_hi)`` protection, twice the step, ``eps = 1e-5`` unless given;
     ``specs/algorithm.md`` §7).
+
+    ``nonfinite``: what a step does when its inputs are not finite or its result would not be
+    (``specs/algorithm.md`` §8): ``"raise"`` (default) a
+    :class:`~upgd_ref.checks.NonFiniteStepError` naming the segment and field, or ``"skip"``
+    the step (nothing changes but ``state.skipped_steps``), as ``torch.amp.GradScaler`` does.
     """
 
     MEMBER = MEMBERS["AdaptiveUPGD"]
@@ -112,16 +122,16 @@ class AdaptiveUPGD:
                  adaptive_noise=_A["adaptive_noise"], noise_beta=_A["noise_beta"], min_noise_std=_A["min_noise_std"],
                  instant_noise_scale=_A["instant_noise_scale"], noise_norm="segment",
                  noise_ema_init=_A["noise_ema_init"], seed=0, param_groups=None, backend="auto",
-                 profile="production"):
+                 profile="production", nonfinite="raise"):
         values = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
                       beta2=beta2, adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                       instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
         if eps is not None:  # None: the profile's eps
             values["eps"] = eps
         self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
-                    profile=profile)
+                    profile=profile, nonfinite=nonfinite)
 
-    def _setup(self, layout, values: dict, *, noise_norm, seed, param_groups, backend, profile) -> None:
+    def _setup(self, layout, values: dict, *, noise_norm, seed, param_groups, backend, profile, nonfinite) -> None:
         """The one constructor body of every member: its table row checks ``values``."""
         if not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
@@ -131,6 +141,7 @@ class AdaptiveUPGD:
         self.noise_norm = check_noise_norm(noise_norm)
         self.seed = check_seed(seed)
         self.backend = check_backend_name(backend)
+        self.nonfinite = check_nonfinite_policy(nonfinite)
         self.param_groups = resolve_param_groups(param_groups, self.defaults, layout)
         hyper = self.step_hyperparams()
         self.state = FlatUPGDState.zeros(layout, [h["noise_ema_init"] for h in hyper])
@@ -160,10 +171,12 @@ class AdaptiveUPGD:
         ``f = vgs.scale(grads, present); step(params, grads, present); vgs.update(grads,
         present)`` in one: ``grads`` are left multiplied by ``f`` (in place, so they must be
         writable), the scaler's statistics advance, and the kernel backends read the
-        gradient once for all three.
+        gradient once for all three. A skipped step (``nonfinite="skip"``) leaves ``grads`` and
+        the scaler's statistics unchanged too.
         """
         request = StepRequest(hyper=self.step_hyperparams(), present=present, seed=self.seed,
-                              noise_norm=self.noise_norm, variant=self.variant)
+                              noise_norm=self.noise_norm, variant=self.variant,
+                              nonfinite=check_nonfinite_policy(self.nonfinite))
         vgs_factor = vgs_variance = vgs_request = None
         if vgs is not None:
             self._check_scaler(vgs)
@@ -172,7 +185,7 @@ class AdaptiveUPGD:
         stats = door.upgd_step(self.layout, params, grads, self.state, request, vgs=vgs_request,
                                backend=self.backend)
         return StepInfo.from_stats(stats, self.state.step, check_present(present, self.layout.num_segments),
-                                   vgs_factor, vgs_variance)
+                                   vgs_factor, vgs_variance, self.state.skipped_steps)
 
     def _check_scaler(self, vgs) -> None:
         if not isinstance(vgs, VarianceGradientScaler):
@@ -250,12 +263,12 @@ class UPGD(AdaptiveUPGD):
                  noise_beta=_U["noise_beta"], min_noise_std=_U["min_noise_std"],
                  instant_noise_scale=_U["instant_noise_scale"], noise_norm="segment",
                  noise_ema_init=_U["noise_ema_init"], seed=0, param_groups=None, backend="auto",
-                 profile="production"):
+                 profile="production", nonfinite="raise"):
         values = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                       adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                       instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
         self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
-                    profile=profile)
+                    profile=profile, nonfinite=nonfinite)
 
 
 class UPGDW(AdaptiveUPGD):
@@ -272,9 +285,9 @@ class UPGDW(AdaptiveUPGD):
                  weight_decay=_W["weight_decay"], sigma=_W["sigma"], amsgrad=False,
                  adaptive_noise=_W["adaptive_noise"], noise_beta=_W["noise_beta"], min_noise_std=_W["min_noise_std"],
                  instant_noise_scale=_W["instant_noise_scale"], noise_norm="segment",
-                 noise_ema_init=_W["noise_ema_init"], seed=0, param_groups=None, backend="auto"):
+                 noise_ema_init=_W["noise_ema_init"], seed=0, param_groups=None, backend="auto", nonfinite="raise"):
         values = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sigma=sigma, amsgrad=amsgrad,
                       adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                       instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
         self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
-                    profile="production")
+                    profile="production", nonfinite=nonfinite)

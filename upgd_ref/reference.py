@@ -115,6 +115,7 @@ class StepStats(NamedTuple):
     noise_std: Any  # float64 (S,): std_i
     utility_min: Any  # U_lo (NaN when no present segment has elements)
     utility_max: Any  # U_hi
+    skipped: Any = False  # the step was refused and skipped (specs/algorithm.md §8)
 
 
 def _numel(x) -> int:

@@ -57,34 +57,61 @@ class ReferenceBackend:
                     out.grad_sum[i], out.grad_sq_sum[i] = _wide_sum(g), ref.sum_of_squares(g)
         return out
 
-    def first_pass(self, *, layout, params, grads, state, present, hyper, vgs_factor, variant) -> SegmentReductions:
-        if vgs_factor != 1.0:
-            self.scale(layout=layout, grads=grads, factor=vgs_factor, present=present)
+    def _local(self, *, layout, params, grads, state, present, hyper, vgs_factor, variant):
+        """Pass 1's values, nothing written: the scaled gradients and the new ``(u, m, v)`` lists."""
         views = layout.unpack
+        scaled = views(grads) if vgs_factor == 1.0 else ref.vgs_scale(views(grads), vgs_factor, present)
         start = ref.UPGDState(np.int64(state.step), state.segment_step, views(state.utility),
                               views(state.first_moment), views(state.second_moment), state.grad_norm_ema)
+        return scaled, ref.local_updates(views(params), scaled, start, hyper, present, variant)
+
+    def first_pass(self, *, layout, params, grads, state, present, hyper, vgs_factor, variant) -> SegmentReductions:
+        out = SegmentReductions.empty(layout.num_segments)
+        t = state.segment_step + np.asarray(present, dtype=np.int64)
         with np.errstate(all="ignore"):
-            new = ref.local_updates(views(params), views(grads), start, hyper, present, variant)
-            out = self.gradient_sums(layout=layout, grads=grads, present=present)
-            for name, targets, values in zip(("utility", "first_moment", "second_moment"),
-                                             (start.utility, start.first_moment, start.second_moment), new):
-                for i, (target, value) in enumerate(zip(targets, values)):
-                    if present[i]:
-                        target[...] = value
-            for i, u in enumerate(start.utility):
-                if present[i] and u.size:
+            scaled, (utility, first_moment, second_moment) = self._local(
+                layout=layout, params=params, grads=grads, state=state, present=present, hyper=hyper,
+                vgs_factor=vgs_factor, variant=variant)
+            for i, p in enumerate(layout.unpack(params)):
+                if not present[i]:
+                    continue
+                g, u = scaled[i], utility[i]
+                out.grad_sum[i], out.grad_sq_sum[i] = _wide_sum(g), ref.sum_of_squares(g)
+                if variant.moments == "adam":
+                    d = _direction(first_moment[i], second_moment[i], hyper[i], int(t[i]))
+                    values = (g, p, u, first_moment[i], second_moment[i], d)
+                else:
+                    d = g
+                    values = (g, p, u)
+                out.nonfinite[i] = np.count_nonzero(~np.logical_and.reduce([np.isfinite(x) for x in values]))
+                if u.size:
                     out.utility_min[i], out.utility_max[i] = np.min(u), np.max(u)
+                    out.param_max[i], out.direction_max[i] = np.max(np.abs(p)), np.max(np.abs(d))
         return out
 
-    def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant) -> None:
+    def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
+                    vgs_factor=1.0) -> None:
         views = layout.unpack
         normals = views(self.noise(layout=layout, seed=seed, step=plan.step))
         with np.errstate(all="ignore"):
+            scaled, new = self._local(layout=layout, params=params, grads=grads, state=state, present=present,
+                                      hyper=hyper, vgs_factor=vgs_factor, variant=variant)
             new_params = ref.apply_updates(
-                views(params), views(grads), views(state.utility), views(state.first_moment),
-                views(state.second_moment), normals, plan.std, plan.segment_step, hyper, present,
+                views(params), scaled, *new, normals, plan.std, plan.segment_step, hyper, present,
                 plan.utility_min, plan.utility_max, variant,
             )
-        for i, (target, values) in enumerate(zip(views(params), new_params)):
-            if present[i]:
-                target[...] = values
+        targets = (views(grads) if vgs_factor != 1.0 else None, views(state.utility), views(state.first_moment),
+                   views(state.second_moment), views(params))
+        for values, target in zip((scaled, *new, new_params), targets):
+            if target is None:
+                continue
+            for i in range(layout.num_segments):
+                if present[i]:
+                    target[i][...] = values[i]
+
+
+def _direction(m, v, h, t):
+    """``d = m_hat / (sqrt(v_hat) + eps)`` as :func:`upgd_ref.reference.apply_updates` forms it."""
+    m_hat = m / np.asarray(ref.bias_correction(h["beta1"], t), dtype=m.dtype)
+    v_hat = v / np.asarray(ref.bias_correction(h["beta2"], t), dtype=v.dtype)
+    return m_hat / (np.sqrt(v_hat) + h["eps"])

@@ -25,6 +25,7 @@ import numpy as np
 from array_api_compat import array_namespace
 
 __all__ = [
+    "NORMAL_MAX",
     "philox4x32_10",
     "counter_runs",
     "check_u64",
@@ -36,6 +37,10 @@ __all__ = [
     "PHILOX_W0",
     "PHILOX_W1",
 ]
+
+#: The largest magnitude of a normal (word 0: ``r = sqrt(66 ln 2)``, ``specs/noise.md``); the
+#: float32 normals, rounded once, stay below ``NORMAL_MAX * (1 + 2**-24)``.
+NORMAL_MAX = 6.763705635001895
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import reference as ref
 from .backends import check_backend_name
+from .checks import check_nonfinite_policy
 from .checkpoint import read_state_dict, write_state_dict
 from .hyperparams import VGS_DEFAULTS, validate_vgs
 from .layout import FlatLayout
@@ -38,13 +39,19 @@ __all__ = ["VarianceGradientScaler"]
 
 
 class VarianceGradientScaler:
-    """Scales gradients down when their normalised variance is high (one factor per step)."""
+    """Scales gradients down when their normalised variance is high (one factor per step).
+
+    ``nonfinite``: ``"raise"`` (default) a :class:`~upgd_ref.checks.NonFiniteStepError` when
+    the gradients or the new statistics are not finite, or ``"skip"``: :meth:`scale` leaves
+    such gradients as they are and :meth:`update` leaves the statistics (and ``k``) unchanged
+    and counts the skip in ``state.skipped_steps`` (``specs/algorithm.md`` §8).
+    """
 
     def __init__(self, layout: FlatLayout, *, enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS["beta"],
                  alpha=VGS_DEFAULTS["alpha"], eps=VGS_DEFAULTS["eps"],
                  warmup_steps=VGS_DEFAULTS["warmup_steps"],
                  min_scaling_factor=VGS_DEFAULTS["min_scaling_factor"],
-                 variance_cap=VGS_DEFAULTS["variance_cap"], backend="auto"):
+                 variance_cap=VGS_DEFAULTS["variance_cap"], backend="auto", nonfinite="raise"):
         if not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
         self.layout = layout
@@ -53,6 +60,7 @@ class VarianceGradientScaler:
             min_scaling_factor=min_scaling_factor, variance_cap=variance_cap,
         ))
         self.backend = check_backend_name(backend)
+        self.nonfinite = check_nonfinite_policy(nonfinite)
         self.state = FlatVGSState.zeros(layout.num_segments)
 
     def __repr__(self) -> str:
@@ -79,13 +87,14 @@ class VarianceGradientScaler:
     def scale(self, grads, present=None) -> float:
         """Multiply every present segment of ``grads`` by ``f`` in place; return ``f``."""
         factor = self.scaling_factor()
-        vgs_scale_step(self.layout, grads, factor, present, backend=self.backend)
+        vgs_scale_step(self.layout, grads, factor, present, backend=self.backend, nonfinite=self.nonfinite)
         return factor
 
     def update(self, grads, present=None) -> None:
         """Advance ``k`` and the running averages from the (already scaled) gradients."""
         hp = validate_vgs(self.hyperparams)
-        vgs_update_step(self.layout, grads, self.state, hp["beta"], present, backend=self.backend)
+        vgs_update_step(self.layout, grads, self.state, hp["beta"], present, backend=self.backend,
+                        nonfinite=self.nonfinite)
 
     def reset_statistics(self) -> None:
         self.state = FlatVGSState.zeros(self.layout.num_segments)

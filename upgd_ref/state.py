@@ -61,6 +61,11 @@ def _check_saved_layout(state_dict: dict, layout) -> None:
         raise ValueError(f"state dict field 'layout' is malformed: {exc}") from None
 
 
+def _take_skipped(state: dict) -> int:
+    """The optional ``skipped_steps`` counter (absent from state dicts written before it: 0)."""
+    return take_int(state, "skipped_steps") if "skipped_steps" in state else 0
+
+
 @dataclass
 class FlatUPGDState:
     """AdaptiveUPGD state on flat buffers of a layout (padding elements stay zero)."""
@@ -71,6 +76,7 @@ class FlatUPGDState:
     first_moment: np.ndarray  # m
     second_moment: np.ndarray  # v
     grad_norm_ema: np.ndarray  # float64 (S,): n_i
+    skipped_steps: int = 0  # steps refused and skipped under nonfinite="skip" (specs/algorithm.md §8)
 
     BUFFERS = ("utility", "first_moment", "second_moment")
 
@@ -86,7 +92,8 @@ class FlatUPGDState:
         )
 
     def to_state(self, layout) -> dict:
-        out = {"step": self.step, "segment_step": self.segment_step.copy(), "grad_norm_ema": self.grad_norm_ema.copy()}
+        out = {"step": self.step, "segment_step": self.segment_step.copy(), "grad_norm_ema": self.grad_norm_ema.copy(),
+               "skipped_steps": self.skipped_steps}
         for name in self.BUFFERS:
             out[name] = _logical(layout, getattr(self, name))
         return out
@@ -96,9 +103,10 @@ class FlatUPGDState:
         """Checked state of a state dict; raises naming the first bad field."""
         state = check_header(state_dict, UPGD_FORMAT, STATE_VERSION)
         _check_saved_layout(state_dict, layout)
-        _check_fields(state, ("step", "segment_step", "grad_norm_ema", *cls.BUFFERS))
+        _check_fields(state, ("step", "segment_step", "grad_norm_ema", "skipped_steps", *cls.BUFFERS))
         s = layout.num_segments
         step = take_int(state, "step")
+        skipped = _take_skipped(state)
         segment_step = take_array(state, "segment_step", (s,), np.int64)
         if (segment_step < 0).any() or (segment_step > step).any():
             raise ValueError("state dict field 'state.segment_step' must lie in [0, state.step]")
@@ -108,11 +116,12 @@ class FlatUPGDState:
         buffers = {name: _padded(layout, take_array(state, name, (layout.num_logical,), layout.dtype)) for name in cls.BUFFERS}
         if (buffers["second_moment"] < 0).any():
             raise ValueError("state dict field 'state.second_moment' must be >= 0")
-        return cls(step=step, segment_step=segment_step, grad_norm_ema=grad_norm_ema, **buffers)
+        return cls(step=step, segment_step=segment_step, grad_norm_ema=grad_norm_ema, skipped_steps=skipped,
+                   **buffers)
 
     def assign(self, other: FlatUPGDState) -> None:
         """Copy ``other`` into this record's buffers (their identity and device are kept)."""
-        self.step = other.step
+        self.step, self.skipped_steps = other.step, other.skipped_steps
         for name in ("segment_step", "grad_norm_ema", *self.BUFFERS):
             assign(getattr(self, name), getattr(other, name))
 
@@ -130,13 +139,15 @@ class FlatVGSState:
     step: int  # k
     grad_mean_avg: np.ndarray  # float64 (S,): a_i
     grad_sq_avg: np.ndarray  # float64 (S,): b_i
+    skipped_steps: int = 0  # statistics updates skipped under nonfinite="skip"
 
     @classmethod
     def zeros(cls, num_segments: int) -> FlatVGSState:
         return cls(0, np.zeros(num_segments), np.zeros(num_segments))
 
     def to_state(self) -> dict:
-        return {"step": self.step, "grad_mean_avg": self.grad_mean_avg.copy(), "grad_sq_avg": self.grad_sq_avg.copy()}
+        return {"step": self.step, "grad_mean_avg": self.grad_mean_avg.copy(), "grad_sq_avg": self.grad_sq_avg.copy(),
+                "skipped_steps": self.skipped_steps}
 
     @classmethod
     def from_state_dict(cls, state_dict, num_segments: int) -> FlatVGSState:
@@ -144,10 +155,11 @@ class FlatVGSState:
         saved = state_dict.get("num_segments", num_segments)
         if isinstance(saved, bool) or not isinstance(saved, (int, np.integer)) or saved != num_segments:
             raise ValueError(f"state dict field 'num_segments' is {saved!r}; this layout has {num_segments} segments")
-        _check_fields(state, ("step", "grad_mean_avg", "grad_sq_avg"))
+        _check_fields(state, ("step", "grad_mean_avg", "grad_sq_avg", "skipped_steps"))
         step = take_int(state, "step")
+        skipped = _take_skipped(state)
         mean = take_array(state, "grad_mean_avg", (num_segments,), np.float64)
         square = take_array(state, "grad_sq_avg", (num_segments,), np.float64)
         if (square < 0).any():
             raise ValueError("state dict field 'state.grad_sq_avg' must be >= 0")
-        return cls(step, mean, square)
+        return cls(step, mean, square, skipped)

@@ -36,12 +36,14 @@ from . import reference as ref
 from .arrays import array_kind, to_numpy
 from .backends import BACKENDS, auto_order, available_backends, select_backend
 from .checkpoint import MAX_STEP
-from .checks import check_distinct, check_finite, check_flat_buffer, check_present
-from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, validate_upgd, validate_vgs
+from .checks import (
+    NonFiniteStepError, check_distinct, check_finite, check_flat_buffer, check_nonfinite_policy, check_present,
+)
+from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, check_coefficients, validate_upgd, validate_vgs
 from .layout import FlatLayout
 from .reference import PRODUCTION, UPGDVariant, check_variant
 from .rng import check_u64
-from .stages import combine_reductions, commit, plan_step, vgs_statistics
+from .stages import combine_reductions, commit, plan_step, refusal, vgs_commit, vgs_next
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
@@ -72,7 +74,10 @@ class StepRequest:
     ``hyper``: one hyper-parameter dict per segment (validated here unless it came from
     :func:`upgd_ref.hyperparams.validate_upgd`); ``present``: one bool per segment (``None``:
     all present); ``seed``: the noise seed; ``noise_norm``: ``"segment"`` or ``"global"``;
-    ``variant``: the member of the UPGD family (:class:`~upgd_ref.reference.UPGDVariant`).
+    ``variant``: the member of the UPGD family (:class:`~upgd_ref.reference.UPGDVariant`);
+    ``nonfinite``: what a step that would leave something non-finite does
+    (``specs/algorithm.md`` §8): ``"raise"`` a :class:`~upgd_ref.checks.NonFiniteStepError`,
+    or ``"skip"`` (nothing changes but ``state.skipped_steps``).
     """
 
     hyper: Sequence[dict]
@@ -80,6 +85,7 @@ class StepRequest:
     seed: int = 0
     noise_norm: str = "segment"
     variant: UPGDVariant = field(default=PRODUCTION)
+    nonfinite: str = "raise"
 
     def checked(self, num_segments: int) -> StepRequest:
         """This request with every field checked and normalised; raises naming the field."""
@@ -98,7 +104,8 @@ class StepRequest:
         return StepRequest(hyper=hyper, present=check_present(self.present, num_segments),
                            seed=check_seed(self.seed, "request."),
                            noise_norm=check_noise_norm(self.noise_norm, "request."),
-                           variant=check_variant(self.variant))
+                           variant=check_variant(self.variant),
+                           nonfinite=check_nonfinite_policy(self.nonfinite, "request."))
 
 
 @dataclass(frozen=True)
@@ -119,14 +126,6 @@ def vgs_factor(state: FlatVGSState, hyperparams: dict) -> tuple[float, float]:
         f, g = ref.vgs_scaling_factor(ref.VGSState(np.int64(state.step), state.grad_mean_avg, state.grad_sq_avg),
                                       **hp)
     return float(f), float(g)
-
-
-def _check_finite(backend, name: str, buffer, layout, present) -> None:
-    """NaN or Inf in a present segment raises :func:`upgd_ref.checks.check_finite`'s error
-    (naming the segment and element); the backend counts first, so the message is only
-    worded (on a host copy) when something is wrong."""
-    if backend.nonfinite_counts(layout=layout, buffer=buffer, present=present).any():
-        check_finite(name, to_numpy(buffer), layout, present)
 
 
 def _check_vgs(vgs, layout) -> VGSRequest:
@@ -168,52 +167,128 @@ def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: 
     vgs = None if vgs is None else _check_vgs(vgs, layout)
     impl = select_backend(backend, params)
     present = request.present
-    _check_finite(impl, "grads", grads, layout, present)
-    _check_finite(impl, "params", params, layout, present)
+    for i, h in enumerate(request.hyper):
+        if present[i]:
+            check_coefficients(h, layout.dtype, request.variant, where=f"segment {i}: ")
     if state.step >= MAX_STEP:
         raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
     check_u64("step", state.step + 1)
     state.follow(params)  # state lives where the parameters live
 
+    factor = 1.0 if vgs is None else vgs.factor
     local = impl.first_pass(layout=layout, params=params, grads=grads, state=state, present=present,
-                            hyper=request.hyper, vgs_factor=1.0 if vgs is None else vgs.factor,
-                            variant=request.variant)
+                            hyper=request.hyper, vgs_factor=factor, variant=request.variant)  # writes nothing
     reductions = combine_reductions([(range(layout.num_segments), local)], layout.num_segments)
     plan = plan_step(layout.dtype, state, present, request.hyper, reductions, request.noise_norm)
+    vgs_new = None if vgs is None else vgs_next(vgs.state, reductions, layout.sizes, present, vgs.beta)
+    refused = refusal(layout.dtype, plan, reductions, request.hyper, present, request.variant, vgs_new)
+    if refused is not None:
+        if request.nonfinite == "skip":
+            state.skipped_steps += 1
+            return plan.stats._replace(skipped=True)
+        _raise_refusal(refused, layout, params, grads, state, present, request, factor)
     if plan.run:
         impl.second_pass(layout=layout, params=params, grads=grads, state=state, present=present,
-                         hyper=request.hyper, plan=plan, seed=request.seed, variant=request.variant)
+                         hyper=request.hyper, plan=plan, seed=request.seed, variant=request.variant,
+                         vgs_factor=factor)
     commit(state, plan)
     if vgs is not None:
-        vgs_statistics(vgs.state, reductions, layout.sizes, present, vgs.beta)
+        vgs_commit(vgs.state, vgs_new)
     return plan.stats
+
+
+def _raise_refusal(refused, layout, params, grads, state, present, request, factor) -> None:
+    """Raise :class:`~upgd_ref.checks.NonFiniteStepError` for a refused step, naming the
+    segment and, for a per-element refusal, the field and element (found on a host copy:
+    this is the error path, never the hot one)."""
+    if refused.field == "elements":
+        i = refused.segment
+        check_finite("grads", to_numpy(grads), layout, present)
+        check_finite("params", to_numpy(params), layout, present)
+        found = _first_nonfinite_trace(layout, params, grads, state, present, request, factor, i)
+        if found is not None:
+            name, element, value = found
+            raise NonFiniteStepError(f"{name}: segment {i}: element {element} would become {value} "
+                                     f"(an overflow of {layout.dtype.name}); nothing was changed",
+                                     field=name, segment=i, element=element)
+    raise NonFiniteStepError(f"{refused.message}; nothing was changed", field=refused.field, segment=refused.segment)
+
+
+def _first_nonfinite_trace(layout, params, grads, state, present, request, factor, i):
+    """``(field, element, value)`` of the first non-finite new ``u``, ``m``, ``v`` or update
+    direction ``d`` of segment ``i``, from the reference formulas on host copies."""
+    h, dtype = request.hyper[i], layout.dtype
+    g, p = (to_numpy(b)[layout.segment_slice(i)] for b in (grads, params))
+    u, m, v = (to_numpy(getattr(state, name))[layout.segment_slice(i)] for name in FlatUPGDState.BUFFERS)
+    t = int(state.segment_step[i]) + 1
+    with np.errstate(all="ignore"):
+        g = g * dtype.type(factor)
+        fields = {"utility": ref.utility_trace_update(u, g, p, h["beta_utility"])}
+        if request.variant.moments == "adam":
+            m = ref.first_moment_update(m, g, h["beta1"])
+            v = ref.second_moment_update(v, g, h["beta2"])
+            m_hat = m * (1.0 / np.asarray(ref.bias_correction(h["beta1"], t), dtype=dtype)).astype(dtype)
+            v_hat = v * (1.0 / np.asarray(ref.bias_correction(h["beta2"], t), dtype=dtype)).astype(dtype)
+            fields.update(first_moment=m, second_moment=v, direction=m_hat / (np.sqrt(v_hat) + dtype.type(h["eps"])))
+    for name, values in fields.items():
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            return name, int(bad[0]), values[bad[0]]
+    return None
 
 
 def _scaler_call(layout, grads, present, backend, writable):
     present = check_present(present, layout.num_segments)
     check_flat_buffer("grads", grads, layout, writable=writable)
-    impl = select_backend(backend, grads)
-    _check_finite(impl, "grads", grads, layout, present)
-    return present, impl
+    return present, select_backend(backend, grads)
 
 
-def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, backend="auto") -> None:
-    """``g_i <- f g_i`` in place for the present segments (``f`` from :func:`vgs_factor`)."""
+def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, backend="auto",
+                   nonfinite: str = "raise") -> bool:
+    """``g_i <- f g_i`` in place for the present segments (``f`` from :func:`vgs_factor`).
+
+    Non-finite gradients raise :class:`~upgd_ref.checks.NonFiniteStepError` (``nonfinite=
+    "raise"``) or leave ``grads`` as they are (``"skip"``; returns False). ``f <= 1`` cannot
+    overflow a finite gradient."""
+    nonfinite = check_nonfinite_policy(nonfinite)
     present, impl = _scaler_call(layout, grads, present, backend, writable=True)
+    if impl.nonfinite_counts(layout=layout, buffer=grads, present=present).any():
+        if nonfinite == "skip":
+            return False
+        check_finite("grads", to_numpy(grads), layout, present)
     if factor != 1.0:
         impl.scale(layout=layout, grads=grads, factor=factor, present=present)
+    return True
 
 
 def vgs_update_step(layout: FlatLayout, grads, state: FlatVGSState, beta: float, present=None, *,
-                    backend="auto") -> None:
-    """Advance the VGS statistics in ``state`` from the (already scaled) gradients."""
+                    backend="auto", nonfinite: str = "raise") -> bool:
+    """Advance the VGS statistics in ``state`` from the (already scaled) gradients.
+
+    When a gradient or a new statistic is not finite (``specs/algorithm.md`` §8) nothing
+    changes: ``nonfinite="raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`,
+    ``"skip"`` adds 1 to ``state.skipped_steps`` and returns False."""
+    nonfinite = check_nonfinite_policy(nonfinite)
     present, impl = _scaler_call(layout, grads, present, backend, writable=False)
     beta = validate_vgs({"beta": beta})["beta"]
     if state.step >= MAX_STEP:
         raise OverflowError(f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold")
-    sums = impl.gradient_sums(layout=layout, grads=grads, present=present)
-    vgs_statistics(state, combine_reductions([(range(layout.num_segments), sums)], layout.num_segments),
-                   layout.sizes, present, beta)
+    sums = combine_reductions([(range(layout.num_segments), impl.gradient_sums(layout=layout, grads=grads,
+                                                                               present=present))],
+                              layout.num_segments)
+    new = vgs_next(state, sums, layout.sizes, present, beta)
+    finite = np.isfinite(sums.grad_sum) & np.isfinite(sums.grad_sq_sum) | ~np.asarray(present, dtype=np.bool_)
+    finite &= np.isfinite(new.grad_mean_avg) & np.isfinite(new.grad_sq_avg)
+    if not finite.all():
+        if nonfinite == "skip":
+            state.skipped_steps += 1
+            return False
+        check_finite("grads", to_numpy(grads), layout, present)
+        bad = int(np.flatnonzero(~finite)[0])
+        raise NonFiniteStepError(f"vgs: segment {bad}: the statistics a_i, b_i (or the gradient's sums) overflow "
+                                 "float64; nothing was changed", field="vgs", segment=bad)
+    vgs_commit(state, new)
+    return True
 
 
 def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = "auto"):

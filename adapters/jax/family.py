@@ -12,13 +12,16 @@ import optax
 
 from upgd_ref import reference as _ref
 from upgd_ref.backends import check_backend_name as _check_core_backend
+from upgd_ref.checks import check_nonfinite_policy
 from upgd_ref.family import MEMBERS
 from upgd_ref.hyperparams import UPGD_DEFAULTS, validate_upgd
 from upgd_ref.state import FlatUPGDState
 from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
-from .leaves import check_finite, check_leaf_dtype, flatten_checked, is_eager, is_tracer, x64_scope
+from .leaves import (
+    all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_tracer, where_finite, x64_scope,
+)
 from .normals import leaf_normals
 from .state import AdaptiveUPGDState, check_wide, from_leaf_lists, to_leaf_lists
 
@@ -44,7 +47,7 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
                   instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
                   noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *,
                   backend="native", kernel_backend="auto",
-                  profile="production") -> optax.GradientTransformationExtraArgs:
+                  profile="production", nonfinite="raise") -> optax.GradientTransformationExtraArgs:
     """AdaptiveUPGD (``specs/algorithm.md`` §3) as an optax transformation.
 
     Hyper-parameters and defaults as :class:`upgd_ref.AdaptiveUPGD` (``learning_rate`` is
@@ -53,6 +56,12 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     updates)`` = the new parameters. The noise is ``noise(params, seed, count + 1)``,
     bit-identical to :func:`upgd_ref.noise`. ``profile="paper"``: the original paper's
     Adam-style variant (``specs/algorithm.md`` §7; ``eps`` defaults to ``1e-5`` then).
+
+    ``nonfinite`` (``specs/algorithm.md`` §8, ``specs/adapters-jax.md`` §8): a step whose
+    inputs or results are not finite is skipped (zero updates, the state unchanged but
+    ``skipped_steps``) under ``"skip"``, and under ``jax.jit`` for ``"raise"`` too (no host
+    round trip can raise there); an eager call with ``"raise"`` raises
+    :class:`~upgd_ref.checks.NonFiniteStepError` naming the field and leaf.
     """
     hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2)
     if eps is not None:  # None: the profile's default (the paper's 1e-5 under "paper")
@@ -60,14 +69,14 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     return _upgd_family("adaptive_upgd", "AdaptiveUPGD", profile, learning_rate, dict(hyper, **noisy), noise_norm,
-                        seed, backend, kernel_backend)
+                        seed, backend, kernel_backend, nonfinite)
 
 
 def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
          adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
          min_noise_std=UPGD_DEFAULTS["min_noise_std"], instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
          noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *, backend="native",
-         kernel_backend="auto", profile="production") -> optax.GradientTransformationExtraArgs:
+         kernel_backend="auto", profile="production", nonfinite="raise") -> optax.GradientTransformationExtraArgs:
     """Plain UPGD (no moments; ``specs/algorithm.md`` §7) as an optax transformation.
 
     The step of :class:`upgd_ref.UPGD`: ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)``;
@@ -79,14 +88,14 @@ def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     # beta1, beta2, eps are unused without moments: the library defaults fill the validated dict.
     return _upgd_family("upgd", "UPGD", profile, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
-                        kernel_backend)
+                        kernel_backend, nonfinite)
 
 
 def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sigma=0.001,
           adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
           min_noise_std=UPGD_DEFAULTS["min_noise_std"], instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
           noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *, backend="native",
-          kernel_backend="auto") -> optax.GradientTransformationExtraArgs:
+          kernel_backend="auto", nonfinite="raise") -> optax.GradientTransformationExtraArgs:
     """UPGDW (``specs/algorithm.md`` §7) as an optax transformation: AdaptiveUPGD with the
     production UPGDW defaults and the utility decay tied to ``b2`` (``beta_utility = b2``),
     the step of :class:`upgd_ref.UPGDW`. ``b1``, ``b2``: optax's names for ``betas``."""
@@ -94,11 +103,11 @@ def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sig
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     return _upgd_family("upgdw", "UPGDW", "production", learning_rate, dict(hyper, **noisy), noise_norm, seed,
-                        backend, kernel_backend)
+                        backend, kernel_backend, nonfinite)
 
 
 def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, backend,
-                 kernel_backend) -> optax.GradientTransformationExtraArgs:
+                 kernel_backend, nonfinite) -> optax.GradientTransformationExtraArgs:
     """The optax transformation of one UPGD family member (``variant``, ``specs/algorithm.md``
     §7): the native path runs :func:`upgd_ref.reference.adaptive_upgd_step` with ``variant``,
     the kernel path :func:`upgd_ref.step.upgd_step` on flat buffers packed from the leaves."""
@@ -109,6 +118,7 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
     seed = check_seed(seed)
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
+    nonfinite = check_nonfinite_policy(nonfinite)
 
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
@@ -118,10 +128,11 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
             check_leaf_dtype(f"params leaf {i}", leaf)
         with x64_scope():
             state = _ref.upgd_init(leaves, [hyper["noise_ema_init"]] * len(leaves))
-        return from_leaf_lists(state, jax.tree_util.tree_structure(params))
+            skipped = jnp.zeros((), dtype=jnp.int64)
+        return from_leaf_lists(state, jax.tree_util.tree_structure(params), skipped)
 
-    @jax.jit
-    def native(grads, params, state):
+    def step(grads, params, state):
+        """The family step on leaf lists: ``(updates, new core state)``, not yet checked."""
         with x64_scope():
             lrs = _learning_rate(learning_rate, state.count, params)
             per_leaf = [dict(hyper, lr=lr) for lr in lrs]
@@ -130,8 +141,24 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
                                   state.second_moment, state.grad_norm_ema)
             new_params, new, _ = _ref.adaptive_upgd_step(params, grads, core, normals, per_leaf,
                                                          noise_norm=noise_norm, variant=variant)
-            updates = [n - p for n, p in zip(new_params, params)]
-        return updates, new
+        return [n - p for n, p in zip(new_params, params)], new
+
+    @jax.jit
+    def native(grads, params, state):
+        updates, new = step(grads, params, state)
+        with x64_scope():
+            # the finiteness contract (specs/algorithm.md §8) as optax.apply_if_finite: a step with
+            # a non-finite input or result changes nothing but the skip counter
+            ok = all_finite(grads, params, updates, new.utility, new.first_moment, new.second_moment,
+                            new.grad_norm_ema)
+            old = _ref.UPGDState(jnp.asarray(state.count, dtype=jnp.int64), state.segment_step, state.utility,
+                                 state.first_moment, state.second_moment, state.grad_norm_ema)
+            new = where_finite(ok, new, old)
+            updates = [jnp.where(ok, u, jnp.zeros_like(u)) for u in updates]
+            skipped = jnp.asarray(state.skipped_steps, dtype=jnp.int64) + jnp.where(ok, 0, 1)
+        return updates, new, skipped, ok
+
+    unchecked = jax.jit(step)  # the eager "raise" policy's error path: what would be non-finite
 
     def kernels(grads, params, state):
         check_eager("kernels", grads, params, state)
@@ -148,9 +175,10 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
             first_moment=pack_leaves(layout, state.first_moment),
             second_moment=pack_leaves(layout, state.second_moment),
             grad_norm_ema=np.array(state.grad_norm_ema, dtype=np.float64),
+            skipped_steps=int(state.skipped_steps),
         )
         request = StepRequest(hyper=[validate_upgd(dict(hyper, lr=lr))] * layout.num_segments, seed=seed,
-                              noise_norm=noise_norm, variant=variant)
+                              noise_norm=noise_norm, variant=variant, nonfinite=nonfinite)
         flat_params = pack_leaves(layout, params)
         old_params = flat_params.copy()
         upgd_step(layout, flat_params, pack_leaves(layout, grads), flat, request, backend=kernel_backend)
@@ -160,7 +188,8 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
                                  *[[jax_view(v) for v in layout.unpack(getattr(flat, name))]
                                    for name in FlatUPGDState.BUFFERS],
                                  jnp.asarray(flat.grad_norm_ema))
-        return [jax_view(v) for v in layout.unpack(flat_params)], new
+            skipped = jnp.asarray(flat.skipped_steps, dtype=jnp.int64)
+        return [jax_view(v) for v in layout.unpack(flat_params)], new, skipped
 
     def update(updates, state, params=None, **extra_args):
         del extra_args
@@ -174,15 +203,29 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         for field in ("first_moment", "second_moment"):
             flatten_checked(f"state.{field}", getattr(state, field), treedef, like)
         check_wide(state, ("count", "segment_step", "grad_norm_ema"), len(like))
-        if backend == "native" and is_eager(grads, leaves, state):
-            check_finite("gradient", grads)
-            check_finite("params", leaves)
+        eager = backend == "native" and is_eager(grads, leaves, state)
+        if eager:
+            if nonfinite == "raise":
+                check_finite("gradient", grads)
+                check_finite("params", leaves)
             with x64_scope():
                 _learning_rate(learning_rate, state.count, leaves[:1])  # raises on an invalid value
         if backend == "native":
-            upd, new = native(grads, leaves, to_leaf_lists(state))
+            upd, new, skipped, ok = native(grads, leaves, to_leaf_lists(state))
+            if eager and nonfinite == "raise" and not bool(ok):
+                _raise_nonfinite(*unchecked(grads, leaves, to_leaf_lists(state)))
         else:
-            upd, new = kernels(grads, leaves, to_leaf_lists(state))
-        return jax.tree_util.tree_unflatten(treedef, upd), from_leaf_lists(new, treedef)
+            upd, new, skipped = kernels(grads, leaves, to_leaf_lists(state))
+        return jax.tree_util.tree_unflatten(treedef, upd), from_leaf_lists(new, treedef, skipped)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _raise_nonfinite(updates, new) -> None:
+    """The eager ``"raise"`` policy: name the first result that is not finite (the state the
+    caller holds is untouched: nothing to undo)."""
+    for role, leaves in (("utility", new.utility), ("first_moment", new.first_moment),
+                         ("second_moment", new.second_moment), ("params", updates),
+                         ("grad_norm_ema", [new.grad_norm_ema])):
+        check_finite(role, leaves, what="would hold")
+    raise AssertionError("unreachable: a refused step has a non-finite result")

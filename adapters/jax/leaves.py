@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from upgd_ref.checks import NonFiniteStepError
+
 SUPPORTED_DTYPES = ("float32", "float64")
 
 
@@ -66,10 +68,24 @@ def flatten_checked(role: str, tree, treedef, like_leaves):
     return leaves
 
 
-def check_finite(role: str, leaves) -> None:
-    """A non-finite value is an error naming the leaf (call only when :func:`is_eager`)."""
+def check_finite(role: str, leaves, what: str = "holds") -> None:
+    """A non-finite value is a :class:`~upgd_ref.checks.NonFiniteStepError` naming the leaf
+    (its segment) and the index (call only when :func:`is_eager`)."""
     for i, leaf in enumerate(leaves):
         bad = ~np.isfinite(np.asarray(leaf))
         if bad.any():
-            index = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
-            raise ValueError(f"{role} leaf {i} holds a non-finite value at index {tuple(int(j) for j in index)}")
+            flat = int(np.flatnonzero(bad)[0])
+            index = np.unravel_index(flat, bad.shape)
+            raise NonFiniteStepError(f"{role} leaf {i} {what} a non-finite value at index "
+                                     f"{tuple(int(j) for j in index)}", field=role, segment=i, element=flat)
+
+
+def all_finite(*trees):
+    """A traced bool: every leaf of every tree is finite (``optax.apply_if_finite``'s test)."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for tree in trees for leaf in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(flags))
+
+
+def where_finite(ok, new, old):
+    """``new`` where ``ok`` else ``old``, leaf by leaf (no host round trip under ``jax.jit``)."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)

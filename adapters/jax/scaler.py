@@ -9,12 +9,13 @@ import optax
 
 from upgd_ref import reference as _ref
 from upgd_ref.backends import check_backend_name as _check_core_backend
+from upgd_ref.checks import NonFiniteStepError, check_nonfinite_policy
 from upgd_ref.hyperparams import VGS_DEFAULTS, validate_vgs
 from upgd_ref.state import FlatVGSState
 from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
-from .leaves import check_finite, check_leaf_dtype, is_eager, x64_scope
+from .leaves import all_finite, check_finite, check_leaf_dtype, is_eager, where_finite, x64_scope
 from .state import VarianceGradientScalerState, check_wide
 
 
@@ -22,18 +23,22 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
                              eps=VGS_DEFAULTS["eps"], warmup_steps=VGS_DEFAULTS["warmup_steps"],
                              min_scaling_factor=VGS_DEFAULTS["min_scaling_factor"],
                              variance_cap=VGS_DEFAULTS["variance_cap"], *, backend="native",
-                             kernel_backend="auto") -> optax.GradientTransformationExtraArgs:
+                             kernel_backend="auto", nonfinite="raise") -> optax.GradientTransformationExtraArgs:
     """The Variance Gradient Scaler as an optax transformation (``specs/algorithm.md`` §2).
 
     ``update(grads, state, params=None)`` returns ``f * grads`` with ``f`` computed from the
     statistics of the previous steps, and advances the statistics with those scaled
     gradients. Chain it *before* :func:`adaptive_upgd`. Segments are the leaves of the
     gradient pytree. ``kernel_backend``: the core backend of ``backend="kernels"``.
+    ``nonfinite`` (``specs/algorithm.md`` §8): non-finite gradients or statistics leave the
+    gradients unscaled and the statistics (and ``count``) unchanged under ``"skip"`` and under
+    ``jax.jit``; an eager ``"raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`.
     """
     hp = validate_vgs(dict(enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
                            min_scaling_factor=min_scaling_factor, variance_cap=variance_cap))
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
+    nonfinite = check_nonfinite_policy(nonfinite)
 
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
@@ -52,7 +57,10 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
             factor, _ = _ref.vgs_scaling_factor(core, **hp)
             scaled = _ref.vgs_scale(leaves, factor)
             new = _ref.vgs_update(core, scaled, beta=hp["beta"])
-        return scaled, VarianceGradientScalerState(new.step, new.grad_mean_avg, new.grad_sq_avg)
+            ok = all_finite(leaves, new.grad_mean_avg, new.grad_sq_avg)  # as optax.apply_if_finite
+            scaled = where_finite(ok, scaled, leaves)
+            new = where_finite(ok, new, core._replace(step=jnp.asarray(state.count, dtype=jnp.int64)))
+        return scaled, VarianceGradientScalerState(new.step, new.grad_mean_avg, new.grad_sq_avg), ok
 
     def kernels(leaves, state):
         check_eager("kernels", leaves, state)
@@ -60,8 +68,10 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
         grads = pack_leaves(layout, leaves)
         flat = FlatVGSState(int(state.count), np.array(state.grad_mean_avg, dtype=np.float64),
                             np.array(state.grad_sq_avg, dtype=np.float64))
-        vgs_scale_step(layout, grads, vgs_factor(flat, hp)[0], backend=kernel_backend)
-        vgs_update_step(layout, grads, flat, hp["beta"], backend=kernel_backend)
+        factor = vgs_factor(flat, hp)[0]
+        if not (vgs_scale_step(layout, grads, factor, backend=kernel_backend, nonfinite=nonfinite)
+                and vgs_update_step(layout, grads, flat, hp["beta"], backend=kernel_backend, nonfinite=nonfinite)):
+            return list(leaves), state  # skipped: grads (a packed copy) and the statistics as they were
         with x64_scope():
             new = VarianceGradientScalerState(jnp.asarray(flat.step, dtype=jnp.int64),
                                               jnp.asarray(flat.grad_mean_avg), jnp.asarray(flat.grad_sq_avg))
@@ -81,9 +91,16 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
         for i, leaf in enumerate(leaves):
             check_leaf_dtype(f"gradient leaf {i}", leaf)
         check_wide(state, ("count", "grad_mean_avg", "grad_sq_avg"), num)
-        if backend == "native" and is_eager(leaves, state):
+        eager = backend == "native" and is_eager(leaves, state)
+        if eager and nonfinite == "raise":
             check_finite("gradient", leaves)
-        scaled, new_state = (native if backend == "native" else kernels)(leaves, state)
+        if backend == "native":
+            scaled, new_state, ok = native(leaves, state)
+            if eager and nonfinite == "raise" and not bool(ok):
+                raise NonFiniteStepError("variance_gradient_scaler: the statistics a_i, b_i would overflow float64; "
+                                         "nothing was changed", field="vgs")
+        else:
+            scaled, new_state = kernels(leaves, state)
         return jax.tree_util.tree_unflatten(treedef, scaled), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)

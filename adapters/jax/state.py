@@ -31,6 +31,7 @@ class AdaptiveUPGDState(NamedTuple):
     first_moment: Any  # m
     second_moment: Any  # v
     grad_norm_ema: Any  # float64 (S,): n_i
+    skipped_steps: Any = 0  # int64 scalar: steps skipped by the non-finite policy (specs/algorithm.md §8)
 
 
 _WIDE_FIELDS = {"count": "int64", "segment_step": "int64", "grad_norm_ema": "float64",
@@ -41,7 +42,8 @@ def restore_state(like, leaves):
     """A state with the structure, shapes and dtypes of ``like`` from saved ``leaves``.
 
     ``leaves``: a list in ``jax.tree_util.tree_leaves(like)`` order (for example the arrays
-    of an ``.npz`` written from them) or a pytree of the same structure. The int64/float64
+    of an ``.npz`` written from them) or a pytree of the same structure. A list saved from an
+    :class:`AdaptiveUPGDState` before it had ``skipped_steps`` (its last leaf) gets 0 there. The int64/float64
     leaves keep their width with ``jax_enable_x64`` off (``jnp.asarray`` alone would
     narrow them). Raises ``ValueError`` on a count or shape mismatch, ``TypeError`` on a
     dtype that does not convert exactly (for example float64 values into a float32 leaf).
@@ -53,6 +55,8 @@ def restore_state(like, leaves):
             raise ValueError(f"saved state has structure {structure}, expected {treedef}")
         leaves = jax.tree_util.tree_leaves(leaves)
     leaves = list(leaves)
+    if isinstance(like, AdaptiveUPGDState) and len(leaves) == len(like_leaves) - 1:
+        leaves.append(np.zeros((), dtype=np.int64))  # saved before the skipped-steps counter
     if len(leaves) != len(like_leaves):
         raise ValueError(f"saved state has {len(leaves)} arrays, the state has {len(like_leaves)}")
     out = []
@@ -88,12 +92,12 @@ def to_leaf_lists(state: AdaptiveUPGDState) -> AdaptiveUPGDState:
     :func:`from_leaf_lists` turns the core's new state back into pytrees."""
     leaves = jax.tree_util.tree_leaves
     return AdaptiveUPGDState(state.count, state.segment_step, leaves(state.utility), leaves(state.first_moment),
-                             leaves(state.second_moment), state.grad_norm_ema)
+                             leaves(state.second_moment), state.grad_norm_ema, state.skipped_steps)
 
 
-def from_leaf_lists(core, treedef) -> AdaptiveUPGDState:
+def from_leaf_lists(core, treedef, skipped_steps) -> AdaptiveUPGDState:
     """The optax state of a core state (:class:`upgd_ref.reference.UPGDState`: ``step`` and
     leaf lists), its buffers rebuilt as pytrees of structure ``treedef``."""
     unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
     return AdaptiveUPGDState(core.step, core.segment_step, unflatten(core.utility), unflatten(core.first_moment),
-                             unflatten(core.second_moment), core.grad_norm_ema)
+                             unflatten(core.second_moment), core.grad_norm_ema, skipped_steps)

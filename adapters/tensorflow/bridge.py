@@ -3,6 +3,7 @@ out (``specs/adapters-tensorflow.md``)."""
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 
@@ -36,6 +37,7 @@ class CoreBridge:
         self.core = make_core(self.layout)  # a core class of the family, with its variant
         self.moments = moments  # False: no moment variables cross the bridge (UPGD)
         self.last_step_info = None
+        self.skipped_steps = 0  # steps the non-finite policy skipped (specs/algorithm.md §8), this process
         # The only buffer reused between calls: gradients are never handed back to TF.
         self.grad_buffer = self.layout.zeros()
 
@@ -57,7 +59,9 @@ class CoreBridge:
         named = sorted({int(m) for m in _SEGMENT_RE.findall(message) if int(m) < len(self.names)})
         if named:
             message += " [" + ", ".join(f"segment {i} is variable {self.names[i]!r}" for i in named) + "]"
-        return type(exc)(message)
+        explained = copy.copy(exc)  # its type and attributes (NonFiniteStepError's field, segment)
+        explained.args = (message,)
+        return explained
 
     def step(self, indices, param_groups, vgs_settings, lr, *arrays):
         """One core step with learning rate ``lr`` (a float).
@@ -94,6 +98,7 @@ class CoreBridge:
                 first_moment=self._flat(indices, first),
                 second_moment=self._flat(indices, second),
                 grad_norm_ema=np.array(grad_norm_ema, dtype=np.float64),
+                skipped_steps=self.skipped_steps,
             )
             vgs_state = FlatVGSState(
                 int(vgs_step), np.array(vgs_mean, dtype=np.float64), np.array(vgs_square, dtype=np.float64)
@@ -102,7 +107,7 @@ class CoreBridge:
                 _check_state(state, vgs_state)
                 hyper = [core.MEMBER.tie(h) for h in segment_hyperparams(groups, self.layout.num_segments)]
                 request = StepRequest(hyper=hyper, present=present, seed=core.seed, noise_norm=core.noise_norm,
-                                      variant=core.variant)
+                                      variant=core.variant, nonfinite=core.nonfinite)
                 vgs = factor = variance = None
                 if vgs_settings is not None:  # scale -> two-pass step -> statistics update, in one call
                     factor, variance = vgs_factor(vgs_state, vgs_settings)
@@ -110,7 +115,9 @@ class CoreBridge:
                 stats = upgd_step(self.layout, params, grad_buffer, state, request, vgs=vgs, backend=core.backend)
             except (ValueError, TypeError, OverflowError) as exc:
                 raise self._explain(exc) from None
-            self.last_step_info = StepInfo.from_stats(stats, state.step, request.present, factor, variance)
+            self.skipped_steps = state.skipped_steps  # a skipped step wrote nothing: the outputs are the inputs
+            self.last_step_info = StepInfo.from_stats(stats, state.step, request.present, factor, variance,
+                                                      state.skipped_steps)
         moment_outputs = (
             (*self._segments(state.first_moment, indices), *self._segments(state.second_moment, indices))
             if self.moments else ()

@@ -38,12 +38,12 @@ class UPGD(AdaptiveUPGD):
                  min_noise_std=UPGD_DEFAULTS["min_noise_std"],
                  instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], vgs=None, seed=0,
                  noise_norm="segment", noise_ema_init=UPGD_DEFAULTS["noise_ema_init"],
-                 profile="production", name="upgd", **kwargs):
+                 profile="production", nonfinite="raise", name="upgd", **kwargs):
         self._init_family(
             learning_rate, dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                                 adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                                 instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init),
-            vgs=vgs, seed=seed, noise_norm=noise_norm, profile=profile, name=name, kwargs=kwargs)
+            vgs=vgs, seed=seed, noise_norm=noise_norm, profile=profile, nonfinite=nonfinite, name=name, kwargs=kwargs)
 
 
 @keras.saving.register_keras_serializable(package="upgd_ref")
@@ -67,20 +67,22 @@ class UPGDW(AdaptiveUPGD):
                  amsgrad=False, adaptive_noise=UPGD_DEFAULTS["adaptive_noise"],
                  noise_beta=UPGD_DEFAULTS["noise_beta"], min_noise_std=UPGD_DEFAULTS["min_noise_std"],
                  instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], vgs=None, seed=0,
-                 noise_norm="segment", noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], name="upgdw", **kwargs):
+                 noise_norm="segment", noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], nonfinite="raise",
+                 name="upgdw", **kwargs):
         self._MEMBER.check_refused({"amsgrad": amsgrad})
         self._init_family(
             learning_rate, dict(weight_decay=weight_decay, sigma=sigma, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                                 adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                                 instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init),
-            vgs=vgs, seed=seed, noise_norm=noise_norm, profile="production", name=name, kwargs=kwargs)
+            vgs=vgs, seed=seed, noise_norm=noise_norm, profile="production", nonfinite=nonfinite, name=name,
+            kwargs=kwargs)
 
     def _extra_config(self) -> dict:
         return {"amsgrad": False}
 
     def _make_core(self, layout):
         return CoreUPGDW(layout, seed=self.seed, noise_norm=self.noise_norm, noise_ema_init=self.noise_ema_init,
-                         backend="auto")
+                         backend="auto", nonfinite=self.nonfinite)
 
     def _core_hyperparams(self) -> dict:
         hyper = super()._core_hyperparams()

@@ -14,6 +14,7 @@ import keras
 
 from upgd_ref import AdaptiveUPGD as CoreAdaptiveUPGD
 from upgd_ref import FlatLayout
+from upgd_ref.checks import check_nonfinite_policy
 from upgd_ref.family import MEMBERS, PAPER_EPS
 from upgd_ref.hyperparams import UPGD_DEFAULTS
 from upgd_ref.step import check_noise_norm, check_seed
@@ -55,6 +56,12 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
     ``profile="paper"`` computes the original paper's Adam-style variant
     (``specs/algorithm.md`` §7; ``eps`` defaults to ``1e-5`` then). :class:`UPGD` and
     :class:`UPGDW` are the other members of the family.
+
+    ``nonfinite`` (``specs/algorithm.md`` §8): ``"raise"`` (default) fails the step with the
+    core's :class:`~upgd_ref.checks.NonFiniteStepError` (naming the variable), ``"skip"``
+    leaves every variable as it was (as ``LossScaleOptimizer`` skips an overflowing step);
+    ``last_step_info.skipped`` and ``.skipped_steps`` report it (the count is not a Keras
+    variable: it restarts at 0 with the process).
     """
 
     _MEMBER = MEMBERS["AdaptiveUPGD"]  # the family member's row (specs/algorithm.md §7)
@@ -69,7 +76,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
                  min_noise_std=UPGD_DEFAULTS["min_noise_std"],
                  instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"], vgs=None, seed=0,
                  noise_norm="segment", noise_ema_init=UPGD_DEFAULTS["noise_ema_init"],
-                 profile="production", name="adaptive_upgd", **kwargs):
+                 profile="production", nonfinite="raise", name="adaptive_upgd", **kwargs):
         if eps is None:
             eps = PAPER_EPS if profile == "paper" else UPGD_DEFAULTS["eps"]
         self._init_family(
@@ -77,9 +84,9 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
                                 beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
                                 min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
                                 noise_ema_init=noise_ema_init),
-            vgs=vgs, seed=seed, noise_norm=noise_norm, profile=profile, name=name, kwargs=kwargs)
+            vgs=vgs, seed=seed, noise_norm=noise_norm, profile=profile, nonfinite=nonfinite, name=name, kwargs=kwargs)
 
-    def _init_family(self, learning_rate, values, *, vgs, seed, noise_norm, profile, name, kwargs):
+    def _init_family(self, learning_rate, values, *, vgs, seed, noise_norm, profile, nonfinite, name, kwargs):
         """Validate everything (before Keras creates any variable), then set up the optimizer.
         ``values``: the member's hyper-parameters by attribute name (``_ATTRIBUTES``)."""
         variant = self._MEMBER.variant(profile)
@@ -92,6 +99,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         noise_norm = check_noise_norm(noise_norm)
         vgs_settings = validated_vgs(vgs)
         seed = check_seed(seed)
+        nonfinite = check_nonfinite_policy(nonfinite)
         if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)  # Keras accepts only floats
         # Keras's own decoupled decay stays off: the core applies ``weight_decay``.
@@ -104,6 +112,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         self._noise_norm = noise_norm
         self._seed = seed
         self._vgs = vgs_settings
+        self._nonfinite = nonfinite
         self._bridge = None
 
     # --- learning rate --------------------------------------------------------------------
@@ -161,6 +170,12 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         return None if self._vgs is None else dict(self._vgs)
 
     @property
+    def nonfinite(self) -> str:
+        """``"raise"`` or ``"skip"``: what a step with non-finite inputs or results does
+        (``specs/algorithm.md`` §8; a skipped step leaves every variable unchanged)."""
+        return self._nonfinite
+
+    @property
     def layout(self) -> FlatLayout:
         """The core layout of the variables (built optimizers only)."""
         self._require_built("layout")
@@ -178,7 +193,8 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         if isinstance(config["learning_rate"], float):
             config["learning_rate"] = self._exact_if_unchanged(config["learning_rate"])
         config.update({attr: getattr(self, attr) for attr in self._ATTRIBUTES})
-        config.update(vgs=self.vgs, seed=self.seed, noise_norm=self.noise_norm, **self._extra_config())
+        config.update(vgs=self.vgs, seed=self.seed, noise_norm=self.noise_norm, nonfinite=self.nonfinite,
+                      **self._extra_config())
         return config
 
     def _extra_config(self) -> dict:
@@ -187,7 +203,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
     def _make_core(self, layout):
         """The core optimizer of this family member (its variant) over ``layout``."""
         return self._CORE(layout, seed=self.seed, noise_norm=self.noise_norm, noise_ema_init=self.noise_ema_init,
-                          backend="auto", profile=self.profile)
+                          backend="auto", profile=self.profile, nonfinite=self.nonfinite)
 
     def _core_hyperparams(self) -> dict:
         """The core hyper-parameters from the current attributes."""

@@ -271,6 +271,7 @@ BAD_UPGD_HYPER = [
     ("lr", -1e-3, ValueError), ("lr", math.nan, ValueError), ("lr", math.inf, ValueError),
     ("lr", "0.1", TypeError), ("lr", None, TypeError), ("lr", True, TypeError), ("lr", 1j, TypeError),
     ("weight_decay", -1e-9, ValueError), ("sigma", -0.1, ValueError), ("eps", -1e-8, ValueError),
+    ("eps", 0.0, ValueError), ("lr", 10**400, ValueError), ("noise_ema_init", -(10**400), ValueError),
     ("min_noise_std", -1e-6, ValueError), ("noise_ema_init", -1.0, ValueError),
     ("beta_utility", 1.0, ValueError), ("beta_utility", -0.1, ValueError), ("beta1", 1.0, ValueError),
     ("beta1", math.nan, ValueError), ("beta2", 1.5, ValueError), ("beta2", -1e-12, ValueError),
@@ -291,7 +292,7 @@ def test_constructor_rejects_invalid_hyperparameter(backend, name, value, exc):
 
 
 @pytest.mark.parametrize("name, value", [
-    ("lr", 0.0), ("weight_decay", 0.0), ("sigma", 0.0), ("eps", 0.0), ("min_noise_std", 0.0),
+    ("lr", 0.0), ("weight_decay", 0.0), ("sigma", 0.0), ("eps", 1e-44), ("min_noise_std", 0.0),
     ("beta_utility", 0.0), ("beta1", 0.0), ("beta2", 0.0), ("noise_beta", 0.0), ("noise_ema_init", 0.0),
     ("beta2", 1.0 - 2.0**-53), ("lr", np.float32(1e-3)), ("adaptive_noise", np.True_), ("lr", 1),
 ])

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 
 from upgd_ref import AdaptiveUPGD, FlatLayout, VarianceGradientScaler
 from upgd_ref.backends import backends_for
-from upgd_ref.kernels.numba_step import CHUNK, update_with_noise, update_without_noise
+from upgd_ref.kernels.numba_step import CHUNK, traces_and_update
 
 from tests.helpers.snapshots import snapshot
 
@@ -154,12 +154,16 @@ def test_skipping_the_noise_of_a_zero_std_changes_nothing(dtype):
     v = np.abs(data.standard_normal(n)).astype(dtype)
     params = data.standard_normal(n).astype(dtype)
     params[:3] = [0.0, -0.0, 1.0]
-    coefficients = np.array([1 - 1e-5, 1e-2, 1e-8, 1 / 0.3, 1 / 0.1, 1 / 0.01, 0.0], dtype=dtype)
-    with_noise, without = params.copy(), params.copy()
-    update_with_noise(with_noise, u, m, v, data.standard_normal(n).astype(dtype), dtype(0.0), coefficients,
-                      dtype(-1.5), dtype(0.4))
-    update_without_noise(without, u, m, v, coefficients, dtype(-1.5), dtype(0.4))
-    assert np.array_equal(with_noise, without)
+    grads = data.standard_normal(n).astype(dtype)
+    coefficients = np.array([0.999, 0.001, 0.9, 0.1, 0.999, 0.001, 1 - 1e-5, 1e-2, 1e-8, 1 / 0.3, 1 / 0.1, 1 / 0.01,
+                             0.0], dtype=dtype)
+    results = []
+    for draw, normals in ((True, data.standard_normal(n).astype(dtype)), (False, np.empty(0, dtype))):
+        p, state = params.copy(), [x.copy() for x in (u, m, v)]
+        traces_and_update(p, grads, np.empty(1, dtype), False, dtype(1.0), *state, normals, draw, coefficients,
+                          dtype(-1.5), dtype(0.4))
+        results.append((p, *state))
+    assert all(np.array_equal(a, b) for a, b in zip(*results))
 
 
 # --- state dicts move between backends mid-run --------------------------------------------

@@ -24,28 +24,30 @@ from ..rng import check_u64
 
 __all__ = [
     "CHUNK", "SEGMENT", "START", "LENGTH", "LOGICAL",
-    "BETA_U", "ONE_MINUS_BETA_U", "BETA1", "ONE_MINUS_BETA1", "BETA2", "ONE_MINUS_BETA2", "NUM_PASS1_COEFFICIENTS",
-    "DECAY", "LR", "EPS", "INV_CU", "INV_BC1", "INV_BC2", "STD", "NUM_PASS2_COEFFICIENTS",
-    "SUM", "SUM_SQ", "MIN_U", "MAX_U", "NUM_PARTIALS",
+    "BETA_U", "ONE_MINUS_BETA_U", "BETA1", "ONE_MINUS_BETA1", "BETA2", "ONE_MINUS_BETA2",
+    "DECAY", "LR", "EPS", "INV_CU", "INV_BC1", "INV_BC2", "STD", "NUM_COEFFICIENTS",
+    "SUM", "SUM_SQ", "MIN_U", "MAX_U", "MAX_P", "MAX_D", "BAD", "NUM_PARTIALS",
     "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS",
     "TANH_FLOAT32", "TANH_FLOAT64",
     "chunk_table", "segment_chunk_offsets", "check_noise_request", "split_u64", "zero_padding",
-    "pass1_coefficients", "pass2_coefficients", "family_mode", "update_tables",
+    "step_coefficients", "family_mode", "update_tables",
 ]
 
 CHUNK = 2048  # elements per work item: partial sums are fixed by it, never by the threads
 
 # Chunk table columns.
 SEGMENT, START, LENGTH, LOGICAL = 0, 1, 2, 3
-# Pass-1 coefficient columns (per segment, in the buffers' dtype).
+# Coefficient columns (per segment, in the buffers' dtype), one table for both passes (pass 2
+# recomputes pass 1's traces): beta, 1 - beta of the utility and both moments, then
+# 1 - lr*wd, update_factor*lr, eps, 1/cu, 1/(1-beta1^t), 1/(1-beta2^t), std (0 in pass 1).
 BETA_U, ONE_MINUS_BETA_U, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = range(6)
-NUM_PASS1_COEFFICIENTS = 6
-# Pass-2 coefficient columns: 1 - lr*wd, lr, eps, 1/cu, 1/(1-beta1^t), 1/(1-beta2^t), std.
-DECAY, LR, EPS, INV_CU, INV_BC1, INV_BC2, STD = range(7)
-NUM_PASS2_COEFFICIENTS = 7
-# Partial-result columns of a chunk (float64).
-SUM, SUM_SQ, MIN_U, MAX_U = range(4)
-NUM_PARTIALS = 4
+DECAY, LR, EPS, INV_CU, INV_BC1, INV_BC2, STD = range(6, 13)
+NUM_COEFFICIENTS = 13
+# Partial-result columns of a chunk (float64): sum g, sum g^2, min u, max u of the updated
+# utility, max |p|, max |d| (the update direction) and the count of elements where any of
+# g, p, the new u, m, v or d is not finite (specs/algorithm.md §8).
+SUM, SUM_SQ, MIN_U, MAX_U, MAX_P, MAX_D, BAD = range(7)
+NUM_PARTIALS = 7
 # Family mode bits of the family pass 2 (0 is the production arithmetic): moments "none"
 # (direction g), protection "max" (sigmoid((u/cu)/U_hi)), noise placement "terms".
 MOMENTS_NONE, PROTECTION_MAX, NOISE_TERMS = 1, 2, 4
@@ -136,20 +138,6 @@ def _column(hyper: list[dict], name: str) -> np.ndarray:
     return np.array([h[name] for h in hyper], dtype=np.float64)
 
 
-def pass1_coefficients(hyper: list[dict], dtype) -> np.ndarray:
-    """Per segment ``beta, 1 - beta`` of the utility and both moments, rounded to ``dtype``."""
-    out = np.empty((len(hyper), NUM_PASS1_COEFFICIENTS), dtype=dtype)
-    for beta_name, beta_column, complement_column in (
-        ("beta_utility", BETA_U, ONE_MINUS_BETA_U),
-        ("beta1", BETA1, ONE_MINUS_BETA1),
-        ("beta2", BETA2, ONE_MINUS_BETA2),
-    ):
-        beta = _column(hyper, beta_name)
-        out[:, beta_column] = beta
-        out[:, complement_column] = 1.0 - beta
-    return out
-
-
 def _reciprocal_in(dtype, value) -> np.ndarray:
     """``1 / value`` rounded to ``dtype``, where ``value`` is first rounded to ``dtype`` (the
     reference divides by the dtype-rounded value)."""
@@ -163,16 +151,27 @@ def _bias_corrections(hyper: list[dict], name: str, t: np.ndarray) -> np.ndarray
     return np.array([ref.bias_correction(h[name], int(steps)) for h, steps in zip(hyper, t)], dtype=np.float64)
 
 
-def pass2_coefficients(hyper: list[dict], t: np.ndarray, std: np.ndarray, dtype,
-                       update_factor: float = 1.0) -> np.ndarray:
-    """Per segment ``1 - lr wd, update_factor lr, eps, 1/cu, 1/(1 - beta1^t), 1/(1 - beta2^t), std``
-    (the reference's ``step = update_factor * lr``, a float64 product rounded once)."""
+def step_coefficients(hyper: list[dict], t: np.ndarray, std: np.ndarray, dtype,
+                      update_factor: float = 1.0) -> np.ndarray:
+    """Per segment, rounded to ``dtype``: ``beta, 1 - beta`` of the utility and both moments,
+    ``1 - lr wd, update_factor lr, eps, 1/cu, 1/(1 - beta1^t), 1/(1 - beta2^t), std`` (the
+    reference's ``step = update_factor * lr``, a float64 product rounded once). ``t``: the
+    step counts after this step; ``std``: NaN (absent segments, or pass 1) stored as 0."""
     lr = _column(hyper, "lr")
-    out = np.empty((len(hyper), NUM_PASS2_COEFFICIENTS), dtype=dtype)
-    out[:, DECAY] = 1.0 - lr * _column(hyper, "weight_decay")
-    out[:, LR] = update_factor * lr
-    out[:, EPS] = _column(hyper, "eps")
-    with np.errstate(divide="ignore"):  # t = 0 only for absent segments, never read
+    out = np.empty((len(hyper), NUM_COEFFICIENTS), dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # refused by the plan (stages)
+        for beta_name, beta_column, complement_column in (
+            ("beta_utility", BETA_U, ONE_MINUS_BETA_U),
+            ("beta1", BETA1, ONE_MINUS_BETA1),
+            ("beta2", BETA2, ONE_MINUS_BETA2),
+        ):
+            beta = _column(hyper, beta_name)
+            out[:, beta_column] = beta
+            out[:, complement_column] = 1.0 - beta
+        out[:, DECAY] = 1.0 - lr * _column(hyper, "weight_decay")
+        out[:, LR] = update_factor * lr
+        out[:, EPS] = _column(hyper, "eps")
+        # t = 0 only for absent segments, never read
         out[:, INV_CU] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta_utility", t))
         out[:, INV_BC1] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta1", t))
         out[:, INV_BC2] = _reciprocal_in(dtype, _bias_corrections(hyper, "beta2", t))
@@ -198,4 +197,4 @@ def update_tables(plan, hyper: list[dict], dtype, variant: ref.UPGDVariant) -> t
     dtype = np.dtype(dtype)
     utility_range = plan.utility_max - plan.utility_min + dtype.type(ref.UTILITY_RANGE_EPS)
     inv_range = dtype.type(_reciprocal_in(dtype, utility_range))
-    return pass2_coefficients(hyper, plan.segment_step, plan.std, dtype, variant.update_factor), inv_range
+    return step_coefficients(hyper, plan.segment_step, plan.std, dtype, variant.update_factor), inv_range

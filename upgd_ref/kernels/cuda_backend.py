@@ -4,12 +4,14 @@ One step is the same plan as the Numba backend's (``specs/kernels-cuda.md``, ``s
 
 1. validation: a count of non-finite elements per chunk and per segment, one small copy to
    the host (it must be known before anything is written);
-2. pass 1 (``pass1_*``): ``g <- f g`` when VGS scales, ``u`` (and ``m``, ``v``), per chunk
-   ``sum g``, ``sum g^2``, ``min u``, ``max u``; ``segment_reduce`` combines them per segment
-   in a fixed order, and the ``(S, 4)`` result goes to the host;
-3. on the host, float64 per segment: the core's plan (:func:`upgd_ref.stages.plan_step`,
-   the reference's formulas, shared with every backend);
-4. pass 2 (``pass2_*`` or ``family_pass2_*``) with the Philox normals generated in registers.
+2. pass 1 (``pass1_*``), read-only: the new ``u`` (and ``m``, ``v``) of ``f g`` in registers,
+   per chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``, ``max |p|``, ``max |d|`` and the
+   non-finite count; ``segment_reduce`` combines them per segment in a fixed order, and the
+   ``(S, 7)`` result goes to the host;
+3. on the host, float64 per segment: the core's plan and finiteness checks
+   (:mod:`upgd_ref.stages`, shared with every backend);
+4. pass 2 (``pass2_*`` or ``family_pass2_*``): pass 1's values again (same bits), written
+   with ``g <- f g``, and the update with the Philox normals generated in registers.
 
 The kernels are launched by a *launcher*: :class:`CupyLauncher` (CuPy arrays on a GPU,
 ``backend="cupy"``) or :class:`~upgd_ref.kernels.cuda_emulator.EmulatorLauncher` (the same
@@ -27,8 +29,8 @@ from .. import reference as ref
 from ..layout import FlatLayout
 from ..stages import SegmentReductions
 from .chunk_abi import (
-    MAX_U, MIN_U, NUM_PARTIALS, SUM, SUM_SQ, check_noise_request, chunk_table, family_mode, pass1_coefficients,
-    segment_chunk_offsets, split_u64, update_tables, zero_padding,
+    NUM_PARTIALS, check_noise_request, chunk_table, family_mode, segment_chunk_offsets, split_u64, step_coefficients,
+    update_tables, zero_padding,
 )
 from .cuda_source import KERNEL_SIGNATURES, THREADS, cached_cubin, checked_arguments, kernel_name
 
@@ -149,8 +151,7 @@ class CudaBackend:
         out = self.array_module.empty((layout.num_segments, NUM_PARTIALS), dtype=np.float64)
         self.launcher.launch("segment_reduce", layout.num_segments, partial, segment_chunks, flags,
                              layout.num_segments, out)
-        totals = self.launcher.to_host(out)
-        return SegmentReductions(*(np.ascontiguousarray(totals[:, column]) for column in (SUM, SUM_SQ, MIN_U, MAX_U)))
+        return SegmentReductions.from_columns(self.launcher.to_host(out))
 
     def _new_partial(self, chunks):
         return self.array_module.empty((chunks.shape[0], NUM_PARTIALS), dtype=np.float64)  # every row is written
@@ -204,15 +205,17 @@ class CudaBackend:
         chunks, _ = self._chunks(layout)
         num_chunks = chunks.shape[0]
         flags = self._flags(present)
-        coefficients = self._device(pass1_coefficients(hyper, dtype))
-        factor = dtype.type(vgs_factor)
+        t = state.segment_step + np.asarray(present, dtype=np.int64)
+        coefficients = self._device(step_coefficients(hyper, t, np.zeros(layout.num_segments), dtype,
+                                                      variant.update_factor))
         partial = self._new_partial(chunks)
         self.launcher.launch(kernel_name("pass1", dtype), num_chunks, grads, params, state.utility,
                              state.first_moment, state.second_moment, chunks, flags, coefficients, num_chunks,
-                             factor, int(factor != 1), int(variant.moments == "adam"), partial)
+                             dtype.type(vgs_factor), int(variant.moments == "adam"), partial)
         return self._segment_partials(layout, flags, partial)
 
-    def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant) -> None:
+    def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
+                    vgs_factor=1.0) -> None:
         dtype = layout.dtype
         chunks, _ = self._chunks(layout)
         num_chunks = chunks.shape[0]
@@ -220,15 +223,14 @@ class CudaBackend:
         coefficients, inv_range = update_tables(plan, hyper, dtype, variant)
         coefficients = self._device(coefficients)
         words = (*split_u64(plan.step), *split_u64(seed))
+        factor = dtype.type(vgs_factor)
+        common = (params, grads, state.utility, state.first_moment, state.second_moment, chunks, flags, coefficients,
+                  num_chunks, factor, int(factor != 1), plan.utility_min, inv_range)
         if variant == ref.PRODUCTION:
-            self.launcher.launch(kernel_name("pass2", dtype), num_chunks, params, state.utility,
-                                 state.first_moment, state.second_moment, chunks, flags, coefficients,
-                                 num_chunks, plan.utility_min, inv_range, *words)
+            self.launcher.launch(kernel_name("pass2", dtype), num_chunks, *common, *words)
         else:
-            self.launcher.launch(kernel_name("family_pass2", dtype), num_chunks, params, grads, state.utility,
-                                 state.first_moment, state.second_moment, chunks, flags, coefficients,
-                                 num_chunks, plan.utility_min, inv_range, plan.utility_max, family_mode(variant),
-                                 *words)
+            self.launcher.launch(kernel_name("family_pass2", dtype), num_chunks, *common, plan.utility_max,
+                                 family_mode(variant), *words)
 
     # --- compilation --------------------------------------------------------------------
 

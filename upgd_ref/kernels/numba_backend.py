@@ -4,16 +4,17 @@ One AdaptiveUPGD step (optionally fused with the VGS scale) is two kernel launch
 core (:mod:`upgd_ref.step`) does the float64 per-segment work in between
 (``specs/kernels.md`` §1, ``specs/step.md``):
 
-1. :meth:`~NumbaBackend.first_pass` (:func:`~upgd_ref.kernels.numba_step.pass1_parallel`,
-   or ``scaled_pass1_*`` which also writes ``g <- f g`` back for the fused VGS): the
-   utility trace and moments, per-chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``, then
-   per segment in chunk order (:class:`~upgd_ref.stages.SegmentReductions`);
+1. :meth:`~NumbaBackend.first_pass` (:func:`~upgd_ref.kernels.numba_step.pass1_parallel`),
+   read-only: the traces of ``f g`` in registers, per chunk ``sum g``, ``sum g^2``, ``min u``,
+   ``max u``, ``max |p|``, ``max |d|`` and the non-finite count, then per segment in chunk
+   order (:class:`~upgd_ref.stages.SegmentReductions`);
 2. :meth:`~NumbaBackend.second_pass` (:func:`~upgd_ref.kernels.numba_step.pass2_parallel`):
-   the update, with the normals of step ``T = state.step + 1`` generated inside the kernel.
+   the traces again (same bits), written with ``g <- f g``, and the update, with the normals
+   of step ``T = state.step + 1`` generated inside the kernel.
 
-Every member of the UPGD family (``variant``) runs in the kernels: without moments pass 1
-is ``utility_pass1_*`` (``m``, ``v`` untouched); any non-production member's pass 2 is
-``family_pass2_*`` with the member's mode bits (``specs/kernels.md`` §1.1).
+Every member of the UPGD family (``variant``) runs in the kernels: without moments ``m``,
+``v`` are neither read nor written; any non-production member's pass 2 is ``family_pass2_*``
+with the member's mode bits (``specs/kernels.md`` §1.1).
 
 The per-segment formulas are the reference's (:mod:`upgd_ref.reference`) applied to the
 reduced values; only the element-wise work runs in the kernels.
@@ -30,8 +31,8 @@ from ..layout import FlatLayout
 from ..stages import SegmentReductions
 from . import numba_step as k
 from .chunk_abi import (
-    MAX_U, MIN_U, SEGMENT, SUM, SUM_SQ, check_noise_request, chunk_table, family_mode, pass1_coefficients,
-    split_u64, update_tables, zero_padding,
+    NUM_PARTIALS, SEGMENT, check_noise_request, chunk_table, family_mode, split_u64, step_coefficients,
+    update_tables, zero_padding,
 )
 
 __all__ = ["NumbaBackend", "PARALLEL_MIN_SIZE", "chunk_table", "kernel_cache_stats"]
@@ -58,8 +59,7 @@ def _read_only(buffer: np.ndarray) -> np.ndarray:
 
 
 def _reductions(totals: np.ndarray) -> SegmentReductions:
-    return SegmentReductions(totals[:, SUM].copy(), totals[:, SUM_SQ].copy(), totals[:, MIN_U].copy(),
-                             totals[:, MAX_U].copy())
+    return SegmentReductions.from_columns(totals)
 
 
 def _split_u64(value: int) -> tuple[np.uint64, np.uint64]:
@@ -117,7 +117,7 @@ class NumbaBackend:
     def gradient_sums(self, *, layout, grads, present) -> SegmentReductions:
         table = chunk_table(layout)
         flags = np.asarray(present, dtype=np.bool_)
-        partial = np.zeros((table.shape[0], 4))
+        partial = np.zeros((table.shape[0], NUM_PARTIALS))
         self._pick(layout, k.moments_serial, k.moments_parallel)(_read_only(grads), table, flags, partial)
         sums = _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
         return sums._replace(utility_min=np.full(layout.num_segments, np.inf),
@@ -133,36 +133,31 @@ class NumbaBackend:
         dtype = layout.dtype
         table = chunk_table(layout)
         flags = np.asarray(present, dtype=np.bool_)
-        partial = np.empty((table.shape[0], 4))
-        factor = dtype.type(vgs_factor)
-        if variant.moments == "adam":
-            buffers = (params, state.utility, state.first_moment, state.second_moment, table, flags,
-                       pass1_coefficients(hyper, dtype))
-            scaled_kernels = (k.scaled_pass1_serial, k.scaled_pass1_parallel)
-            kernels = (k.pass1_serial, k.pass1_parallel)
-        else:  # no moments: m and v are neither read nor written
-            buffers = (params, state.utility, table, flags, pass1_coefficients(hyper, dtype))
-            scaled_kernels = (k.scaled_utility_pass1_serial, k.scaled_utility_pass1_parallel)
-            kernels = (k.utility_pass1_serial, k.utility_pass1_parallel)
-        if factor != 1:  # g <- f g inside pass 1: the gradient is read once for both
-            self._pick(layout, *scaled_kernels)(grads, *buffers, factor, partial)
-        else:
-            self._pick(layout, *kernels)(_read_only(grads), *buffers, partial)
+        partial = np.empty((table.shape[0], NUM_PARTIALS))
+        t = state.segment_step + flags
+        coefficients = step_coefficients(hyper, t, np.zeros(layout.num_segments), dtype, variant.update_factor)
+        kernel = self._pick(layout, k.pass1_serial, k.pass1_parallel)
+        kernel(*(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
+               table, flags, coefficients, dtype.type(vgs_factor), variant.moments == "none", partial)
         return _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
 
-    def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant) -> None:
+    def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
+                    vgs_factor=1.0) -> None:
         table = chunk_table(layout)
         flags = np.asarray(present, dtype=np.bool_)
         coefficients, inv_range = update_tables(plan, hyper, layout.dtype, variant)
         words = (*_split_u64(plan.step), *_split_u64(seed))
+        factor = layout.dtype.type(vgs_factor)
+        scaled = bool(factor != 1)
+        # g <- f g written only when scaled (then grads is writable); else a never-written dummy
+        g, g_out = (grads, grads) if scaled else (_read_only(grads), np.empty(1, dtype=layout.dtype))
+        common = (params, g, g_out, state.utility, state.first_moment, state.second_moment, table, flags,
+                  coefficients, factor, scaled, plan.utility_min, inv_range)
         if variant == ref.PRODUCTION:
-            pass2 = self._pick(layout, k.pass2_serial, k.pass2_parallel)
-            pass2(params, state.utility, state.first_moment, state.second_moment, table, flags, coefficients,
-                  plan.utility_min, inv_range, *words)
+            self._pick(layout, k.pass2_serial, k.pass2_parallel)(*common, *words)
         else:
-            pass2 = self._pick(layout, k.family_pass2_serial, k.family_pass2_parallel)
-            pass2(params, _read_only(grads), state.utility, state.first_moment, state.second_moment, table, flags,
-                  coefficients, plan.utility_min, inv_range, plan.utility_max, family_mode(variant), *words)
+            self._pick(layout, k.family_pass2_serial, k.family_pass2_parallel)(
+                *common, plan.utility_max, family_mode(variant), *words)
 
     # --- compilation --------------------------------------------------------------------
 

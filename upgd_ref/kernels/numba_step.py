@@ -8,25 +8,27 @@ counter). Each kernel exists twice, ``*_serial`` and ``*_parallel``: distinct to
 functions (distinct cache entries) over the same per-chunk helper, so their results are
 identical.
 
-Pass 1, per chunk of a present segment, one sweep (``scaled_pass1_*`` also write ``g <- f g``
-back, for the fused VGS; ``pass1_*`` only read ``g``)::
+Pass 1, per chunk of a present segment, one read-only sweep: the new traces of ``f g`` in
+registers (nothing is written, so a step refused by the finiteness checks of
+``specs/algorithm.md`` §8 leaves every buffer as it was)::
 
-    u <- beta_u u + (1 - beta_u)(-g p),   m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2
-    partial[c] = (sum g, sum g^2 [float64], min u, max u)
+    u' = beta_u u + (1 - beta_u)(-f g p),   m' = beta1 m + (1 - beta1) f g,   v' = beta2 v + (1 - beta2) (f g)^2
+    d  = m'/bc1 / (sqrt(v'/bc2) + eps)   (f g without moments)
+    partial[c] = (sum f g, sum (f g)^2 [float64], min u', max u', max |p|, max |d|, #non-finite)
 
 Pass 2, per chunk of a present segment, with the segment's coefficients and the global
-``U_lo`` and ``1 / (U_hi - U_lo + 1e-8)``; the normals ``xi`` are generated per chunk into an
-L1-resident tile, and not at all when ``std == 0``::
+``U_lo`` and ``1 / (U_hi - U_lo + 1e-8)``: pass 1's ``f g``, ``u'``, ``m'``, ``v'`` again (the
+same operations, so the same bits), written once, and the update; the normals ``xi`` are
+generated per chunk into an L1-resident tile, and not at all when ``std == 0``::
 
-    x = clip((u/cu - U_lo) / (U_hi - U_lo + 1e-8), 0, 1),   su = 1 / (1 + exp(-2 (x - 1/2)))
-    p <- p (1 - lr wd) - lr (m_hat / (sqrt(v_hat) + eps) + std xi) (1 - su)
+    x = clip((u'/cu - U_lo) / (U_hi - U_lo + 1e-8), 0, 1),   su = 1 / (1 + exp(-2 (x - 1/2)))
+    p <- p (1 - lr wd) - lr (d + std xi) (1 - su)
 
-Other members of the UPGD family (``specs/algorithm.md`` §7, ``specs/kernels.md`` §1.1):
-without moments, pass 1 is ``utility_pass1_*`` / ``scaled_utility_pass1_*`` (``u`` only; ``m``
-and ``v`` untouched); pass 2 is ``family_pass2_*`` with a run-time ``mode`` (OR of
-:data:`MOMENTS_NONE`, :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`), ``step = update_factor
-lr`` in the ``LR`` column and :func:`family_param` per element. The production member keeps
-``pass1_*`` / ``pass2_*``.
+Other members of the UPGD family (``specs/algorithm.md`` §7, ``specs/kernels.md`` §1.1): a
+run-time ``moments_none`` in pass 1 (``u`` only; ``m`` and ``v`` not read), and pass 2 is
+``family_pass2_*`` with a run-time ``mode`` (OR of :data:`MOMENTS_NONE`,
+:data:`PROTECTION_MAX`, :data:`NOISE_TERMS`), ``step = update_factor lr`` in the ``LR``
+column and :func:`family_param` per element. The production member keeps ``pass2_*``.
 
 The normals are those of :mod:`upgd_ref.rng`, evaluated term for term (same expressions, same
 order, so the same bits; ``specs/kernels.md`` §4):
@@ -66,8 +68,8 @@ from ..rng import (
     PI_OVER_4, S1, S2, S3, S4, S5, S6, SQRT2,
 )
 from .chunk_abi import (  # the tables' layout, shared with the CUDA kernels
-    BETA1, BETA2, BETA_U, CHUNK, DECAY, EPS, INV_BC1, INV_BC2, INV_CU, LENGTH, LOGICAL, LR, MAX_U, MIN_U,
-    MOMENTS_NONE, NOISE_TERMS, NUM_PASS1_COEFFICIENTS, NUM_PASS2_COEFFICIENTS, ONE_MINUS_BETA1, ONE_MINUS_BETA2,
+    BAD, BETA1, BETA2, BETA_U, CHUNK, DECAY, EPS, INV_BC1, INV_BC2, INV_CU, LENGTH, LOGICAL, LR, MAX_D, MAX_P,
+    MAX_U, MIN_U, MOMENTS_NONE, NOISE_TERMS, NUM_COEFFICIENTS, NUM_PARTIALS, ONE_MINUS_BETA1, ONE_MINUS_BETA2,
     ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
 )
 
@@ -77,18 +79,14 @@ __all__ = [
     "LANES",
     "SEGMENT", "START", "LENGTH", "LOGICAL",
     "BETA_U", "ONE_MINUS_BETA_U", "BETA1", "ONE_MINUS_BETA1", "BETA2", "ONE_MINUS_BETA2",
-    "NUM_PASS1_COEFFICIENTS",
-    "DECAY", "LR", "EPS", "INV_CU", "INV_BC1", "INV_BC2", "STD", "NUM_PASS2_COEFFICIENTS",
-    "SUM", "SUM_SQ", "MIN_U", "MAX_U",
+    "DECAY", "LR", "EPS", "INV_CU", "INV_BC1", "INV_BC2", "STD", "NUM_COEFFICIENTS",
+    "SUM", "SUM_SQ", "MIN_U", "MAX_U", "MAX_P", "MAX_D", "BAD", "NUM_PARTIALS",
     "tanh_half_unit",
     "protection",
     "pass1_serial", "pass1_parallel",
-    "scaled_pass1_serial", "scaled_pass1_parallel",
     "pass2_serial", "pass2_parallel",
     "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS",
     "max_protection", "family_param",
-    "utility_pass1_serial", "utility_pass1_parallel",
-    "scaled_utility_pass1_serial", "scaled_utility_pass1_parallel",
     "family_pass2_serial", "family_pass2_parallel",
     "scale_serial", "scale_parallel",
     "moments_serial", "moments_parallel",
@@ -360,9 +358,16 @@ def updated_param(p, u, m, v, noise, decay, lr, eps, inv_cu, inv_bc1, inv_bc2, u
     range are multiplications by reciprocals rounded to the dtype (within the contract's
     ``PARAM_ULPS``: ``specs/kernels.md`` §3).
     """
-    direction = (m * inv_bc1) / (math.sqrt(v * inv_bc2) + eps)
+    d = direction(m, v, inv_bc1, inv_bc2, eps)
     x = clip_unit((u * inv_cu - u_lo) * inv_range)
-    return p * decay - lr * (direction + noise) * (like(1.0, p) - protection(x))
+    return p * decay - lr * (d + noise) * (like(1.0, p) - protection(x))
+
+
+@njit(inline="always")
+def direction(m, v, inv_bc1, inv_bc2, eps):
+    """``d = m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m / bc1``, ``v_hat = v / bc2`` as
+    reciprocal products (one expression for pass 1's bound and pass 2's update)."""
+    return (m * inv_bc1) / (math.sqrt(v * inv_bc2) + eps)
 
 
 @njit(inline="always")
@@ -397,11 +402,10 @@ def family_param(p, g, u, m, v, noise, decay, step, eps, inv_cu, inv_bc1, inv_bc
         else:
             bracket = (g + noise) * keep
         return p * decay - step * bracket
-    m_hat = m * inv_bc1
-    denominator = math.sqrt(v * inv_bc2) + eps
     if noise_terms:
-        return p * decay - step * (m_hat * keep / denominator + noise * keep)
-    return p * decay - step * (m_hat / denominator + noise) * keep
+        m_hat = m * inv_bc1
+        return p * decay - step * (m_hat * keep / (math.sqrt(v * inv_bc2) + eps) + noise * keep)
+    return p * decay - step * (direction(m, v, inv_bc1, inv_bc2, eps) + noise) * keep
 
 
 # --- per-chunk loops (each starts at 0 on contiguous views, so LLVM vectorises it) ------
@@ -423,39 +427,48 @@ def traces(g, p, u, m, v, beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta
             ema(beta2, v, one_minus_beta2, g * g))
 
 
-@njit(error_model="numpy")
-def traces_update(g, p, u, m, v, beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2, one_minus_beta2):
-    """``u, m, v`` <- :func:`traces` over a chunk, in one sweep (``g`` only read)."""
-    for j in range(g.size):
-        u[j], m[j], v[j] = traces(g[j], p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1,
-                                  one_minus_beta1, beta2, one_minus_beta2)
+@njit(inline="always")
+def nonfinite_marker(x):
+    """0 for a finite ``x``, NaN for an infinite or NaN one (``x * 0``, IEEE-754)."""
+    return x * like(0.0, x)
 
 
 @njit(error_model="numpy")
-def scaled_traces_update(g, factor, p, u, m, v, beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
-                         one_minus_beta2):
-    """``g <- factor g`` (written back), then :func:`traces_update` with it, in one sweep."""
+def traces_check(g, factor, p, u, m, v, k, gt, ut, pt, dt):
+    """Pass 1 of one chunk (Adam moments), read-only: the new ``u, m, v`` in registers only.
+
+    Tiles (chunk-sized scratch): ``gt = f g``, ``ut`` the new utility, ``pt = |p|``, ``dt =
+    |d|`` with ``d = m_hat / (sqrt(v_hat) + eps)`` as pass 2 forms it, made NaN when any of
+    ``g, p`` or the new ``u, m, v`` is not finite (the checks of ``specs/algorithm.md`` §8).
+    """
+    beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
+    beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
+    eps, inv_bc1, inv_bc2 = k[EPS], k[INV_BC1], k[INV_BC2]
     for j in range(g.size):
-        scaled = g[j] * factor
-        g[j] = scaled
-        u[j], m[j], v[j] = traces(scaled, p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1,
-                                  one_minus_beta1, beta2, one_minus_beta2)
+        gs = g[j] * factor
+        pj = p[j]
+        u1, m1, v1 = traces(gs, pj, u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
+                            one_minus_beta2)
+        gt[j] = gs
+        ut[j] = u1
+        pt[j] = abs(pj)
+        dt[j] = abs(direction(m1, v1, inv_bc1, inv_bc2, eps)) + (
+            (nonfinite_marker(gs) + nonfinite_marker(pj)) + (nonfinite_marker(u1) + nonfinite_marker(m1))
+            + nonfinite_marker(v1))
 
 
 @njit(error_model="numpy")
-def utility_update(g, p, u, beta_u, one_minus_beta_u):
-    """``u <- beta_u u + (1 - beta_u)(-g p)`` over a chunk (no moments; ``g`` only read)."""
+def utility_check(g, factor, p, u, k, gt, ut, pt, dt):
+    """:func:`traces_check` of a member without moments: ``d = f g``; ``m``, ``v`` not read."""
+    beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
     for j in range(g.size):
-        u[j] = ema(beta_u, u[j], one_minus_beta_u, -g[j] * p[j])
-
-
-@njit(error_model="numpy")
-def scaled_utility_update(g, factor, p, u, beta_u, one_minus_beta_u):
-    """``g <- factor g`` (written back), then :func:`utility_update` with it, in one sweep."""
-    for j in range(g.size):
-        scaled = g[j] * factor
-        g[j] = scaled
-        u[j] = ema(beta_u, u[j], one_minus_beta_u, -scaled * p[j])
+        gs = g[j] * factor
+        pj = p[j]
+        u1 = ema(beta_u, u[j], one_minus_beta_u, -gs * pj)
+        gt[j] = gs
+        ut[j] = u1
+        pt[j] = abs(pj)
+        dt[j] = abs(gs) + (nonfinite_marker(pj) + nonfinite_marker(u1))
 
 
 @njit(error_model="numpy")
@@ -519,88 +532,97 @@ def count_nonfinite(x):
     return count
 
 
-@njit(error_model="numpy")
-def update_with_noise(p, u, m, v, normals, std, c, u_lo, inv_range):
-    """Pass-2 update of one chunk with ``noise = std * normals`` (``c``: coefficient row)."""
-    decay, lr, eps = c[DECAY], c[LR], c[EPS]
-    inv_cu, inv_bc1, inv_bc2 = c[INV_CU], c[INV_BC1], c[INV_BC2]
-    for j in range(p.size):
-        p[j] = updated_param(p[j], u[j], m[j], v[j], std * normals[j], decay, lr, eps,
-                             inv_cu, inv_bc1, inv_bc2, u_lo, inv_range)
-
 
 @njit(error_model="numpy")
-def update_without_noise(p, u, m, v, c, u_lo, inv_range):
-    """Pass-2 update of one chunk of a segment whose ``std`` is 0 (no normals drawn)."""
-    decay, lr, eps = c[DECAY], c[LR], c[EPS]
-    inv_cu, inv_bc1, inv_bc2 = c[INV_CU], c[INV_BC1], c[INV_BC2]
+def traces_and_update(p, g, g_out, scaled, factor, u, m, v, normals, draw, k, u_lo, inv_range):
+    """Pass 2 of one chunk (production): pass 1's ``f g``, ``u``, ``m``, ``v`` again (the same
+    operations, so the same bits) written once, then ``p`` from them with ``noise = std xi``
+    (``draw``; else 0, nothing drawn). ``g_out`` (``g`` itself) receives ``f g`` when ``scaled``."""
+    beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
+    beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
+    decay, lr, eps, std = k[DECAY], k[LR], k[EPS], k[STD]
+    inv_cu, inv_bc1, inv_bc2 = k[INV_CU], k[INV_BC1], k[INV_BC2]
     zero = like(0.0, lr)
     for j in range(p.size):
-        p[j] = updated_param(p[j], u[j], m[j], v[j], zero, decay, lr, eps,
-                             inv_cu, inv_bc1, inv_bc2, u_lo, inv_range)
+        gs = g[j] * factor
+        if scaled:
+            g_out[j] = gs
+        u1, m1, v1 = traces(gs, p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
+                            one_minus_beta2)
+        u[j] = u1
+        m[j] = m1
+        v[j] = v1
+        noise = std * normals[j] if draw else zero
+        p[j] = updated_param(p[j], u1, m1, v1, noise, decay, lr, eps, inv_cu, inv_bc1, inv_bc2, u_lo, inv_range)
 
 
 @njit(error_model="numpy")
-def family_update_with_noise(p, g, u, m, v, normals, std, c, u_lo, inv_range, u_hi,
+def family_traces_and_update(p, g, g_out, scaled, factor, u, m, v, normals, draw, k, u_lo, inv_range, u_hi,
                              moments_none, protection_max, noise_terms):
-    """Pass-2 update of one chunk of a family member with ``noise = std * normals``."""
-    decay, step, eps = c[DECAY], c[LR], c[EPS]
-    inv_cu, inv_bc1, inv_bc2 = c[INV_CU], c[INV_BC1], c[INV_BC2]
+    """:func:`traces_and_update` of any family member (``m``, ``v`` neither read nor written
+    without moments)."""
+    beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
+    beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
+    decay, step, eps, std = k[DECAY], k[LR], k[EPS], k[STD]
+    inv_cu, inv_bc1, inv_bc2 = k[INV_CU], k[INV_BC1], k[INV_BC2]
     zero = like(0.0, step)
     for j in range(p.size):
-        mj = zero if moments_none else m[j]
-        vj = zero if moments_none else v[j]
-        p[j] = family_param(p[j], g[j], u[j], mj, vj, std * normals[j], decay, step, eps, inv_cu, inv_bc1,
-                            inv_bc2, u_lo, inv_range, u_hi, moments_none, protection_max, noise_terms)
-
-
-@njit(error_model="numpy")
-def family_update_without_noise(p, g, u, m, v, c, u_lo, inv_range, u_hi, moments_none, protection_max,
-                                noise_terms):
-    """Pass-2 update of one chunk of a family member whose ``std`` is 0 (no normals drawn)."""
-    decay, step, eps = c[DECAY], c[LR], c[EPS]
-    inv_cu, inv_bc1, inv_bc2 = c[INV_CU], c[INV_BC1], c[INV_BC2]
-    zero = like(0.0, step)
-    for j in range(p.size):
-        mj = zero if moments_none else m[j]
-        vj = zero if moments_none else v[j]
-        p[j] = family_param(p[j], g[j], u[j], mj, vj, zero, decay, step, eps, inv_cu, inv_bc1,
-                            inv_bc2, u_lo, inv_range, u_hi, moments_none, protection_max, noise_terms)
+        gs = g[j] * factor
+        if scaled:
+            g_out[j] = gs
+        pj = p[j]
+        if moments_none:
+            u1 = ema(beta_u, u[j], one_minus_beta_u, -gs * pj)
+            m1 = zero
+            v1 = zero
+        else:
+            u1, m1, v1 = traces(gs, pj, u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1,
+                                beta2, one_minus_beta2)
+            m[j] = m1
+            v[j] = v1
+        u[j] = u1
+        noise = std * normals[j] if draw else zero
+        p[j] = family_param(pj, gs, u1, m1, v1, noise, decay, step, eps, inv_cu, inv_bc1, inv_bc2, u_lo,
+                            inv_range, u_hi, moments_none, protection_max, noise_terms)
 
 
 # --- one chunk of each kernel -----------------------------------------------------------
 
 
 @njit(error_model="numpy")
-def _pass1_reductions(c, g_c, u_c, partial):
-    partial[c, SUM], partial[c, SUM_SQ] = lane_sums(g_c)
-    partial[c, MIN_U], partial[c, MAX_U] = lane_extrema(u_c)
+def _check_reductions(c, gt, ut, pt, dt, partial):
+    partial[c, SUM], partial[c, SUM_SQ] = lane_sums(gt)
+    partial[c, MIN_U], partial[c, MAX_U] = lane_extrema(ut)
+    partial[c, MAX_P] = lane_extrema(pt)[1]
+    partial[c, MAX_D] = lane_extrema(dt)[1]
+    partial[c, BAD] = count_nonfinite(dt)
 
 
 @njit(error_model="numpy")
-def _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, partial):
+def _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
     if present[chunks[c, SEGMENT]]:
         a = chunks[c, START]
-        b = a + chunks[c, LENGTH]
+        n = chunks[c, LENGTH]
+        b = a + n
         k = coefficients[chunks[c, SEGMENT]]
-        traces_update(g[a:b], p[a:b], u[a:b], m[a:b], v[a:b], k[BETA_U], k[ONE_MINUS_BETA_U], k[BETA1],
-                      k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2])
-        _pass1_reductions(c, g[a:b], u[a:b], partial)
+        gt, ut, pt, dt = np.empty(n, p.dtype), np.empty(n, p.dtype), np.empty(n, p.dtype), np.empty(n, p.dtype)
+        if moments_none:
+            utility_check(g[a:b], factor, p[a:b], u[a:b], k, gt, ut, pt, dt)
+        else:
+            traces_check(g[a:b], factor, p[a:b], u[a:b], m[a:b], v[a:b], k, gt, ut, pt, dt)
+        _check_reductions(c, gt, ut, pt, dt, partial)
 
 
 @njit(error_model="numpy")
-def _scaled_pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, partial):
-    if present[chunks[c, SEGMENT]]:
-        a = chunks[c, START]
-        b = a + chunks[c, LENGTH]
-        k = coefficients[chunks[c, SEGMENT]]
-        scaled_traces_update(g[a:b], factor, p[a:b], u[a:b], m[a:b], v[a:b], k[BETA_U], k[ONE_MINUS_BETA_U],
-                             k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2])
-        _pass1_reductions(c, g[a:b], u[a:b], partial)
+def _chunk_tile(c, chunks, p, draw, step_lo, step_hi, key0, key1):
+    """``(normals, skip)`` of chunk ``c`` (an empty tile when nothing is drawn)."""
+    if draw:
+        return chunk_normals(chunks[c, LOGICAL], chunks[c, LENGTH], p, step_lo, step_hi, key0, key1)
+    return np.empty(0, p.dtype), 0
 
 
 @njit(error_model="numpy")
-def _pass2_chunk(c, p, u, m, v, chunks, present, coefficients, u_lo, inv_range,
+def _pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                  step_lo, step_hi, key0, key1):
     segment = chunks[c, SEGMENT]
     if not present[segment]:
@@ -609,37 +631,15 @@ def _pass2_chunk(c, p, u, m, v, chunks, present, coefficients, u_lo, inv_range,
     n = chunks[c, LENGTH]
     b = a + n
     k = coefficients[segment]
-    std = k[STD]
-    if std != like(0.0, std):
-        tile, skip = chunk_normals(chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
-        update_with_noise(p[a:b], u[a:b], m[a:b], v[a:b], tile[skip : skip + n], std, k, u_lo, inv_range)
-    else:
-        update_without_noise(p[a:b], u[a:b], m[a:b], v[a:b], k, u_lo, inv_range)
+    draw = k[STD] != like(0.0, k[STD])
+    tile, skip = _chunk_tile(c, chunks, p, draw, step_lo, step_hi, key0, key1)
+    traces_and_update(p[a:b], g[a:b], g_out[a:b] if scaled else g_out, scaled, factor, u[a:b], m[a:b], v[a:b],
+                      tile[skip : skip + n] if draw else tile, draw, k, u_lo, inv_range)
 
 
 @njit(error_model="numpy")
-def _utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, partial):
-    if present[chunks[c, SEGMENT]]:
-        a = chunks[c, START]
-        b = a + chunks[c, LENGTH]
-        k = coefficients[chunks[c, SEGMENT]]
-        utility_update(g[a:b], p[a:b], u[a:b], k[BETA_U], k[ONE_MINUS_BETA_U])
-        _pass1_reductions(c, g[a:b], u[a:b], partial)
-
-
-@njit(error_model="numpy")
-def _scaled_utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, factor, partial):
-    if present[chunks[c, SEGMENT]]:
-        a = chunks[c, START]
-        b = a + chunks[c, LENGTH]
-        k = coefficients[chunks[c, SEGMENT]]
-        scaled_utility_update(g[a:b], factor, p[a:b], u[a:b], k[BETA_U], k[ONE_MINUS_BETA_U])
-        _pass1_reductions(c, g[a:b], u[a:b], partial)
-
-
-@njit(error_model="numpy")
-def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
-                        step_lo, step_hi, key0, key1):
+def _family_pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+                        u_hi, mode, step_lo, step_hi, key0, key1):
     segment = chunks[c, SEGMENT]
     if not present[segment]:
         return
@@ -647,17 +647,14 @@ def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, u_lo, i
     n = chunks[c, LENGTH]
     b = a + n
     k = coefficients[segment]
-    std = k[STD]
+    draw = k[STD] != like(0.0, k[STD])
     moments_none = (mode & MOMENTS_NONE) != 0
-    protection_max = (mode & PROTECTION_MAX) != 0
-    noise_terms = (mode & NOISE_TERMS) != 0
-    if std != like(0.0, std):
-        tile, skip = chunk_normals(chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
-        family_update_with_noise(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], tile[skip : skip + n], std, k, u_lo,
-                                 inv_range, u_hi, moments_none, protection_max, noise_terms)
-    else:
-        family_update_without_noise(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], k, u_lo, inv_range, u_hi,
-                                    moments_none, protection_max, noise_terms)
+    tile, skip = _chunk_tile(c, chunks, p, draw, step_lo, step_hi, key0, key1)
+    family_traces_and_update(p[a:b], g[a:b], g_out[a:b] if scaled else g_out, scaled, factor, u[a:b],
+                             m if moments_none else m[a:b], v if moments_none else v[a:b],
+                             tile[skip : skip + n] if draw else tile, draw, k, u_lo, inv_range, u_hi, moments_none,
+                             (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
+
 
 
 @njit(error_model="numpy")
@@ -693,110 +690,69 @@ def _nonfinite_chunk(c, x, chunks, present, counts):
 
 
 @njit(cache=True, error_model="numpy")
-def pass1_serial(g, p, u, m, v, chunks, present, coefficients, partial):
-    """Pass 1 over every chunk of a present segment (``g`` is only read); one thread.
+def pass1_serial(g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
+    """Pass 1 over every chunk of a present segment, read-only (``specs/kernels.md`` §1): the
+    traces of ``f g`` in registers, per chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``,
+    ``max |p|``, ``max |d|`` and the non-finite count; one thread. Without moments (the
+    family's ``"none"``) ``m`` and ``v`` are not read.
 
-    Bytes per element: reads g, p, u, m, v; writes u, m, v.
+    Bytes per element: reads g, p, u (+ m, v); writes nothing.
     """
     for c in range(chunks.shape[0]):
-        _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, partial)
+        _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def pass1_parallel(g, p, u, m, v, chunks, present, coefficients, partial):
+def pass1_parallel(g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
     """:func:`pass1_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, partial)
+        _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial)
 
 
 @njit(cache=True, error_model="numpy")
-def scaled_pass1_serial(g, p, u, m, v, chunks, present, coefficients, factor, partial):
-    """Pass 1 fused with the VGS scaling ``g <- factor g`` (written back); one thread.
+def pass2_serial(p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+                 step_lo, step_hi, key0, key1):
+    """Pass 2 over every chunk of a present segment (production member): pass 1's traces
+    again, written with ``f g`` (when ``scaled``; ``g_out`` is then ``g``), and the update with
+    the normals generated per chunk; one thread. Segments with ``std == 0`` draw nothing.
 
-    Bytes per element: reads g, p, u, m, v; writes g, u, m, v.
+    Bytes per element: reads g, p, u, m, v; writes u, m, v, p (+ g when scaled).
     """
     for c in range(chunks.shape[0]):
-        _scaled_pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, partial)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def scaled_pass1_parallel(g, p, u, m, v, chunks, present, coefficients, factor, partial):
-    """:func:`scaled_pass1_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _scaled_pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, partial)
-
-
-@njit(cache=True, error_model="numpy")
-def pass2_serial(p, u, m, v, chunks, present, coefficients, u_lo, inv_range, step_lo, step_hi, key0, key1):
-    """Pass 2 over every chunk of a present segment, normals generated per chunk; one thread.
-
-    Bytes per element: reads p, u, m, v; writes p. Segments with ``std == 0`` draw nothing.
-    """
-    for c in range(chunks.shape[0]):
-        _pass2_chunk(c, p, u, m, v, chunks, present, coefficients, u_lo, inv_range,
+        _pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def pass2_parallel(p, u, m, v, chunks, present, coefficients, u_lo, inv_range, step_lo, step_hi, key0, key1):
+def pass2_parallel(p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+                   step_lo, step_hi, key0, key1):
     """:func:`pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _pass2_chunk(c, p, u, m, v, chunks, present, coefficients, u_lo, inv_range,
+        _pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, error_model="numpy")
-def utility_pass1_serial(g, p, u, chunks, present, coefficients, partial):
-    """Pass 1 of a member without moments: only ``u`` (``m``, ``v`` never touched); one thread.
-
-    Bytes per element: reads g, p, u; writes u.
-    """
-    for c in range(chunks.shape[0]):
-        _utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, partial)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def utility_pass1_parallel(g, p, u, chunks, present, coefficients, partial):
-    """:func:`utility_pass1_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, partial)
-
-
-@njit(cache=True, error_model="numpy")
-def scaled_utility_pass1_serial(g, p, u, chunks, present, coefficients, factor, partial):
-    """:func:`utility_pass1_serial` fused with ``g <- factor g`` (written back); one thread."""
-    for c in range(chunks.shape[0]):
-        _scaled_utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, factor, partial)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def scaled_utility_pass1_parallel(g, p, u, chunks, present, coefficients, factor, partial):
-    """:func:`scaled_utility_pass1_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _scaled_utility_pass1_chunk(c, g, p, u, chunks, present, coefficients, factor, partial)
-
-
-@njit(cache=True, error_model="numpy")
-def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
-                        step_lo, step_hi, key0, key1):
+def family_pass2_serial(p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+                        u_hi, mode, step_lo, step_hi, key0, key1):
     """Pass 2 of any family member (``mode``: OR of :data:`MOMENTS_NONE`,
     :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`; the ``LR`` column holds ``update_factor lr``,
     ``DECAY`` ``1 - lr wd``); one thread. The production member runs :func:`pass2_serial`.
 
-    Bytes per element: reads p, g, u (+ m, v with moments); writes p.
+    Bytes per element: reads g, p, u (+ m, v); writes u (+ m, v), p (+ g when scaled).
     """
     for c in range(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
-                            step_lo, step_hi, key0, key1)
+        _family_pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
+                            inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
-                          step_lo, step_hi, key0, key1):
+def family_pass2_parallel(p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+                          u_hi, mode, step_lo, step_hi, key0, key1):
     """:func:`family_pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, u_lo, inv_range, u_hi, mode,
-                            step_lo, step_hi, key0, key1)
+        _family_pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
+                            inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, error_model="numpy")
@@ -860,14 +816,14 @@ def nonfinite_parallel(x, chunks, present, counts):
 
 @njit(cache=True, error_model="numpy")
 def segment_reductions(chunks, present, partial, num_segments):
-    """Per-segment ``(sum g, sum g^2, min u, max u)`` from the chunk partials of present
-    segments, sums added in chunk order (``+inf``, ``-inf`` extrema for a segment without
-    chunks).
+    """Per-segment partials (:data:`NUM_PARTIALS` columns) from the chunk partials of present
+    segments, sums added in chunk order (``+inf``, ``-inf`` utility extrema, 0 maxima for a
+    segment without chunks).
 
     One thread, a fixed order: the same bits whatever the number of threads that produced
     the partials.
     """
-    totals = np.zeros((num_segments, 4))
+    totals = np.zeros((num_segments, NUM_PARTIALS))
     totals[:, MIN_U] = np.inf
     totals[:, MAX_U] = -np.inf
     for c in range(chunks.shape[0]):
@@ -877,14 +833,15 @@ def segment_reductions(chunks, present, partial, num_segments):
             totals[segment, SUM_SQ] += partial[c, SUM_SQ]
             totals[segment, MIN_U] = min(totals[segment, MIN_U], partial[c, MIN_U])
             totals[segment, MAX_U] = max(totals[segment, MAX_U], partial[c, MAX_U])
+            totals[segment, MAX_P] = max(totals[segment, MAX_P], partial[c, MAX_P])
+            totals[segment, MAX_D] = max(totals[segment, MAX_D], partial[c, MAX_D])
+            totals[segment, BAD] += partial[c, BAD]
     return totals
 
 
 #: Every cached top-level kernel (what :func:`upgd_ref.warmup` compiles).
 KERNELS = (
-    pass1_serial, pass1_parallel, scaled_pass1_serial, scaled_pass1_parallel, pass2_serial, pass2_parallel,
-    utility_pass1_serial, utility_pass1_parallel, scaled_utility_pass1_serial, scaled_utility_pass1_parallel,
-    family_pass2_serial, family_pass2_parallel,
+    pass1_serial, pass1_parallel, pass2_serial, pass2_parallel, family_pass2_serial, family_pass2_parallel,
     noise_serial, noise_parallel,
     scale_serial, scale_parallel, moments_serial, moments_parallel, nonfinite_serial,
     nonfinite_parallel, segment_reductions,

@@ -62,6 +62,8 @@ UPGD_DEVICE float exp_of(float x) { return expf(x); }      // CUDA's exp, not li
 UPGD_DEVICE double exp_of(double x) { return exp(x); }
 UPGD_DEVICE bool is_finite_value(float x) { return isfinite(x); }
 UPGD_DEVICE bool is_finite_value(double x) { return isfinite(x); }
+UPGD_DEVICE float abs_of(float x) { return fabsf(x); }
+UPGD_DEVICE double abs_of(double x) { return fabs(x); }
 #else
 UPGD_DEVICE float sqrt_of(float x) { return std::sqrt(x); }
 UPGD_DEVICE double sqrt_of(double x) { return std::sqrt(x); }
@@ -69,6 +71,8 @@ UPGD_DEVICE float exp_of(float x) { return std::exp(x); }
 UPGD_DEVICE double exp_of(double x) { return std::exp(x); }
 UPGD_DEVICE bool is_finite_value(float x) { return std::isfinite(x); }
 UPGD_DEVICE bool is_finite_value(double x) { return std::isfinite(x); }
+UPGD_DEVICE float abs_of(float x) { return std::fabs(x); }
+UPGD_DEVICE double abs_of(double x) { return std::fabs(x); }
 #endif
 
 // --- noise: specs/noise.md term for term ----------------------------------------------
@@ -175,14 +179,25 @@ UPGD_DEVICE T clip_unit(T x) {
     return x < (T)0 ? (T)0 : (x > (T)1 ? (T)1 : x);
 }
 
+// d = m_hat / (sqrt(v_hat) + eps), m_hat = m / bc1 and v_hat = v / bc2 as reciprocal products:
+// one expression for pass 1's bound and pass 2's update.
+template <typename T>
+UPGD_DEVICE T direction(T m, T v, T inv_bc1, T inv_bc2, T eps) {
+    return (m * inv_bc1) / (sqrt_of(v * inv_bc2) + eps);
+}
+
+// 0 for a finite x, NaN for an infinite or NaN one (x * 0, IEEE-754).
+template <typename T>
+UPGD_DEVICE T nonfinite_marker(T x) { return x * (T)0; }
+
 // p (1 - lr wd) - lr (m_hat / (sqrt(v_hat) + eps) + noise) (1 - su), divisions by per-segment
 // scalars as products with dtype-rounded reciprocals.
 template <typename T>
 UPGD_DEVICE T updated_param(T p, T u, T m, T v, T noise, T decay, T lr, T eps, T inv_cu, T inv_bc1,
                             T inv_bc2, T u_lo, T inv_range) {
-    T direction = (m * inv_bc1) / (sqrt_of(v * inv_bc2) + eps);
+    T d = direction(m, v, inv_bc1, inv_bc2, eps);
     T x = clip_unit((u * inv_cu - u_lo) * inv_range);
-    return p * decay - lr * (direction + noise) * ((T)1 - protection(x));
+    return p * decay - lr * (d + noise) * ((T)1 - protection(x));
 }
 
 // The paper's su = 1 / (1 + exp(-((u/cu) / U_hi))): a true division by U_hi whatever its sign.
@@ -202,16 +217,16 @@ UPGD_DEVICE T family_param(T p, T g, T u, T m, T v, T noise, T decay, T step, T 
         T bracket = (mode & NOISE_TERMS) ? g * keep + noise * keep : (g + noise) * keep;
         return p * decay - step * bracket;
     }
-    T m_hat = m * inv_bc1;
-    T denominator = sqrt_of(v * inv_bc2) + eps;
-    if (mode & NOISE_TERMS) return p * decay - step * (m_hat * keep / denominator + noise * keep);
-    return p * decay - step * (m_hat / denominator + noise) * keep;
+    if (mode & NOISE_TERMS) return p * decay - step * ((m * inv_bc1) * keep / (sqrt_of(v * inv_bc2) + eps) + noise * keep);
+    return p * decay - step * (direction(m, v, inv_bc1, inv_bc2, eps) + noise) * keep;
 }
 
 // --- partial results and their fixed-order combination ---------------------------------
 
+// sum x, sum x^2 (or a count in `sum`), min u, max u, max |p|, max |d|, count of non-finite
+// elements (specs/kernels-cuda.md §2; the columns of chunk_abi's partial table, in order).
 struct Partial {
-    double sum, sum_sq, lo, hi;  // sum x, sum x^2 (or a count in `sum`), min u, max u
+    double sum, sum_sq, lo, hi, max_p, max_d, bad;
 };
 
 UPGD_DEVICE Partial empty_partial() {
@@ -220,6 +235,9 @@ UPGD_DEVICE Partial empty_partial() {
     q.sum_sq = 0.0;
     q.lo = double_from_bits(0x7FF0000000000000ull);  // +inf
     q.hi = -q.lo;
+    q.max_p = 0.0;
+    q.max_d = 0.0;
+    q.bad = 0.0;
     return q;
 }
 
@@ -229,6 +247,9 @@ UPGD_DEVICE Partial combine(Partial a, Partial b) {
     q.sum_sq = a.sum_sq + b.sum_sq;
     q.lo = b.lo < a.lo ? b.lo : a.lo;
     q.hi = b.hi > a.hi ? b.hi : a.hi;
+    q.max_p = b.max_p > a.max_p ? b.max_p : a.max_p;
+    q.max_d = b.max_d > a.max_d ? b.max_d : a.max_d;
+    q.bad = a.bad + b.bad;
     return q;
 }
 
@@ -237,6 +258,9 @@ UPGD_DEVICE void store(double* out, i64 item, Partial q) {
     out[NUM_PARTIALS * item + SUM_SQ] = q.sum_sq;
     out[NUM_PARTIALS * item + MIN_U] = q.lo;
     out[NUM_PARTIALS * item + MAX_U] = q.hi;
+    out[NUM_PARTIALS * item + MAX_P] = q.max_p;
+    out[NUM_PARTIALS * item + MAX_D] = q.max_d;
+    out[NUM_PARTIALS * item + BAD] = q.bad;
 }
 
 #ifdef __CUDACC__
@@ -245,6 +269,9 @@ UPGD_DEVICE Partial shuffle_down(Partial q, int offset) {
     q.sum_sq = __shfl_down_sync(0xFFFFFFFFu, q.sum_sq, offset);
     q.lo = __shfl_down_sync(0xFFFFFFFFu, q.lo, offset);
     q.hi = __shfl_down_sync(0xFFFFFFFFu, q.hi, offset);
+    q.max_p = __shfl_down_sync(0xFFFFFFFFu, q.max_p, offset);
+    q.max_d = __shfl_down_sync(0xFFFFFFFFu, q.max_d, offset);
+    q.bad = __shfl_down_sync(0xFFFFFFFFu, q.bad, offset);
     return q;
 }
 #endif
@@ -363,32 +390,60 @@ UPGD_DEVICE void moments_kernel(const T* g, const i64* chunks, const unsigned ch
     });
 }
 
-// Pass 1: g <- f g (when scaled), u (and m, v with moments), partial sums and utility extrema.
+// The traces of one element: u (and m, v with moments) updated from the scaled gradient gj.
 template <typename T>
-UPGD_DEVICE void pass1_kernel(T* g, const T* p, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,
-                              const T* coefficients, i64 num_chunks, T factor, int scaled, int moments,
-                              double* partial) {
+struct Traces {
+    T beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2, one_minus_beta2;
+};
+
+template <typename T>
+UPGD_DEVICE T new_utility(const Traces<T>& c, T gj, T pj, T uj) { return ema(c.beta_u, uj, c.one_minus_beta_u, -gj * pj); }
+
+template <typename T>
+UPGD_DEVICE T new_first(const Traces<T>& c, T gj, T mj) { return ema(c.beta1, mj, c.one_minus_beta1, gj); }
+
+template <typename T>
+UPGD_DEVICE T new_second(const Traces<T>& c, T gj, T vj) { return ema(c.beta2, vj, c.one_minus_beta2, gj * gj); }
+
+template <typename T>
+UPGD_DEVICE Traces<T> traces_of(const T* b) {
+    Traces<T> t = {b[BETA_U], b[ONE_MINUS_BETA_U], b[BETA1], b[ONE_MINUS_BETA1], b[BETA2], b[ONE_MINUS_BETA2]};
+    return t;
+}
+
+// Pass 1, read-only: the new u (and m, v) of f g in registers, partial sums of f g, extrema of
+// the new u, max |p|, max |d| (d = m_hat / (sqrt(v_hat) + eps), or f g without moments) and the
+// count of elements where g, p, the new u, m, v or d is not finite (specs/algorithm.md §8).
+template <typename T>
+UPGD_DEVICE void pass1_kernel(const T* g, const T* p, const T* u, const T* m, const T* v, const i64* chunks,
+                              const unsigned char* present, const T* coefficients, i64 num_chunks, T factor,
+                              int moments, double* partial) {
     reduce_present_chunks(chunks, present, num_chunks, partial, [&](const Chunk& k) {
-        const T* b = coefficients + NUM_PASS1_COEFFICIENTS * k.segment;
-        const T beta_u = b[BETA_U], one_minus_beta_u = b[ONE_MINUS_BETA_U];
-        const T beta1 = b[BETA1], one_minus_beta1 = b[ONE_MINUS_BETA1];
-        const T beta2 = b[BETA2], one_minus_beta2 = b[ONE_MINUS_BETA2];
+        const T* b = coefficients + NUM_COEFFICIENTS * k.segment;
+        const Traces<T> tr = traces_of(b);
+        const T eps = b[EPS], inv_bc1 = b[INV_BC1], inv_bc2 = b[INV_BC2];
         return [=](Partial& q, i64 j) {
-            T gj = g[j];
-            if (scaled) {
-                gj = gj * factor;
-                g[j] = gj;
-            }
-            T uj = ema(beta_u, u[j], one_minus_beta_u, -gj * p[j]);
-            u[j] = uj;
+            T gj = g[j] * factor;
+            T pj = p[j];
+            T uj = new_utility(tr, gj, pj, u[j]);
+            T d = gj;
+            T markers = nonfinite_marker(pj) + nonfinite_marker(uj);
             if (moments) {
-                m[j] = ema(beta1, m[j], one_minus_beta1, gj);
-                v[j] = ema(beta2, v[j], one_minus_beta2, gj * gj);
+                T mj = new_first(tr, gj, m[j]);
+                T vj = new_second(tr, gj, v[j]);
+                d = direction(mj, vj, inv_bc1, inv_bc2, eps);
+                markers = (nonfinite_marker(gj) + markers) + (nonfinite_marker(mj) + nonfinite_marker(vj));
             }
             add_sums(q, (double)gj);
             double uw = (double)uj;
             q.lo = uw < q.lo ? uw : q.lo;
             q.hi = uw > q.hi ? uw : q.hi;
+            double pw = (double)abs_of(pj);
+            q.max_p = pw > q.max_p ? pw : q.max_p;
+            T dm = abs_of(d) + markers;
+            double dw = (double)dm;
+            q.max_d = dw > q.max_d ? dw : q.max_d;
+            q.bad += is_finite_value(dm) ? 0.0 : 1.0;
         };
     });
 }
@@ -406,6 +461,9 @@ UPGD_DEVICE void segment_reduce_kernel(const double* partial, const i64* segment
             row.sum_sq = partial[NUM_PARTIALS * c + SUM_SQ];
             row.lo = partial[NUM_PARTIALS * c + MIN_U];
             row.hi = partial[NUM_PARTIALS * c + MAX_U];
+            row.max_p = partial[NUM_PARTIALS * c + MAX_P];
+            row.max_d = partial[NUM_PARTIALS * c + MAX_D];
+            row.bad = partial[NUM_PARTIALS * c + BAD];
             q = combine(q, row);
         }
         return q;
@@ -432,6 +490,7 @@ UPGD_DEVICE void chunk_blocks(Chunk k, int tid, bool draw, u32 step_lo, u32 step
 // A segment's pass-2 coefficients, read once per chunk (into registers).
 template <typename T>
 struct PassTwo {
+    Traces<T> traces;
     T decay, lr, eps, inv_cu, inv_bc1, inv_bc2;
 };
 
@@ -444,8 +503,8 @@ UPGD_DEVICE void update_present_chunks(const i64* chunks, const unsigned char* p
     for_each_item(num_chunks, [&](i64 c, int tid) {
         Chunk k = chunk_at(chunks, c);
         if (!present[k.segment]) return;
-        const T* b = coefficients + NUM_PASS2_COEFFICIENTS * k.segment;
-        const PassTwo<T> cf = {b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1], b[INV_BC2]};
+        const T* b = coefficients + NUM_COEFFICIENTS * k.segment;
+        const PassTwo<T> cf = {traces_of(b), b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1], b[INV_BC2]};
         const T noise_std = b[STD];
         const bool draw = noise_std != (T)0;
         chunk_blocks(k, tid, draw, step_lo, step_hi, key0, key1,
@@ -453,32 +512,52 @@ UPGD_DEVICE void update_present_chunks(const i64* chunks, const unsigned char* p
     });
 }
 
-// Pass 2 of the production member (g is not read).
+// Pass 2 of the production member: pass 1's f g, u, m, v again (the same operations, so the same
+// bits), written once (g only when scaled), then p from them.
 template <typename T>
-UPGD_DEVICE void pass2_kernel(T* p, const T* u, const T* m, const T* v, const i64* chunks,
-                              const unsigned char* present, const T* coefficients, i64 num_chunks, T u_lo,
-                              T inv_range, u32 step_lo, u32 step_hi, u32 key0, u32 key1) {
+UPGD_DEVICE void pass2_kernel(T* p, T* g, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,
+                              const T* coefficients, i64 num_chunks, T factor, int scaled, T u_lo, T inv_range,
+                              u32 step_lo, u32 step_hi, u32 key0, u32 key1) {
     update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1,
                           [&](i64 j, T noise, const PassTwo<T>& c) {
-        p[j] = updated_param(p[j], u[j], m[j], v[j], noise, c.decay, c.lr, c.eps, c.inv_cu, c.inv_bc1, c.inv_bc2,
-                             u_lo, inv_range);
+        T gj = g[j] * factor;
+        if (scaled) g[j] = gj;
+        T pj = p[j];
+        T uj = new_utility(c.traces, gj, pj, u[j]);
+        T mj = new_first(c.traces, gj, m[j]);
+        T vj = new_second(c.traces, gj, v[j]);
+        u[j] = uj;
+        m[j] = mj;
+        v[j] = vj;
+        p[j] = updated_param(pj, uj, mj, vj, noise, c.decay, c.lr, c.eps, c.inv_cu, c.inv_bc1, c.inv_bc2, u_lo,
+                             inv_range);
     });
 }
 
 // Pass 2 of any other member (mode: OR of MOMENTS_NONE, PROTECTION_MAX, NOISE_TERMS; the LR
-// column holds update_factor lr). Without moments m and v are not read.
+// column holds update_factor lr). Without moments m and v are neither read nor written.
 template <typename T>
-UPGD_DEVICE void family_pass2_kernel(T* p, const T* g, const T* u, const T* m, const T* v, const i64* chunks,
-                                     const unsigned char* present, const T* coefficients, i64 num_chunks, T u_lo,
+UPGD_DEVICE void family_pass2_kernel(T* p, T* g, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,
+                                     const T* coefficients, i64 num_chunks, T factor, int scaled, T u_lo,
                                      T inv_range, T u_hi, int mode, u32 step_lo, u32 step_hi, u32 key0,
                                      u32 key1) {
     const bool moments = !(mode & MOMENTS_NONE);
     update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1,
                           [&](i64 j, T noise, const PassTwo<T>& c) {
-        T mj = moments ? m[j] : (T)0;
-        T vj = moments ? v[j] : (T)0;
-        p[j] = family_param(p[j], g[j], u[j], mj, vj, noise, c.decay, c.lr, c.eps, c.inv_cu, c.inv_bc1,
-                            c.inv_bc2, u_lo, inv_range, u_hi, mode);
+        T gj = g[j] * factor;
+        if (scaled) g[j] = gj;
+        T pj = p[j];
+        T uj = new_utility(c.traces, gj, pj, u[j]);
+        u[j] = uj;
+        T mj = (T)0, vj = (T)0;
+        if (moments) {
+            mj = new_first(c.traces, gj, m[j]);
+            vj = new_second(c.traces, gj, v[j]);
+            m[j] = mj;
+            v[j] = vj;
+        }
+        p[j] = family_param(pj, gj, uj, mj, vj, noise, c.decay, c.lr, c.eps, c.inv_cu, c.inv_bc1, c.inv_bc2,
+                            u_lo, inv_range, u_hi, mode);
     });
 }
 
@@ -506,24 +585,23 @@ UPGD_DEVICE void noise_kernel(T* out, const i64* chunks, i64 num_chunks, u32 ste
                             double* partial) {                                                                 \
         moments_kernel<T>(g, chunks, present, num_chunks, partial);                                            \
     }                                                                                                          \
-    UPGD_KERNEL pass1_##S(T* g, const T* p, T* u, T* m, T* v, const i64* chunks, const unsigned char* present, \
-                          const T* coefficients, i64 num_chunks, T factor, int scaled, int moments,            \
-                          double* partial) {                                                                   \
-        pass1_kernel<T>(g, p, u, m, v, chunks, present, coefficients, num_chunks, factor, scaled, moments,     \
-                        partial);                                                                              \
+    UPGD_KERNEL pass1_##S(const T* g, const T* p, const T* u, const T* m, const T* v, const i64* chunks,       \
+                          const unsigned char* present, const T* coefficients, i64 num_chunks, T factor,       \
+                          int moments, double* partial) {                                                      \
+        pass1_kernel<T>(g, p, u, m, v, chunks, present, coefficients, num_chunks, factor, moments, partial);   \
     }                                                                                                          \
-    UPGD_KERNEL pass2_##S(T* p, const T* u, const T* m, const T* v, const i64* chunks,                         \
-                          const unsigned char* present, const T* coefficients, i64 num_chunks, T u_lo,         \
-                          T inv_range, u32 step_lo, u32 step_hi, u32 key0, u32 key1) {                         \
-        pass2_kernel<T>(p, u, m, v, chunks, present, coefficients, num_chunks, u_lo, inv_range, step_lo,       \
-                        step_hi, key0, key1);                                                                  \
+    UPGD_KERNEL pass2_##S(T* p, T* g, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,       \
+                          const T* coefficients, i64 num_chunks, T factor, int scaled, T u_lo, T inv_range,    \
+                          u32 step_lo, u32 step_hi, u32 key0, u32 key1) {                                      \
+        pass2_kernel<T>(p, g, u, m, v, chunks, present, coefficients, num_chunks, factor, scaled, u_lo,        \
+                        inv_range, step_lo, step_hi, key0, key1);                                              \
     }                                                                                                          \
-    UPGD_KERNEL family_pass2_##S(T* p, const T* g, const T* u, const T* m, const T* v, const i64* chunks,      \
-                                 const unsigned char* present, const T* coefficients, i64 num_chunks, T u_lo,  \
+    UPGD_KERNEL family_pass2_##S(T* p, T* g, T* u, T* m, T* v, const i64* chunks, const unsigned char* present, \
+                                 const T* coefficients, i64 num_chunks, T factor, int scaled, T u_lo,          \
                                  T inv_range, T u_hi, int mode, u32 step_lo, u32 step_hi, u32 key0,            \
                                  u32 key1) {                                                                   \
-        family_pass2_kernel<T>(p, g, u, m, v, chunks, present, coefficients, num_chunks, u_lo, inv_range,      \
-                               u_hi, mode, step_lo, step_hi, key0, key1);                                      \
+        family_pass2_kernel<T>(p, g, u, m, v, chunks, present, coefficients, num_chunks, factor, scaled, u_lo, \
+                               inv_range, u_hi, mode, step_lo, step_hi, key0, key1);                           \
     }                                                                                                          \
     UPGD_KERNEL noise_##S(T* out, const i64* chunks, i64 num_chunks, u32 step_lo, u32 step_hi, u32 key0,       \
                           u32 key1) {                                                                          \
