@@ -5,7 +5,7 @@ plus the :data:`CHECKPOINT_KEY` entry; the scaler's is the production VGS dict
 (``vgs_version`` :data:`VGS_VERSION`). Older state dicts are migrated as the production
 classes do: param groups without the adaptive-noise keys get their defaults, VGS statistics
 from before version 3.1 are reset with a warning. The functions here read and write plain
-values (dicts, arrays, tensors); the optimizer and scaler hand them their core's state.
+values (dicts, arrays, tensors); the optimizer and scaler hand them their state records.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from upgd_ref.arrays import to_numpy
 from upgd_ref.hyperparams import validate_vgs
 from upgd_ref.layout import FlatLayout
 from upgd_ref.state import STATE_VERSION, UPGD_FORMAT
@@ -50,17 +49,18 @@ def fill_adaptive_noise_defaults(group: dict) -> None:
 # --- the core format ----------------------------------------------------------------------
 
 
-def segment_snapshot(flat_state, layout: FlatLayout, i: int):
-    """``(t, arrays, n)`` copies of segment ``i`` of a core optimizer's flat state."""
-    sl = layout.segment_slice(i)
-    arrays = {name: to_numpy(getattr(flat_state, name)[sl]).copy() for name in CORE_TENSOR_FIELDS}
-    return int(flat_state.segment_step[i]), arrays, float(flat_state.grad_norm_ema[i])
+def segment_snapshot(saved: Mapping, layout: FlatLayout, i: int):
+    """``(t, arrays, n)`` copies of segment ``i`` of ``saved``, a core state as
+    :meth:`upgd_ref.state.FlatUPGDState.to_state` writes it (buffers without padding)."""
+    start = layout.logical_offsets[i]
+    arrays = {name: np.array(saved[name][start: start + layout.sizes[i]]) for name in CORE_TENSOR_FIELDS}
+    return int(saved["segment_step"][i]), arrays, float(saved["grad_norm_ema"][i])
 
 
-def core_state_dict(layout: FlatLayout, core_groups, *, step, seed, noise_norm, noise_ema_init, segments,
-                    variant) -> dict:
-    """A core-format optimizer state dict; ``segments[i]`` is None (fresh) or ``(t, arrays, n)``
-    with ``arrays`` a dict of core state buffers (``"utility"``, ...; a missing one is zero)."""
+def core_state_dict(layout: FlatLayout, *, step, noise_ema_init, segments) -> dict:
+    """The core format of a state (what :meth:`upgd_ref.state.FlatUPGDState.from_state_dict`
+    reads); ``segments[i]`` is None (fresh) or ``(t, arrays, n)`` with ``arrays`` a dict of
+    core state buffers (``"utility"``, ...; a missing one is zero)."""
     dtype = layout.dtype
     t = np.zeros(layout.num_segments, dtype=np.int64)
     n = np.array([noise_ema_init] * layout.num_segments, dtype=np.float64)
@@ -76,10 +76,7 @@ def core_state_dict(layout: FlatLayout, core_groups, *, step, seed, noise_norm, 
     state = {"step": int(step), "segment_step": t, "grad_norm_ema": n}
     for name, parts in buffers.items():
         state[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return {
-        "format": UPGD_FORMAT, "version": STATE_VERSION, "layout": layout.to_dict(), "seed": seed,
-        "noise_norm": noise_norm, "variant": variant, "param_groups": core_groups, "state": state,
-    }
+    return {"format": UPGD_FORMAT, "version": STATE_VERSION, "layout": layout.to_dict(), "state": state}
 
 
 # --- the optimizer's production format ------------------------------------------------------

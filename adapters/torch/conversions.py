@@ -17,6 +17,8 @@ import re
 import numpy as np
 import torch
 
+from upgd_ref.family import RefusedOption
+
 #: The tensor dtypes the adapter takes, and the core's name for each.
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 #: The torch dtype of each core dtype name.
@@ -65,13 +67,45 @@ def named_errors(what: str, names):
         raise type(exc)(f"{what}: {segment_note(exc, names)}") from exc
 
 
-def number_from_tensor(where: str, value):
-    """A hyper-parameter as the core wants it: tensors become Python numbers, the rest is kept."""
+class UnsupportedOption(RefusedOption, NotImplementedError):
+    """An option the algorithm refuses (``UPGDW(amsgrad=True)``): a ``ValueError`` as the
+    reference raises it and a ``NotImplementedError`` as the production class raises it."""
+
+
+@contextlib.contextmanager
+def unsupported_options():
+    """Re-raise the family table's :class:`~upgd_ref.family.RefusedOption` as :class:`UnsupportedOption`."""
+    try:
+        yield
+    except RefusedOption as exc:
+        if isinstance(exc, UnsupportedOption):
+            raise
+        raise UnsupportedOption(str(exc)) from None
+
+
+def number_from_tensor(where: str, value, *, message: str | None = None):
+    """A hyper-parameter as the core wants it: tensors become Python numbers, the rest is kept.
+    A tensor of several elements is a ``ValueError`` (``message``, or one naming ``where``)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{where} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(message or f"{where} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         return value.item()
     return value
+
+
+def one_element(key: str, value):
+    """A constructor value as a number; a tensor must have one element (torch's message)."""
+    return number_from_tensor(key, value, message=f"Tensor {key} must be 1-element")
+
+
+def pair_value(where: str, value):
+    """A pair hyper-parameter (``betas``) with each element as the core wants it; a value
+    that is not a pair is returned as it is (the family table names the error)."""
+    try:
+        first, second = value
+    except (TypeError, ValueError):
+        return value
+    return number_from_tensor(f"{where}[0]", first), number_from_tensor(f"{where}[1]", second)
 
 
 def hyper_value(where: str, key: str, value):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 import upgd_ref
-from upgd_ref import reference
 from upgd_ref.backends import check_backend_name
 from upgd_ref.hyperparams import validate_vgs
 from upgd_ref.layout import FlatLayout
-from upgd_ref.state import VGS_FORMAT
+from upgd_ref.state import STATE_VERSION, VGS_FORMAT, FlatVGSState
+from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .buffers import bucket_run, check_grad, check_tensors, flat_buffer, on_stream
 from .checkpoint import VGS_VERSION, read_vgs_state_dict, vgs_state_dict
@@ -55,11 +56,12 @@ class VarianceGradientScaler:
         self.track_per_param = True  # as production: always per parameter
         self._logger = logger
         self._parameters = None
-        self._core = None  # upgd_ref.VarianceGradientScaler, once there are statistics
-        self._k = 0  # the step count while there is no core
+        self._names = []
+        self._layout = None  # the parameters' FlatLayout, while there are parameters
+        self._stats = FlatVGSState.zeros(0)  # k and (a_i, b_i): one pair per tracked (or loaded) parameter
         self._scratch = None
         if parameters is not None:
-            self._attach(list(parameters), self._k)
+            self._attach(list(parameters), 0)
 
     # production attributes, backed by one dict that is handed to the core at each use
     def _hyper_property(name):  # noqa: N805
@@ -82,38 +84,47 @@ class VarianceGradientScaler:
 
     @property
     def _step_count(self) -> int:
-        return self._core.state.step if self._core is not None else self._k
+        return self._stats.step
 
     @_step_count.setter
     def _step_count(self, value) -> None:
-        value = step_count("VarianceGradientScaler._step_count", value)
-        if self._core is not None:
-            self._core.state.step = value
-        else:
-            self._k = value
+        self._stats.step = step_count("VarianceGradientScaler._step_count", value)
+
+    @property
+    def stats(self) -> FlatVGSState:
+        """The scaler's statistics record (live): ``step`` (``k``), ``grad_mean_avg`` (``a_i``),
+        ``grad_sq_avg`` (``b_i``), one pair per tracked parameter."""
+        return self._stats
+
+    def _stats_layout(self) -> FlatLayout:
+        """The parameters' layout; without parameters, one empty float64 segment per statistic."""
+        if self._layout is not None:
+            return self._layout
+        return FlatLayout([(0,)] * self._stats.grad_mean_avg.shape[0], "float64")
 
     @property
     def core(self):
-        """The core scaler (None while the scaler has neither parameters nor statistics)."""
-        return self._core
-
-    def _new_core(self, layout: FlatLayout, step: int):
-        core = upgd_ref.VarianceGradientScaler(layout, backend=self._backend, **validate_vgs(self._hyper))
-        core.state.step = step
+        """A core :class:`upgd_ref.VarianceGradientScaler` equal to this one now (hyper-parameters,
+        a copy of the statistics); None while there are no statistics (no parameters). A
+        snapshot, for inspection and comparison: edits to it do not reach this scaler."""
+        if self._stats.grad_mean_avg.shape[0] == 0:
+            return None
+        core = upgd_ref.VarianceGradientScaler(self._stats_layout(), backend=self._backend, **validate_vgs(self._hyper))
+        core.load_state_dict(self._core_format())
         return core
+
+    def _core_format(self) -> dict:
+        return {"format": VGS_FORMAT, "version": STATE_VERSION, "num_segments": self._stats.grad_mean_avg.shape[0],
+                "hyperparams": validate_vgs(self._hyper), "state": self._stats.to_state()}
 
     def _attach(self, params, step: int) -> None:
         names = [f"parameters[{k}] {describe_shape(p)}" for k, p in enumerate(params)]
+        layout = None
         if params:
             dtype = check_tensors(params, names, what="VarianceGradientScaler", rehome=False)
             layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[dtype])
-            core = self._new_core(layout, step)
-        else:
-            core = None
-        self._parameters, self._names, self._core, self._k, self._scratch = params, names, core, step, None
-
-    def _push(self) -> None:
-        self._core.hyperparams = validate_vgs(dict(self._hyper))
+        stats = FlatVGSState(step, np.zeros(len(params)), np.zeros(len(params)))
+        self._parameters, self._names, self._layout, self._stats, self._scratch = params, names, layout, stats, None
 
     def _log(self, key: str, value: float) -> None:
         if self._logger is None:
@@ -132,7 +143,7 @@ class VarianceGradientScaler:
         optimizer's flat buffer are re-pointed there; with a private buffer, scaled values
         are copied back into ``.grad`` when the factor is not 1.
         """
-        params, layout = self._parameters, self._core.layout
+        params, layout = self._parameters, self._layout
         run = bucket_run(params)
         if run is not None:
             bucket, start = run
@@ -172,62 +183,58 @@ class VarianceGradientScaler:
     def scale_gradients(self) -> float:
         """Multiply every present gradient by the factor in place; return the factor."""
         if self._parameters is None:
-            return 1.0
-        if self._core is None or self._core.layout.num_segments == 0:
-            return self.get_scaling_factor()
-        self._push()
+            return 1.0  # nothing to scale (production, e.g. after unpickling)
+        factor = self.get_scaling_factor()
+        if not self._parameters:
+            return factor
         buffer, present, finish = self._grads()
         with named_errors("VarianceGradientScaler.scale_gradients", self._names), on_stream(self._parameters[0].device):
-            factor = self._core.scale(buffer, present)
+            vgs_scale_step(self._layout, buffer, factor, present, backend=self._backend)
         finish(factor)
-        return float(factor)
+        return factor
 
     def step(self) -> None:
         """Advance the step count and update the statistics from the (scaled) gradients."""
-        if self._parameters and self._core is not None:
-            self._push()
+        if self._parameters:
+            beta = validate_vgs(self._hyper)["beta"]
             buffer, present, finish = self._grads()
             with named_errors("VarianceGradientScaler.step", self._names), on_stream(self._parameters[0].device):
-                self._core.update(buffer, present)
+                vgs_update_step(self._layout, buffer, self._stats, beta, present, backend=self._backend)
             finish(1.0)
-        elif self._core is not None:
-            self._core.state.step += 1
         else:
-            self._k += 1
+            self._stats.step += 1
         self._log("vgs/normalized_variance", self.get_normalized_variance())
         self._log("vgs/scaling_factor", self.get_scaling_factor())
         self._log("vgs/step_count", float(self._step_count))
         self._log("vgs/warmup_active", float(self._step_count < self._hyper["warmup_steps"]))
 
+    def _factor_and_variance(self, **override) -> tuple[float, float]:
+        """``(f, G)`` of the statistics (:func:`upgd_ref.step.vgs_factor`); ``(1, 0)`` without
+        statistics (the normalised variance of nothing is 0). Validates the hyper-parameters."""
+        hyper = validate_vgs(dict(self._hyper, **override))
+        if self._stats.grad_mean_avg.shape[0] == 0:
+            return 1.0, 0.0
+        return vgs_factor(self._stats, hyper)
+
     def get_scaling_factor(self) -> float:
         """The factor ``f`` the next :meth:`scale_gradients` applies."""
-        if self._core is None:
-            validate_vgs(dict(self._hyper))
-            return 1.0  # no statistics: the normalised variance is 0
-        self._push()
-        return float(self._core.scaling_factor())
+        return self._factor_and_variance()[0]
 
     def get_normalized_variance(self) -> float:
         """The 0.9 quantile of the per-parameter normalised variances, clipped to ``[0, 1e6]``
         (before ``variance_cap``, as the production method returns it)."""
-        if self._core is None:
-            return 0.0
-        self._push()
-        nv = self._core.segment_normalized_variances()
-        return float(reference.vgs_global_variance(nv, variance_cap=None))
+        return self._factor_and_variance(variance_cap=None)[1]
 
     def reset_statistics(self) -> None:
         """Step count and statistics back to zero."""
-        if self._core is not None:
-            self._core.reset_statistics()
-        self._k = 0
+        self._stats = FlatVGSState.zeros(self._stats.grad_mean_avg.shape[0])
 
     def state_dict(self) -> dict:
         """The production format (``vgs_version`` ``"3.2"``); statistics as float64 tensors."""
-        core = self._core
-        has_stats = core is not None and core.layout.num_segments > 0
-        stats = (core.state.grad_mean_avg, core.state.grad_sq_avg, core.layout.sizes) if has_stats else None
-        return vgs_state_dict(self._hyper, self._step_count, stats)
+        stats = self._stats
+        if stats.grad_mean_avg.shape[0] == 0:
+            return vgs_state_dict(self._hyper, stats.step, None)
+        return vgs_state_dict(self._hyper, stats.step, (stats.grad_mean_avg, stats.grad_sq_avg, self._stats_layout().sizes))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load the production format (versions 3.1 and 3.2 keep statistics; older ones reset
@@ -243,25 +250,22 @@ class VarianceGradientScaler:
             return
         tracked = len(self._parameters) if self._parameters is not None else None
         hyper, step, stats = read_vgs_state_dict(state_dict, self._hyper, tracked)
-        # Everything is checked: apply.
-        self._hyper = hyper
-        if self._parameters:
-            core = self._new_core(self._core.layout, step)
-        elif stats is not None:
-            core = self._new_core(FlatLayout([(0,)] * stats[0].shape[0], "float64"), step)
-        else:
-            core = None
-        if core is not None and stats is not None:
-            core.state.grad_mean_avg[...] = stats[0]
-            core.state.grad_sq_avg[...] = stats[1]
-        self._core, self._k = core, step
+        count = len(self._parameters) if self._parameters else (stats[0].shape[0] if stats is not None else 0)
+        mean, square = stats if stats is not None else ([0.0] * count, [0.0] * count)
+        record = FlatVGSState.from_state_dict(
+            {"format": VGS_FORMAT, "version": STATE_VERSION,
+             "state": {"step": step, "grad_mean_avg": np.asarray(mean, dtype=np.float64),
+                       "grad_sq_avg": np.asarray(square, dtype=np.float64)}}, count)
+        self._hyper, self._stats = hyper, record
 
     def _load_core_format(self, state_dict) -> None:
-        if self._core is None or not self._parameters:
+        if not self._parameters:
             raise ValueError("a core-format VGS state dict needs the scaler's parameters (update_parameters first)")
-        core = self._new_core(self._core.layout, 0)
-        core.load_state_dict(state_dict)
-        self._core, self._hyper = core, dict(core.hyperparams)
+        record = FlatVGSState.from_state_dict(state_dict, len(self._parameters))
+        hyper = state_dict.get("hyperparams")
+        if not isinstance(hyper, dict):
+            raise ValueError("state dict field 'hyperparams' must be a dict")
+        self._hyper, self._stats = validate_vgs(hyper, where="state dict hyperparams: "), record
 
     # --- pickling (without parameters and logger, as production) -----------------------
 
@@ -272,6 +276,11 @@ class VarianceGradientScaler:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        if "_core" in state:  # pickled before the scaler kept its own record: take the core's
+            core, k = state.pop("_core"), state.pop("_k", 0)
+            state["_stats"] = core.state if core is not None else FlatVGSState(k, np.zeros(0), np.zeros(0))
+            state["_layout"] = core.layout if core is not None and core.layout.size else None
         self.__dict__.update(state)
         self._logger = None
         self._parameters = None
