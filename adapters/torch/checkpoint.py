@@ -198,9 +198,10 @@ def read_state_dict(state_dict, param_groups, bucket: Bucket, layout: FlatLayout
 # --- the scaler's production format --------------------------------------------------------
 
 
-def vgs_state_dict(hyper: Mapping, step: int, stats) -> dict:
+def vgs_state_dict(hyper: Mapping, step: int, stats, spatial: Mapping) -> dict:
     """The production VGS format; ``stats`` is None (no statistics yet) or ``(mean, square,
-    sizes)``: the per-parameter averages (float64 arrays, copied) and element counts."""
+    sizes)``: the per-parameter averages (float64 arrays, copied) and element counts;
+    ``spatial``: the four deprecated averages (floats or None) under their keys."""
     mean, square, sizes = stats if stats is not None else (None, None, None)
     state = {
         "enabled": hyper["enabled"], "beta": hyper["beta"], "alpha": hyper["alpha"], "eps": hyper["eps"],
@@ -210,7 +211,7 @@ def vgs_state_dict(hyper: Mapping, step: int, stats) -> dict:
         "param_grad_sq_ema": torch.from_numpy(square.copy()) if stats is not None else None,
         "param_numel": torch.tensor([float(s) for s in sizes], dtype=torch.float32) if stats is not None else None,
     }
-    state.update({key: None for key in _VGS_LEGACY_KEYS})
+    state.update({key: spatial[key] for key in _VGS_LEGACY_KEYS})
     state["vgs_version"] = VGS_VERSION
     return state
 
@@ -247,8 +248,9 @@ def read_vgs_state_dict(state_dict: Mapping, hyper: Mapping, tracked: int | None
                                  f"this scaler tracks {tracked}")
     else:
         warnings.warn(
-            f"Loading VGS checkpoint from version {version}: its per-parameter statistics use the "
-            "pre-3.1 definition and are reset (as the production scaler does); training continues.",
+            f"VGS Checkpoint Migration: loading a VGS checkpoint from version {version} into version "
+            f"{VGS_VERSION}. VGS v3.1 CRITICAL FIX: the per-parameter statistics changed definition in 3.1, "
+            "so the ones of this checkpoint are reset (as the production scaler does); training continues.",
             UserWarning, stacklevel=3,  # the caller of the scaler's load_state_dict
         )
     return values, step, stats
