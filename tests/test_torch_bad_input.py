@@ -121,7 +121,7 @@ def test_several_devices_across_groups_leave_parameters_in_place():
     (lambda base: [torch.nn.Parameter(base.t())], None),  # a transpose is dense: it can be re-homed
     (lambda base: [torch.nn.Parameter(base[0].expand(4, 3))], "view into a larger storage"),
     (lambda base: [torch.nn.Parameter(base), torch.nn.Parameter(base)], "shares its storage"),
-    (lambda base: [base_param := torch.nn.Parameter(base), base_param], "same tensor"),
+    # the same tensor twice: torch's warning, then kept once (tests/adapters/torch/test_torch_conventions.py)
 ])
 def test_parameters_whose_storage_cannot_be_rehomed(make, message):
     base = torch.arange(12.0).reshape(4, 3)

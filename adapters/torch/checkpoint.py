@@ -82,22 +82,28 @@ def core_state_dict(layout: FlatLayout, *, step, noise_ema_init, segments) -> di
 # --- the optimizer's production format ------------------------------------------------------
 
 
-def production_state_dict(param_groups, param_states, unmanaged, state_keys, *, seed, step, noise_norm,
+def production_state_dict(param_groups, state_of, unmanaged, state_keys, *, seed, step, noise_norm,
                           noise_ema_init, variant) -> dict:
     """The production format from the optimizer's param groups and per-parameter states
-    (``param_states[i]``: the mapping of segment ``i``); state tensors are copied."""
+    (``state_of(p)``: the mapping of parameter ``p``); state tensors are copied.
+
+    Parameters are numbered as ``torch.optim.Optimizer.state_dict`` numbers them: by
+    position across the groups, a parameter listed again keeping its first number. Only reads.
+    """
+    index_of: dict[int, tuple] = {}
     packed_groups, start = [], 0
     for group in param_groups:
         packed = {k: v for k, v in group.items() if k != "params"}
-        packed["params"] = list(range(start, start + len(group["params"])))
+        for i, p in enumerate(group["params"], start):
+            index_of.setdefault(id(p), (i, p))
+        packed["params"] = [index_of[id(p)][0] for p in group["params"]]
         start += len(group["params"])
         packed_groups.append(packed)
     tensors = tensor_keys(state_keys)
     packed_state = {}
-    for i, param_state in enumerate(param_states):
-        entry = {}
-        for key, value in param_state.items():
-            entry[key] = value.clone() if isinstance(value, torch.Tensor) and key in tensors else value
+    for i, p in index_of.values():
+        entry = {key: value.clone() if isinstance(value, torch.Tensor) and key in tensors else value
+                 for key, value in state_of(p).items()}
         if entry:
             packed_state[i] = entry
     for key, value in unmanaged.items():

@@ -159,3 +159,33 @@ def float_value(where: str, value) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be a float, got {type(value).__name__}")
     return float(value)
+
+
+def check_torch_options(what: str, *, maximize, foreach, fused, capturable, differentiable) -> bool:
+    """torch.optim's constructor options (``specs/adapters-torch.md`` §1.8); returns ``maximize``.
+
+    ``foreach`` and ``fused`` choose between torch's implementations; every step here is one
+    pass of the core's kernels over one flat buffer, so any value is accepted and changes
+    nothing. ``capturable`` (CUDA-graph capture) and ``differentiable`` (autograd through the
+    step) are not possible for a step that runs in NumPy/CuPy kernels outside autograd.
+    """
+    for name, value in (("maximize", maximize), ("capturable", capturable), ("differentiable", differentiable)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{what}: {name} must be a bool, got {type(value).__name__}")
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{what}: {name} must be a bool or None, got {type(value).__name__}")
+    if capturable:
+        raise ValueError(f"{what} does not support capturable=True: its step runs the upgd_ref kernels, which "
+                         "synchronise with the host (CUDA graphs cannot capture them)")
+    if differentiable:
+        raise ValueError(f"{what} does not support differentiable=True: its step runs outside autograd")
+    return bool(maximize)
+
+
+def maximize_flag(group) -> bool:
+    """A param group's ``maximize`` (absent: False); a 1-element tensor or 0/1 counts as its value."""
+    value = number_from_tensor("maximize", group.get("maximize", False))
+    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+        return bool(value)
+    raise TypeError(f"param group 'maximize' must be a bool, got {value!r}")

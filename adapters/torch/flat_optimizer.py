@@ -19,10 +19,11 @@ from upgd_ref.state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
 from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
 from upgd_ref.step import noise as step_noise
 
-from .buffers import Bucket, check_tensors, on_stream, segment_views
+from .buffers import Bucket, check_tensors, deduplicate, on_stream, segment_views
 from .checkpoint import (core_state_dict, fill_adaptive_noise_defaults, production_state_dict, read_state_dict,
                          segment_snapshot)
-from .conversions import DTYPE_NAMES, describe_shape, hyper_value, named_errors, pair_value, unsupported_options
+from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
+                          pair_value, unsupported_options)
 from .state_views import StateSource, StateView
 
 
@@ -82,9 +83,13 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             start += len(group["params"])
         return groups
 
-    def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile) -> None:
-        """The constructor's common tail: the core's checks (types, finiteness) on the
-        hyper-parameters, seed, noise norm and backend, then param groups and flat buffer."""
+    def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile,
+               torch_options) -> None:
+        """The constructor's common tail: torch.optim's options (:func:`~.conversions.torch_options`),
+        the core's checks (types, finiteness) on the hyper-parameters, seed, noise norm and
+        backend, then param groups and flat buffer."""
+        if check_torch_options(type(self).__name__, **torch_options):
+            defaults = dict(defaults, maximize=True)  # the key exists only when set: production's keys stay
         self._profile = profile
         self._variant: UPGDVariant = self._MEMBER.variant(profile or "production")
         self._group_hyper("defaults", defaults, noise_ema_init)
@@ -186,12 +191,13 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             bucket.ensure_homed()
 
     def add_param_group(self, param_group: dict) -> None:
-        """As ``torch.optim.Optimizer.add_param_group``; the flat buffer is rebuilt, state kept."""
-        if not getattr(self, "_built", False):
-            super().add_param_group(param_group)
-            return
+        """As ``torch.optim.Optimizer.add_param_group`` (a parameter listed twice: torch's warning,
+        then it is kept once); the flat buffer is rebuilt, state kept."""
         count = len(self.param_groups)
         super().add_param_group(param_group)
+        deduplicate(self.param_groups[-1])
+        if not getattr(self, "_built", False):
+            return
         try:
             self._rebuild()
         except BaseException:
@@ -237,6 +243,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
 
     # --- the step -----------------------------------------------------------------------
 
+    @torch.compiler.disable  # the step runs outside autograd on NumPy buffers: a graph break
     def step(self, closure=None):
         """One step (``p.grad is None``: the parameter is skipped); returns the closure's loss."""
         loss = None
@@ -252,15 +259,22 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             present, copied = bucket.gather_grads()
             request = StepRequest(hyper=hypers, present=present, seed=self._seed, noise_norm=self._noise_norm,
                                   variant=self._variant)
-            with named_errors(f"{type(self).__name__}.step", bucket.names), on_stream(bucket.device):
-                stats = upgd_step(self._layout, bucket.param_flat, bucket.grad_flat, self._state, request,
-                                  backend=self._backend)
+            flipped = [i for i, group in enumerate(g for g in self.param_groups for _ in g["params"])
+                       if present[i] and maximize_flag(group)]
+            try:  # maximize: the step sees -g; negation is exact, so flipping back restores g bit for bit
+                bucket.negate_grads(flipped)
+                with named_errors(f"{type(self).__name__}.step", bucket.names), on_stream(bucket.device):
+                    stats = upgd_step(self._layout, bucket.param_flat, bucket.grad_flat, self._state, request,
+                                      backend=self._backend)
+            finally:
+                bucket.negate_grads(flipped)
             bucket.adopt_grads(copied)
         self._used_groups = self._core_groups(group_hypers, self.param_groups)
         self.last_step_info = StepInfo.from_stats(stats, self._state.step,
                                                   check_present(present, self._layout.num_segments))
         return loss
 
+    @torch.compiler.disable  # as torch.optim.Optimizer.zero_grad
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients; ``set_to_none=False`` zeroes them in place (they stay flat-buffer views)."""
         super().zero_grad(set_to_none=set_to_none)
@@ -277,9 +291,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        self._sync_structure()
         state_dict = production_state_dict(
-            self.param_groups, [self.state[p] for p in self._bucket.params], self.state.unmanaged, self._STATE_KEYS,
+            self.param_groups, self.state.read, self.state.unmanaged, self._STATE_KEYS,
             seed=self._seed, step=self._state.step, noise_norm=self._noise_norm, noise_ema_init=self._noise_ema_init,
             variant=dict(self._variant._asdict()))
         for post_hook in self._optimizer_state_dict_post_hooks.values():

@@ -84,7 +84,8 @@ class AdaptiveUPGD(FlatBufferOptimizer):
                  sigma=_A["sigma"], beta1=_A["beta1"], beta2=_A["beta2"], eps=None, adaptive_noise=_A["adaptive_noise"],
                  noise_beta=_A["noise_beta"], min_noise_std=_A["min_noise_std"],
                  instant_noise_scale=_A["instant_noise_scale"], *, seed=None, backend="auto",
-                 noise_ema_init=_A["noise_ema_init"], noise_norm="segment", profile="production"):
+                 noise_ema_init=_A["noise_ema_init"], noise_norm="segment", profile="production", maximize=False,
+                 foreach=None, fused=None, capturable=False, differentiable=False):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         if eps is None:  # the profile's: 1e-8 (production), 1e-5 (the paper's code)
             eps = self._MEMBER.profile_defaults(profile)["eps"]
@@ -97,7 +98,9 @@ class AdaptiveUPGD(FlatBufferOptimizer):
             min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
         )
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=profile)
+                    noise_norm=noise_norm, profile=profile,
+                    torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                                       differentiable=differentiable))
 
 
 class UPGD(FlatBufferOptimizer):
@@ -119,7 +122,8 @@ class UPGD(FlatBufferOptimizer):
     def __init__(self, params, lr=_U["lr"], weight_decay=_U["weight_decay"], beta_utility=_U["beta_utility"],
                  sigma=_U["sigma"], *, adaptive_noise=_U["adaptive_noise"], noise_beta=_U["noise_beta"],
                  min_noise_std=_U["min_noise_std"], instant_noise_scale=_U["instant_noise_scale"], seed=None,
-                 backend="auto", noise_ema_init=_U["noise_ema_init"], noise_norm="segment", profile="production"):
+                 backend="auto", noise_ema_init=_U["noise_ema_init"], noise_norm="segment", profile="production",
+                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         _check_production(dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                                noise_beta=noise_beta, min_noise_std=min_noise_std))
@@ -127,7 +131,9 @@ class UPGD(FlatBufferOptimizer):
                         adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                         instant_noise_scale=instant_noise_scale)
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=profile)
+                    noise_norm=noise_norm, profile=profile,
+                    torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                                       differentiable=differentiable))
 
 
 class UPGDW(FlatBufferOptimizer):
@@ -152,7 +158,8 @@ class UPGDW(FlatBufferOptimizer):
                  weight_decay=_W["weight_decay"], sigma=_W["sigma"], amsgrad=False, *,
                  adaptive_noise=_W["adaptive_noise"], noise_beta=_W["noise_beta"], min_noise_std=_W["min_noise_std"],
                  instant_noise_scale=_W["instant_noise_scale"], seed=None, backend="auto",
-                 noise_ema_init=_W["noise_ema_init"], noise_norm="segment"):
+                 noise_ema_init=_W["noise_ema_init"], noise_norm="segment", maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         with unsupported_options():
             self._MEMBER.check_refused({"amsgrad": number_from_tensor("amsgrad", amsgrad)})
         beta1, beta2 = self._MEMBER.split_pairs({"betas": pair_value("betas", betas)}).values()
@@ -162,4 +169,6 @@ class UPGDW(FlatBufferOptimizer):
                         adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                         instant_noise_scale=instant_noise_scale)
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=None)
+                    noise_norm=noise_norm, profile=None,
+                    torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                                       differentiable=differentiable))

@@ -171,6 +171,10 @@ class StateView(MutableMapping):
             self.unmanaged[key] = {}
         return self.unmanaged[key]
 
+    def read(self, key) -> Mapping:
+        """``self[key]`` without creating an entry (what a state dict reads)."""
+        return ParamState(self._source, key) if self._managed(key) else self.unmanaged.get(key, {})
+
     def __setitem__(self, key, value):
         if not self._managed(key):
             self.unmanaged[key] = value
