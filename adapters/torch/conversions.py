@@ -108,6 +108,14 @@ def pair_value(where: str, value):
     return number_from_tensor(f"{where}[0]", first), number_from_tensor(f"{where}[1]", second)
 
 
+def split_pair(where: str, key: str, value, names) -> tuple:
+    """The two values of a pair argument (``betas``), each as the core takes them."""
+    pair = pair_value(f"{where}{key}", value)
+    if not isinstance(pair, tuple):
+        raise ValueError(f"{where}{key} must be a pair ({', '.join(names)}), got {value!r}")
+    return pair
+
+
 def hyper_value(where: str, key: str, value):
     """One production hyper-parameter value for the core (truthy ints are flags, as in production)."""
     value = number_from_tensor(where, value)

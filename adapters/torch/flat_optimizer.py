@@ -23,7 +23,7 @@ from .buffers import Bucket, check_tensors, deduplicate, on_stream, segment_view
 from .checkpoint import (core_state_dict, fill_adaptive_noise_defaults, production_state_dict, read_state_dict,
                          segment_snapshot)
 from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
-                          pair_value, unsupported_options)
+                          pair_value, split_pair, unsupported_options)
 from .state_views import StateSource, StateView
 
 
@@ -52,14 +52,32 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     _HYPER_KEYS: tuple[str, ...]
     _STATE_KEYS: tuple[str, ...]
     _DEFAULT_PROFILE: str | None
+    #: torch-style pairs a group may carry instead of two of its keys (AdaptiveUPGD's ``betas``
+    #: for ``beta1, beta2``, so momentum-cycling schedulers find them as for Adam).
+    _PAIR_ALIASES: dict = {}
+
+    def _group_keys(self, where: str, group) -> tuple:
+        """The hyper-parameter keys ``group`` must hold (a pair alias replaces its two keys)."""
+        keys = self._HYPER_KEYS
+        for pair, names in self._PAIR_ALIASES.items():
+            if pair in group:
+                if any(name in group for name in names):
+                    raise ValueError(f"{where} has both {pair!r} and {list(names)}; give one of them")
+                keys = tuple(k for k in keys if k not in names) + (pair,)
+        return keys
 
     def _group_hyper(self, where: str, group, noise_ema_init) -> dict:
         """The checked core hyper-parameters of one param group (``where`` names it in errors):
         values as the core takes them, then the member's row of the family table (refused
         options, pairs such as ``betas``, ties such as ``beta_utility = beta2``, validation)."""
         member = self._MEMBER
-        values = {k: pair_value(f"{where}['{k}']", group[k]) if k in member.pairs else
-                  hyper_value(f"{where}['{k}']", k, group[k]) for k in self._HYPER_KEYS}
+        values = {}
+        for k in self._group_keys(where, group):
+            if k in self._PAIR_ALIASES:
+                values.update(zip(self._PAIR_ALIASES[k], split_pair(f"{where}: ", k, group[k], self._PAIR_ALIASES[k])))
+            else:
+                values[k] = (pair_value(f"{where}['{k}']", group[k]) if k in member.pairs else
+                             hyper_value(f"{where}['{k}']", k, group[k]))
         with unsupported_options():
             return member.hyperparams(values | {"noise_ema_init": noise_ema_init}, self._profile or "production",
                                       where=f"{where}: ")
@@ -68,7 +86,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         """The checked hyper-parameters of each group, read from ``param_groups`` now."""
         out = []
         for g, group in enumerate(param_groups):
-            missing = [k for k in self._HYPER_KEYS if k not in group]
+            missing = [k for k in self._group_keys(f"param_groups[{g}]", group) if k not in group]
             if missing:
                 raise ValueError(f"param_groups[{g}] lacks hyper-parameter(s) {missing}")
             out.append(self._group_hyper(f"param_groups[{g}]", group, noise_ema_init))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import upgd_ref
 from upgd_ref.family import MEMBERS
 
-from .conversions import number_from_tensor, one_element, pair_value, unsupported_options
+from .conversions import number_from_tensor, one_element, pair_value, split_pair, unsupported_options
 from .flat_optimizer import FlatBufferOptimizer
 
 _A, _U, _W = (MEMBERS[name].defaults for name in ("AdaptiveUPGD", "UPGD", "UPGDW"))
@@ -79,14 +79,19 @@ class AdaptiveUPGD(FlatBufferOptimizer):
     _HYPER_KEYS = HYPERPARAMETER_KEYS
     _STATE_KEYS = STATE_KEYS
     _DEFAULT_PROFILE = "production"
+    _PAIR_ALIASES = {"betas": ("beta1", "beta2")}
 
     def __init__(self, params, lr=_A["lr"], weight_decay=_A["weight_decay"], beta_utility=_A["beta_utility"],
                  sigma=_A["sigma"], beta1=_A["beta1"], beta2=_A["beta2"], eps=None, adaptive_noise=_A["adaptive_noise"],
                  noise_beta=_A["noise_beta"], min_noise_std=_A["min_noise_std"],
                  instant_noise_scale=_A["instant_noise_scale"], *, seed=None, backend="auto",
-                 noise_ema_init=_A["noise_ema_init"], noise_norm="segment", profile="production", maximize=False,
-                 foreach=None, fused=None, capturable=False, differentiable=False):
+                 noise_ema_init=_A["noise_ema_init"], noise_norm="segment", profile="production", betas=None,
+                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
+        if betas is not None:  # torch's pair instead of beta1, beta2 (momentum-cycling schedulers)
+            if (beta1, beta2) != (_A["beta1"], _A["beta2"]):
+                raise ValueError("give betas=(beta1, beta2) or beta1 and beta2, not both")
+            beta1, beta2 = split_pair("", "betas", betas, self._PAIR_ALIASES["betas"])
         if eps is None:  # the profile's: 1e-8 (production), 1e-5 (the paper's code)
             eps = self._MEMBER.profile_defaults(profile)["eps"]
         # The production class's checks and messages, then the core's (types, finiteness).
@@ -97,6 +102,9 @@ class AdaptiveUPGD(FlatBufferOptimizer):
             beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
             min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
         )
+        if betas is not None:  # the pair takes the place of beta1, beta2 in the defaults and groups
+            defaults = {("betas" if k == "beta1" else k): (betas if k == "beta1" else v)
+                        for k, v in defaults.items() if k != "beta2"}
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
                     noise_norm=noise_norm, profile=profile,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,

@@ -196,3 +196,44 @@ def test_torch_compile_of_the_training_step(name, backend):
     else:
         for a, b in zip(eager_params, params):
             torch.testing.assert_close(a, b)  # torch's float32 defaults: roundings, not a different step
+
+
+@pytest.mark.parametrize("make_scheduler", [
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20),
+    lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=3),
+], ids=["OneCycleLR", "CyclicLR"])
+def test_adaptive_upgd_with_betas_works_with_momentum_cycling(make_scheduler):
+    """``AdaptiveUPGD(betas=...)``: groups carry torch's pair instead of ``beta1, beta2`` (as
+    Adam), and the step reads it; ``beta_utility`` stays its own key."""
+    params = make_params()
+    with pytest.raises(ValueError, match="momentum"):  # production's keys: nothing to cycle
+        make_scheduler(AdaptiveUPGD(make_params(), lr=1e-2))
+    opt = AdaptiveUPGD(params, lr=1e-2, betas=(0.9, 0.99), seed=0)
+    assert "betas" in opt.defaults and "beta1" not in opt.param_groups[0]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plain = AdaptiveUPGD(copies, lr=1e-2, seed=0)
+    scheduler = make_scheduler(opt)
+    seen = set()
+    for k in range(5):
+        set_grads(params, grads_for(k, params))
+        set_grads(copies, grads_for(k, params))
+        group, other = opt.param_groups[0], plain.param_groups[0]
+        other["lr"], (other["beta1"], other["beta2"]) = group["lr"], group["betas"]
+        opt.step()
+        plain.step()
+        assert torch.equal(flat(params), flat(copies))  # betas is beta1, beta2
+        hyper = opt.core.step_hyperparams()[0]
+        assert (hyper["beta1"], hyper["beta2"], hyper["beta_utility"]) == (*group["betas"], 0.999)
+        seen.add(hyper["beta1"])
+        scheduler.step()
+    assert len(seen) > 1
+    sd = opt.state_dict()
+    again = AdaptiveUPGD([torch.nn.Parameter(p.detach().clone()) for p in params], betas=(0.9, 0.99), seed=1)
+    again.load_state_dict(sd)
+    with pytest.raises(ValueError, match="not both"):
+        AdaptiveUPGD(make_params(), beta1=0.8, betas=(0.9, 0.99))
+    with pytest.raises(ValueError, match="pair"):
+        AdaptiveUPGD(make_params(), betas=0.9)
+    opt.param_groups[0]["beta1"] = 0.5
+    with pytest.raises(ValueError, match="both 'betas' and"):
+        opt.step()
