@@ -32,9 +32,14 @@ class VarianceGradientScaler:
 
     Same constructor, methods, attributes (``enabled``, ``beta``, ``alpha``, ``eps``,
     ``warmup_steps``, ``min_scaling_factor``, ``variance_cap``, ``track_per_param``),
-    logged metric names and state-dict format (``vgs_version`` ``"3.2"``); the factor and
-    the statistics are computed by :class:`upgd_ref.VarianceGradientScaler`. ``backend``
-    (keyword-only) selects the core backend.
+    logged metric names and state-dict format (``vgs_version`` ``"3.2"``), including
+    production's ``update_statistics``, ``compute_gradient_statistics`` and deprecated
+    spatial averages (:mod:`.spatial`). The scaler keeps its statistics in a
+    :class:`~upgd_ref.state.FlatVGSState` record (:attr:`stats`) and computes the factor and
+    the statistics through the functional door (:func:`upgd_ref.step.vgs_factor`,
+    ``vgs_scale_step``, ``vgs_update_step``). Keyword-only: ``backend`` (the core backend)
+    and ``nonfinite`` (``"zero"``: NaN/inf gradient values count as 0 in the statistics, as
+    production handles them; ``"raise"``: a ``ValueError``).
 
     When the scaler's parameters are consecutive parameters of an :class:`AdaptiveUPGD`
     (e.g. both built from ``model.parameters()``), it works on that optimizer's flat
