@@ -11,23 +11,19 @@ import torch
 
 from upgd_ref.adapters.torch import UPGD, UPGDW, AdaptiveUPGD
 
+from . import helpers
+from .helpers import seeded_grads, set_grads
+
 MEMBERS = {"AdaptiveUPGD": AdaptiveUPGD, "UPGD": UPGD, "UPGDW": UPGDW}
 SHAPES = ((4, 3), (3,), (2, 2))
 
 
 def make_params(seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+    return helpers.make_params(SHAPES, dtype, seed)
 
 
 def grads_for(step, params):
-    gen = torch.Generator().manual_seed(300 + step)
-    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-
-
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
+    return seeded_grads(params, 300 + step)
 
 
 def flat(params):

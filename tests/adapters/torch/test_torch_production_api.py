@@ -18,32 +18,19 @@ from upgd_ref.state import FlatUPGDState, FlatVGSState
 from upgd_ref.step import StepRequest, upgd_step
 from upgd_ref.tolerances import INDEPENDENT_RTOL
 
+from . import helpers
+from .helpers import Recorder, run_scaler, seeded_grads, set_grads
+
 SHAPES = ((6, 4), (4,), (3, 3), (2,), (5,))
 BETA, EPS = 0.9, 1e-8
 
 
-class Recorder:
-    def __init__(self):
-        self.records = []
-
-    def record(self, key, value):
-        self.records.append((key, value))
-
-
 def make_params(dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+    return helpers.make_params(SHAPES, dtype, seed)
 
 
 def grads_for(step, params, absent=()):
-    gen = torch.Generator().manual_seed(900 + step)
-    return [None if i in absent else torch.randn(p.shape, generator=gen, dtype=p.dtype) * (1 + i) + 0.1 * (i - 2)
-            for i, p in enumerate(params)]
-
-
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        p.grad = None if g is None else g.clone()
+    return seeded_grads(params, 900 + step, absent, spread=1.0, offset=0.1)
 
 
 def close(a, b):
@@ -192,10 +179,7 @@ def test_nonfinite_policy_is_checked():
 def test_production_state_dict_round_trips_with_the_spatial_averages():
     params = make_params()
     vgs = VarianceGradientScaler(params, beta=BETA, warmup_steps=0)
-    for k in range(3):
-        set_grads(params, grads_for(k, params))
-        vgs.scale_gradients()
-        vgs.step()
+    run_scaler(vgs, params, grads_for, 3)
     sd = vgs.state_dict()
     assert all(type(sd[k]) is float for k in ("grad_mean_ema", "grad_var_ema", "grad_norm_ema", "grad_max_ema"))
     assert sd["grad_norm_ema"] == vgs._grad_norm_ema
@@ -244,10 +228,7 @@ def test_checkpoint_migration_warning_has_the_production_phrases():
 def test_a_scaler_pickled_before_it_kept_its_own_record_loads():
     params = make_params()
     vgs = VarianceGradientScaler(params, warmup_steps=0)
-    for k in range(3):
-        set_grads(params, grads_for(k, params))
-        vgs.scale_gradients()
-        vgs.step()
+    run_scaler(vgs, params, grads_for, 3)
     layout = upgd_ref.FlatLayout([tuple(p.shape) for p in params], "float32")
     core = upgd_ref.VarianceGradientScaler(layout, warmup_steps=0)
     core.load_state_dict(vgs.core.state_dict())
