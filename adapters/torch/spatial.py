@@ -13,7 +13,8 @@ Over the parameters that have a gradient, all elements concatenated:
 and each has an average ``x <- beta x + (1 - beta) value`` that starts at its first value
 (no bias); production logs it divided by ``1 - beta**k`` all the same (a flaw it keeps,
 and so does the drop-in). Non-finite gradient values count as 0 here, as in every
-statistic of the drop-in (production's NaN handling). Computed in float64.
+statistic of the drop-in (production's NaN handling). Each gradient is reduced by torch in
+its own dtype (as production does), the per-gradient sums are combined in float64.
 """
 
 from __future__ import annotations
@@ -33,25 +34,42 @@ def finite_values(g: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def gradient_statistics(grads) -> dict:
-    """``compute_gradient_statistics()`` of the present gradients ``grads`` (float64).
+def _sums(g: torch.Tensor) -> tuple[float, float, float]:
+    """``(sum |g|, sum g**2, max |g|)`` of one gradient: torch's norms in the gradient's dtype
+    (as production computes them), no copy of the gradient (these run on every scaler step)."""
+    g = g.detach()
+    low, high = g.aminmax()  # max |g| = max(-min g, max g): one pass, faster than the inf-norm
+    return (float(torch.linalg.vector_norm(g, 1)), float(torch.linalg.vector_norm(g, 2)) ** 2,
+            max(-float(low), float(high)))
 
-    ``grad_var`` is the unbiased variance of ``|g|``; with fewer than two elements it is 0
-    (``torch.var`` would give NaN, which the averages would keep forever).
+
+def gradient_statistics(grads) -> dict:
+    """``compute_gradient_statistics()`` of the present gradients ``grads``: per-gradient sums
+    (:func:`_sums`) combined in float64.
+
+    ``grad_var`` is the unbiased variance of ``|g|``, ``(sum g**2 - n mean**2) / (n - 1)``
+    (clipped at 0; with fewer than two elements it is 0 where ``torch.var`` gives NaN, which
+    the averages would keep forever). A gradient holding NaN or infinities is summed with
+    those values as 0.
     """
     if not grads:
         return dict(NO_GRADIENT_STATISTICS)
-    flat = torch.cat([finite_values(g.detach().reshape(-1).to(torch.float64)) for g in grads])
-    if flat.numel() == 0:
+    total = absolute = square = 0.0
+    largest = 0.0
+    for g in grads:
+        if g.numel() == 0:
+            continue
+        sums = _sums(g)
+        if not all(math.isfinite(x) for x in sums):
+            sums = _sums(finite_values(g))
+        total += g.numel()
+        absolute, square, largest = absolute + sums[0], square + sums[1], max(largest, sums[2])
+    if total == 0:
         return dict(NO_GRADIENT_STATISTICS, num_params=len(grads))
-    magnitude = flat.abs()
-    return {
-        "grad_norm": float(torch.linalg.vector_norm(flat)),
-        "grad_mean": float(magnitude.mean()),
-        "grad_var": float(magnitude.var()) if flat.numel() > 1 else 0.0,
-        "grad_max": float(magnitude.max()),
-        "num_params": len(grads),
-    }
+    mean = absolute / total
+    variance = max(square - total * mean * mean, 0.0) / (total - 1) if total > 1 else 0.0
+    return {"grad_norm": math.sqrt(square), "grad_mean": mean, "grad_var": variance, "grad_max": largest,
+            "num_params": len(grads)}
 
 
 @dataclass
