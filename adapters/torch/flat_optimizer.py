@@ -130,7 +130,12 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     def _state_source(self) -> StateSource:
         """What ``self.state``'s views read (current state record, layout, bucket, param groups)."""
         return StateSource(self._state, self._layout, self._bucket, self.param_groups, self._STATE_KEYS,
-                           self._extras, self._noise_ema_init)
+                           self._extras, self._noise_ema_init, self._raise_counter)
+
+    def _raise_counter(self, step: int) -> None:
+        """The global step counter is at least ``step`` (a ``state[p]["step"]`` set by hand: the
+        record holds ``t_i <= step``)."""
+        self._state.step = max(self._state.step, step)
 
     @property
     def profile(self):

@@ -41,6 +41,9 @@ class StateSource(NamedTuple):
     extras: dict
     #: The ``grad_norm_ema`` a reset parameter starts from.
     noise_ema_init: float
+    #: Makes the optimizer's global step counter at least the given ``t_i`` (the optimizer
+    #: owns the record's counter; a view only writes the parameter's own entries).
+    raise_counter: Callable[[int], None]
 
     def segment_of(self, param) -> int:
         try:
@@ -121,7 +124,7 @@ class ParamState(MutableMapping):
         if key == "step":
             step = step_count(where, value)
             state.segment_step[i] = step
-            state.step = max(state.step, step)
+            source.raise_counter(step)
         elif key == "grad_norm_ema":
             ema = float_value(where, value)
             if not (math.isfinite(ema) and ema >= 0):
