@@ -12,24 +12,29 @@ PACKAGE = Path(__file__).resolve().parents[3] / "adapters" / "torch"
 ALLOWED = {"data", "grad", "__module__"}
 
 
-def _root(node: ast.AST) -> ast.AST:
-    while isinstance(node, (ast.Attribute, ast.Subscript)):
-        node = node.value
-    return node
+#: The adapter's own records reached through ``self``: the optimizer's ``FlatUPGDState``
+#: (``_state``), the scaler's ``FlatVGSState`` (``_stats``) and ``optimizer.state`` (its view).
+OWN_RECORDS = {"_state", "_stats", "state"}
+
+
+def _owned(target: ast.Attribute) -> bool:
+    """``self.x`` / ``cls.x``, or ``self.<own record>.x``."""
+    base = target.value
+    if isinstance(base, ast.Name):
+        return base.id in ("self", "cls")
+    return (isinstance(base, ast.Attribute) and base.attr in OWN_RECORDS and isinstance(base.value, ast.Name)
+            and base.value.id == "self")
 
 
 def foreign_attribute_writes(source: str, name: str) -> list[str]:
-    """``obj.attr = ...`` (or ``+=``) where ``obj`` is not ``self``/``cls`` or reached from them."""
+    """``obj.attr = ...`` (or ``+=``) where ``obj`` is neither ``self``/``cls`` nor one of its own records."""
     found = []
     for node in ast.walk(ast.parse(source)):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
             node, (ast.AugAssign, ast.AnnAssign)) else []
         for target in targets:
             for t in target.elts if isinstance(target, ast.Tuple) else [target]:
-                if not isinstance(t, ast.Attribute) or t.attr in ALLOWED:
-                    continue
-                root = _root(t)
-                if not (isinstance(root, ast.Name) and root.id in ("self", "cls")):
+                if isinstance(t, ast.Attribute) and t.attr not in ALLOWED and not _owned(t):
                     found.append(f"{name}:{t.lineno} writes {ast.unparse(t)}")
     return found
 
@@ -40,8 +45,10 @@ def test_no_adapter_module_writes_another_objects_attributes():
 
 
 def test_the_rule_finds_writes():
-    source = "def f(self, core, p):\n    core.param_groups = []\n    core.state.step += 1\n    p.data = 1\n    self.x = 2\n"
-    assert foreign_attribute_writes(source, "m.py") == ["m.py:2 writes core.param_groups", "m.py:3 writes core.state.step"]
+    source = ("def f(self, core, p):\n    core.param_groups = []\n    core.state.step += 1\n    p.data = 1\n"
+              "    self.x = 2\n    self._core.hyperparams = {}\n    self._stats.step = 3\n")
+    assert foreign_attribute_writes(source, "m.py") == [
+        "m.py:2 writes core.param_groups", "m.py:3 writes core.state.step", "m.py:6 writes self._core.hyperparams"]
 
 
 def test_the_optimizer_and_scaler_step_through_the_door():
