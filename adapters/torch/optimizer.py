@@ -1,8 +1,9 @@
 """Drop-in replacements for the production ``AdaptiveUPGD``, ``UPGD`` and ``UPGDW``.
 
 Each class is a :class:`~.flat_optimizer.FlatBufferOptimizer`: its constructor has the
-production signature, defaults and messages, and it names the core class that runs its
-step, its param-group keys and its per-parameter state keys.
+production signature and messages (the defaults are the family table's), and it names its
+row of the family table (:data:`upgd_ref.family.MEMBERS`), the core class its ``core``
+snapshot is, its param-group keys and its per-parameter state keys.
 """
 
 from __future__ import annotations

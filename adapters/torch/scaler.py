@@ -296,7 +296,8 @@ class VarianceGradientScaler:
 
     def compute_gradient_statistics(self) -> dict:
         """``grad_norm``, ``grad_mean``, ``grad_var``, ``grad_max`` (of ``|g|`` over every element of
-        the present gradients, float64) and ``num_params`` (how many have a gradient)."""
+        the present gradients; :func:`.spatial.gradient_statistics`) and ``num_params`` (how
+        many have a gradient)."""
         return gradient_statistics(self._present_grads())
 
     def step(self) -> None:
