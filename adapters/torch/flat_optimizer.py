@@ -311,6 +311,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         ``sec_moment`` (tensors: copies, in the parameter's dtype) and, with adaptive noise,
         ``grad_norm_ema`` (float), for parameters that have taken a step. The extra top-level
         key ``"upgd_ref"`` holds the noise seed and counter (ignored by other consumers).
+        Only reads (as torch's): parameters are numbered as torch numbers them, whatever the
+        param groups hold now (e.g. after ``param_groups.extend(...)``).
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
