@@ -11,11 +11,14 @@ Normative description: ``specs/adapters-torch.md``. Change one import::
     optimizer.step()
     vgs.step()
 
-This package contains no optimizer math. Every formula runs in :class:`upgd_ref.AdaptiveUPGD`
-(or its family members :class:`upgd_ref.UPGD`, :class:`upgd_ref.UPGDW`) and
-:class:`upgd_ref.VarianceGradientScaler` on flat, 64-byte aligned buffers: NumPy arrays for
+This package contains no optimizer math. Every formula runs in the functional door
+(:func:`upgd_ref.step.upgd_step`, :func:`~upgd_ref.step.vgs_factor`,
+:func:`~upgd_ref.step.vgs_scale_step`, :func:`~upgd_ref.step.vgs_update_step`), called with
+the adapter's own state records (:class:`upgd_ref.state.FlatUPGDState`,
+:class:`~upgd_ref.state.FlatVGSState`) on flat, 64-byte aligned buffers: NumPy arrays for
 CPU tensors, CuPy arrays sharing the memory of flat CUDA tensors (DLPack, no copy) for CUDA
-tensors, whose steps run the CUDA kernels on the tensors' current stream; the adapter only
+tensors, whose steps run the CUDA kernels on the tensors' current stream (the production
+scaler's deprecated logging statistics are the one exception, :mod:`.spatial`); the adapter only
 
 * re-homes the parameters of an optimizer into one flat buffer (``p.data`` becomes a view
   of a segment of it, the approach of DDP's ``gradient_as_bucket_view``), and points
@@ -36,10 +39,12 @@ Modules, each with one reason to change:
 * :mod:`.checkpoint`: the production state-dict formats and their migration;
 * :mod:`.flat_optimizer`: the ``torch.optim.Optimizer`` the family members share;
 * :mod:`.optimizer`: the members' constructors (production signatures and messages);
-* :mod:`.scaler`: the ``VarianceGradientScaler``.
+* :mod:`.scaler`: the ``VarianceGradientScaler``;
+* :mod:`.spatial`: the production scaler's deprecated spatial statistics (logging only).
 """
 
 from .checkpoint import CHECKPOINT_KEY, VGS_VERSION
+from .conversions import UnsupportedOption
 from .optimizer import (HYPERPARAMETER_KEYS, STATE_KEYS, UPGD, UPGD_HYPERPARAMETER_KEYS, UPGDW,
                         UPGDW_HYPERPARAMETER_KEYS, AdaptiveUPGD)
 from .scaler import VarianceGradientScaler
@@ -55,6 +60,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "UPGD_HYPERPARAMETER_KEYS",
     "UPGDW_HYPERPARAMETER_KEYS",
+    "UnsupportedOption",
 ]
 
 # Pickles (torch.save of an optimizer or scaler) and reprs name the public path, as before the

@@ -106,6 +106,21 @@ def check_tensors(tensors, names, *, what: str, rehome: bool) -> torch.dtype:
     return next(iter(dtypes))
 
 
+def deduplicate(group: dict) -> None:
+    """A param group's parameters (and ``param_names``) with each tensor kept once, in place
+    (torch warns about a parameter listed twice and would step it twice)."""
+    params = group["params"]
+    first = {}
+    for j, p in enumerate(params):
+        first.setdefault(id(p), j)
+    if len(first) == len(params):
+        return
+    keep = sorted(first.values())
+    group["params"] = [params[j] for j in keep]
+    if "param_names" in group:
+        group["param_names"] = [group["param_names"][j] for j in keep]
+
+
 def check_grad(what: str, g: torch.Tensor) -> None:
     """A gradient the core can take: dense and real (``what`` names it in errors)."""
     if g.layout != torch.strided:
@@ -240,6 +255,12 @@ class Bucket:
                 for i in copied:
                     self.grad_views[i].copy_(self.params[i].grad)
         return present, copied
+
+    def negate_grads(self, segments) -> None:
+        """``g <- -g`` in place for these segments of the gradient buffer (exact)."""
+        with torch.no_grad():
+            for i in segments:
+                self.grad_views[i].neg_()
 
     def adopt_grads(self, copied) -> None:
         """Point ``.grad`` of the copied segments at their views (next backward accumulates there)."""

@@ -5,7 +5,7 @@ plus the :data:`CHECKPOINT_KEY` entry; the scaler's is the production VGS dict
 (``vgs_version`` :data:`VGS_VERSION`). Older state dicts are migrated as the production
 classes do: param groups without the adaptive-noise keys get their defaults, VGS statistics
 from before version 3.1 are reset with a warning. The functions here read and write plain
-values (dicts, arrays, tensors); the optimizer and scaler hand them their core's state.
+values (dicts, arrays, tensors); the optimizer and scaler hand them their state records.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from upgd_ref.arrays import to_numpy
 from upgd_ref.hyperparams import validate_vgs
 from upgd_ref.layout import FlatLayout
 from upgd_ref.state import STATE_VERSION, UPGD_FORMAT
@@ -50,17 +49,18 @@ def fill_adaptive_noise_defaults(group: dict) -> None:
 # --- the core format ----------------------------------------------------------------------
 
 
-def segment_snapshot(flat_state, layout: FlatLayout, i: int):
-    """``(t, arrays, n)`` copies of segment ``i`` of a core optimizer's flat state."""
-    sl = layout.segment_slice(i)
-    arrays = {name: to_numpy(getattr(flat_state, name)[sl]).copy() for name in CORE_TENSOR_FIELDS}
-    return int(flat_state.segment_step[i]), arrays, float(flat_state.grad_norm_ema[i])
+def segment_snapshot(saved: Mapping, layout: FlatLayout, i: int):
+    """``(t, arrays, n)`` copies of segment ``i`` of ``saved``, a core state as
+    :meth:`upgd_ref.state.FlatUPGDState.to_state` writes it (buffers without padding)."""
+    start = layout.logical_offsets[i]
+    arrays = {name: np.array(saved[name][start: start + layout.sizes[i]]) for name in CORE_TENSOR_FIELDS}
+    return int(saved["segment_step"][i]), arrays, float(saved["grad_norm_ema"][i])
 
 
-def core_state_dict(layout: FlatLayout, core_groups, *, step, seed, noise_norm, noise_ema_init, segments,
-                    variant) -> dict:
-    """A core-format optimizer state dict; ``segments[i]`` is None (fresh) or ``(t, arrays, n)``
-    with ``arrays`` a dict of core state buffers (``"utility"``, ...; a missing one is zero)."""
+def core_state_dict(layout: FlatLayout, *, step, noise_ema_init, segments) -> dict:
+    """The core format of a state (what :meth:`upgd_ref.state.FlatUPGDState.from_state_dict`
+    reads); ``segments[i]`` is None (fresh) or ``(t, arrays, n)`` with ``arrays`` a dict of
+    core state buffers (``"utility"``, ...; a missing one is zero)."""
     dtype = layout.dtype
     t = np.zeros(layout.num_segments, dtype=np.int64)
     n = np.array([noise_ema_init] * layout.num_segments, dtype=np.float64)
@@ -76,31 +76,34 @@ def core_state_dict(layout: FlatLayout, core_groups, *, step, seed, noise_norm, 
     state = {"step": int(step), "segment_step": t, "grad_norm_ema": n}
     for name, parts in buffers.items():
         state[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return {
-        "format": UPGD_FORMAT, "version": STATE_VERSION, "layout": layout.to_dict(), "seed": seed,
-        "noise_norm": noise_norm, "variant": variant, "param_groups": core_groups, "state": state,
-    }
+    return {"format": UPGD_FORMAT, "version": STATE_VERSION, "layout": layout.to_dict(), "state": state}
 
 
 # --- the optimizer's production format ------------------------------------------------------
 
 
-def production_state_dict(param_groups, param_states, unmanaged, state_keys, *, seed, step, noise_norm,
+def production_state_dict(param_groups, state_of, unmanaged, state_keys, *, seed, step, noise_norm,
                           noise_ema_init, variant) -> dict:
     """The production format from the optimizer's param groups and per-parameter states
-    (``param_states[i]``: the mapping of segment ``i``); state tensors are copied."""
+    (``state_of(p)``: the mapping of parameter ``p``); state tensors are copied.
+
+    Parameters are numbered as ``torch.optim.Optimizer.state_dict`` numbers them: by
+    position across the groups, a parameter listed again keeping its first number. Only reads.
+    """
+    index_of: dict[int, tuple] = {}
     packed_groups, start = [], 0
     for group in param_groups:
         packed = {k: v for k, v in group.items() if k != "params"}
-        packed["params"] = list(range(start, start + len(group["params"])))
+        for i, p in enumerate(group["params"], start):
+            index_of.setdefault(id(p), (i, p))
+        packed["params"] = [index_of[id(p)][0] for p in group["params"]]
         start += len(group["params"])
         packed_groups.append(packed)
     tensors = tensor_keys(state_keys)
     packed_state = {}
-    for i, param_state in enumerate(param_states):
-        entry = {}
-        for key, value in param_state.items():
-            entry[key] = value.clone() if isinstance(value, torch.Tensor) and key in tensors else value
+    for i, p in index_of.values():
+        entry = {key: value.clone() if isinstance(value, torch.Tensor) and key in tensors else value
+                 for key, value in state_of(p).items()}
         if entry:
             packed_state[i] = entry
     for key, value in unmanaged.items():
@@ -201,9 +204,10 @@ def read_state_dict(state_dict, param_groups, bucket: Bucket, layout: FlatLayout
 # --- the scaler's production format --------------------------------------------------------
 
 
-def vgs_state_dict(hyper: Mapping, step: int, stats) -> dict:
+def vgs_state_dict(hyper: Mapping, step: int, stats, spatial: Mapping) -> dict:
     """The production VGS format; ``stats`` is None (no statistics yet) or ``(mean, square,
-    sizes)``: the per-parameter averages (float64 arrays, copied) and element counts."""
+    sizes)``: the per-parameter averages (float64 arrays, copied) and element counts;
+    ``spatial``: the four deprecated averages (floats or None) under their keys."""
     mean, square, sizes = stats if stats is not None else (None, None, None)
     state = {
         "enabled": hyper["enabled"], "beta": hyper["beta"], "alpha": hyper["alpha"], "eps": hyper["eps"],
@@ -213,7 +217,7 @@ def vgs_state_dict(hyper: Mapping, step: int, stats) -> dict:
         "param_grad_sq_ema": torch.from_numpy(square.copy()) if stats is not None else None,
         "param_numel": torch.tensor([float(s) for s in sizes], dtype=torch.float32) if stats is not None else None,
     }
-    state.update({key: None for key in _VGS_LEGACY_KEYS})
+    state.update({key: spatial[key] for key in _VGS_LEGACY_KEYS})
     state["vgs_version"] = VGS_VERSION
     return state
 
@@ -250,8 +254,9 @@ def read_vgs_state_dict(state_dict: Mapping, hyper: Mapping, tracked: int | None
                                  f"this scaler tracks {tracked}")
     else:
         warnings.warn(
-            f"Loading VGS checkpoint from version {version}: its per-parameter statistics use the "
-            "pre-3.1 definition and are reset (as the production scaler does); training continues.",
+            f"VGS Checkpoint Migration: loading a VGS checkpoint from version {version} into version "
+            f"{VGS_VERSION}. VGS v3.1 CRITICAL FIX: the per-parameter statistics changed definition in 3.1, "
+            "so the ones of this checkpoint are reset (as the production scaler does); training continues.",
             UserWarning, stacklevel=3,  # the caller of the scaler's load_state_dict
         )
     return values, step, stats

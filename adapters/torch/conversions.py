@@ -17,6 +17,8 @@ import re
 import numpy as np
 import torch
 
+from upgd_ref.family import RefusedOption
+
 #: The tensor dtypes the adapter takes, and the core's name for each.
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 #: The torch dtype of each core dtype name.
@@ -65,13 +67,53 @@ def named_errors(what: str, names):
         raise type(exc)(f"{what}: {segment_note(exc, names)}") from exc
 
 
-def number_from_tensor(where: str, value):
-    """A hyper-parameter as the core wants it: tensors become Python numbers, the rest is kept."""
+class UnsupportedOption(RefusedOption, NotImplementedError):
+    """An option the algorithm refuses (``UPGDW(amsgrad=True)``): a ``ValueError`` as the
+    reference raises it and a ``NotImplementedError`` as the production class raises it."""
+
+
+@contextlib.contextmanager
+def unsupported_options():
+    """Re-raise the family table's :class:`~upgd_ref.family.RefusedOption` as :class:`UnsupportedOption`."""
+    try:
+        yield
+    except RefusedOption as exc:
+        if isinstance(exc, UnsupportedOption):
+            raise
+        raise UnsupportedOption(str(exc)) from None
+
+
+def number_from_tensor(where: str, value, *, message: str | None = None):
+    """A hyper-parameter as the core wants it: tensors become Python numbers, the rest is kept.
+    A tensor of several elements is a ``ValueError`` (``message``, or one naming ``where``)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{where} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(message or f"{where} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         return value.item()
     return value
+
+
+def one_element(key: str, value):
+    """A constructor value as a number; a tensor must have one element (torch's message)."""
+    return number_from_tensor(key, value, message=f"Tensor {key} must be 1-element")
+
+
+def pair_value(where: str, value):
+    """A pair hyper-parameter (``betas``) with each element as the core wants it; a value
+    that is not a pair is returned as it is (the family table names the error)."""
+    try:
+        first, second = value
+    except (TypeError, ValueError):
+        return value
+    return number_from_tensor(f"{where}[0]", first), number_from_tensor(f"{where}[1]", second)
+
+
+def split_pair(where: str, key: str, value, names) -> tuple:
+    """The two values of a pair argument (``betas``), each as the core takes them."""
+    pair = pair_value(f"{where}{key}", value)
+    if not isinstance(pair, tuple):
+        raise ValueError(f"{where}{key} must be a pair ({', '.join(names)}), got {value!r}")
+    return pair
 
 
 def hyper_value(where: str, key: str, value):
@@ -125,3 +167,33 @@ def float_value(where: str, value) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be a float, got {type(value).__name__}")
     return float(value)
+
+
+def check_torch_options(what: str, *, maximize, foreach, fused, capturable, differentiable) -> bool:
+    """torch.optim's constructor options (``specs/adapters-torch.md`` §1.8); returns ``maximize``.
+
+    ``foreach`` and ``fused`` choose between torch's implementations; every step here is one
+    pass of the core's kernels over one flat buffer, so any value is accepted and changes
+    nothing. ``capturable`` (CUDA-graph capture) and ``differentiable`` (autograd through the
+    step) are not possible for a step that runs in NumPy/CuPy kernels outside autograd.
+    """
+    for name, value in (("maximize", maximize), ("capturable", capturable), ("differentiable", differentiable)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{what}: {name} must be a bool, got {type(value).__name__}")
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{what}: {name} must be a bool or None, got {type(value).__name__}")
+    if capturable:
+        raise ValueError(f"{what} does not support capturable=True: its step runs the upgd_ref kernels, which "
+                         "synchronise with the host (CUDA graphs cannot capture them)")
+    if differentiable:
+        raise ValueError(f"{what} does not support differentiable=True: its step runs outside autograd")
+    return bool(maximize)
+
+
+def maximize_flag(group) -> bool:
+    """A param group's ``maximize`` (absent: False); a 1-element tensor or 0/1 counts as its value."""
+    value = number_from_tensor("maximize", group.get("maximize", False))
+    if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+        return bool(value)
+    raise TypeError(f"param group 'maximize' must be a bool, got {value!r}")

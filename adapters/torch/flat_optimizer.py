@@ -1,6 +1,6 @@
 """The ``torch.optim.Optimizer`` every family member's adapter is: parameters re-homed into
-one flat buffer, the step run by the member's core class, production ``state`` views,
-state dicts and pickling."""
+one flat buffer, a state record of its own, each step one call of the functional door
+:func:`upgd_ref.step.upgd_step`, production ``state`` views, state dicts and pickling."""
 
 from __future__ import annotations
 
@@ -9,15 +9,21 @@ from copy import deepcopy
 
 import torch
 
-import upgd_ref
 from upgd_ref.backends import check_backend_name
-from upgd_ref.hyperparams import validate_upgd
+from upgd_ref.checks import check_present
+from upgd_ref.family import Member
 from upgd_ref.layout import FlatLayout
+from upgd_ref.optimizer import StepInfo
+from upgd_ref.reference import UPGDVariant, check_variant
+from upgd_ref.state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
+from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
+from upgd_ref.step import noise as step_noise
 
-from .buffers import Bucket, check_tensors, on_stream, segment_views
+from .buffers import Bucket, check_tensors, deduplicate, on_stream, segment_views
 from .checkpoint import (core_state_dict, fill_adaptive_noise_defaults, production_state_dict, read_state_dict,
                          segment_snapshot)
-from .conversions import DTYPE_NAMES, describe_shape, hyper_value, named_errors
+from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
+                          pair_value, split_pair, unsupported_options)
 from .state_views import StateSource, StateView
 
 
@@ -29,53 +35,107 @@ def _draw_seed() -> int:
 class FlatBufferOptimizer(torch.optim.Optimizer):
     """What every member's adapter shares: flat buffers, ``state`` views, state dicts, pickling.
 
-    A member says which core class does the math (``_CORE``), its param-group keys
-    (``_HYPER_KEYS``), its per-parameter state keys (``_STATE_KEYS``, ``grad_norm_ema`` last),
-    its profile when unpickled without one (``_DEFAULT_PROFILE``; None: the core class takes
-    no ``profile``) and how a param group maps to the core's hyper-parameters
-    (:meth:`_core_hyper`); its constructor checks the arguments and calls :meth:`_setup`.
+    A member names its row of the family table (``_MEMBER``: variant, pairs, ties, refused
+    options, validation), the core class that :attr:`core` snapshots (``_CORE``), its
+    param-group keys (``_HYPER_KEYS``), its per-parameter state keys (``_STATE_KEYS``,
+    ``grad_norm_ema`` last) and its profile when unpickled without one
+    (``_DEFAULT_PROFILE``; None: the member has no profiles); its constructor checks the
+    arguments and calls :meth:`_setup`.
+
+    The optimizer owns its step's inputs: the flat buffers (:class:`~.buffers.Bucket`), a
+    :class:`~upgd_ref.state.FlatUPGDState` record, the layout, seed, noise norm and variant.
+    A step is ``upgd_step(layout, params, grads, state, StepRequest(...))`` (``specs/step.md``).
     """
 
+    _MEMBER: Member
     _CORE: type
     _HYPER_KEYS: tuple[str, ...]
     _STATE_KEYS: tuple[str, ...]
     _DEFAULT_PROFILE: str | None
+    #: torch-style pairs a group may carry instead of two of its keys (AdaptiveUPGD's ``betas``
+    #: for ``beta1, beta2``, so momentum-cycling schedulers find them as for Adam).
+    _PAIR_ALIASES: dict = {}
 
-    @classmethod
-    def _core_hyper(cls, where: str, group) -> dict:
-        """The core hyper-parameters of one param group (``where`` names it in errors)."""
-        return {k: hyper_value(f"{where}['{k}']", k, group[k]) for k in cls._HYPER_KEYS}
+    def _group_keys(self, where: str, group) -> tuple:
+        """The hyper-parameter keys ``group`` must hold (a pair alias replaces its two keys)."""
+        keys = self._HYPER_KEYS
+        for pair, names in self._PAIR_ALIASES.items():
+            if pair in group:
+                if any(name in group for name in names):
+                    raise ValueError(f"{where} has both {pair!r} and {list(names)}; give one of them")
+                keys = tuple(k for k in keys if k not in names) + (pair,)
+        return keys
 
-    def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile) -> None:
-        """The constructor's common tail: the core's checks (types, finiteness) on the
-        hyper-parameters, param groups, core optimizer, flat buffer."""
-        validate_upgd(self._core_hyper("defaults", defaults) | {"noise_ema_init": noise_ema_init})
-        check_backend_name(backend)
-        self._built = False
+    def _group_hyper(self, where: str, group, noise_ema_init) -> dict:
+        """The checked core hyper-parameters of one param group (``where`` names it in errors):
+        values as the core takes them, then the member's row of the family table (refused
+        options, pairs such as ``betas``, ties such as ``beta_utility = beta2``, validation)."""
+        member = self._MEMBER
+        values = {}
+        for k in self._group_keys(where, group):
+            if k in self._PAIR_ALIASES:
+                values.update(zip(self._PAIR_ALIASES[k], split_pair(f"{where}: ", k, group[k], self._PAIR_ALIASES[k])))
+            else:
+                values[k] = (pair_value(f"{where}['{k}']", group[k]) if k in member.pairs else
+                             hyper_value(f"{where}['{k}']", k, group[k]))
+        with unsupported_options():
+            return member.hyperparams(values | {"noise_ema_init": noise_ema_init}, self._profile or "production",
+                                      where=f"{where}: ")
+
+    def _group_hypers(self, param_groups, noise_ema_init) -> list[dict]:
+        """The checked hyper-parameters of each group, read from ``param_groups`` now."""
+        out = []
+        for g, group in enumerate(param_groups):
+            missing = [k for k in self._group_keys(f"param_groups[{g}]", group) if k not in group]
+            if missing:
+                raise ValueError(f"param_groups[{g}] lacks hyper-parameter(s) {missing}")
+            out.append(self._group_hyper(f"param_groups[{g}]", group, noise_ema_init))
+        return out
+
+    @staticmethod
+    def _core_groups(group_hypers, param_groups) -> list[dict]:
+        """The groups as the core classes take them: segment indices and checked values."""
+        groups, start = [], 0
+        for hyper, group in zip(group_hypers, param_groups):
+            groups.append({"segments": list(range(start, start + len(group["params"]))), **hyper})
+            start += len(group["params"])
+        return groups
+
+    def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile,
+               torch_options) -> None:
+        """The constructor's common tail: torch.optim's options (:func:`~.conversions.torch_options`),
+        the core's checks (types, finiteness) on the hyper-parameters, seed, noise norm and
+        backend, then param groups and flat buffer."""
+        if check_torch_options(type(self).__name__, **torch_options):
+            defaults = dict(defaults, maximize=True)  # the key exists only when set: production's keys stay
         self._profile = profile
+        self._variant: UPGDVariant = self._MEMBER.variant(profile or "production")
+        self._group_hyper("defaults", defaults, noise_ema_init)
+        check_backend_name(backend)
+        seed = _draw_seed() if seed is None else check_seed(seed)
+        check_noise_norm(noise_norm)
+        self._built = False
         super().__init__(params, defaults)
         self._backend = backend
         self._noise_norm = noise_norm
         self._noise_ema_init = noise_ema_init
-        self._seed = _draw_seed() if seed is None else seed
-        self._core = None
-        self._bucket = None
+        self._seed = seed
+        self._layout = self._state = self._bucket = None
         self._extras: dict[int, tuple] = {}
         self.last_step_info = None
         self._rebuild()
         self.state = StateView(self._state_source)
         self._built = True
 
-    def _new_core(self, layout, core_groups, *, seed, noise_norm, noise_ema_init):
-        """A fresh core optimizer of this member (``profile`` only where the core has one)."""
-        extra = {} if self._profile is None else {"profile": self._profile}
-        return self._CORE(layout, seed=seed, noise_norm=noise_norm, noise_ema_init=noise_ema_init,
-                          backend=self._backend, param_groups=core_groups, **extra)
-
     def _state_source(self) -> StateSource:
-        """What ``self.state``'s views read (current core, bucket and param groups)."""
-        return StateSource(self._core.state, self._core.layout, self._bucket, self.param_groups, self._STATE_KEYS,
-                           self._extras, self._noise_ema_init)
+        """What ``self.state``'s views read (current state record, layout, bucket, param groups)."""
+        return StateSource(self._state, self._layout, self._bucket, self.param_groups, self._STATE_KEYS,
+                           self._extras, self._noise_ema_init, self._raise_counter)
+
+    def _raise_counter(self, step: int) -> None:
+        """The global step counter is at least ``step`` (a ``state[p]["step"]`` set by hand: the
+        record holds ``t_i <= step``)."""
+        self._state.step = max(self._state.step, step)
 
     @property
     def profile(self):
@@ -96,24 +156,11 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                 names.append(f"{label} {describe_shape(p)}")
         return params, names
 
-    def _core_groups(self, param_groups, noise_ema_init) -> list[dict]:
-        """The core's parameter groups, hyper-parameters read from ``param_groups`` now."""
-        groups, start = [], 0
-        for g, group in enumerate(param_groups):
-            count = len(group["params"])
-            missing = [k for k in self._HYPER_KEYS if k not in group]
-            if missing:
-                raise ValueError(f"param_groups[{g}] lacks hyper-parameter(s) {missing}")
-            hyper = self._core_hyper(f"param_groups[{g}]", group)
-            groups.append({"segments": list(range(start, start + count)), **hyper, "noise_ema_init": noise_ema_init})
-            start += count
-        return groups
-
     def _rebuild(self, restore: dict | None = None, *, unpickled: bool = False) -> None:
-        """(Re)build the flat layout, core optimizer and bucket for the current param groups.
+        """(Re)build the flat layout, state record and bucket for the current param groups.
 
-        State carries over by parameter identity (or comes from ``restore``, a core state
-        dict for exactly these parameters). Everything that can fail runs before the
+        State carries over by parameter identity (or comes from ``restore``, a core-format
+        state dict for exactly these parameters). Everything that can fail runs before the
         parameters are re-homed. ``unpickled``: the parameters come from unpickling this
         class, so they are views of the one storage their pickled flat buffer became.
         """
@@ -121,22 +168,41 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         dtype = check_tensors(params, names, what=type(self).__name__, rehome=not unpickled)
         group_ids = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
         layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[dtype], groups=group_ids)
-        core_groups = self._core_groups(self.param_groups, self._noise_ema_init)
-        core = self._new_core(layout, core_groups, seed=self._seed, noise_norm=self._noise_norm,
-                              noise_ema_init=self._noise_ema_init)
+        group_hypers = self._group_hypers(self.param_groups, self._noise_ema_init)
         if restore is not None:
-            core.load_state_dict(restore)
-        elif self._core is not None:
-            old = self._bucket.segment_by_id
-            segments = [segment_snapshot(self._core.state, self._core.layout, old[id(p)]) if id(p) in old else None
-                        for p in params]
-            core.load_state_dict(core_state_dict(
-                layout, core_groups, step=self._core.step_count, seed=self._seed, noise_norm=self._noise_norm,
-                noise_ema_init=self._noise_ema_init, segments=segments, variant=dict(core.variant._asdict())))
+            state = self._restored_state(restore, layout)
+        elif self._state is not None:
+            saved, old = self._state.to_state(self._layout), self._bucket.segment_by_id
+            segments = [segment_snapshot(saved, self._layout, old[id(p)]) if id(p) in old else None for p in params]
+            state = FlatUPGDState.from_state_dict(core_state_dict(
+                layout, step=self._state.step, noise_ema_init=self._noise_ema_init, segments=segments), layout)
+        else:
+            state = FlatUPGDState.zeros(layout, [h["noise_ema_init"] for h, group in zip(group_hypers, self.param_groups)
+                                                 for _ in group["params"]])
         bucket = Bucket(params, layout, names)
         bucket.home()
-        self._core, self._bucket = core, bucket
+        self._layout, self._state, self._bucket, self._used_groups = (
+            layout, state, bucket, self._core_groups(group_hypers, self.param_groups))
         self._extras = {k: v for k, v in self._extras.items() if k in bucket.segment_by_id}
+
+    def _restored_state(self, saved: Mapping, layout: FlatLayout) -> FlatUPGDState:
+        """The state record of a core-format state dict (a pickle's), checked against this
+        optimizer's variant."""
+        variant = check_variant(saved.get("variant", self._variant))  # absent: written before the family
+        if variant != self._variant:
+            raise ValueError(f"state dict is for UPGD variant {dict(variant._asdict())}, "
+                             f"this optimizer computes {dict(self._variant._asdict())}")
+        return FlatUPGDState.from_state_dict(saved, layout)
+
+    def core_format(self) -> dict:
+        """This optimizer's state in the core's state-dict format (``specs/layout.md`` §4): what
+        :meth:`upgd_ref.AdaptiveUPGD.load_state_dict` (of this member's core class) takes. Its
+        ``param_groups`` hold the hyper-parameters of the last step (or build, or load)."""
+        return {
+            "format": UPGD_FORMAT, "version": STATE_VERSION, "layout": self._layout.to_dict(), "seed": self._seed,
+            "noise_norm": self._noise_norm, "variant": dict(self._variant._asdict()),
+            "param_groups": self._used_groups, "state": self._state.to_state(self._layout),
+        }
 
     def _sync_structure(self) -> None:
         """Rebuild if ``param_groups`` now hold other tensors; re-home replaced ``.data``."""
@@ -148,12 +214,13 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             bucket.ensure_homed()
 
     def add_param_group(self, param_group: dict) -> None:
-        """As ``torch.optim.Optimizer.add_param_group``; the flat buffer is rebuilt, state kept."""
-        if not getattr(self, "_built", False):
-            super().add_param_group(param_group)
-            return
+        """As ``torch.optim.Optimizer.add_param_group`` (a parameter listed twice: torch's warning,
+        then it is kept once); the flat buffer is rebuilt, state kept."""
         count = len(self.param_groups)
         super().add_param_group(param_group)
+        deduplicate(self.param_groups[-1])
+        if not getattr(self, "_built", False):
+            return
         try:
             self._rebuild()
         except BaseException:
@@ -165,25 +232,41 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     @property
     def seed(self) -> int:
         """The noise seed (drawn from torch's global generator when not given)."""
-        return self._core.seed
+        return self._seed
 
     @property
     def layout(self) -> FlatLayout:
         """The core layout: one segment per parameter, in ``param_groups`` order."""
-        return self._core.layout
+        return self._layout
 
     @property
-    def core(self) -> upgd_ref.AdaptiveUPGD:
-        """The core optimizer doing the math (its ``step_count`` is the noise counter);
-        an instance of the member's core class (``upgd_ref.UPGD``, ...)."""
-        return self._core
+    def flat_state(self) -> FlatUPGDState:
+        """The optimizer's state record (live: the buffers the steps update; on the
+        parameters' device)."""
+        return self._state
+
+    @property
+    def core(self):
+        """A core optimizer of this member (``upgd_ref.AdaptiveUPGD``, ``upgd_ref.UPGD``, ...)
+        equal to this one now: layout, seed, variant, the hyper-parameters of the last step (or
+        build, or load: :meth:`core_format`) and a copy of the state (its ``step_count`` is the noise counter). A snapshot, for inspection
+        and comparison with the core classes: edits to it do not reach this optimizer."""
+        profile = {} if self._profile is None else {"profile": self._profile}
+        core = self._CORE(self._layout, seed=self._seed, noise_norm=self._noise_norm,
+                          noise_ema_init=self._noise_ema_init, backend=self._backend,
+                          param_groups=self._used_groups, **profile)
+        core.load_state_dict(self.core_format())
+        return core
 
     def noise(self, step: int | None = None) -> list[torch.Tensor]:
         """Step ``step``'s standard normals (default: the next step's), one tensor per parameter."""
-        return segment_views(torch.from_numpy(self._core.noise(step)).to(self._bucket.device), self.layout)
+        step = self._state.step + 1 if step is None else step
+        flat = step_noise(self._layout, self._seed, step, backend=self._backend)
+        return segment_views(torch.from_numpy(flat).to(self._bucket.device), self._layout)
 
     # --- the step -----------------------------------------------------------------------
 
+    @torch.compiler.disable  # the step runs outside autograd on NumPy buffers: a graph break
     def step(self, closure=None):
         """One step (``p.grad is None``: the parameter is skipped); returns the closure's loss."""
         loss = None
@@ -193,15 +276,28 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             self._sync_structure()
             bucket = self._bucket
-            core_groups = self._core_groups(self.param_groups, self._noise_ema_init)
+            with named_errors(f"{type(self).__name__}.step", bucket.names):
+                group_hypers = self._group_hypers(self.param_groups, self._noise_ema_init)
+            hypers = [h for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
             present, copied = bucket.gather_grads()
-            self._core.param_groups = core_groups
-            with named_errors(f"{type(self).__name__}.step", bucket.names), on_stream(bucket.device):
-                info = self._core.step(bucket.param_flat, bucket.grad_flat, present)
+            request = StepRequest(hyper=hypers, present=present, seed=self._seed, noise_norm=self._noise_norm,
+                                  variant=self._variant)
+            flipped = [i for i, group in enumerate(g for g in self.param_groups for _ in g["params"])
+                       if present[i] and maximize_flag(group)]
+            try:  # maximize: the step sees -g; negation is exact, so flipping back restores g bit for bit
+                bucket.negate_grads(flipped)
+                with named_errors(f"{type(self).__name__}.step", bucket.names), on_stream(bucket.device):
+                    stats = upgd_step(self._layout, bucket.param_flat, bucket.grad_flat, self._state, request,
+                                      backend=self._backend)
+            finally:
+                bucket.negate_grads(flipped)
             bucket.adopt_grads(copied)
-        self.last_step_info = info
+        self._used_groups = self._core_groups(group_hypers, self.param_groups)
+        self.last_step_info = StepInfo.from_stats(stats, self._state.step,
+                                                  check_present(present, self._layout.num_segments))
         return loss
 
+    @torch.compiler.disable  # as torch.optim.Optimizer.zero_grad
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients; ``set_to_none=False`` zeroes them in place (they stay flat-buffer views)."""
         super().zero_grad(set_to_none=set_to_none)
@@ -215,15 +311,15 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         ``sec_moment`` (tensors: copies, in the parameter's dtype) and, with adaptive noise,
         ``grad_norm_ema`` (float), for parameters that have taken a step. The extra top-level
         key ``"upgd_ref"`` holds the noise seed and counter (ignored by other consumers).
+        Only reads (as torch's): parameters are numbered as torch numbers them, whatever the
+        param groups hold now (e.g. after ``param_groups.extend(...)``).
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        self._sync_structure()
-        core = self._core
         state_dict = production_state_dict(
-            self.param_groups, [self.state[p] for p in self._bucket.params], self.state.unmanaged, self._STATE_KEYS,
-            seed=core.seed, step=core.step_count, noise_norm=core.noise_norm, noise_ema_init=self._noise_ema_init,
-            variant=dict(core.variant._asdict()))
+            self.param_groups, self.state.read, self.state.unmanaged, self._STATE_KEYS,
+            seed=self._seed, step=self._state.step, noise_norm=self._noise_norm, noise_ema_init=self._noise_ema_init,
+            variant=dict(self._variant._asdict()))
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -250,19 +346,19 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             if key not in state_dict:
                 raise ValueError(f"optimizer state dict has no {key!r} entry")
         self._sync_structure()
-        layout, bucket = self._core.layout, self._bucket
-        current = {"seed": self._core.seed, "noise_norm": self._core.noise_norm,
-                   "noise_ema_init": self._noise_ema_init, "variant": dict(self._core.variant._asdict())}
+        layout, bucket = self._layout, self._bucket
+        current = {"seed": self._seed, "noise_norm": self._noise_norm, "noise_ema_init": self._noise_ema_init,
+                   "variant": dict(self._variant._asdict())}
         loaded = read_state_dict(state_dict, self.param_groups, bucket, layout, self._STATE_KEYS, current=current)
         with named_errors(f"{type(self).__name__}.load_state_dict", bucket.names):
-            core_groups = self._core_groups(loaded.param_groups, loaded.noise_ema_init)
-            core = self._new_core(layout, core_groups, seed=loaded.seed, noise_norm=loaded.noise_norm,
-                                  noise_ema_init=loaded.noise_ema_init)
-            core.load_state_dict(core_state_dict(
-                layout, core_groups, step=loaded.step, seed=loaded.seed, noise_norm=loaded.noise_norm,
-                noise_ema_init=loaded.noise_ema_init, segments=loaded.segments, variant=loaded.variant))
+            seed = check_seed(loaded.seed, "state dict ")
+            noise_norm = check_noise_norm(loaded.noise_norm, "state dict ")
+            groups = self._core_groups(self._group_hypers(loaded.param_groups, loaded.noise_ema_init),
+                                       loaded.param_groups)
+            state = self._restored_state(core_state_dict(layout, step=loaded.step, noise_ema_init=loaded.noise_ema_init,
+                                                         segments=loaded.segments) | {"variant": loaded.variant}, layout)
         self._noise_ema_init, self.param_groups = loaded.noise_ema_init, loaded.param_groups
-        self._seed, self._noise_norm, self._core = core.seed, core.noise_norm, core
+        self._seed, self._noise_norm, self._state, self._used_groups = seed, noise_norm, state, groups
         self._extras = loaded.extras
         self.state.unmanaged = loaded.unmanaged
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -272,13 +368,15 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         extras = {self._bucket.segment_by_id[k]: deepcopy(v[1]) for k, v in self._extras.items()}
+        core_state = {"format": UPGD_FORMAT, "version": STATE_VERSION, "layout": self._layout.to_dict(),
+                      "seed": self._seed, "noise_norm": self._noise_norm, "variant": dict(self._variant._asdict()),
+                      "state": self._state.to_state(self._layout)}
         return {
             "defaults": self.defaults,
             "param_groups": self.param_groups,
             "_upgd_ref": {
                 "backend": self._backend, "noise_ema_init": self._noise_ema_init, "profile": self._profile,
-                "core_state": self._core.state_dict(), "extras": extras,
-                "other": self.state.unmanaged,
+                "core_state": core_state, "extras": extras, "other": self.state.unmanaged,
             },
         }
 
@@ -290,19 +388,17 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             fill_adaptive_noise_defaults(group)
         upgd = upgd or {}
-        core_state = upgd.get("core_state")
+        core_state = upgd.get("core_state")  # the core format (pickles of every version)
         self._backend = upgd.get("backend", "auto")
         self._noise_ema_init = upgd.get("noise_ema_init", 1.0)
         self._profile = upgd.get("profile", type(self)._DEFAULT_PROFILE)
-        self._seed = core_state["seed"] if core_state else _draw_seed()
-        self._noise_norm = core_state["noise_norm"] if core_state else "segment"
-        self._core = None
-        self._bucket = None
+        self._variant = self._MEMBER.variant(self._profile or "production")
+        self._seed = check_seed(core_state["seed"]) if core_state else _draw_seed()
+        self._noise_norm = check_noise_norm(core_state["noise_norm"]) if core_state else "segment"
+        self._layout = self._state = self._bucket = None
         self._extras = {}
         self.last_step_info = None
         self._built = False
-        if core_state is not None:
-            core_state = dict(core_state, param_groups=self._core_groups(self.param_groups, self._noise_ema_init))
         self._rebuild(restore=core_state, unpickled=True)
         params = self._bucket.params
         self._extras = {id(params[i]): (params[i], v) for i, v in upgd.get("extras", {}).items()}

@@ -1,18 +1,20 @@
 """Drop-in replacements for the production ``AdaptiveUPGD``, ``UPGD`` and ``UPGDW``.
 
 Each class is a :class:`~.flat_optimizer.FlatBufferOptimizer`: its constructor has the
-production signature, defaults and messages, and it names the core class that runs its
-step, its param-group keys and its per-parameter state keys.
+production signature and messages (the defaults are the family table's), and it names its
+row of the family table (:data:`upgd_ref.family.MEMBERS`), the core class its ``core``
+snapshot is, its param-group keys and its per-parameter state keys.
 """
 
 from __future__ import annotations
 
 import upgd_ref
-from upgd_ref.hyperparams import validate_upgd
-from upgd_ref.optimizer import PAPER_EPS, PROFILES
+from upgd_ref.family import MEMBERS
 
-from .conversions import hyper_value, number_from_tensor
+from .conversions import number_from_tensor, one_element, pair_value, split_pair, unsupported_options
 from .flat_optimizer import FlatBufferOptimizer
+
+_A, _U, _W = (MEMBERS[name].defaults for name in ("AdaptiveUPGD", "UPGD", "UPGDW"))
 
 #: The production optimizer's param-group keys (besides ``params``), in its order.
 HYPERPARAMETER_KEYS = (
@@ -45,30 +47,16 @@ _UPGDW_CHECKS = _PRODUCTION_CHECKS | {
     "beta1": ("Invalid beta parameter at index 0", 1.0),
     "beta2": ("Invalid beta parameter at index 1", 1.0),
 }
-_AMSGRAD_REFUSED = "amsgrad=True is not supported: UPGDW keeps no AMSGrad state (specs/algorithm.md §7.2)"
 
 
 def _check_production(values: dict, checks=_PRODUCTION_CHECKS) -> None:
-    """The production class's range checks and messages (``ValueError``), in the order of ``values``."""
+    """The production class's range checks and messages (``ValueError``), in the order of
+    ``values``; a tensor value must have one element (torch's message)."""
     for key, value in values.items():
+        value = one_element(key, value)
         message, upper = checks[key]
         if not (0.0 <= value if upper is None else 0.0 <= value < upper):
             raise ValueError(f"{message}: {value}")
-
-
-def _check_profile(profile):
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
-    return profile
-
-
-def _split_betas(what: str, betas):
-    """``(beta1, beta2)`` of a ``betas`` pair (``what`` names it in the error)."""
-    try:
-        beta1, beta2 = betas
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a pair (beta1, beta2), got {betas!r}") from None
-    return beta1, beta2
 
 
 class AdaptiveUPGD(FlatBufferOptimizer):
@@ -87,18 +75,26 @@ class AdaptiveUPGD(FlatBufferOptimizer):
       ``specs/algorithm.md`` §7; ``eps`` then defaults to ``1e-5``).
     """
 
+    _MEMBER = MEMBERS["AdaptiveUPGD"]
     _CORE = upgd_ref.AdaptiveUPGD
     _HYPER_KEYS = HYPERPARAMETER_KEYS
     _STATE_KEYS = STATE_KEYS
     _DEFAULT_PROFILE = "production"
+    _PAIR_ALIASES = {"betas": ("beta1", "beta2")}
 
-    def __init__(self, params, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
-                 beta1=0.9, beta2=0.999, eps=None, adaptive_noise=False, noise_beta=0.999,
-                 min_noise_std=1e-6, instant_noise_scale=True, *, seed=None, backend="auto",
-                 noise_ema_init=1.0, noise_norm="segment", profile="production"):
-        _check_profile(profile)
-        if eps is None:  # 1e-8 (production), 1e-5 (the paper's code)
-            eps = PAPER_EPS if profile == "paper" else 1e-8
+    def __init__(self, params, lr=_A["lr"], weight_decay=_A["weight_decay"], beta_utility=_A["beta_utility"],
+                 sigma=_A["sigma"], beta1=_A["beta1"], beta2=_A["beta2"], eps=None, adaptive_noise=_A["adaptive_noise"],
+                 noise_beta=_A["noise_beta"], min_noise_std=_A["min_noise_std"],
+                 instant_noise_scale=_A["instant_noise_scale"], *, seed=None, backend="auto",
+                 noise_ema_init=_A["noise_ema_init"], noise_norm="segment", profile="production", betas=None,
+                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False):
+        self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
+        if betas is not None:  # torch's pair instead of beta1, beta2 (momentum-cycling schedulers)
+            if (beta1, beta2) != (_A["beta1"], _A["beta2"]):
+                raise ValueError("give betas=(beta1, beta2) or beta1 and beta2, not both")
+            beta1, beta2 = split_pair("", "betas", betas, self._PAIR_ALIASES["betas"])
+        if eps is None:  # the profile's: 1e-8 (production), 1e-5 (the paper's code)
+            eps = self._MEMBER.profile_defaults(profile)["eps"]
         # The production class's checks and messages, then the core's (types, finiteness).
         _check_production(dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
                                beta2=beta2, eps=eps, noise_beta=noise_beta, min_noise_std=min_noise_std))
@@ -107,8 +103,13 @@ class AdaptiveUPGD(FlatBufferOptimizer):
             beta2=beta2, eps=eps, adaptive_noise=adaptive_noise, noise_beta=noise_beta,
             min_noise_std=min_noise_std, instant_noise_scale=instant_noise_scale,
         )
+        if betas is not None:  # the pair takes the place of beta1, beta2 in the defaults and groups
+            defaults = {("betas" if k == "beta1" else k): (betas if k == "beta1" else v)
+                        for k, v in defaults.items() if k != "beta2"}
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=profile)
+                    noise_norm=noise_norm, profile=profile,
+                    torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                                       differentiable=differentiable))
 
 
 class UPGD(FlatBufferOptimizer):
@@ -121,22 +122,27 @@ class UPGD(FlatBufferOptimizer):
     ``profile`` (``"paper"``: the paper's plain UPGD).
     """
 
+    _MEMBER = MEMBERS["UPGD"]
     _CORE = upgd_ref.UPGD
     _HYPER_KEYS = UPGD_HYPERPARAMETER_KEYS
     _STATE_KEYS = ("step", "avg_utility", "grad_norm_ema")
     _DEFAULT_PROFILE = "production"
 
-    def __init__(self, params, lr=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001, *,
-                 adaptive_noise=False, noise_beta=0.999, min_noise_std=1e-6, instant_noise_scale=True,
-                 seed=None, backend="auto", noise_ema_init=1.0, noise_norm="segment", profile="production"):
-        _check_profile(profile)
+    def __init__(self, params, lr=_U["lr"], weight_decay=_U["weight_decay"], beta_utility=_U["beta_utility"],
+                 sigma=_U["sigma"], *, adaptive_noise=_U["adaptive_noise"], noise_beta=_U["noise_beta"],
+                 min_noise_std=_U["min_noise_std"], instant_noise_scale=_U["instant_noise_scale"], seed=None,
+                 backend="auto", noise_ema_init=_U["noise_ema_init"], noise_norm="segment", profile="production",
+                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False):
+        self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         _check_production(dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                                noise_beta=noise_beta, min_noise_std=min_noise_std))
         defaults = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                         adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                         instant_noise_scale=instant_noise_scale)
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=profile)
+                    noise_norm=noise_norm, profile=profile,
+                    torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                                       differentiable=differentiable))
 
 
 class UPGDW(FlatBufferOptimizer):
@@ -144,38 +150,34 @@ class UPGDW(FlatBufferOptimizer):
 
     Param groups carry ``betas`` (torch convention), mapped to the core's ``beta1``/``beta2``
     and ``beta_utility = betas[1]`` at every step. ``amsgrad=True`` (constructor or param
-    group) raises ``ValueError``: the algorithm keeps no AMSGrad state. ``state[p]`` holds the
+    group) raises :class:`~.conversions.UnsupportedOption` (a ``ValueError`` and a
+    ``NotImplementedError``, as production): the algorithm keeps no AMSGrad state. ``state[p]`` holds the
     :class:`AdaptiveUPGD` keys. The step runs in :class:`upgd_ref.UPGDW`. Keyword-only: the
     adaptive-noise options (also param-group keys), ``seed``, ``backend``,
     ``noise_ema_init``, ``noise_norm``.
     """
 
+    _MEMBER = MEMBERS["UPGDW"]
     _CORE = upgd_ref.UPGDW
     _HYPER_KEYS = UPGDW_HYPERPARAMETER_KEYS
     _STATE_KEYS = STATE_KEYS
     _DEFAULT_PROFILE = None
 
-    @classmethod
-    def _core_hyper(cls, where: str, group) -> dict:
-        if number_from_tensor(f"{where}['amsgrad']", group["amsgrad"]):
-            raise ValueError(f"{where}: {_AMSGRAD_REFUSED}")
-        beta1, beta2 = _split_betas(f"{where}['betas']", group["betas"])
-        hyper = {k: hyper_value(f"{where}['{k}']", k, group[k]) for k in cls._HYPER_KEYS if k not in ("betas", "amsgrad")}
-        betas = {"beta1": hyper_value(f"{where}['betas'][0]", "beta1", beta1),
-                 "beta2": hyper_value(f"{where}['betas'][1]", "beta2", beta2)}
-        validate_upgd(betas, where=f"{where}['betas']: ")  # name the key the user set, not beta_utility
-        return hyper | betas | {"beta_utility": betas["beta2"]}
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, sigma=0.001,
-                 amsgrad=False, *, adaptive_noise=False, noise_beta=0.999, min_noise_std=1e-6,
-                 instant_noise_scale=True, seed=None, backend="auto", noise_ema_init=1.0, noise_norm="segment"):
-        if amsgrad:
-            raise ValueError(_AMSGRAD_REFUSED)
-        beta1, beta2 = _split_betas("betas", betas)
+    def __init__(self, params, lr=_W["lr"], betas=(_W["beta1"], _W["beta2"]), eps=_W["eps"],
+                 weight_decay=_W["weight_decay"], sigma=_W["sigma"], amsgrad=False, *,
+                 adaptive_noise=_W["adaptive_noise"], noise_beta=_W["noise_beta"], min_noise_std=_W["min_noise_std"],
+                 instant_noise_scale=_W["instant_noise_scale"], seed=None, backend="auto",
+                 noise_ema_init=_W["noise_ema_init"], noise_norm="segment", maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
+        with unsupported_options():
+            self._MEMBER.check_refused({"amsgrad": number_from_tensor("amsgrad", amsgrad)})
+        beta1, beta2 = self._MEMBER.split_pairs({"betas": pair_value("betas", betas)}).values()
         _check_production(dict(lr=lr, eps=eps, beta1=beta1, beta2=beta2, weight_decay=weight_decay, sigma=sigma,
                                noise_beta=noise_beta, min_noise_std=min_noise_std), _UPGDW_CHECKS)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sigma=sigma, amsgrad=amsgrad,
                         adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                         instant_noise_scale=instant_noise_scale)
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=None)
+                    noise_norm=noise_norm, profile=None,
+                    torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                                       differentiable=differentiable))

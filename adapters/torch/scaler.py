@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 import upgd_ref
@@ -11,11 +12,19 @@ from upgd_ref import reference
 from upgd_ref.backends import check_backend_name
 from upgd_ref.hyperparams import validate_vgs
 from upgd_ref.layout import FlatLayout
-from upgd_ref.state import VGS_FORMAT
+from upgd_ref.state import STATE_VERSION, VGS_FORMAT, FlatVGSState
+from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .buffers import bucket_run, check_grad, check_tensors, flat_buffer, on_stream
 from .checkpoint import VGS_VERSION, read_vgs_state_dict, vgs_state_dict
 from .conversions import DTYPE_NAMES, describe_shape, named_errors, step_count
+from .spatial import SpatialAverages, finite_values, gradient_statistics, stochastic_variance_metrics
+
+
+#: What the scaler does with NaN or infinite gradient values: ``"zero"`` (production's handling,
+#: the default: they count as 0 in the statistics and are scaled as they are) or ``"raise"``
+#: (a ``ValueError`` naming the parameter, nothing changed).
+NONFINITE_POLICIES = ("zero", "raise")
 
 
 class VarianceGradientScaler:
@@ -23,9 +32,14 @@ class VarianceGradientScaler:
 
     Same constructor, methods, attributes (``enabled``, ``beta``, ``alpha``, ``eps``,
     ``warmup_steps``, ``min_scaling_factor``, ``variance_cap``, ``track_per_param``),
-    logged metric names and state-dict format (``vgs_version`` ``"3.2"``); the factor and
-    the statistics are computed by :class:`upgd_ref.VarianceGradientScaler`. ``backend``
-    (keyword-only) selects the core backend.
+    logged metric names and state-dict format (``vgs_version`` ``"3.2"``), including
+    production's ``update_statistics``, ``compute_gradient_statistics`` and deprecated
+    spatial averages (:mod:`.spatial`). The scaler keeps its statistics in a
+    :class:`~upgd_ref.state.FlatVGSState` record (:attr:`stats`) and computes the factor and
+    the statistics through the functional door (:func:`upgd_ref.step.vgs_factor`,
+    ``vgs_scale_step``, ``vgs_update_step``). Keyword-only: ``backend`` (the core backend)
+    and ``nonfinite`` (``"zero"``: NaN/inf gradient values count as 0 in the statistics, as
+    production handles them; ``"raise"``: a ``ValueError``).
 
     When the scaler's parameters are consecutive parameters of an :class:`AdaptiveUPGD`
     (e.g. both built from ``model.parameters()``), it works on that optimizer's flat
@@ -34,7 +48,9 @@ class VarianceGradientScaler:
 
     def __init__(self, parameters=None, enabled=True, beta=0.99, alpha=0.1, eps=1e-8, warmup_steps=100,
                  track_per_param=False, logger=None, min_scaling_factor=0.1, variance_cap=50.0, *,
-                 backend="auto"):
+                 backend="auto", nonfinite="zero"):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if beta <= 0.0 or beta >= 1.0:
             raise ValueError(f"beta must be in (0, 1), got {beta}")
         if alpha < 0.0:
@@ -52,14 +68,17 @@ class VarianceGradientScaler:
                      variance_cap=float(variance_cap) if variance_cap is not None else None)
         self._hyper = validate_vgs(hyper)
         self._backend = check_backend_name(backend)
+        self._nonfinite_policy = nonfinite
         self.track_per_param = True  # as production: always per parameter
         self._logger = logger
         self._parameters = None
-        self._core = None  # upgd_ref.VarianceGradientScaler, once there are statistics
-        self._k = 0  # the step count while there is no core
+        self._names = []
+        self._layout = None  # the parameters' FlatLayout, while there are parameters
+        self._stats = FlatVGSState.zeros(0)  # k and (a_i, b_i): one pair per tracked (or loaded) parameter
+        self._spatial = SpatialAverages()  # production's deprecated averages, logging only
         self._scratch = None
         if parameters is not None:
-            self._attach(list(parameters), self._k)
+            self._attach(list(parameters), 0)
 
     # production attributes, backed by one dict that is handed to the core at each use
     def _hyper_property(name):  # noqa: N805
@@ -82,38 +101,75 @@ class VarianceGradientScaler:
 
     @property
     def _step_count(self) -> int:
-        return self._core.state.step if self._core is not None else self._k
+        return self._stats.step
 
     @_step_count.setter
     def _step_count(self, value) -> None:
-        value = step_count("VarianceGradientScaler._step_count", value)
-        if self._core is not None:
-            self._core.state.step = value
-        else:
-            self._k = value
+        self._stats.step = step_count("VarianceGradientScaler._step_count", value)
+
+    # production's statistics attributes (read-only; ``specs/adapters-torch.md`` §3.6)
+    def _spatial_property(key):  # noqa: N805
+        return property(lambda self: getattr(self._spatial, key),
+                        doc=f"Production's deprecated ``{key}`` average (None: not initialised).")
+
+    _grad_mean_ema = _spatial_property("grad_mean_ema")
+    _grad_var_ema = _spatial_property("grad_var_ema")
+    _grad_norm_ema = _spatial_property("grad_norm_ema")
+    _grad_max_ema = _spatial_property("grad_max_ema")
+    del _spatial_property
+
+    @property
+    def _param_grad_mean_ema(self):
+        """``a_i`` per parameter: a float64 tensor sharing memory with :attr:`stats` (None without statistics)."""
+        return torch.from_numpy(self._stats.grad_mean_avg) if self._stats.grad_mean_avg.shape[0] else None
+
+    @property
+    def _param_grad_sq_ema(self):
+        """``b_i`` per parameter: a float64 tensor sharing memory with :attr:`stats` (None without statistics)."""
+        return torch.from_numpy(self._stats.grad_sq_avg) if self._stats.grad_sq_avg.shape[0] else None
+
+    @property
+    def _param_numel(self):
+        """The tracked parameters' sizes as a float32 tensor (None without statistics)."""
+        if not self._stats.grad_mean_avg.shape[0]:
+            return None
+        return torch.tensor([float(n) for n in self._stats_layout().sizes], dtype=torch.float32)
+
+    @property
+    def stats(self) -> FlatVGSState:
+        """The scaler's statistics record (live): ``step`` (``k``), ``grad_mean_avg`` (``a_i``),
+        ``grad_sq_avg`` (``b_i``), one pair per tracked parameter."""
+        return self._stats
+
+    def _stats_layout(self) -> FlatLayout:
+        """The parameters' layout; without parameters, one empty float64 segment per statistic."""
+        if self._layout is not None:
+            return self._layout
+        return FlatLayout([(0,)] * self._stats.grad_mean_avg.shape[0], "float64")
 
     @property
     def core(self):
-        """The core scaler (None while the scaler has neither parameters nor statistics)."""
-        return self._core
-
-    def _new_core(self, layout: FlatLayout, step: int):
-        core = upgd_ref.VarianceGradientScaler(layout, backend=self._backend, **validate_vgs(self._hyper))
-        core.state.step = step
+        """A core :class:`upgd_ref.VarianceGradientScaler` equal to this one now (hyper-parameters,
+        a copy of the statistics); None while there are no statistics (no parameters). A
+        snapshot, for inspection and comparison: edits to it do not reach this scaler."""
+        if self._stats.grad_mean_avg.shape[0] == 0:
+            return None
+        core = upgd_ref.VarianceGradientScaler(self._stats_layout(), backend=self._backend, **validate_vgs(self._hyper))
+        core.load_state_dict(self._core_format())
         return core
+
+    def _core_format(self) -> dict:
+        return {"format": VGS_FORMAT, "version": STATE_VERSION, "num_segments": self._stats.grad_mean_avg.shape[0],
+                "hyperparams": validate_vgs(self._hyper), "state": self._stats.to_state()}
 
     def _attach(self, params, step: int) -> None:
         names = [f"parameters[{k}] {describe_shape(p)}" for k, p in enumerate(params)]
+        layout = None
         if params:
             dtype = check_tensors(params, names, what="VarianceGradientScaler", rehome=False)
             layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[dtype])
-            core = self._new_core(layout, step)
-        else:
-            core = None
-        self._parameters, self._names, self._core, self._k, self._scratch = params, names, core, step, None
-
-    def _push(self) -> None:
-        self._core.hyperparams = validate_vgs(dict(self._hyper))
+        stats = FlatVGSState(step, np.zeros(len(params)), np.zeros(len(params)))
+        self._parameters, self._names, self._layout, self._stats, self._scratch = params, names, layout, stats, None
 
     def _log(self, key: str, value: float) -> None:
         if self._logger is None:
@@ -132,7 +188,7 @@ class VarianceGradientScaler:
         optimizer's flat buffer are re-pointed there; with a private buffer, scaled values
         are copied back into ``.grad`` when the factor is not 1.
         """
-        params, layout = self._parameters, self._core.layout
+        params, layout = self._parameters, self._layout
         run = bucket_run(params)
         if run is not None:
             bucket, start = run
@@ -169,65 +225,140 @@ class VarianceGradientScaler:
         """Track ``parameters`` from now on; statistics restart at zero, the step count stays."""
         self._attach(list(parameters), self._step_count)
 
+    def _present_grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self._parameters or () if p.grad is not None]
+
+    def _nonfinite(self) -> bool:
+        """Whether a present gradient holds NaN or an infinity (checked only after the door
+        refused the gradients, so a normal step pays nothing for it)."""
+        return any(not bool(torch.isfinite(g).all()) for g in self._present_grads())
+
     def scale_gradients(self) -> float:
-        """Multiply every present gradient by the factor in place; return the factor."""
+        """Multiply every present gradient by the factor in place; return the factor.
+
+        Non-finite gradient values stay non-finite (multiplied by ``f`` as production does);
+        the finite ones are scaled exactly as the core scales them.
+        """
         if self._parameters is None:
-            return 1.0
-        if self._core is None or self._core.layout.num_segments == 0:
-            return self.get_scaling_factor()
-        self._push()
+            return 1.0  # nothing to scale (production, e.g. after unpickling)
+        factor = self.get_scaling_factor()
+        if not self._parameters:
+            return factor
         buffer, present, finish = self._grads()
-        with named_errors("VarianceGradientScaler.scale_gradients", self._names), on_stream(self._parameters[0].device):
-            factor = self._core.scale(buffer, present)
+        try:
+            with named_errors("VarianceGradientScaler.scale_gradients", self._names), \
+                    on_stream(self._parameters[0].device):
+                vgs_scale_step(self._layout, buffer, factor, present, backend=self._backend)
+        except ValueError:
+            if self._nonfinite_policy == "raise" or not self._nonfinite():
+                raise
+            with torch.no_grad():  # g * dtype(f), the core's rounding; NaN * f stays NaN
+                for g in self._present_grads():
+                    g.mul_(torch.tensor(factor, dtype=g.dtype, device=g.device))
+            return factor
         finish(factor)
-        return float(factor)
+        return factor
+
+    def _update_per_parameter(self, beta: float, what: str) -> None:
+        """The door's statistics update (``k += 1``, ``a_i``, ``b_i``) from the present gradients;
+        non-finite values count as 0 (production's NaN handling, ``specs/adapters-torch.md`` §3.6)."""
+        buffer, present, finish = self._grads()
+        device = self._parameters[0].device
+        try:
+            with named_errors(what, self._names), on_stream(device):
+                vgs_update_step(self._layout, buffer, self._stats, beta, present, backend=self._backend)
+        except ValueError:
+            if self._nonfinite_policy == "raise" or not self._nonfinite():
+                raise
+            if self._scratch is None:
+                self._scratch = flat_buffer(self._layout, device)
+            finite, views = self._scratch
+            with torch.no_grad():
+                for p, view, is_present in zip(self._parameters, views, present):
+                    if is_present:
+                        view.copy_(finite_values(p.grad))
+            with named_errors(what, self._names), on_stream(device):
+                vgs_update_step(self._layout, finite, self._stats, beta, present, backend=self._backend)
+        finish(1.0)
+
+    def update_statistics(self) -> None:
+        """Production's statistics update without advancing ``k``: the per-parameter averages
+        ``a_i``, ``b_i`` and the spatial averages from the present gradients; nothing when no
+        parameter has a gradient."""
+        grads = self._present_grads()
+        if not grads:
+            return
+        beta = validate_vgs(self._hyper)["beta"]
+        k = self._stats.step
+        self._update_per_parameter(beta, "VarianceGradientScaler.update_statistics")
+        self._stats.step = k
+        self._spatial = self._spatial.advanced(gradient_statistics(grads), beta)
+
+    def compute_gradient_statistics(self) -> dict:
+        """``grad_norm``, ``grad_mean``, ``grad_var``, ``grad_max`` (of ``|g|`` over every element of
+        the present gradients; :func:`.spatial.gradient_statistics`) and ``num_params`` (how
+        many have a gradient)."""
+        return gradient_statistics(self._present_grads())
 
     def step(self) -> None:
-        """Advance the step count and update the statistics from the (scaled) gradients."""
-        if self._parameters and self._core is not None:
-            self._push()
-            buffer, present, finish = self._grads()
-            with named_errors("VarianceGradientScaler.step", self._names), on_stream(self._parameters[0].device):
-                self._core.update(buffer, present)
-            finish(1.0)
-        elif self._core is not None:
-            self._core.state.step += 1
+        """Advance the step count and update the statistics from the (scaled) gradients, then log."""
+        grads = self._present_grads()
+        beta = validate_vgs(self._hyper)["beta"]
+        if self._parameters:
+            self._update_per_parameter(beta, "VarianceGradientScaler.step")
         else:
-            self._k += 1
-        self._log("vgs/normalized_variance", self.get_normalized_variance())
-        self._log("vgs/scaling_factor", self.get_scaling_factor())
-        self._log("vgs/step_count", float(self._step_count))
-        self._log("vgs/warmup_active", float(self._step_count < self._hyper["warmup_steps"]))
+            self._stats.step += 1
+        if grads:
+            self._spatial = self._spatial.advanced(gradient_statistics(grads), beta)
+        if self._logger is not None:
+            self._log_metrics(beta)
+
+    def _log_metrics(self, beta: float) -> None:
+        """Production's metrics, in its order (``specs/adapters-torch.md`` §3.3)."""
+        stats = self._stats
+        correction = 1.0 - beta ** stats.step
+        metrics = {}
+        if stats.grad_mean_avg.shape[0]:
+            nv = reference.vgs_normalized_variances(reference.VGSState(np.int64(stats.step), stats.grad_mean_avg,
+                                                                       stats.grad_sq_avg),
+                                                    beta=beta, eps=validate_vgs(self._hyper)["eps"])
+            metrics.update(stochastic_variance_metrics(np.asarray(nv)))
+        metrics.update(self._spatial.metrics(correction))
+        metrics.update({"vgs/normalized_variance": self.get_normalized_variance(),
+                        "vgs/scaling_factor": self.get_scaling_factor(), "vgs/step_count": float(stats.step),
+                        "vgs/warmup_active": float(stats.step < self._hyper["warmup_steps"])})
+        for key, value in metrics.items():
+            self._log(key, value)
+
+    def _factor_and_variance(self, **override) -> tuple[float, float]:
+        """``(f, G)`` of the statistics (:func:`upgd_ref.step.vgs_factor`); ``(1, 0)`` without
+        statistics (the normalised variance of nothing is 0). Validates the hyper-parameters."""
+        hyper = validate_vgs(dict(self._hyper, **override))
+        if self._stats.grad_mean_avg.shape[0] == 0:
+            return 1.0, 0.0
+        return vgs_factor(self._stats, hyper)
 
     def get_scaling_factor(self) -> float:
         """The factor ``f`` the next :meth:`scale_gradients` applies."""
-        if self._core is None:
-            validate_vgs(dict(self._hyper))
-            return 1.0  # no statistics: the normalised variance is 0
-        self._push()
-        return float(self._core.scaling_factor())
+        return self._factor_and_variance()[0]
 
     def get_normalized_variance(self) -> float:
         """The 0.9 quantile of the per-parameter normalised variances, clipped to ``[0, 1e6]``
         (before ``variance_cap``, as the production method returns it)."""
-        if self._core is None:
-            return 0.0
-        self._push()
-        nv = self._core.segment_normalized_variances()
-        return float(reference.vgs_global_variance(nv, variance_cap=None))
+        return self._factor_and_variance(variance_cap=None)[1]
 
     def reset_statistics(self) -> None:
-        """Step count and statistics back to zero."""
-        if self._core is not None:
-            self._core.reset_statistics()
-        self._k = 0
+        """Step count and statistics (per-parameter and spatial) back to zero / not initialised."""
+        self._stats = FlatVGSState.zeros(self._stats.grad_mean_avg.shape[0])
+        self._spatial = SpatialAverages()
 
     def state_dict(self) -> dict:
         """The production format (``vgs_version`` ``"3.2"``); statistics as float64 tensors."""
-        core = self._core
-        has_stats = core is not None and core.layout.num_segments > 0
-        stats = (core.state.grad_mean_avg, core.state.grad_sq_avg, core.layout.sizes) if has_stats else None
-        return vgs_state_dict(self._hyper, self._step_count, stats)
+        stats = self._stats
+        if stats.grad_mean_avg.shape[0] == 0:
+            return vgs_state_dict(self._hyper, stats.step, None, self._spatial.to_dict())
+        return vgs_state_dict(self._hyper, stats.step, (stats.grad_mean_avg, stats.grad_sq_avg, self._stats_layout().sizes),
+                              self._spatial.to_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load the production format (versions 3.1 and 3.2 keep statistics; older ones reset
@@ -243,25 +374,23 @@ class VarianceGradientScaler:
             return
         tracked = len(self._parameters) if self._parameters is not None else None
         hyper, step, stats = read_vgs_state_dict(state_dict, self._hyper, tracked)
-        # Everything is checked: apply.
-        self._hyper = hyper
-        if self._parameters:
-            core = self._new_core(self._core.layout, step)
-        elif stats is not None:
-            core = self._new_core(FlatLayout([(0,)] * stats[0].shape[0], "float64"), step)
-        else:
-            core = None
-        if core is not None and stats is not None:
-            core.state.grad_mean_avg[...] = stats[0]
-            core.state.grad_sq_avg[...] = stats[1]
-        self._core, self._k = core, step
+        spatial = SpatialAverages.from_state_dict(state_dict)
+        count = len(self._parameters) if self._parameters else (stats[0].shape[0] if stats is not None else 0)
+        mean, square = stats if stats is not None else ([0.0] * count, [0.0] * count)
+        record = FlatVGSState.from_state_dict(
+            {"format": VGS_FORMAT, "version": STATE_VERSION,
+             "state": {"step": step, "grad_mean_avg": np.asarray(mean, dtype=np.float64),
+                       "grad_sq_avg": np.asarray(square, dtype=np.float64)}}, count)
+        self._hyper, self._stats, self._spatial = hyper, record, spatial
 
     def _load_core_format(self, state_dict) -> None:
-        if self._core is None or not self._parameters:
+        if not self._parameters:
             raise ValueError("a core-format VGS state dict needs the scaler's parameters (update_parameters first)")
-        core = self._new_core(self._core.layout, 0)
-        core.load_state_dict(state_dict)
-        self._core, self._hyper = core, dict(core.hyperparams)
+        record = FlatVGSState.from_state_dict(state_dict, len(self._parameters))
+        hyper = state_dict.get("hyperparams")
+        if not isinstance(hyper, dict):
+            raise ValueError("state dict field 'hyperparams' must be a dict")
+        self._hyper, self._stats = validate_vgs(hyper, where="state dict hyperparams: "), record
 
     # --- pickling (without parameters and logger, as production) -----------------------
 
@@ -272,6 +401,13 @@ class VarianceGradientScaler:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        if "_core" in state:  # pickled before the scaler kept its own record: take the core's
+            core, k = state.pop("_core"), state.pop("_k", 0)
+            state["_stats"] = core.state if core is not None else FlatVGSState(k, np.zeros(0), np.zeros(0))
+            state["_layout"] = core.layout if core is not None and core.layout.size else None
+        state.setdefault("_spatial", SpatialAverages())
+        state.setdefault("_nonfinite_policy", "zero")
         self.__dict__.update(state)
         self._logger = None
         self._parameters = None

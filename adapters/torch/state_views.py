@@ -1,9 +1,11 @@
-"""``optimizer.state``: the production per-parameter state, as live views of the core's flat state.
+"""``optimizer.state``: the production per-parameter state, as live views of the optimizer's
+flat state record.
 
-The views hold no state of their own besides the entries for keys that are not parameters
-of the optimizer: each access asks the optimizer for a :class:`StateSource` (its current
-core state, layout and bucket: a rebuild or ``load_state_dict`` replaces them) and reads
-or writes the segment of the parameter.
+The record is the optimizer's own :class:`upgd_ref.state.FlatUPGDState` (the one it passes
+to :func:`upgd_ref.step.upgd_step`). The views hold no state of their own besides the
+entries for keys that are not parameters of the optimizer: each access asks the optimizer
+for a :class:`StateSource` (its current record, layout and bucket: a rebuild or
+``load_state_dict`` replaces them) and reads or writes the segment of the parameter.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, MutableMapping
 from itertools import chain
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from upgd_ref.layout import FlatLayout
+from upgd_ref.state import FlatUPGDState
 
 from .buffers import Bucket, tensor_view
 from .conversions import CORE_FIELD_OF_KEY, CORE_TENSOR_FIELDS, float_value, state_array, step_count
@@ -24,9 +27,9 @@ from .conversions import CORE_FIELD_OF_KEY, CORE_TENSOR_FIELDS, float_value, sta
 class StateSource(NamedTuple):
     """What the views read, current at the time of the access."""
 
-    #: The core's flat state: ``step``, ``segment_step``, ``grad_norm_ema`` and the
-    #: per-element buffers (``utility``, ``first_moment``, ``second_moment``).
-    flat_state: Any
+    #: The optimizer's state record (a :class:`~upgd_ref.state.FlatUPGDState`): ``step``,
+    #: ``segment_step``, ``grad_norm_ema`` and the per-element buffers (``utility``, ...).
+    flat_state: FlatUPGDState
     layout: FlatLayout
     #: The parameters (segment order), their names, shapes and ``segment_by_id``.
     bucket: Bucket
@@ -38,6 +41,9 @@ class StateSource(NamedTuple):
     extras: dict
     #: The ``grad_norm_ema`` a reset parameter starts from.
     noise_ema_init: float
+    #: Makes the optimizer's global step counter at least the given ``t_i`` (the optimizer
+    #: owns the record's counter; a view only writes the parameter's own entries).
+    raise_counter: Callable[[int], None]
 
     def segment_of(self, param) -> int:
         try:
@@ -55,7 +61,7 @@ class StateSource(NamedTuple):
 
 
 def reset_segment(flat_state, layout: FlatLayout, i: int, noise_ema_init: float) -> None:
-    """Segment ``i`` of the core's flat state as before its first step."""
+    """Segment ``i`` of the optimizer's state record as before its first step."""
     sl = layout.segment_slice(i)
     flat_state.segment_step[i] = 0
     flat_state.grad_norm_ema[i] = noise_ema_init
@@ -64,11 +70,11 @@ def reset_segment(flat_state, layout: FlatLayout, i: int, noise_ema_init: float)
 
 
 class ParamState(MutableMapping):
-    """``optimizer.state[p]``: the production keys as live views of the core's flat state.
+    """``optimizer.state[p]``: the production keys as live views of the optimizer's state record.
 
     ``step`` is a Python int and ``grad_norm_ema`` a Python float (as the production class
     keeps them); ``avg_utility``, ``first_moment`` and ``sec_moment`` are tensors sharing
-    memory with the core state, so in-place edits reach the optimizer. Other keys are kept
+    memory with the record, so in-place edits reach the optimizer. Other keys are kept
     as given. Empty until the parameter's first step, as in the production class.
     """
 
@@ -118,7 +124,7 @@ class ParamState(MutableMapping):
         if key == "step":
             step = step_count(where, value)
             state.segment_step[i] = step
-            state.step = max(state.step, step)
+            source.raise_counter(step)
         elif key == "grad_norm_ema":
             ema = float_value(where, value)
             if not (math.isfinite(ema) and ema >= 0):
@@ -167,6 +173,10 @@ class StateView(MutableMapping):
         if key not in self.unmanaged:
             self.unmanaged[key] = {}
         return self.unmanaged[key]
+
+    def read(self, key) -> Mapping:
+        """``self[key]`` without creating an entry (what a state dict reads)."""
+        return ParamState(self._source, key) if self._managed(key) else self.unmanaged.get(key, {})
 
     def __setitem__(self, key, value):
         if not self._managed(key):

@@ -158,9 +158,9 @@ def test_torch_cuda_tensors_run_on_the_gpu_without_host_copies():
         model(torch.randn(16, 300, device="cuda")).square().sum().backward()
         opt.step()
     assert [p.data_ptr() for p in model.parameters()] == pointers and all(p.is_cuda for p in model.parameters())
-    assert isinstance(opt.core.state.utility, cupy.ndarray)
+    assert isinstance(opt.flat_state.utility, cupy.ndarray)  # the optimizer's own state record
     state = opt.state[model.weight]["avg_utility"]
-    assert state.is_cuda and state.data_ptr() == opt.core.state.utility.data.ptr
+    assert state.is_cuda and state.data_ptr() == opt.flat_state.utility.data.ptr
 
 
 def test_jax_gpu_arrays_share_memory_with_cupy():
