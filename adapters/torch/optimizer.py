@@ -8,6 +8,8 @@ snapshot is, its param-group keys and its per-parameter state keys.
 
 from __future__ import annotations
 
+import numbers
+
 import upgd_ref
 from upgd_ref.family import MEMBERS
 
@@ -51,9 +53,12 @@ _UPGDW_CHECKS = _PRODUCTION_CHECKS | {
 
 def _check_production(values: dict, checks=_PRODUCTION_CHECKS) -> None:
     """The production class's range checks and messages (``ValueError``), in the order of
-    ``values``; a tensor value must have one element (torch's message)."""
+    ``values``; a tensor value must have one element (torch's message). A value that is no
+    real number is left to the core's check, which raises a ``TypeError`` naming the key."""
     for key, value in values.items():
         value = one_element(key, value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
         message, upper = checks[key]
         if not (0.0 <= value if upper is None else 0.0 <= value < upper):
             raise ValueError(f"{message}: {value}")
