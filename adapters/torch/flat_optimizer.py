@@ -10,7 +10,7 @@ from copy import deepcopy
 import torch
 
 from upgd_ref.backends import check_backend_name
-from upgd_ref.checks import check_present
+from upgd_ref.checks import check_nonfinite_policy, check_present
 from upgd_ref.family import Member
 from upgd_ref.layout import FlatLayout
 from upgd_ref.optimizer import StepInfo
@@ -102,7 +102,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return groups
 
     def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile,
-               torch_options) -> None:
+               torch_options, nonfinite="raise") -> None:
         """The constructor's common tail: torch.optim's options (:func:`~.conversions.torch_options`),
         the core's checks (types, finiteness) on the hyper-parameters, seed, noise norm and
         backend, then param groups and flat buffer."""
@@ -114,8 +114,10 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         check_backend_name(backend)
         seed = _draw_seed() if seed is None else check_seed(seed)
         check_noise_norm(noise_norm)
+        nonfinite = check_nonfinite_policy(nonfinite)
         self._built = False
         super().__init__(params, defaults)
+        self._nonfinite = nonfinite
         self._backend = backend
         self._noise_norm = noise_norm
         self._noise_ema_init = noise_ema_init
@@ -281,7 +283,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             hypers = [h for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
             present, copied = bucket.gather_grads()
             request = StepRequest(hyper=hypers, present=present, seed=self._seed, noise_norm=self._noise_norm,
-                                  variant=self._variant)
+                                  variant=self._variant, nonfinite=self._nonfinite)
             flipped = [i for i, group in enumerate(g for g in self.param_groups for _ in g["params"])
                        if present[i] and maximize_flag(group)]
             try:  # maximize: the step sees -g; negation is exact, so flipping back restores g bit for bit
@@ -294,7 +296,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             bucket.adopt_grads(copied)
         self._used_groups = self._core_groups(group_hypers, self.param_groups)
         self.last_step_info = StepInfo.from_stats(stats, self._state.step,
-                                                  check_present(present, self._layout.num_segments))
+                                                  check_present(present, self._layout.num_segments),
+                                                  skipped_steps=self._state.skipped_steps)
         return loss
 
     @torch.compiler.disable  # as torch.optim.Optimizer.zero_grad
@@ -376,7 +379,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             "param_groups": self.param_groups,
             "_upgd_ref": {
                 "backend": self._backend, "noise_ema_init": self._noise_ema_init, "profile": self._profile,
-                "core_state": core_state, "extras": extras, "other": self.state.unmanaged,
+                "nonfinite": self._nonfinite, "core_state": core_state, "extras": extras, "other": self.state.unmanaged,
             },
         }
 
@@ -391,6 +394,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         core_state = upgd.get("core_state")  # the core format (pickles of every version)
         self._backend = upgd.get("backend", "auto")
         self._noise_ema_init = upgd.get("noise_ema_init", 1.0)
+        self._nonfinite = check_nonfinite_policy(upgd.get("nonfinite", "raise"))  # absent from older pickles
         self._profile = upgd.get("profile", type(self)._DEFAULT_PROFILE)
         self._variant = self._MEMBER.variant(self._profile or "production")
         self._seed = check_seed(core_state["seed"]) if core_state else _draw_seed()

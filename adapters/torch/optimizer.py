@@ -78,6 +78,9 @@ class AdaptiveUPGD(FlatBufferOptimizer):
       is the unbiased form); ``noise_norm``: ``"segment"`` (production) or ``"global"``.
     * ``profile``: ``"production"`` or ``"paper"`` (the paper's Adam-style UPGD,
       ``specs/algorithm.md`` §7; ``eps`` then defaults to ``1e-5``).
+    * ``nonfinite``: ``"raise"`` (a step whose gradients, parameters or results are not
+      finite raises and changes nothing) or ``"skip"`` (it is skipped: nothing changes but
+      ``last_step_info.skipped_steps``), ``specs/algorithm.md`` §8. The same for every member.
     """
 
     _MEMBER = MEMBERS["AdaptiveUPGD"]
@@ -92,7 +95,8 @@ class AdaptiveUPGD(FlatBufferOptimizer):
                  noise_beta=_A["noise_beta"], min_noise_std=_A["min_noise_std"],
                  instant_noise_scale=_A["instant_noise_scale"], *, seed=None, backend="auto",
                  noise_ema_init=_A["noise_ema_init"], noise_norm="segment", profile="production", betas=None,
-                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False):
+                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
+                 nonfinite="raise"):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         if betas is not None:  # torch's pair instead of beta1, beta2 (momentum-cycling schedulers)
             if (beta1, beta2) != (_A["beta1"], _A["beta2"]):
@@ -114,7 +118,7 @@ class AdaptiveUPGD(FlatBufferOptimizer):
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
                     noise_norm=noise_norm, profile=profile,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
-                                       differentiable=differentiable))
+                                       differentiable=differentiable), nonfinite=nonfinite)
 
 
 class UPGD(FlatBufferOptimizer):
@@ -137,7 +141,8 @@ class UPGD(FlatBufferOptimizer):
                  sigma=_U["sigma"], *, adaptive_noise=_U["adaptive_noise"], noise_beta=_U["noise_beta"],
                  min_noise_std=_U["min_noise_std"], instant_noise_scale=_U["instant_noise_scale"], seed=None,
                  backend="auto", noise_ema_init=_U["noise_ema_init"], noise_norm="segment", profile="production",
-                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False):
+                 maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
+                 nonfinite="raise"):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         _check_production(dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                                noise_beta=noise_beta, min_noise_std=min_noise_std))
@@ -147,7 +152,7 @@ class UPGD(FlatBufferOptimizer):
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
                     noise_norm=noise_norm, profile=profile,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
-                                       differentiable=differentiable))
+                                       differentiable=differentiable), nonfinite=nonfinite)
 
 
 class UPGDW(FlatBufferOptimizer):
@@ -173,7 +178,7 @@ class UPGDW(FlatBufferOptimizer):
                  adaptive_noise=_W["adaptive_noise"], noise_beta=_W["noise_beta"], min_noise_std=_W["min_noise_std"],
                  instant_noise_scale=_W["instant_noise_scale"], seed=None, backend="auto",
                  noise_ema_init=_W["noise_ema_init"], noise_norm="segment", maximize=False, foreach=None, fused=None,
-                 capturable=False, differentiable=False):
+                 capturable=False, differentiable=False, nonfinite="raise"):
         with unsupported_options():
             self._MEMBER.check_refused({"amsgrad": number_from_tensor("amsgrad", amsgrad)})
         beta1, beta2 = self._MEMBER.split_pairs({"betas": pair_value("betas", betas)}).values()
@@ -185,4 +190,4 @@ class UPGDW(FlatBufferOptimizer):
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
                     noise_norm=noise_norm, profile=None,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
-                                       differentiable=differentiable))
+                                       differentiable=differentiable), nonfinite=nonfinite)

@@ -24,7 +24,7 @@ from .spatial import SpatialAverages, finite_values, gradient_statistics, stocha
 #: What the scaler does with NaN or infinite gradient values: ``"zero"`` (production's handling,
 #: the default: they count as 0 in the statistics and are scaled as they are) or ``"raise"``
 #: (a ``ValueError`` naming the parameter, nothing changed).
-NONFINITE_POLICIES = ("zero", "raise")
+NONFINITE_POLICIES = ("zero", "raise", "skip")
 
 
 class VarianceGradientScaler:
@@ -39,7 +39,10 @@ class VarianceGradientScaler:
     the statistics through the functional door (:func:`upgd_ref.step.vgs_factor`,
     ``vgs_scale_step``, ``vgs_update_step``). Keyword-only: ``backend`` (the core backend)
     and ``nonfinite`` (``"zero"``: NaN/inf gradient values count as 0 in the statistics, as
-    production handles them; ``"raise"``: a ``ValueError``).
+    production handles them; ``"raise"``: a ``ValueError``; ``"skip"``: a step whose gradients
+    are not finite changes nothing, neither the gradients nor the statistics nor ``k``, and
+    counts in :attr:`skipped_steps`: the policy for ``torch.amp.GradScaler`` loops, whose
+    overflow steps must leave everything as it was, ``specs/adapters-torch.md`` §3.7).
 
     When the scaler's parameters are consecutive parameters of an :class:`AdaptiveUPGD`
     (e.g. both built from ``model.parameters()``), it works on that optimizer's flat
@@ -140,6 +143,12 @@ class VarianceGradientScaler:
         """The scaler's statistics record (live): ``step`` (``k``), ``grad_mean_avg`` (``a_i``),
         ``grad_sq_avg`` (``b_i``), one pair per tracked parameter."""
         return self._stats
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped under ``nonfinite="skip"`` (kept in memory only: the production
+        state-dict format has no place for it)."""
+        return self._stats.skipped_steps
 
     def _stats_layout(self) -> FlatLayout:
         """The parameters' layout; without parameters, one empty float64 segment per statistic."""
@@ -248,7 +257,10 @@ class VarianceGradientScaler:
         try:
             with named_errors("VarianceGradientScaler.scale_gradients", self._names), \
                     on_stream(self._parameters[0].device):
-                vgs_scale_step(self._layout, buffer, factor, present, backend=self._backend)
+                scaled = vgs_scale_step(self._layout, buffer, factor, present, backend=self._backend,
+                                        nonfinite="skip" if self._nonfinite_policy == "skip" else "raise")
+            if not scaled:  # "skip": non-finite gradients are left exactly as they are
+                return factor
         except ValueError:
             if self._nonfinite_policy == "raise" or not self._nonfinite():
                 raise
@@ -259,11 +271,19 @@ class VarianceGradientScaler:
         finish(factor)
         return factor
 
-    def _update_per_parameter(self, beta: float, what: str) -> None:
+    def _update_per_parameter(self, beta: float, what: str) -> bool:
         """The door's statistics update (``k += 1``, ``a_i``, ``b_i``) from the present gradients;
-        non-finite values count as 0 (production's NaN handling, ``specs/adapters-torch.md`` §3.6)."""
+        non-finite values count as 0 (production's NaN handling, ``specs/adapters-torch.md`` §3.6),
+        or, under ``nonfinite="skip"``, nothing changes and the result is False."""
         buffer, present, finish = self._grads()
         device = self._parameters[0].device
+        if self._nonfinite_policy == "skip":
+            with named_errors(what, self._names), on_stream(device):
+                updated = vgs_update_step(self._layout, buffer, self._stats, beta, present, backend=self._backend,
+                                          nonfinite="skip")
+            if updated:
+                finish(1.0)
+            return updated
         try:
             with named_errors(what, self._names), on_stream(device):
                 vgs_update_step(self._layout, buffer, self._stats, beta, present, backend=self._backend)
@@ -280,6 +300,7 @@ class VarianceGradientScaler:
             with named_errors(what, self._names), on_stream(device):
                 vgs_update_step(self._layout, finite, self._stats, beta, present, backend=self._backend)
         finish(1.0)
+        return True
 
     def update_statistics(self) -> None:
         """Production's statistics update without advancing ``k``: the per-parameter averages
@@ -290,7 +311,8 @@ class VarianceGradientScaler:
             return
         beta = validate_vgs(self._hyper)["beta"]
         k = self._stats.step
-        self._update_per_parameter(beta, "VarianceGradientScaler.update_statistics")
+        if not self._update_per_parameter(beta, "VarianceGradientScaler.update_statistics"):
+            return
         self._stats.step = k
         self._spatial = self._spatial.advanced(gradient_statistics(grads), beta)
 
@@ -305,7 +327,8 @@ class VarianceGradientScaler:
         grads = self._present_grads()
         beta = validate_vgs(self._hyper)["beta"]
         if self._parameters:
-            self._update_per_parameter(beta, "VarianceGradientScaler.step")
+            if not self._update_per_parameter(beta, "VarianceGradientScaler.step"):
+                return  # "skip": an overflow step leaves k, the statistics and the log as they were
         else:
             self._stats.step += 1
         if grads:
