@@ -29,6 +29,7 @@ from .. import reference as ref
 from ..layout import FlatLayout
 from ..stages import SegmentReductions
 from . import numba_step as k
+from .numba_launch import parallel_launch
 from .chunk_abi import (
     MAX_U, MIN_U, SEGMENT, SUM, SUM_SQ, check_noise_request, chunk_table, family_mode, pass1_coefficients,
     split_u64, update_tables, zero_padding,
@@ -88,7 +89,7 @@ class NumbaBackend:
         return True
 
     def _pick(self, layout, serial, parallel):
-        return parallel if layout.num_logical >= self.parallel_min_size else serial
+        return parallel_launch(parallel) if layout.num_logical >= self.parallel_min_size else serial
 
     # --- noise --------------------------------------------------------------------------
 
