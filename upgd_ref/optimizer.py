@@ -227,7 +227,9 @@ class AdaptiveUPGD(Serialised):
                 f"state dict is for segment shapes {saved_layout.get('shapes')}, this optimizer has {list(self.layout.shapes)}"
             )
         self._check_member(state_dict)
-        seed = check_seed(state_dict.get("seed"), "state dict field ")
+        if "seed" not in state_dict:
+            raise ValueError("state dict field 'seed' is missing")
+        seed = check_seed(state_dict["seed"], "state dict field ")  # TypeError for a non-int (§4.5)
         noise_norm = check_noise_norm(state_dict.get("noise_norm"))
         variant = check_variant(state_dict.get("variant", PRODUCTION._asdict()))  # absent before v0.2: production
         if variant != self.variant:

@@ -134,6 +134,8 @@ class FlatVGSState:
     grad_mean_avg: np.ndarray  # float64 (S,): a_i
     grad_sq_avg: np.ndarray  # float64 (S,): b_i
 
+    ARRAYS = ("grad_mean_avg", "grad_sq_avg")
+
     @classmethod
     def zeros(cls, num_segments: int) -> FlatVGSState:
         return cls(0, np.zeros(num_segments), np.zeros(num_segments))

@@ -96,12 +96,12 @@ def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sig
     production UPGDW defaults and the utility decay tied to ``b2`` (``beta_utility = b2``),
     the step of :class:`upgd_ref.UPGDW`. ``b1``, ``b2``: optax's names for ``betas``."""
     variant = MEMBERS["UPGDW"].variant()
-    hyper = dict(weight_decay=weight_decay, beta_utility=b2, sigma=sigma, beta1=b1, beta2=b2, eps=eps)
+    hyper = dict(weight_decay=weight_decay, sigma=sigma, beta1=b1, beta2=b2, eps=eps)
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
-
-    return _upgd_family("upgdw", variant, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
-                        kernel_backend)
+    # Checked before the tie copies b2 into beta_utility, so a bad b2 is blamed as beta2.
+    hyper = MEMBERS["UPGDW"].tie(validate_upgd(dict(hyper, **noisy)))
+    return _upgd_family("upgdw", variant, learning_rate, hyper, noise_norm, seed, backend, kernel_backend)
 
 
 def _upgd_family(name, variant, learning_rate, hyper, noise_norm, seed, backend,
