@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 import struct
+import tokenize
 import zipfile
 import zlib
 
@@ -89,10 +90,12 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-# What zipfile, zlib and the .npy header parser raise on damaged bytes (OSError: a seek that
-# a damaged directory sends before the start of the file).
-_DAMAGE = (zipfile.BadZipFile, zlib.error, struct.error, EOFError, KeyError, NotImplementedError,
-           RuntimeError, UnicodeDecodeError, OverflowError, ValueError, SyntaxError, TypeError, OSError)
+# What zipfile, zlib and the .npy header parser (ast.literal_eval, and tokenize for the
+# headers of Python 2) raise on damaged bytes; OSError: a seek that a damaged directory sends
+# before the start of the file.
+_DAMAGE = (zipfile.BadZipFile, zlib.error, struct.error, EOFError, KeyError, NotImplementedError, RuntimeError,
+           UnicodeDecodeError, OverflowError, ValueError, SyntaxError, tokenize.TokenError, RecursionError,
+           TypeError, OSError)
 
 
 def read_npz(path) -> dict[str, np.ndarray]:

@@ -20,7 +20,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from upgd_ref import AdaptiveUPGD, FlatLayout, UPGDW, VarianceGradientScaler
