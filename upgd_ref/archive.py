@@ -131,9 +131,9 @@ def _read_members(archive: zipfile.ZipFile, file_size: int) -> dict[str, np.ndar
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, file_size: int) -> np.ndarray:
     """One ``.npy`` member, its declared sizes checked before anything is allocated."""
     where = f"member {info.filename!r}"
-    if not info.filename.endswith(".npy"):
-        return np.frombuffer(_read_bounded(archive, info, file_size, where), dtype=np.uint8)
     _check_sizes(info, file_size, where)
+    if not info.filename.endswith(".npy"):  # not written by np.savez: its bytes, for the caller to refuse
+        return np.frombuffer(archive.read(info), dtype=np.uint8)
     with archive.open(info) as fp:
         shape, fortran, dtype = _read_header(fp, where)
         data_bytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
@@ -154,11 +154,6 @@ def _check_sizes(info: zipfile.ZipInfo, file_size: int, where: str) -> None:
     if info.compress_size > file_size or info.file_size > _METHODS[info.compress_type] * info.compress_size:
         raise CorruptArchive(f"{where} declares {info.file_size} bytes in {info.compress_size} "
                              f"(the file has {file_size})")
-
-
-def _read_bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, file_size: int, where: str) -> bytes:
-    _check_sizes(info, file_size, where)
-    return archive.read(info)
 
 
 def _read_header(fp, where: str) -> tuple[tuple, bool, np.dtype]:
