@@ -170,7 +170,7 @@ class AdaptiveUPGD(Serialised):
         """
         request = StepRequest(hyper=self.step_hyperparams(), present=present, seed=self.seed,
                               noise_norm=self.noise_norm, variant=self.variant)
-        vgs_factor = vgs_variance = vgs_request = None
+        vgs_factor = vgs_variance = None
         if vgs is None:
             stats = door.upgd_step(self.layout, params, grads, self.state, request, backend=self.backend)
         else:
