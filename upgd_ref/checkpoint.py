@@ -2,18 +2,17 @@
 
 A state dict is ``{"format", "version", ..., "state": {name: array or int}}``. On disk the
 arrays of ``"state"`` are ``.npz`` members named ``state.<name>``; everything else is one
-JSON document in the member ``meta``. Files are read with ``allow_pickle=False``.
+JSON document in the member ``meta``. The container (atomic writes, reads that never
+unpickle and bound every declared size) is :mod:`upgd_ref.archive`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import struct
-import zipfile
-import zlib
 
 import numpy as np
+
+from .archive import CorruptArchive, read_npz, write_npz
 
 __all__ = ["write_state_dict", "read_state_dict", "check_header", "take_array", "take_int"]
 
@@ -29,10 +28,11 @@ def _json_default(value):
 
 
 def write_state_dict(path, state_dict: dict) -> None:
-    """Write ``state_dict`` atomically (a temporary file renamed into place).
+    """Write ``state_dict`` atomically and durably (:func:`upgd_ref.archive.write_npz`).
 
     Everything is encoded before the file is opened; on any error no file is left behind
-    and an existing file at ``path`` is untouched.
+    and an existing file at ``path`` is untouched; a concurrent reader sees the old or the
+    new complete file, whatever other processes save to the same path at the same time.
     """
     if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
         raise TypeError("state dict must be a dict with a 'state' dict")
@@ -48,50 +48,26 @@ def write_state_dict(path, state_dict: dict) -> None:
         encoded = json.dumps(meta, default=_json_default, allow_nan=False).encode()
     except ValueError as exc:  # NaN or infinity: a state that could not be loaded back
         raise ValueError(f"state dict cannot be written: {exc} (a non-finite hyper-parameter?)") from None
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **{_META: np.frombuffer(encoded, dtype=np.uint8)}, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# What a damaged file can raise while it is opened or its members are read.
-_CORRUPT = (
-    zipfile.BadZipFile, zlib.error, struct.error, ValueError, EOFError, KeyError,
-    NotImplementedError, RuntimeError, UnicodeDecodeError, OverflowError, OSError,
-)
+    write_npz(path, {_META: np.frombuffer(encoded, dtype=np.uint8), **arrays})
 
 
 def read_state_dict(path) -> dict:
     """Read a file written by :func:`write_state_dict`; any corruption is a ``ValueError``.
 
     A missing file raises ``FileNotFoundError``; a file that cannot be opened for other
-    reasons (permissions, a directory) raises its ``OSError``.
+    reasons (permissions, a directory) raises its ``OSError``. Nothing else: damaged
+    archives, hostile headers and bad metadata are ``ValueError`` (:mod:`upgd_ref.archive`).
     """
     try:
-        data = np.load(os.fspath(path), allow_pickle=False)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except _CORRUPT as exc:
-        raise ValueError(f"{path}: not a readable upgd_ref checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: not an upgd_ref checkpoint (a single .npy array, not an .npz archive)")
-    try:
-        with data:
-            members = {name: np.array(data[name]) for name in data.files}
-    except _CORRUPT as exc:
-        raise ValueError(f"{path}: not a readable upgd_ref checkpoint ({type(exc).__name__}: {exc})") from exc
+        members = read_npz(path)
+    except CorruptArchive as exc:
+        raise ValueError(f"{path}: not a readable upgd_ref checkpoint ({exc})") from exc
     if _META not in members:
         raise ValueError(f"{path}: not an upgd_ref checkpoint (no '{_META}' member)")
     try:
         meta = json.loads(members.pop(_META).tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"{path}: corrupt checkpoint metadata ({exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: corrupt checkpoint metadata ({type(exc).__name__}: {exc})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("state_scalars"), dict):
         raise ValueError(f"{path}: corrupt checkpoint metadata (no 'state_scalars' mapping)")
     state = dict(meta.pop("state_scalars"))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import describe_device, is_cupy_array, may_share_memory
+from .arrays import array_kind, describe_device, is_cupy_array, may_share_memory
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteStepError", "check_nonfinite_policy", "check_flat_buffer", "check_present",
-           "check_finite", "check_distinct"]
+           "check_finite", "check_distinct",
+           "check_not_aliased"]
 
 #: What a step does when it would leave a non-finite parameter, state entry or statistic
 #: (``specs/algorithm.md`` §8): raise, or skip the step (nothing changes, a counter advances).
@@ -37,6 +38,9 @@ def check_nonfinite_policy(policy, where: str = "") -> str:
 def check_flat_buffer(name: str, buffer, layout, *, writable: bool) -> None:
     """A 1-D, contiguous, naturally aligned NumPy (or CuPy) buffer of the layout's length and dtype."""
     cupy_array = is_cupy_array(buffer)
+    if isinstance(buffer, np.ma.MaskedArray):  # NumPy would honour the mask, the kernels its data
+        raise TypeError(f"{name} is a NumPy masked array; pass a plain array ({name}.filled(0.0) or "
+                        f"np.ma.getdata({name})): masks are not supported on any backend")
     if not isinstance(buffer, np.ndarray) and not cupy_array:
         raise TypeError(
             f"{name} must be a NumPy array (or a CuPy array on a GPU; flat buffer of the layout), got "
@@ -99,3 +103,15 @@ def check_distinct(**buffers) -> None:
         for b in names[i + 1 :]:
             if may_share_memory(buffers[a], buffers[b]):
                 raise ValueError(f"{a} and {b} share memory")
+
+
+def check_not_aliased(inputs: dict, owned: dict) -> None:
+    """No input buffer (``params``, ``grads``) overlaps a buffer the step keeps as its own
+    state (``owned``: name -> array, e.g. ``state.utility``): the step would read values it
+    has just written. Buffers on different devices cannot overlap."""
+    for name, buffer in inputs.items():
+        for owner, other in owned.items():
+            if (array_kind(other) == array_kind(buffer) and describe_device(other) == describe_device(buffer)
+                    and may_share_memory(buffer, other)):
+                raise ValueError(f"{name} shares memory with {owner}, a state buffer the step updates; "
+                                 f"pass a buffer of your own")

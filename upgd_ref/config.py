@@ -41,7 +41,6 @@ import math
 import numbers
 import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 

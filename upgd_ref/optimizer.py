@@ -42,7 +42,8 @@ from .hyperparams import resolve_param_groups, segment_hyperparams
 from .reference import PRODUCTION, check_variant
 from .layout import FlatLayout
 from .scaler import VarianceGradientScaler
-from .state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
+from .serial import Serialised, serialised
+from .state import UPGD_FORMAT, UPGD_VERSION, FlatUPGDState
 from .step import StepRequest, VGSRequest, check_noise_norm, check_seed
 
 __all__ = ["AdaptiveUPGD", "UPGD", "UPGDW", "StepInfo", "PROFILES", "PAPER_EPS"]
@@ -94,7 +95,7 @@ class StepInfo:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
 
 
-class AdaptiveUPGD:
+class AdaptiveUPGD(Serialised):
     """Utility-based perturbed gradient descent with Adam moments, on a :class:`FlatLayout`.
 
     Hyper-parameters (defaults as the production optimizer): ``lr, weight_decay,
@@ -113,6 +114,9 @@ class AdaptiveUPGD:
     (``specs/algorithm.md`` §8): ``"raise"`` (default) a
     :class:`~upgd_ref.checks.NonFiniteStepError` naming the segment and field, or ``"skip"``
     the step (nothing changes but ``state.skipped_steps``), as ``torch.amp.GradScaler`` does.
+
+    Thread-safe: calls on one optimizer from several threads run one at a time, each
+    complete (:mod:`upgd_ref.serial`); optimizers in different threads run concurrently.
     """
 
     MEMBER = MEMBERS["AdaptiveUPGD"]
@@ -136,6 +140,7 @@ class AdaptiveUPGD:
         if not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
         self.variant = self.MEMBER.variant(profile)
+        self.profile = profile
         self.layout = layout
         self.defaults = self.MEMBER.hyperparams(values, profile)
         self.noise_norm = check_noise_norm(noise_norm)
@@ -160,6 +165,7 @@ class AdaptiveUPGD:
         """Completed calls to :meth:`step`; the next step uses noise counter ``step_count + 1``."""
         return self.state.step
 
+    @serialised
     def step(self, params, grads, present=None, *, vgs: VarianceGradientScaler | None = None) -> StepInfo:
         """One step: updates ``params`` and the state in place, returns :class:`StepInfo`.
 
@@ -177,13 +183,16 @@ class AdaptiveUPGD:
         request = StepRequest(hyper=self.step_hyperparams(), present=present, seed=self.seed,
                               noise_norm=self.noise_norm, variant=self.variant,
                               nonfinite=check_nonfinite_policy(self.nonfinite))
-        vgs_factor = vgs_variance = vgs_request = None
-        if vgs is not None:
+        vgs_factor = vgs_variance = None
+        if vgs is None:
+            stats = door.upgd_step(self.layout, params, grads, self.state, request, backend=self.backend)
+        else:
             self._check_scaler(vgs)
-            vgs_factor, vgs_variance = vgs.factor_and_variance()
-            vgs_request = VGSRequest(vgs.state, vgs_factor, vgs.hyperparams["beta"])
-        stats = door.upgd_step(self.layout, params, grads, self.state, request, vgs=vgs_request,
-                               backend=self.backend)
+            with vgs.exclusive():  # the scaler's statistics advance in this step: no call of it in between
+                vgs_factor, vgs_variance = vgs.factor_and_variance()
+                vgs_request = VGSRequest(vgs.state, vgs_factor, vgs.hyperparams["beta"])
+                stats = door.upgd_step(self.layout, params, grads, self.state, request, vgs=vgs_request,
+                                       backend=self.backend)
         return StepInfo.from_stats(stats, self.state.step, check_present(present, self.layout.num_segments),
                                    vgs_factor, vgs_variance, self.state.skipped_steps)
 
@@ -197,6 +206,7 @@ class AdaptiveUPGD:
                 f"{vgs.layout.dtype.name}"
             )
 
+    @serialised
     def noise(self, step: int | None = None, dtype=None) -> np.ndarray:
         """The standard normals of step ``step`` (default: the next one) for this optimizer."""
         step = self.state.step + 1 if step is None else step
@@ -204,11 +214,14 @@ class AdaptiveUPGD:
 
     # --- state ------------------------------------------------------------------------
 
+    @serialised
     def state_dict(self) -> dict:
         """Versioned, self-describing copy of the state (``specs/layout.md`` §4)."""
         return {
             "format": UPGD_FORMAT,
-            "version": STATE_VERSION,
+            "version": UPGD_VERSION,
+            "member": self.MEMBER.name,
+            "profile": self.profile,
             "layout": self.layout.to_dict(),
             "seed": self.seed,
             "noise_norm": self.noise_norm,
@@ -217,6 +230,7 @@ class AdaptiveUPGD:
             "state": self.state.to_state(self.layout),
         }
 
+    @serialised
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore state, seed and parameter groups; nothing changes if anything is invalid."""
         state = FlatUPGDState.from_state_dict(state_dict, self.layout)
@@ -225,9 +239,10 @@ class AdaptiveUPGD:
             raise ValueError(
                 f"state dict is for segment shapes {saved_layout.get('shapes')}, this optimizer has {list(self.layout.shapes)}"
             )
-        seed = state_dict.get("seed")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-            raise ValueError(f"state dict field 'seed' must be an int in [0, 2**64), got {seed!r}")
+        self._check_member(state_dict)
+        if "seed" not in state_dict:
+            raise ValueError("state dict field 'seed' is missing")
+        seed = check_seed(state_dict["seed"], "state dict field ")  # TypeError for a non-int (§4.5)
         noise_norm = check_noise_norm(state_dict.get("noise_norm"))
         variant = check_variant(state_dict.get("variant", PRODUCTION._asdict()))  # absent before v0.2: production
         if variant != self.variant:
@@ -240,10 +255,26 @@ class AdaptiveUPGD:
         self.state.assign(state)
         self.seed, self.noise_norm, self.param_groups = seed, noise_norm, groups
 
+    def _check_member(self, state_dict: dict) -> None:
+        """A checkpoint names its member and profile (since version 2): they must be this
+        optimizer's. A file without them (version 1) is checked by its variant alone."""
+        if "member" not in state_dict and "profile" not in state_dict:
+            return
+        saved = {}
+        for key in ("member", "profile"):
+            saved[key] = state_dict.get(key)
+            if not isinstance(saved[key], str):
+                raise TypeError(f"state dict field {key!r} must be a str, got {type(saved[key]).__name__}")
+        if (saved["member"], saved["profile"]) != (self.MEMBER.name, self.profile):
+            raise ValueError(f"state dict is a checkpoint of {saved['member']} (profile {saved['profile']!r}); "
+                             f"this optimizer is {self.MEMBER.name} (profile {self.profile!r})")
+
+    @serialised
     def save(self, path) -> None:
         """Write :meth:`state_dict` to ``path`` (``.npz``)."""
         write_state_dict(path, self.state_dict())
 
+    @serialised
     def load(self, path) -> None:
         """Load a file written by :meth:`save`; corrupt or foreign files raise ``ValueError``."""
         self.load_state_dict(read_state_dict(path))

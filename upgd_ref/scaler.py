@@ -32,19 +32,22 @@ from .checks import check_nonfinite_policy
 from .checkpoint import read_state_dict, write_state_dict
 from .hyperparams import VGS_DEFAULTS, validate_vgs
 from .layout import FlatLayout
-from .state import STATE_VERSION, VGS_FORMAT, FlatVGSState
+from .serial import Serialised, serialised
+from .state import VGS_FORMAT, VGS_VERSION, FlatVGSState
 from .step import vgs_factor, vgs_scale_step, vgs_update_step
 
 __all__ = ["VarianceGradientScaler"]
 
 
-class VarianceGradientScaler:
+class VarianceGradientScaler(Serialised):
     """Scales gradients down when their normalised variance is high (one factor per step).
 
     ``nonfinite``: ``"raise"`` (default) a :class:`~upgd_ref.checks.NonFiniteStepError` when
     the gradients or the new statistics are not finite, or ``"skip"``: :meth:`scale` leaves
     such gradients as they are and :meth:`update` leaves the statistics (and ``k``) unchanged
     and counts the skip in ``state.skipped_steps`` (``specs/algorithm.md`` §8).
+
+    Thread-safe: each method call holds the scaler's lock (:mod:`upgd_ref.serial`).
     """
 
     def __init__(self, layout: FlatLayout, *, enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS["beta"],
@@ -66,6 +69,7 @@ class VarianceGradientScaler:
     def __repr__(self) -> str:
         return f"VarianceGradientScaler({self.layout!r}, step={self.state.step}, factor={self.scaling_factor():.6g})"
 
+    @serialised
     def factor_and_variance(self) -> tuple[float, float]:
         """``(f, G)`` for the current statistics (:meth:`scaling_factor`, :meth:`normalized_variance`)."""
         return vgs_factor(self.state, self.hyperparams)
@@ -78,36 +82,42 @@ class VarianceGradientScaler:
         """``G``, the clipped and capped 0.9 quantile of the per-segment normalised variances."""
         return self.factor_and_variance()[1]
 
+    @serialised
     def segment_normalized_variances(self) -> np.ndarray:
         """``nv_i`` per segment."""
         state = ref.VGSState(np.int64(self.state.step), self.state.grad_mean_avg, self.state.grad_sq_avg)
         with np.errstate(all="ignore"):
             return np.asarray(ref.vgs_normalized_variances(state, beta=self.hyperparams["beta"], eps=self.hyperparams["eps"]))
 
+    @serialised
     def scale(self, grads, present=None) -> float:
         """Multiply every present segment of ``grads`` by ``f`` in place; return ``f``."""
         factor = self.scaling_factor()
         vgs_scale_step(self.layout, grads, factor, present, backend=self.backend, nonfinite=self.nonfinite)
         return factor
 
+    @serialised
     def update(self, grads, present=None) -> None:
         """Advance ``k`` and the running averages from the (already scaled) gradients."""
         hp = validate_vgs(self.hyperparams)
         vgs_update_step(self.layout, grads, self.state, hp["beta"], present, backend=self.backend,
                         nonfinite=self.nonfinite)
 
+    @serialised
     def reset_statistics(self) -> None:
         self.state = FlatVGSState.zeros(self.layout.num_segments)
 
+    @serialised
     def state_dict(self) -> dict:
         return {
             "format": VGS_FORMAT,
-            "version": STATE_VERSION,
+            "version": VGS_VERSION,
             "num_segments": self.layout.num_segments,
             "hyperparams": dict(self.hyperparams),
             "state": self.state.to_state(),
         }
 
+    @serialised
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore statistics and hyper-parameters; nothing changes if anything is invalid."""
         state = FlatVGSState.from_state_dict(state_dict, self.layout.num_segments)
@@ -117,8 +127,10 @@ class VarianceGradientScaler:
         hyperparams = validate_vgs(hyperparams, where="state dict hyperparams: ")
         self.state, self.hyperparams = state, hyperparams
 
+    @serialised
     def save(self, path) -> None:
         write_state_dict(path, self.state_dict())
 
+    @serialised
     def load(self, path) -> None:
         self.load_state_dict(read_state_dict(path))

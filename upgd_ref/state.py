@@ -10,11 +10,14 @@ from .arrays import assign, describe_device, like_buffer, to_numpy
 from .checkpoint import check_header, take_array, take_int
 from .layout import FlatLayout
 
-__all__ = ["FlatUPGDState", "FlatVGSState", "UPGD_FORMAT", "VGS_FORMAT", "STATE_VERSION"]
+__all__ = ["FlatUPGDState", "FlatVGSState", "UPGD_FORMAT", "VGS_FORMAT", "UPGD_VERSION", "VGS_VERSION",
+           "STATE_VERSION"]
 
 UPGD_FORMAT = "upgd_ref.AdaptiveUPGD"
 VGS_FORMAT = "upgd_ref.VarianceGradientScaler"
-STATE_VERSION = 1
+UPGD_VERSION = 2  # 2 added "member" and "profile" (specs/layout.md §4.2); version 1 files still load
+VGS_VERSION = 1
+STATE_VERSION = UPGD_VERSION  # the optimizer format's version, under its first name
 
 
 def _logical(layout, flat: np.ndarray) -> np.ndarray:
@@ -101,7 +104,7 @@ class FlatUPGDState:
     @classmethod
     def from_state_dict(cls, state_dict, layout) -> FlatUPGDState:
         """Checked state of a state dict; raises naming the first bad field."""
-        state = check_header(state_dict, UPGD_FORMAT, STATE_VERSION)
+        state = check_header(state_dict, UPGD_FORMAT, UPGD_VERSION)
         _check_saved_layout(state_dict, layout)
         _check_fields(state, ("step", "segment_step", "grad_norm_ema", "skipped_steps", *cls.BUFFERS))
         s = layout.num_segments
@@ -141,6 +144,8 @@ class FlatVGSState:
     grad_sq_avg: np.ndarray  # float64 (S,): b_i
     skipped_steps: int = 0  # statistics updates skipped under nonfinite="skip"
 
+    ARRAYS = ("grad_mean_avg", "grad_sq_avg")
+
     @classmethod
     def zeros(cls, num_segments: int) -> FlatVGSState:
         return cls(0, np.zeros(num_segments), np.zeros(num_segments))
@@ -151,7 +156,7 @@ class FlatVGSState:
 
     @classmethod
     def from_state_dict(cls, state_dict, num_segments: int) -> FlatVGSState:
-        state = check_header(state_dict, VGS_FORMAT, STATE_VERSION)
+        state = check_header(state_dict, VGS_FORMAT, VGS_VERSION)
         saved = state_dict.get("num_segments", num_segments)
         if isinstance(saved, bool) or not isinstance(saved, (int, np.integer)) or saved != num_segments:
             raise ValueError(f"state dict field 'num_segments' is {saved!r}; this layout has {num_segments} segments")

@@ -37,7 +37,8 @@ from .arrays import array_kind, to_numpy
 from .backends import BACKENDS, auto_order, available_backends, select_backend
 from .checkpoint import MAX_STEP
 from .checks import (
-    NonFiniteStepError, check_distinct, check_finite, check_flat_buffer, check_nonfinite_policy, check_present,
+    NonFiniteStepError, check_distinct, check_finite, check_flat_buffer, check_nonfinite_policy, check_not_aliased,
+    check_present,
 )
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, check_coefficients, validate_upgd, validate_vgs
 from .layout import FlatLayout
@@ -142,6 +143,14 @@ def _check_vgs(vgs, layout) -> VGSRequest:
     return VGSRequest(vgs.state, factor, beta)
 
 
+def _owned_buffers(state: FlatUPGDState, vgs: VGSRequest | None) -> dict:
+    """The arrays a step keeps as state, by name: what ``params`` and ``grads`` must not overlap."""
+    owned = {f"state.{name}": getattr(state, name) for name in ("segment_step", "grad_norm_ema", *state.BUFFERS)}
+    if vgs is not None:
+        owned.update({f"vgs.state.{name}": getattr(vgs.state, name) for name in FlatVGSState.ARRAYS})
+    return owned
+
+
 def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: StepRequest, *,
               vgs: VGSRequest | None = None, backend="auto") -> ref.StepStats:
     """One step of the UPGD family on flat buffers: ``params`` and ``state`` updated in place.
@@ -165,6 +174,7 @@ def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: 
         raise TypeError(f"request must be a StepRequest, got {type(request).__name__}")
     request = request.checked(layout.num_segments)
     vgs = None if vgs is None else _check_vgs(vgs, layout)
+    check_not_aliased({"params": params, "grads": grads}, _owned_buffers(state, vgs))
     impl = select_backend(backend, params)
     present = request.present
     for i, h in enumerate(request.hyper):
@@ -271,6 +281,9 @@ def vgs_update_step(layout: FlatLayout, grads, state: FlatVGSState, beta: float,
     nonfinite = check_nonfinite_policy(nonfinite)
     present, impl = _scaler_call(layout, grads, present, backend, writable=False)
     beta = validate_vgs({"beta": beta})["beta"]
+    if not isinstance(state, FlatVGSState):
+        raise TypeError(f"state must be a FlatVGSState, got {type(state).__name__}")
+    check_not_aliased({"grads": grads}, {f"state.{name}": getattr(state, name) for name in FlatVGSState.ARRAYS})
     if state.step >= MAX_STEP:
         raise OverflowError(f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold")
     sums = combine_reductions([(range(layout.num_segments), impl.gradient_sums(layout=layout, grads=grads,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 from fractions import Fraction
-from typing import NamedTuple
 
 import numpy as np
 

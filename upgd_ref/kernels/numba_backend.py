@@ -27,9 +27,9 @@ import time
 import numpy as np
 
 from .. import reference as ref
-from ..layout import FlatLayout
 from ..stages import SegmentReductions
 from . import numba_step as k
+from .numba_launch import parallel_launch
 from .chunk_abi import (
     NUM_PARTIALS, SEGMENT, check_noise_request, chunk_table, family_mode, split_u64, step_coefficients,
     update_tables, zero_padding,
@@ -88,7 +88,7 @@ class NumbaBackend:
         return True
 
     def _pick(self, layout, serial, parallel):
-        return parallel if layout.num_logical >= self.parallel_min_size else serial
+        return parallel_launch(parallel) if layout.num_logical >= self.parallel_min_size else serial
 
     # --- noise --------------------------------------------------------------------------
 

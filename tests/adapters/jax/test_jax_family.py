@@ -180,5 +180,9 @@ def test_unknown_profile_is_rejected(factory):
 
 
 def test_upgdw_rejects_invalid_betas():
-    with pytest.raises(ValueError, match="beta"):
+    """The bad value is blamed by its own name: ``b2`` is ``beta2``, not the ``beta_utility``
+    it is tied to (checked before the tie)."""
+    with pytest.raises(ValueError, match=r"^beta2 must be in \[0, 1\), got 1.0$"):
         uj.upgdw(b2=1.0)
+    with pytest.raises(ValueError, match=r"^beta1 must be in \[0, 1\), got -0.5$"):
+        uj.upgdw(b1=-0.5)
