@@ -51,7 +51,6 @@ _COMMON = (
 def _errors(*extra):
     """torch's error inputs for every optimizer, then the member's (production messages)."""
     def inputs(device, dtype):
-        sample = Parameter(torch.randn(1, 1, device=device, dtype=dtype))
         grad_sparse = Parameter(torch.randn(3, device=device, dtype=dtype))
         grad_sparse.grad = torch.zeros(3, device=device, dtype=dtype).to_sparse()
         grad_nan = Parameter(torch.randn(3, device=device, dtype=dtype))
