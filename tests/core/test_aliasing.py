@@ -14,7 +14,7 @@ import pytest
 from upgd_ref import AdaptiveUPGD, FlatLayout, VarianceGradientScaler
 from upgd_ref.step import vgs_update_step
 
-from ..conftest import assert_unchanged, random_buffers, snapshot
+from tests.helpers.snapshots import assert_unchanged, random_buffers, snapshot
 
 SHAPES = [(5, 3), (0,), (9,)]
 STATE_BUFFERS = ("utility", "first_moment", "second_moment")

@@ -34,7 +34,7 @@ from upgd_ref import archive
 from upgd_ref.checkpoint import read_state_dict
 from upgd_ref.state import UPGD_VERSION
 
-from ..conftest import assert_unchanged, random_buffers, snapshot
+from tests.helpers.snapshots import assert_unchanged, random_buffers, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).resolve().parent / "data"

@@ -10,7 +10,7 @@ import pytest
 from upgd_ref import UPGDW, FlatLayout
 from upgd_ref.config import ConfigError, load_config
 
-from ..conftest import assert_unchanged, random_buffers, snapshot
+from tests.helpers.snapshots import assert_unchanged, random_buffers, snapshot
 
 LAYOUT = FlatLayout([(3,), (2, 2)], dtype="float64")
 

@@ -24,7 +24,7 @@ import pytest
 
 from upgd_ref import AdaptiveUPGD, FlatLayout, UPGDW, VarianceGradientScaler
 
-from ..conftest import random_buffers, snapshot
+from tests.helpers.snapshots import random_buffers, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40  # per thread
