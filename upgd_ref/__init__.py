@@ -5,6 +5,7 @@ One exact definition of the math (``specs/``), a float64 Array-API reference
 optimizers on flat parameter buffers (:class:`AdaptiveUPGD`, :class:`VarianceGradientScaler`).
 """
 
+from .checks import NonFiniteStepError
 from .config import from_config
 from .diagnostics import StepLog, StepRecord
 from .layout import FlatLayout
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveUPGD",
     "FlatLayout",
+    "NonFiniteStepError",
     "StepInfo",
     "UPGD",
     "UPGDW",

@@ -47,6 +47,16 @@ def _state_without_counter(opt):
     return state
 
 
+def _assert_refused(opt, params, grads, field, match=None) -> NonFiniteStepError:
+    """``opt.step`` raises :class:`NonFiniteStepError` about ``field`` and changes nothing."""
+    before = snapshot(opt, params, grads)
+    with pytest.raises(NonFiniteStepError, match=match) as caught:
+        opt.step(params, grads)
+    assert caught.value.field == field
+    assert_unchanged(before, snapshot(opt, params, grads))
+    return caught.value
+
+
 def _assert_all_finite(opt, params, vgs=None):
     assert np.isfinite(params).all()
     for name in ("utility", "first_moment", "second_moment", "grad_norm_ema"):
@@ -85,13 +95,19 @@ def _spike(layout, params, grads, opt, site, dtype, above):
 SITES = ["grad_square", "grad_nan", "param_product", "param_inf", "utility_state", "moment_state"]
 
 
+def _spiked(backend, dtype, site, above, **kwargs):
+    """``(params, grads, opt, vgs, field)`` of a fused step with one spike at ``site``."""
+    layout, params, grads = _problem(dtype)
+    opt = AdaptiveUPGD(layout, lr=1e-3, backend=backend, **kwargs)
+    vgs = VarianceGradientScaler(layout, warmup_steps=0, backend=backend)
+    field = _spike(layout, params, grads, opt, site, dtype, above=above)
+    return params, grads, opt, vgs, field
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("site", SITES)
 def test_a_spike_above_the_threshold_raises_naming_field_and_segment_with_nothing_changed(backend, dtype, site):
-    layout, params, grads = _problem(dtype)
-    opt = AdaptiveUPGD(layout, lr=1e-3, backend=backend)
-    vgs = VarianceGradientScaler(layout, warmup_steps=0, backend=backend)
-    field = _spike(layout, params, grads, opt, site, dtype, above=True)
+    params, grads, opt, vgs, field = _spiked(backend, dtype, site, above=True)
     before = snapshot(opt, vgs, params, grads)
     with pytest.raises(NonFiniteStepError) as caught:
         opt.step(params, grads, vgs=vgs)
@@ -107,10 +123,7 @@ def test_a_spike_above_the_threshold_raises_naming_field_and_segment_with_nothin
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("site", SITES)
 def test_a_spike_above_the_threshold_is_skipped_under_skip(backend, dtype, site):
-    layout, params, grads = _problem(dtype)
-    opt = AdaptiveUPGD(layout, lr=1e-3, backend=backend, nonfinite="skip")
-    vgs = VarianceGradientScaler(layout, warmup_steps=0, backend=backend)
-    _spike(layout, params, grads, opt, site, dtype, above=True)
+    params, grads, opt, vgs, _ = _spiked(backend, dtype, site, above=True, nonfinite="skip")
     before = snapshot(_state_without_counter(opt), vgs, params, grads)
     info = opt.step(params, grads, vgs=vgs)
     assert_unchanged(before, snapshot(_state_without_counter(opt), vgs, params, grads))
@@ -121,10 +134,7 @@ def test_a_spike_above_the_threshold_is_skipped_under_skip(backend, dtype, site)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("site", SITES)
 def test_a_spike_below_the_threshold_steps_and_stays_finite(backend, dtype, site):
-    layout, params, grads = _problem(dtype)
-    opt = AdaptiveUPGD(layout, lr=1e-3, backend=backend)
-    vgs = VarianceGradientScaler(layout, warmup_steps=0, backend=backend)
-    _spike(layout, params, grads, opt, site, dtype, above=False)
+    params, grads, opt, vgs, _ = _spiked(backend, dtype, site, above=False)
     info = opt.step(params, grads, vgs=vgs)
     assert not info.skipped and info.step == 1
     _assert_all_finite(opt, params, vgs)
@@ -149,12 +159,9 @@ def test_the_sum_of_squares_overflowing_float64_is_refused(backend):
     """Two elements of 1.3e154: each square is finite, their sum (and the VGS b_i) is not."""
     layout, params, grads = _problem("float64")
     grads[layout.offsets[SEGMENT] : layout.offsets[SEGMENT] + 2] = SQUARE_EDGE["float64"][0]
-    opt = AdaptiveUPGD(layout, backend=backend)
-    before = snapshot(opt, params, grads)
-    with pytest.raises(NonFiniteStepError, match="sum of the gradient's squares") as caught:
-        opt.step(params, grads)
-    assert caught.value.field == "grads" and caught.value.segment == SEGMENT
-    assert_unchanged(before, snapshot(opt, params, grads))
+    error = _assert_refused(AdaptiveUPGD(layout, backend=backend), params, grads, "grads",
+                            "sum of the gradient's squares")
+    assert error.segment == SEGMENT
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -164,11 +171,7 @@ def test_the_update_bound_refuses_an_overflowing_update(backend, dtype):
     big = float(np.finfo(dtype).max)
     grads[...] = np.where(grads != 0, 10.0, 0.0)
     opt = UPGD(layout, lr=big / 2, weight_decay=0.0, backend=backend)  # lr g (1 - su) >= 0.27 big / 2 * 10
-    before = snapshot(opt, params, grads)
-    with pytest.raises(NonFiniteStepError, match="could overflow") as caught:
-        opt.step(params, grads)
-    assert caught.value.field == "params" and caught.value.segment == 0
-    assert_unchanged(before, snapshot(opt, params, grads))
+    assert _assert_refused(opt, params, grads, "params", "could overflow").segment == 0
 
 
 def test_the_update_bound_is_exactly_the_spec_formula():
@@ -184,11 +187,7 @@ def test_the_paper_protection_with_zero_u_hi_is_refused(backend, member):
     layout, params, grads = _problem("float64")
     grads[...] = 0.0  # every utility 0 at the first step
     opt = (AdaptiveUPGD if member == "adaptive_paper" else UPGD)(layout, profile="paper", backend=backend)
-    before = snapshot(opt, params, grads)
-    with pytest.raises(NonFiniteStepError, match="U_hi = 0") as caught:
-        opt.step(params, grads)
-    assert caught.value.field == "utility"
-    assert_unchanged(before, snapshot(opt, params, grads))
+    _assert_refused(opt, params, grads, "utility", "U_hi = 0")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -198,11 +197,7 @@ def test_a_huge_noise_ema_init_is_refused_or_finite(backend, dtype):
     layout, params, grads = _problem(dtype)
     opt = AdaptiveUPGD(layout, adaptive_noise=True, instant_noise_scale=False, noise_ema_init=1e300, backend=backend)
     if dtype == "float32":
-        before = snapshot(opt, params, grads)
-        with pytest.raises(NonFiniteStepError) as caught:
-            opt.step(params, grads)
-        assert caught.value.field == "noise_std"
-        assert_unchanged(before, snapshot(opt, params, grads))
+        _assert_refused(opt, params, grads, "noise_std")
     else:
         opt.step(params, grads)
         _assert_all_finite(opt, params)
@@ -214,11 +209,7 @@ def test_the_utility_range_overflowing_is_refused(backend):
     opt = AdaptiveUPGD(layout, beta_utility=0.0, backend=backend)
     params[layout.offsets[0]], grads[layout.offsets[0]] = 2e19, 1e19  # u = -2e38
     params[layout.offsets[2]], grads[layout.offsets[2]] = 2e19, -1e19  # u = +2e38
-    before = snapshot(opt, params, grads)
-    with pytest.raises(NonFiniteStepError, match="utility range") as caught:
-        opt.step(params, grads)
-    assert caught.value.field == "utility"
-    assert_unchanged(before, snapshot(opt, params, grads))
+    _assert_refused(opt, params, grads, "utility", "utility range")
 
 
 @pytest.mark.parametrize("policy", ["raise", "skip"])

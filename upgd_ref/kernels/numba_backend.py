@@ -149,9 +149,9 @@ class NumbaBackend:
         words = (*_split_u64(plan.step), *_split_u64(seed))
         factor = layout.dtype.type(vgs_factor)
         scaled = bool(factor != 1)
-        # g <- f g written only when scaled (then grads is writable); else a never-written dummy
-        g, g_out = (grads, grads) if scaled else (_read_only(grads), np.empty(1, dtype=layout.dtype))
-        common = (params, g, g_out, state.utility, state.first_moment, state.second_moment, table, flags,
+        # g <- f g is written only when scaled (then grads is writable, and the kernels write it)
+        g = grads if scaled else _read_only(grads)
+        common = (params, g, state.utility, state.first_moment, state.second_moment, table, flags,
                   coefficients, factor, scaled, plan.utility_min, inv_range)
         if variant == ref.PRODUCTION:
             self._pick(layout, k.pass2_serial, k.pass2_parallel)(*common, *words)

@@ -60,7 +60,7 @@ import math
 import numpy as np
 from numba import njit, prange
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ..rng import (
     C1, C2, C3, C4, C5, C6, LG1, LG2, LG3, LG4, LG5, LG6, LG7, LN2_HI, LN2_LO,
@@ -418,6 +418,18 @@ def scale_in_place(g, factor):
         g[j] = g[j] * factor
 
 
+def scale_if_writable(g, factor):
+    """``g <- factor g`` when ``g`` is writable; nothing for a read-only ``g`` (pass 2 gets a
+    read-only gradient exactly when it does not scale), chosen when the kernel is typed."""
+
+
+@overload(scale_if_writable)
+def _scale_if_writable(g, factor):
+    if not g.mutable:
+        return lambda g, factor: None
+    return lambda g, factor: scale_in_place(g, factor)
+
+
 @njit(inline="always")
 def traces(g, p, u, m, v, beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2, one_minus_beta2):
     """``(u, m, v)`` updated: ``beta_u u + (1 - beta_u)(-g p)``, ``beta1 m + (1 - beta1) g``,
@@ -534,31 +546,28 @@ def count_nonfinite(x):
 
 
 @njit(error_model="numpy")
-def traces_and_update(p, g, g_out, scaled, factor, u, m, v, normals, draw, k, u_lo, inv_range):
-    """Pass 2 of one chunk (production): pass 1's ``f g``, ``u``, ``m``, ``v`` again (the same
-    operations, so the same bits) written once, then ``p`` from them with ``noise = std xi``
-    (``draw``; else 0, nothing drawn). ``g_out`` (``g`` itself) receives ``f g`` when ``scaled``."""
+def traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range):
+    """Pass 2 of one chunk (production): pass 1's ``u``, ``m``, ``v`` of ``g`` (already ``f g``)
+    again — the same operations, so the same bits — written once, then ``p`` from them with
+    ``std * noise`` (``noise``: the chunk's normals, or zeros when nothing is drawn). One
+    branch-free loop, so LLVM vectorises it."""
     beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
     beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
     decay, lr, eps, std = k[DECAY], k[LR], k[EPS], k[STD]
     inv_cu, inv_bc1, inv_bc2 = k[INV_CU], k[INV_BC1], k[INV_BC2]
-    zero = like(0.0, lr)
     for j in range(p.size):
-        gs = g[j] * factor
-        if scaled:
-            g_out[j] = gs
-        u1, m1, v1 = traces(gs, p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
+        u1, m1, v1 = traces(g[j], p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
                             one_minus_beta2)
         u[j] = u1
         m[j] = m1
         v[j] = v1
-        noise = std * normals[j] if draw else zero
-        p[j] = updated_param(p[j], u1, m1, v1, noise, decay, lr, eps, inv_cu, inv_bc1, inv_bc2, u_lo, inv_range)
+        p[j] = updated_param(p[j], u1, m1, v1, std * noise[j], decay, lr, eps, inv_cu, inv_bc1, inv_bc2, u_lo,
+                             inv_range)
 
 
 @njit(error_model="numpy")
-def family_traces_and_update(p, g, g_out, scaled, factor, u, m, v, normals, draw, k, u_lo, inv_range, u_hi,
-                             moments_none, protection_max, noise_terms):
+def family_traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range, u_hi, moments_none, protection_max,
+                             noise_terms):
     """:func:`traces_and_update` of any family member (``m``, ``v`` neither read nor written
     without moments)."""
     beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
@@ -567,9 +576,7 @@ def family_traces_and_update(p, g, g_out, scaled, factor, u, m, v, normals, draw
     inv_cu, inv_bc1, inv_bc2 = k[INV_CU], k[INV_BC1], k[INV_BC2]
     zero = like(0.0, step)
     for j in range(p.size):
-        gs = g[j] * factor
-        if scaled:
-            g_out[j] = gs
+        gs = g[j]
         pj = p[j]
         if moments_none:
             u1 = ema(beta_u, u[j], one_minus_beta_u, -gs * pj)
@@ -581,8 +588,7 @@ def family_traces_and_update(p, g, g_out, scaled, factor, u, m, v, normals, draw
             m[j] = m1
             v[j] = v1
         u[j] = u1
-        noise = std * normals[j] if draw else zero
-        p[j] = family_param(pj, gs, u1, m1, v1, noise, decay, step, eps, inv_cu, inv_bc1, inv_bc2, u_lo,
+        p[j] = family_param(pj, gs, u1, m1, v1, std * noise[j], decay, step, eps, inv_cu, inv_bc1, inv_bc2, u_lo,
                             inv_range, u_hi, moments_none, protection_max, noise_terms)
 
 
@@ -614,47 +620,39 @@ def _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moment
 
 
 @njit(error_model="numpy")
-def _chunk_tile(c, chunks, p, draw, step_lo, step_hi, key0, key1):
-    """``(normals, skip)`` of chunk ``c`` (an empty tile when nothing is drawn)."""
-    if draw:
-        return chunk_normals(chunks[c, LOGICAL], chunks[c, LENGTH], p, step_lo, step_hi, key0, key1)
-    return np.empty(0, p.dtype), 0
+def _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1):
+    """``(a, b, k, noise)`` of chunk ``c`` of a present segment, with ``g <- f g`` written (when
+    ``scaled``) before the update reads it back: ``noise`` holds the chunk's normals, or zeros
+    (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the ``+0`` the update
+    without noise adds)."""
+    a = chunks[c, START]
+    n = chunks[c, LENGTH]
+    k = coefficients[chunks[c, SEGMENT]]
+    if scaled:
+        scale_if_writable(g[a : a + n], factor)
+    if k[STD] != like(0.0, k[STD]):
+        tile, skip = chunk_normals(chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
+        return a, a + n, k, tile[skip : skip + n]
+    return a, a + n, k, np.zeros(n, p.dtype)
 
 
 @njit(error_model="numpy")
-def _pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                  step_lo, step_hi, key0, key1):
-    segment = chunks[c, SEGMENT]
-    if not present[segment]:
-        return
-    a = chunks[c, START]
-    n = chunks[c, LENGTH]
-    b = a + n
-    k = coefficients[segment]
-    draw = k[STD] != like(0.0, k[STD])
-    tile, skip = _chunk_tile(c, chunks, p, draw, step_lo, step_hi, key0, key1)
-    traces_and_update(p[a:b], g[a:b], g_out[a:b] if scaled else g_out, scaled, factor, u[a:b], m[a:b], v[a:b],
-                      tile[skip : skip + n] if draw else tile, draw, k, u_lo, inv_range)
+    if present[chunks[c, SEGMENT]]:
+        a, b, k, noise = _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1)
+        traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, u_lo, inv_range)
 
 
 @njit(error_model="numpy")
-def _family_pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                         u_hi, mode, step_lo, step_hi, key0, key1):
-    segment = chunks[c, SEGMENT]
-    if not present[segment]:
-        return
-    a = chunks[c, START]
-    n = chunks[c, LENGTH]
-    b = a + n
-    k = coefficients[segment]
-    draw = k[STD] != like(0.0, k[STD])
-    moments_none = (mode & MOMENTS_NONE) != 0
-    tile, skip = _chunk_tile(c, chunks, p, draw, step_lo, step_hi, key0, key1)
-    family_traces_and_update(p[a:b], g[a:b], g_out[a:b] if scaled else g_out, scaled, factor, u[a:b],
-                             m if moments_none else m[a:b], v if moments_none else v[a:b],
-                             tile[skip : skip + n] if draw else tile, draw, k, u_lo, inv_range, u_hi, moments_none,
-                             (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
-
+    if present[chunks[c, SEGMENT]]:
+        a, b, k, noise = _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1)
+        moments_none = (mode & MOMENTS_NONE) != 0
+        family_traces_and_update(p[a:b], g[a:b], u[a:b], m if moments_none else m[a:b],
+                                 v if moments_none else v[a:b], noise, k, u_lo, inv_range, u_hi, moments_none,
+                                 (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
 
 
 @njit(error_model="numpy")
@@ -710,30 +708,30 @@ def pass1_parallel(g, p, u, m, v, chunks, present, coefficients, factor, moments
 
 
 @njit(cache=True, error_model="numpy")
-def pass2_serial(p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                  step_lo, step_hi, key0, key1):
-    """Pass 2 over every chunk of a present segment (production member): pass 1's traces
-    again, written with ``f g`` (when ``scaled``; ``g_out`` is then ``g``), and the update with
-    the normals generated per chunk; one thread. Segments with ``std == 0`` draw nothing.
+    """Pass 2 over every chunk of a present segment (production member): ``g <- f g`` (when
+    ``scaled``), pass 1's traces again, written, and the update with the normals generated
+    per chunk; one thread. Segments with ``std == 0`` draw nothing.
 
     Bytes per element: reads g, p, u, m, v; writes u, m, v, p (+ g when scaled).
     """
     for c in range(chunks.shape[0]):
-        _pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def pass2_parallel(p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                    step_lo, step_hi, key0, key1):
     """:func:`pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, error_model="numpy")
-def family_pass2_serial(p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                         u_hi, mode, step_lo, step_hi, key0, key1):
     """Pass 2 of any family member (``mode``: OR of :data:`MOMENTS_NONE`,
     :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`; the ``LR`` column holds ``update_factor lr``,
@@ -742,16 +740,16 @@ def family_pass2_serial(p, g, g_out, u, m, v, chunks, present, coefficients, fac
     Bytes per element: reads g, p, u (+ m, v); writes u (+ m, v), p (+ g when scaled).
     """
     for c in range(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
+        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
                             inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def family_pass2_parallel(p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
                           u_hi, mode, step_lo, step_hi, key0, key1):
     """:func:`family_pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, g_out, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
+        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
                             inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
