@@ -201,7 +201,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         :meth:`upgd_ref.AdaptiveUPGD.load_state_dict` (of this member's core class) takes. Its
         ``param_groups`` hold the hyper-parameters of the last step (or build, or load)."""
         return {
-            "format": UPGD_FORMAT, "version": STATE_VERSION, "layout": self._layout.to_dict(), "seed": self._seed,
+            "format": UPGD_FORMAT, "version": STATE_VERSION, "member": self._MEMBER.name,
+            "profile": self._profile or "production", "layout": self._layout.to_dict(), "seed": self._seed,
             "noise_norm": self._noise_norm, "variant": dict(self._variant._asdict()),
             "param_groups": self._used_groups, "state": self._state.to_state(self._layout),
         }
@@ -371,7 +372,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         extras = {self._bucket.segment_by_id[k]: deepcopy(v[1]) for k, v in self._extras.items()}
-        core_state = {"format": UPGD_FORMAT, "version": STATE_VERSION, "layout": self._layout.to_dict(),
+        core_state = {"format": UPGD_FORMAT, "version": STATE_VERSION, "member": self._MEMBER.name,
+                      "profile": self._profile or "production", "layout": self._layout.to_dict(),
                       "seed": self._seed, "noise_norm": self._noise_norm, "variant": dict(self._variant._asdict()),
                       "state": self._state.to_state(self._layout)}
         return {

@@ -57,3 +57,18 @@ def test_constructor_refuses_error_inputs(info, case):
         return
     with pytest.raises(case.error, match=TORCH.names_key(info, case.key)):
         TORCH.construct(info, **case.kwargs)
+
+
+@pytest.mark.parametrize("info", MEMBER_DB, ids=lambda i: i.id)
+def test_core_format_names_its_member_and_loads_only_into_it(info):
+    opt = TORCH.construct(info, seed=3)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.core_format()
+    assert (saved["member"], saved["profile"]) == (info.name, info.profile)
+    info.core(opt.layout).load_state_dict(saved)  # its own member and profile: loads
+    for other in MEMBER_DB:
+        if (other.name, other.profile) != (info.name, info.profile):
+            with pytest.raises(ValueError, match="checkpoint of"):
+                other.core(opt.layout).load_state_dict(saved)
