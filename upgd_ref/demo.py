@@ -51,17 +51,25 @@ __all__ = [
     "format_table",
     "findings",
     "ProgressBar",
-    "plot",
+    "quick_settings",
+    "Runs",
+    "configure",
+    "DEFAULT_STEPS",
+    "QUICK",
     "register",
 ]
 
 # The demo's own base configuration: production hyper-parameters except a learning rate
-# that lets a toy network learn in a few thousand steps, and a VGS warmup of 100 steps.
+# that lets a toy network learn in a thousand steps, a VGS warmup of 100 steps and the
+# absolute sigma of the seed design's worked examples (0.005).
 DEMO_CONFIG = {
     "optimizer": "AdaptiveUPGD",
-    "optimizer_kwargs": {"lr": 3.0e-3, "sigma": 0.001, "adaptive_noise": False},
+    "optimizer_kwargs": {"lr": 3.0e-3, "sigma": 0.005, "adaptive_noise": False},
     "vgs": {"enabled": True, "warmup_steps": 100},
 }
+DEFAULT_STEPS = 600
+# --quick (CI): fewer steps, a shorter warmup and faster drifts, same runs and tables.
+QUICK = {"steps": 100, "warmup_steps": 20, "drift_every": 40}
 
 # (label, adaptive_noise, VGS enabled), in table order.
 RUNS = (
@@ -72,7 +80,6 @@ RUNS = (
 )
 WINDOW_FRACTION = 0.1  # start / middle / end windows and the final-loss window
 PROBE_STEPS = 200
-LOSS_SMOOTHING = 25  # steps in the plotted running mean of the loss
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class Workload:
     hidden: int = 32
     teacher_hidden: int = 16
     batch: int = 16
-    drift_every: int = 400
+    drift_every: int = 150
 
     def shapes(self) -> list[tuple[int, ...]]:
         """Student segments: W1 (hidden, inputs), b1 (hidden,), W2 (1, hidden), b2 (1,)."""
@@ -94,7 +101,8 @@ class Workload:
 
 
 class DriftingTeacherStream:
-    """Mini-batches ``(x, y)``: ``y = tanh(x A^T) c`` with teacher ``(A, c)`` redrawn per regime.
+    """Mini-batches ``(x, y)``: ``y = tanh(x A^T) c``, a random *target function* (the "teacher"
+    network ``(A, c)`` the student imitates) redrawn every ``drift_every`` steps.
 
     Every batch is a pure function of ``(seed, step)``, so all runs see the same stream.
     """
@@ -147,15 +155,21 @@ def forward_backward(layout: FlatLayout, params: np.ndarray, x: np.ndarray, y: n
     return loss, grads
 
 
+def configure(base: Config, *, seed: int, vgs: dict | None = None, **optimizer_kwargs) -> Config:
+    """``base`` with some optimizer keyword arguments, the seed and VGS keys replaced."""
+    raw = copy.deepcopy(base.raw)
+    kwargs = raw.get("optimizer_kwargs") or {}
+    kwargs.update(optimizer_kwargs, seed=int(seed))
+    raw["optimizer_kwargs"] = kwargs
+    if vgs is not None:
+        raw["vgs"] = dict(raw.get("vgs") or {}, **vgs)
+    return load_config(raw, source=base.source)
+
+
 def _config_with(base: Config, *, adaptive: bool, sigma: float, vgs_on: bool | None, seed: int) -> Config:
     """``base`` with the noise mode, sigma, seed and VGS switch of one run replaced."""
-    raw = copy.deepcopy(base.raw)
-    kwargs = raw.setdefault("optimizer_kwargs", {}) or {}
-    kwargs.update(adaptive_noise=adaptive, sigma=float(sigma), seed=int(seed))
-    raw["optimizer_kwargs"] = kwargs
-    if vgs_on is not None:
-        raw["vgs"] = dict(raw.get("vgs") or {}, enabled=bool(vgs_on))
-    return load_config(raw, source=base.source)
+    return configure(base, seed=seed, vgs=None if vgs_on is None else {"enabled": bool(vgs_on)},
+                     adaptive_noise=adaptive, sigma=float(sigma))
 
 
 def train(config: Config, workload: Workload, steps: int, seed: int, progress=None) -> StepLog:
@@ -172,6 +186,32 @@ def train(config: Config, workload: Workload, steps: int, seed: int, progress=No
         if progress is not None:
             progress.advance()
     return log
+
+
+class Runs:
+    """Training runs on one stream (workload, steps, seed): each distinct configuration once.
+
+    ``progress`` (a :class:`ProgressBar`) advances by ``steps`` for every run asked for,
+    trained or found already done.
+    """
+
+    def __init__(self, workload: Workload, steps: int, seed: int, progress=None):
+        self.workload, self.steps, self.seed, self.progress = workload, steps, seed, progress
+        self._logs: dict[str, StepLog] = {}
+
+    def __call__(self, config: Config, label: str = "") -> StepLog:
+        key = json.dumps(config.to_dict(), sort_keys=True, default=repr)  # defaults resolved
+        if self.progress is not None:
+            self.progress.set_label(label)
+        if key in self._logs:
+            if self.progress is not None:
+                self.progress.advance(self.steps)
+        else:
+            self._logs[key] = train(config, self.workload, self.steps, self.seed, self.progress)
+        return self._logs[key]
+
+    def __len__(self) -> int:
+        return len(self._logs)
 
 
 def typical_grad_norm(log: StepLog, noise_norm: str = "segment") -> float:
@@ -300,10 +340,15 @@ class ProgressBar:
             self.stream.flush()
 
 
-def run_demo(config: Config, *, steps: int, seed: int, workload: Workload = Workload(), progress=None) -> dict:
-    """Probe, calibrate and train the four runs; returns logs, summaries and the sigmas."""
+def run_demo(config: Config, *, steps: int, seed: int, workload: Workload = Workload(), progress=None,
+             runs: Runs | None = None) -> dict:
+    """Probe, calibrate and train the four runs; returns logs, summaries and the sigmas.
+
+    ``runs`` (a :class:`Runs` on the same stream) lets other tables reuse these runs.
+    """
+    runs = Runs(workload, steps, seed, progress) if runs is None else runs
     probe_config = _config_with(config, adaptive=False, sigma=config.hyperparams["sigma"], vgs_on=False, seed=seed)
-    norm = probe_grad_norm(probe_config, workload, min(PROBE_STEPS, steps), seed)
+    norm = probe_grad_norm(probe_config, runs.workload, min(PROBE_STEPS, runs.steps), runs.seed)
     sigma = config.hyperparams["sigma"]
     if config.hyperparams["adaptive_noise"]:
         sigma_rel, sigma_abs = sigma, sigma * norm
@@ -311,59 +356,18 @@ def run_demo(config: Config, *, steps: int, seed: int, workload: Workload = Work
         sigma_abs, sigma_rel = sigma, sigma / norm
     logs, summaries = {}, {}
     for label, adaptive, vgs_on in RUNS:
-        if progress is not None:
-            progress.set_label(label)
         run_config = _config_with(config, adaptive=adaptive, sigma=sigma_rel if adaptive else sigma_abs,
-                                  vgs_on=vgs_on, seed=seed)
-        logs[label] = train(run_config, workload, steps, seed, progress)
+                                  vgs_on=vgs_on, seed=runs.seed)
+        logs[label] = runs(run_config, label)
         summaries[label] = summarize(logs[label])
     return {"logs": logs, "summaries": summaries, "probe_grad_norm": norm,
             "sigma_abs": sigma_abs, "sigma_rel": sigma_rel}
 
 
-def _running_mean(values: np.ndarray, width: int) -> np.ndarray:
-    """Means of every ``width`` consecutive values (``len(values) - width + 1`` of them)."""
-    kernel = np.ones(width) / width
-    return np.convolve(values, kernel, mode="valid")
-
-
-def plot(result: dict, path, workload: Workload = Workload()) -> None:
-    """Loss (running mean), NSR and VGS factor over steps for the four runs, as a PNG."""
-    try:
-        import matplotlib
-    except ImportError as exc:  # the table still prints; only the picture needs matplotlib
-        raise RuntimeError("the demo's plot needs matplotlib: pip install matplotlib") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
-    # Fixed runs wide and pale underneath, adaptive runs thin on top: where the two noise
-    # modes give the same curve (the loss, the VGS factor) both stay visible.
-    styles = {RUNS[0][0]: ("tab:red", "-", 2.4), RUNS[1][0]: ("tab:red", "--", 2.4),
-              RUNS[2][0]: ("tab:blue", "-", 1.0), RUNS[3][0]: ("tab:blue", "--", 1.0)}
-    for label, log in result["logs"].items():
-        color, line, width_pt = styles[label]
-        style = dict(color=color, ls=line, lw=width_pt, alpha=0.55 if width_pt > 1 else 1.0, label=label)
-        steps = log.column("step")
-        width = min(LOSS_SMOOTHING, len(steps))
-        axes[0].plot(steps[width - 1 :], _running_mean(log.column("loss"), width), **style)
-        axes[1].plot(steps[width - 1 :], _running_mean(log.column("nsr"), width), **style)
-        axes[2].plot(steps, log.column("vgs_factor"), **style)
-    n = len(next(iter(result["logs"].values())))
-    for ax in axes:
-        for drift in range(workload.drift_every, n, workload.drift_every):
-            ax.axvline(drift + 0.5, color="0.85", lw=0.8, zorder=0)
-    axes[0].set(yscale="log", ylabel=f"loss\n(running mean of {LOSS_SMOOTHING})",
-                title="four runs, same data, weights and noise seed; teacher redrawn at the grey lines")
-    axes[1].set(yscale="log", ylabel=f"noise-to-signal std / ||g||\n(median segment, mean of {LOSS_SMOOTHING})")
-    axes[1].axhline(result["sigma_rel"], color="0.3", lw=0.8, ls=":")
-    axes[1].annotate(f"sigma_rel = {result['sigma_rel']:.3g}", (0, result["sigma_rel"]), xytext=(4, -12),
-                     textcoords="offset points", fontsize=8, color="0.3")
-    axes[2].set(ylabel="VGS factor f", xlabel="step", ylim=(0, 1.05))
-    axes[2].legend(fontsize=8, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def quick_settings(config: Config, seed: int) -> tuple[int, Workload, Config]:
+    """``(steps, workload, config)`` of ``--quick``: :data:`QUICK`'s steps, drift and VGS warmup."""
+    quick = configure(config, seed=seed, vgs={"warmup_steps": QUICK["warmup_steps"]})
+    return QUICK["steps"], Workload(drift_every=QUICK["drift_every"]), quick
 
 
 def _positive_int(text: str) -> int:
@@ -381,32 +385,36 @@ def _seed(text: str) -> int:
 
 
 def _run(args) -> int:
+    from .claims import cases, report, run_claims, summary_json
+    from .demo_plot import plot
+
     try:
         config = load_config(args.config) if args.config else load_config(DEMO_CONFIG, source="demo defaults")
     except ConfigError as exc:
         print(f"upgd-ref demo: {exc}", file=sys.stderr)
         return 2
+    steps, workload, config = quick_settings(config, args.seed) if args.quick else (args.steps, Workload(), config)
+    warmup = (config.vgs or {}).get("warmup_steps", 0)
+    if steps <= warmup:
+        print(f"upgd-ref demo: --steps must be more than the VGS warmup ({warmup} steps), got {steps}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
-    progress = ProgressBar(len(RUNS) * args.steps, enabled=not args.quiet)
+    progress = ProgressBar((len(RUNS) + len(cases(config, args.seed))) * steps, enabled=not args.quiet)
     started = time.perf_counter()
-    result = run_demo(config, steps=args.steps, seed=args.seed, progress=progress)
+    runs = Runs(workload, steps, args.seed, progress)
+    result = run_demo(config, steps=steps, seed=args.seed, runs=runs)
+    claims = run_claims(config, runs)
     progress.close()
     elapsed = time.perf_counter() - started
-    print(f"upgd-ref demo: {args.steps} steps x {len(RUNS)} runs, seed {args.seed}, {elapsed:.1f}s "
-          f"(config: {config.source})")
-    print(f"calibration: typical pre-VGS segment gradient norm {result['probe_grad_norm']:.4g} "
-          f"-> sigma_abs {result['sigma_abs']:.4g} (fixed) <-> sigma_rel {result['sigma_rel']:.4g} (adaptive)")
-    print()
-    print(format_table(result["summaries"]))
-    print()
-    for line in findings(result["summaries"], result["sigma_rel"]):
-        print(line)
-    png = os.path.join(args.out, "demo.png")
-    plot(result, png)
-    summary_path = os.path.join(args.out, "demo.json")
+    print(f"upgd-ref demo: {steps} steps x {len(runs)} runs, seed {args.seed}, {elapsed:.1f}s "
+          f"(config: {config.source}{', --quick' if args.quick else ''})\n")
+    print(report(result, claims))
+    png, summary_path = os.path.join(args.out, "demo.png"), os.path.join(args.out, "demo.json")
+    plot(result, claims, png, workload, title=f"upgd-ref demo: an 8-32-1 tanh network learning a target function "
+         f"redrawn every {workload.drift_every} steps; {steps} steps, seed {args.seed}")
     with open(summary_path, "w", encoding="utf-8") as fh:
-        json.dump({k: result[k] for k in ("summaries", "probe_grad_norm", "sigma_abs", "sigma_rel")}
-                  | {"steps": args.steps, "seed": args.seed, "config": config.raw}, fh, indent=1)
+        json.dump(summary_json(result, claims) | {"steps": steps, "seed": args.seed, "quick": args.quick,
+                                                 "config": config.raw}, fh, indent=1)
     print(f"\nwrote {png} and {summary_path}")
     return 0
 
@@ -417,9 +425,13 @@ def register(subparsers) -> None:
         "demo", help="train a toy continual-learning net with fixed/adaptive noise x VGS off/on",
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
-    parser.add_argument("--steps", type=_positive_int, default=2000, help="steps per run (default 2000)")
+    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+                        help=f"steps per run (default {DEFAULT_STEPS}; the warmup is 100 of them)")
     parser.add_argument("--seed", type=_seed, default=0, help="data, initial weights and noise seed (overrides the config's seed)")
     parser.add_argument("--out", default="demo-out", help="directory for demo.png and demo.json")
     parser.add_argument("--config", help="YAML config (specs/configs/ format) replacing the demo's base")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"CI mode: {QUICK['steps']} steps, warmup {QUICK['warmup_steps']}, target redrawn every "
+                             f"{QUICK['drift_every']} steps (replaces --steps)")
     parser.set_defaults(run=_run)
