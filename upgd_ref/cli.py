@@ -58,7 +58,7 @@ def _info(args) -> int:
     return 0
 
 
-SUBCOMMAND_MODULES: list[str] = ["upgd_ref.demo", "upgd_ref.config", "upgd_ref.golden", "upgd_ref.bench"]
+SUBCOMMAND_MODULES: list[str] = ["upgd_ref.demo", "upgd_ref.tune_command", "upgd_ref.config", "upgd_ref.golden", "upgd_ref.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
