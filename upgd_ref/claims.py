@@ -165,7 +165,8 @@ def format_sweep(rows: list[dict]) -> str:
     header = f"{'alpha':>8} {'G':>7} {'f':>7} {'1/f':>7} {'NSR':>8} {'NSR / NSR(VGS off)':>19} {'x f':>6}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['alpha']:>8.4g} {r['variance']:>7.3g} {r['factor']:>7.3f} {r['inverse_factor']:>7.3f} "
+        alpha = "off" if r["alpha"] == 0 else f"{r['alpha']:.4g}"
+        lines.append(f"{alpha:>8} {r['variance']:>7.3g} {r['factor']:>7.3f} {r['inverse_factor']:>7.3f} "
                      f"{_pct(r['nsr']):>8} {r['amplification']:>18.3f}x {r['amplification'] * r['factor']:>6.3f}")
     return "\n".join(lines)
 

@@ -313,7 +313,7 @@ def plot_tuning(rows: list[dict], path, title: str = "") -> None:
     axes[1].set_title("(b) sigma, VGS on (alpha 0.1)")
     axes[2].set_title(f"(c) VGS alpha (sigma {best['sigma']['sigma']:g})")
     for ax in axes:
-        ax.legend(fontsize=8, loc="lower right" if ax is axes[0] else "lower left")
+        ax.legend(fontsize=8, loc="lower left" if ax is axes[1] else "lower right")
         ax.grid(alpha=0.3)
     fig.suptitle(title or "upgd-ref tune: 64-64-10 MLP on scikit-learn digits", fontsize=12)
     fig.text(0.5, 0.01, "Points: mean test accuracy over seeds, bars: min-max. What to look at: where each "
