@@ -11,7 +11,7 @@ table shows the median and the minimum per call, and the ratios the targets are 
 * adapter / core (target <= 1.15): the adapter's bookkeeping over the raw core step on the
   same parameters (``upgd_ref.AdaptiveUPGD.step`` on flat NumPy buffers);
 * production / adapter (target: the core's >= 8x): the production algorithm as users run it
-  today (``upgd_ref.bench.torch_production_step``: per-tensor loop, VGS, adaptive noise,
+  today (``benchmarks/production_torch.py``, ``torch_production_step``: per-tensor loop, VGS, adaptive noise,
   ``.item()`` reads, ``torch.randn_like``) against the adapter's full step
   (``scale_gradients``, ``step``, ``VarianceGradientScaler.step``), and against the core's
   fused full step (``AdaptiveUPGD.step(..., vgs=scaler)``), the core's own headline.
@@ -35,10 +35,10 @@ import torch
 import upgd_ref
 from upgd_ref.adapters.torch import AdaptiveUPGD, VarianceGradientScaler
 from upgd_ref.backends import auto_order
-from upgd_ref.bench import torch_production_step, torch_vgs_state
+from production_torch import torch_production_step, torch_vgs_state  # benchmarks/, next to this file
 from upgd_ref.hyperparams import UPGD_DEFAULTS
 
-# The core benchmark's hyper-parameters (upgd_ref.bench), so the ratios are comparable.
+# The core benchmark's hyper-parameters (upgd_ref.bench.STEP_HYPER), so the ratios are comparable.
 STEP_HYPER = dict(lr=1e-3, weight_decay=1e-3, sigma=0.01, adaptive_noise=True)
 NOISE_EMA_INIT = 0.0
 VGS_HYPER = dict(warmup_steps=0)

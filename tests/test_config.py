@@ -353,7 +353,7 @@ def test_migrate_with_probes(tmp_path, capsys):
     assert load_config(out).hyperparams["sigma"] == float(f"{0.001 / norm:.3g}")
     grads = tmp_path / "grads.npz"
     np.savez(grads, a=np.full((4, 9), 0.5))  # every step's norm is 1.5
-    assert run_cli("migrate-config", old_path, "--probe", grads, "--out", out) == 0
+    assert run_cli("migrate-config", old_path, "--probe", grads, "--out", out, "--force") == 0
     assert load_config(out).hyperparams["sigma"] == float(f"{0.001 / 1.5:.3g}")
-    assert run_cli("migrate-config", old_path, "--probe", tmp_path / "missing.npz", "--out", out) == 2
+    assert run_cli("migrate-config", old_path, "--probe", tmp_path / "missing.npz", "--out", out, "--force") == 2
     assert "no such gradient file" in capsys.readouterr().err

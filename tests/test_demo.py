@@ -11,6 +11,7 @@ import pytest
 
 import upgd_ref
 from upgd_ref import cli, demo
+from upgd_ref.cli.progress import ProgressBar
 from upgd_ref.config import load_config
 from upgd_ref.diagnostics import StepLog, StepRecord, record_step
 from upgd_ref.tolerances import SCALAR_ULPS_F64
@@ -137,7 +138,7 @@ def test_cli_with_an_adaptive_template_and_bad_inputs(tmp_path, capsys):
 
 def test_progress_bar_reports_without_a_terminal():
     stream = io.StringIO()
-    bar = demo.ProgressBar(8, stream=stream)
+    bar = ProgressBar(8, stream=stream)
     bar.set_label("run")
     for _ in range(8):
         bar.advance()

@@ -13,7 +13,9 @@ import pytest
 from upgd_ref import cli, golden
 from upgd_ref import reference as ref
 from upgd_ref.backends import backends_for
-from upgd_ref.config import build
+from upgd_ref.config import build, load_config
+from upgd_ref.golden.comparator import step_bounds
+from upgd_ref.golden.truth import reference_step
 from upgd_ref.trace import FIELDS, TraceWriter, read_trace, write_npz, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +127,7 @@ def test_manifest_entries_name_their_class_profile_and_variant(cases):
 def test_a_case_replayed_with_the_wrong_member_fails_at_step_one(cases):
     case = cases["paper_adam_f64"]
     assert golden.compare(case, golden.replay(case, "reference")).passed
-    production = golden.load_config({**case.entry["config"], "optimizer_kwargs": {
+    production = load_config({**case.entry["config"], "optimizer_kwargs": {
         **case.entry["config"]["optimizer_kwargs"], "profile": "production"}})
     mismatched = golden.GoldenCase(case.name, case.entry, case.layout, production, case.hyper, case.arrays,
                                    ref.PRODUCTION)
@@ -194,9 +196,9 @@ def _bound_at(case, trace, k, name, index):
     for row in range(k - 1):
         prev.update({f: trace[f][row] for f in (*golden.STATE_FIELDS, "segment_step", "grad_norm_ema",
                                                   *golden.VGS_STATE_FIELDS) if f in trace})
-    step = golden._reference_step(case, k, prev)
+    step = reference_step(case, k, prev)
     present = [bool(b) for b in case.arrays["present"][k - 1]]
-    bounds = golden._step_bounds(case, step, trace["params"].dtype, present)
+    bounds = step_bounds(case, step, trace["params"].dtype, present)
     return float(np.broadcast_to(np.asarray(bounds[name], dtype=np.float64), trace[name][k - 1].shape)[index])
 
 

@@ -15,6 +15,10 @@ import torch
 from upgd_ref import FlatLayout, bench, cli, reference as ref, tolerances
 from upgd_ref.hyperparams import UPGD_DEFAULTS
 
+# The PyTorch baseline lives outside the package (benchmarks/), loaded as `upgd-ref bench` does.
+(PRODUCTION_FILE,) = bench.default_baselines()
+production = bench.load_baseline(PRODUCTION_FILE)
+
 NUMPY_ROWS = ["numba full step (VGS + adaptive noise)", "numba noise-free step", "numba noise alone",
               "NumPy reference step (VGS + adaptive noise)"]
 TORCH_ROWS = ["torch fused Adam", "torch.randn (same count)",
@@ -22,10 +26,12 @@ TORCH_ROWS = ["torch fused Adam", "torch.randn (same count)",
 
 
 def test_bench_measures_every_row_and_ratio():
-    result = bench.run_benchmark(sizes=[3000], dtypes=["float32", "float64"], repeats=2, quiet=True)
+    result = bench.run_benchmark(sizes=[3000], dtypes=["float32", "float64"], repeats=2, baselines=[production])
     assert [r["name"] for r in result["rows"]] == (NUMPY_ROWS + TORCH_ROWS) * 2
     assert all(r["seconds"] > 0 and math.isfinite(r["ns_per_param"]) and r["repeats"] == 2 for r in result["rows"])
     assert result["config"]["torch"] == torch.__version__
+    assert result["baselines"] == [{"name": production.NAME, "file": str(PRODUCTION_FILE),
+                                     "versions": {"torch": torch.__version__}, "available": True, "reason": None}]
     assert result["jit"]["seconds"] >= 0
     for entry in result["ratios"]:
         assert set(bench.TARGETS) <= set(entry)
@@ -55,7 +61,7 @@ def test_bench_command_rejects_bad_arguments(argv):
 
 def test_bench_rejects_more_threads_than_numba_has():
     with pytest.raises(ValueError, match="threads"):
-        bench.run_benchmark(sizes=[100], threads=numba.config.NUMBA_NUM_THREADS + 1, quiet=True)
+        bench.run_benchmark(sizes=[100], threads=numba.config.NUMBA_NUM_THREADS + 1)
 
 
 def _torch_state(states, params, key, default):
@@ -69,7 +75,7 @@ def test_torch_production_loop_is_the_algorithm():
              "adaptive_noise": True, "noise_ema_init": 0.0}
     data = np.random.default_rng(0)
     params = [torch.nn.Parameter(torch.from_numpy(data.standard_normal(s))) for s in layout.shapes]
-    states, vgs = {}, bench.torch_vgs_state(len(params), warmup_steps=1, alpha=2.0)
+    states, vgs = {}, production.torch_vgs_state(len(params), warmup_steps=1, alpha=2.0)
     vgs_hyper = {k: vgs[k] for k in ("enabled", "beta", "alpha", "eps", "warmup_steps", "min_scaling_factor",
                                       "variance_cap")}
     unit = tolerances.unit_roundoff(np.float64)
@@ -80,7 +86,7 @@ def test_torch_production_loop_is_the_algorithm():
             p.grad = torch.from_numpy(g.copy()) if has_grad else None
         pre_vgs = ref.VGSState(np.int64(vgs["k"]), np.array(vgs["a"]), np.array(vgs["b"]))
         factor, _ = ref.vgs_scaling_factor(pre_vgs, **vgs_hyper)
-        torch_factor = bench._torch_vgs_factor(torch, vgs)
+        torch_factor = production.torch_vgs_factor(torch, vgs)
         assert abs(torch_factor - float(factor)) <= tolerances.SCALAR_ULPS_F64 * unit * abs(float(factor))
         scaled = ref.vgs_scale(grads, factor, present)
         pre = ref.UPGDState(
@@ -96,7 +102,7 @@ def test_torch_production_loop_is_the_algorithm():
             [p.detach().numpy().copy() for p in params], scaled, pre, normals, [hyper] * len(params), present)
         bounds = tolerances.upgd_step_bounds(scales, np.float64, layout.sizes)
 
-        bench.torch_production_step(torch, params, states, vgs, hyper)
+        production.torch_production_step(torch, params, states, vgs, hyper)
 
         torch_keys = {"utility": "avg_utility", "first_moment": "exp_avg", "second_moment": "exp_avg_sq"}
         assert [states[p]["step"] for p in params] == list(new_state.segment_step)

@@ -38,7 +38,7 @@ from .stages import SegmentReductions, StepPlan
 
 __all__ = [
     "Backend", "Registration", "BackendRegistry", "BACKENDS", "auto_order", "available_backends", "backends_for",
-    "check_backend_name", "select_backend",
+    "check_backend_name", "select_backend", "absence_reason",
 ]
 
 
@@ -214,6 +214,23 @@ def available_backends(*, emulators: bool = False) -> list[str]:
     """Names of the registered backends that can run here (``"cupy"`` needs a GPU)."""
     return [name for name, backend in BACKENDS.items()
             if backend.available() and (emulators or not BACKENDS.is_emulator(name))]
+
+
+def absence_reason(name: str) -> str | None:
+    """Why a registered backend cannot run here, or ``None`` when it can (``upgd-ref info``)."""
+    if name not in BACKENDS.registrations:
+        raise ValueError(f"unknown backend {name!r}; registered: {list(BACKENDS.registrations)}")
+    if name in BACKENDS:
+        return None if BACKENDS[name].available() else "registered, but no CUDA device is visible"
+    if name == "numba":
+        return "Numba is not installed (pip install numba)"
+    if name == "cupy":
+        if importlib.util.find_spec("cupy") is None:
+            return "CuPy is not installed (pip install 'upgd-ref[cuda]')"
+        return "no CUDA driver: libcuda.so.1 does not load"
+    if name == "cuda-emulator":
+        return "no C++ compiler ($CXX, c++, g++ or clang++) to build the CPU emulator of the CUDA source"
+    return "its loader found nothing to run"
 
 
 def check_backend_name(name) -> str:

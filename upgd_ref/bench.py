@@ -8,18 +8,20 @@ warm-up call; a row's time is the median of its repetitions. Rows (``specs/kerne
 * numba noise alone: ``upgd_ref.noise(..., out=buffer)`` (into an existing buffer, as
   ``torch.randn(n, out=buffer)``: the generators, not the allocator, are compared);
 * NumPy reference step: the full step on ``backend="reference"``;
-* with PyTorch installed: fused Adam (``torch.optim.Adam(fused=True)``), ``torch.randn`` of
-  the same count, and a per-tensor PyTorch loop implementing the production algorithm (VGS,
-  adaptive noise, ``.item()`` reductions, ``torch.randn_like``), as users run it today.
+* the rows of each *baseline*: a file outside the package (``benchmarks/production_torch.py``
+  in a checkout: fused Adam, ``torch.randn`` of the same count, and the production algorithm
+  as a per-tensor PyTorch loop) loaded with :func:`load_baseline`. A baseline file defines
+  ``NAME``, ``setup(threads) -> dict`` (imports its framework, ``ImportError`` when missing;
+  returns versions to report) and ``cases(layout, rng, step_hyper, vgs_hyper) -> list[Case]``.
 
 Gradients that a row scales in place are restored before each repetition, outside the timing.
+Nothing here prints: progress goes to the ``progress`` callback, the report is a string.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -28,19 +30,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .backends import BACKENDS
 from .step import noise, warmup
-from .hyperparams import UPGD_DEFAULTS, VGS_DEFAULTS
 from .layout import FlatLayout
 from .optimizer import AdaptiveUPGD
 from .scaler import VarianceGradientScaler
 
 __all__ = [
-    "register", "run_benchmark", "format_report", "torch_production_step", "torch_vgs_state", "DEFAULT_SIZES",
-    "TARGETS", "TARGET_SIZE",
+    "run_benchmark", "format_report", "load_baseline", "default_baselines", "Case", "DEFAULT_SIZES",
+    "DEFAULT_DTYPES", "DEFAULT_SEGMENTS", "DEFAULT_REPEATS", "STEP_HYPER", "VGS_HYPER", "TARGETS", "TARGET_SIZE",
 ]
 
 DEFAULT_SIZES = (1_000_000, 10_000_000)
@@ -60,8 +62,10 @@ TARGETS = {
 TARGET_SIZE = 10_000_000
 
 # Hyper-parameters of the benchmarked steps (production defaults where they do not matter).
-_STEP_HYPER = dict(lr=1e-3, weight_decay=1e-3, sigma=0.01, adaptive_noise=True, noise_ema_init=0.0)
-_VGS_HYPER = dict(warmup_steps=0)
+STEP_HYPER = dict(lr=1e-3, weight_decay=1e-3, sigma=0.01, adaptive_noise=True, noise_ema_init=0.0)
+VGS_HYPER = dict(warmup_steps=0)
+#: The baseline a checkout has (``benchmarks/`` is not installed with the package).
+CHECKOUT_BASELINES = ("benchmarks/production_torch.py",)
 
 
 @dataclass
@@ -101,14 +105,14 @@ def _numpy_cases(layout: FlatLayout, rng: np.random.Generator) -> list[Case]:
 
     def full_step(backend):
         params, grads = params0.copy(), grads0.copy()
-        opt = AdaptiveUPGD(layout, backend=backend, **_STEP_HYPER)
-        vgs = VarianceGradientScaler(layout, backend=backend, **_VGS_HYPER)
+        opt = AdaptiveUPGD(layout, backend=backend, **STEP_HYPER)
+        vgs = VarianceGradientScaler(layout, backend=backend, **VGS_HYPER)
         return lambda: opt.step(params, grads, vgs=vgs), lambda: np.copyto(grads, grads0)
 
     call, prepare = full_step("numba")
     cases.append(Case("numba full step (VGS + adaptive noise)", call, prepare))
     params_nf = params0.copy()
-    opt_nf = AdaptiveUPGD(layout, backend="numba", **dict(_STEP_HYPER, sigma=0.0, adaptive_noise=False))
+    opt_nf = AdaptiveUPGD(layout, backend="numba", **dict(STEP_HYPER, sigma=0.0, adaptive_noise=False))
     cases.append(Case("numba noise-free step", lambda: opt_nf.step(params_nf, grads0)))
     counter, normals = iter(range(1, 2**62)), layout.zeros()
     cases.append(Case("numba noise alone", lambda: noise(layout, 0, next(counter), out=normals, backend="numba")))
@@ -117,126 +121,7 @@ def _numpy_cases(layout: FlatLayout, rng: np.random.Generator) -> list[Case]:
     return cases
 
 
-def torch_production_step(torch, params, states: dict, vgs: dict, hyper: dict) -> None:
-    """The production AdaptiveUPGD + VGS step on a list of tensors with ``.grad`` (one loop
-    per pass over the tensors, ``.item()`` host reads, ``torch.randn_like`` noise).
-
-    ``states``: per-tensor dicts (created on first use); ``vgs``: ``{"k", "a", "b"}`` with
-    per-tensor lists and the VGS hyper-parameters. A tensor whose ``.grad`` is None sits the
-    step out. Semantics: ``specs/algorithm.md``.
-    """
-    h = hyper
-    present = [(i, p) for i, p in enumerate(params) if p.grad is not None]
-    with torch.no_grad():
-        factor = _torch_vgs_factor(torch, vgs)
-        if factor != 1.0:
-            for _, p in present:
-                p.grad.mul_(factor)
-        u_max, u_min = -math.inf, math.inf
-        for _, p in present:
-            state = states.setdefault(p, {
-                "step": 0, "avg_utility": torch.zeros_like(p), "exp_avg": torch.zeros_like(p),
-                "exp_avg_sq": torch.zeros_like(p), "grad_norm_ema": h["noise_ema_init"],
-            })
-            state["step"] += 1
-            g = p.grad
-            state["avg_utility"].mul_(h["beta_utility"]).add_(-g * p, alpha=1 - h["beta_utility"])
-            state["exp_avg"].mul_(h["beta1"]).add_(g, alpha=1 - h["beta1"])
-            state["exp_avg_sq"].mul_(h["beta2"]).addcmul_(g, g, value=1 - h["beta2"])
-            u_max = max(u_max, state["avg_utility"].max().item())
-            u_min = min(u_min, state["avg_utility"].min().item())
-        for _, p in present:
-            state, t = states[p], states[p]["step"]
-            exp_avg_hat = state["exp_avg"] / (1 - h["beta1"] ** t)
-            exp_avg_sq_hat = state["exp_avg_sq"] / (1 - h["beta2"] ** t)
-            norm = p.grad.norm().item()
-            state["grad_norm_ema"] = h["noise_beta"] * state["grad_norm_ema"] + (1 - h["noise_beta"]) * norm
-            if not h["instant_noise_scale"]:
-                norm = state["grad_norm_ema"] / (1 - h["noise_beta"] ** t)
-            noise = torch.randn_like(p.grad) * max(h["sigma"] * norm, h["min_noise_std"])
-            x = ((state["avg_utility"] / (1 - h["beta_utility"] ** t) - u_min) / (u_max - u_min + 1e-8)).clamp_(0, 1)
-            protection = torch.sigmoid(2 * (x - 0.5))
-            update = (exp_avg_hat / (exp_avg_sq_hat.sqrt() + h["eps"]) + noise) * (1 - protection)
-            p.mul_(1 - h["lr"] * h["weight_decay"]).add_(update, alpha=-h["lr"])
-        vgs["k"] += 1
-        for i, p in present:
-            vgs["a"][i] = vgs["beta"] * vgs["a"][i] + (1 - vgs["beta"]) * p.grad.mean().item()
-            vgs["b"][i] = vgs["beta"] * vgs["b"][i] + (1 - vgs["beta"]) * (p.grad * p.grad).mean().item()
-
-
-def _torch_vgs_factor(torch, vgs: dict) -> float:
-    """``f`` of the production scaler from its per-tensor statistics."""
-    if not vgs["enabled"] or vgs["k"] < vgs["warmup_steps"] or vgs["k"] == 0:
-        return 1.0
-    c = 1 - vgs["beta"] ** vgs["k"]
-    mu = torch.tensor(vgs["a"], dtype=torch.float64) / c
-    s = torch.tensor(vgs["b"], dtype=torch.float64) / c
-    nv = torch.clamp(s - mu * mu, min=0) / (torch.clamp(mu * mu, min=1e-12) + vgs["eps"])
-    nv = torch.where(torch.isfinite(nv), nv, torch.zeros_like(nv))
-    g = torch.quantile(nv, 0.9).clamp(0, 1e6).item()
-    if vgs["variance_cap"] is not None:
-        g = min(g, vgs["variance_cap"])
-    return min(max(1 / (1 + vgs["alpha"] * g), vgs["min_scaling_factor"]), 1.0)
-
-
-def torch_vgs_state(num_tensors: int, **overrides) -> dict:
-    """Fresh production VGS statistics (hyper-parameters: the scaler's defaults + overrides)."""
-    return {**VGS_DEFAULTS, **overrides, "k": 0, "a": [0.0] * num_tensors, "b": [0.0] * num_tensors}
-
-
-def _torch_cases(torch, layout: FlatLayout, rng: np.random.Generator) -> list[Case]:
-    dtype = getattr(torch, layout.dtype.name)
-    n = layout.num_logical
-
-    def tensors():
-        params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s)).to(dtype)) for s in layout.shapes]
-        grads0 = [torch.from_numpy(0.1 * rng.standard_normal(s)).to(dtype) for s in layout.shapes]
-        for p, g in zip(params, grads0):
-            p.grad = g.clone()
-        return params, grads0
-
-    adam_params, _ = tensors()
-    adam = torch.optim.Adam(adam_params, lr=_STEP_HYPER["lr"], fused=True)
-    prod_params, prod_grads0 = tensors()
-    states, vgs = {}, torch_vgs_state(len(prod_params), **_VGS_HYPER)
-    hyper = {**UPGD_DEFAULTS, **_STEP_HYPER}
-
-    def restore():
-        for p, g in zip(prod_params, prod_grads0):
-            p.grad.copy_(g)
-
-    normals = torch.empty(n, dtype=dtype)
-    return [
-        Case("torch fused Adam", adam.step),
-        Case("torch.randn (same count)", lambda: torch.randn(n, dtype=dtype, out=normals)),
-        Case("torch per-tensor loop (production: VGS + adaptive noise)",
-             lambda: torch_production_step(torch, prod_params, states, vgs, hyper), restore),
-    ]
-
-
 # --- measuring --------------------------------------------------------------------------
-
-
-class _Progress:
-    """One status line on stderr (rewritten in place on a terminal)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, text: str) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            sys.stderr.write("\r\033[K" + text)
-        else:
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.tty and not self.quiet:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
 
 
 def _time_rows(cases: list[Case], repeats: int, progress: Callable[[str], None], label: str) -> dict:
@@ -264,14 +149,42 @@ def _time_rows(cases: list[Case], repeats: int, progress: Callable[[str], None],
     return out
 
 
-def _import_torch(enabled: bool):
-    if not enabled:
-        return None
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
+def load_baseline(path):
+    """The baseline module in the Python file ``path`` (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such baseline file")
+    spec = importlib.util.spec_from_file_location(f"upgd_ref_baseline_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = [name for name in ("NAME", "setup", "cases") if not hasattr(module, name)]
+    if missing:
+        raise ValueError(f"{path}: a baseline file must define NAME, setup and cases; it lacks {', '.join(missing)}")
+    return module
+
+
+def default_baselines() -> list[Path]:
+    """The baseline files of the checkout this package runs from (none in an installed copy)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        return []
+    return [root / name for name in CHECKOUT_BASELINES if (root / name).is_file()]
+
+
+def _set_up(baselines, threads: int) -> tuple[list, list[dict]]:
+    """``(usable baselines, one report per baseline)``; a baseline whose framework is missing
+    is reported with the reason, not run."""
+    usable, reports = [], []
+    for baseline in baselines:
+        report = {"name": baseline.NAME, "file": getattr(baseline, "__file__", None), "versions": {},
+                  "available": True, "reason": None}
+        try:
+            report["versions"] = dict(baseline.setup(threads) or {})
+            usable.append(baseline)
+        except ImportError as exc:
+            report.update(available=False, reason=f"{exc.name} is not installed" if exc.name else str(exc))
+        reports.append(report)
+    return usable, reports
 
 
 def _ratios(rows: list[Row]) -> list[dict]:
@@ -315,8 +228,12 @@ def _jit_report(dtypes, cold: bool) -> dict:
 
 
 def run_benchmark(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, threads=None, segments=DEFAULT_SEGMENTS,
-                  repeats=DEFAULT_REPEATS, use_torch=True, quiet=False, cold_jit=False) -> dict:
-    """Measure every row; returns ``{"config", "jit", "rows", "ratios"}`` (seconds per call)."""
+                  repeats=DEFAULT_REPEATS, baselines=(), cold_jit=False, progress=None) -> dict:
+    """Measure every row; returns ``{"config", "jit", "baselines", "rows", "ratios"}`` (seconds per call).
+
+    ``baselines``: modules from :func:`load_baseline` whose rows are timed next to the
+    kernels'; ``progress``: a callable taking a status text, or None.
+    """
     import numba
 
     if "numba" not in BACKENDS:
@@ -324,13 +241,11 @@ def run_benchmark(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, threads=None, segm
     threads = numba.config.NUMBA_NUM_THREADS if threads is None else threads
     if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}] (NUMBA_NUM_THREADS)")
-    # torch first: Numba's OpenMP layer loads the system libgomp.so.1, and a torch imported
-    # after it binds to that instead of its own and runs several times slower (specs/kernels.md §6).
-    torch = _import_torch(use_torch)
-    if torch is not None:
-        torch.set_num_threads(threads)
+    progress = progress or (lambda text: None)
+    # Baselines first: they import their frameworks before Numba starts its threads (torch
+    # after Numba's OpenMP layer runs several times slower, specs/kernels.md §6).
+    usable, reports = _set_up(baselines, threads)
     numba.set_num_threads(threads)
-    progress = _Progress(quiet)
     progress("bench: compiling the Numba kernels (or loading them from the cache)")
     jit = _jit_report(dtypes, cold_jit)
     rows = []
@@ -340,21 +255,23 @@ def run_benchmark(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, threads=None, segm
             progress(f"bench: {label}: preparing buffers")
             layout = FlatLayout(_segment_shapes(size, segments), dtype=dtype)
             rng = np.random.default_rng(0)
-            cases = _numpy_cases(layout, rng) + (_torch_cases(torch, layout, rng) if torch is not None else [])
+            cases = _numpy_cases(layout, rng)
+            for baseline in usable:
+                cases += baseline.cases(layout, rng, dict(STEP_HYPER), dict(VGS_HYPER))
             for name, (seconds, count) in _time_rows(cases, repeats, progress, label).items():
                 rows.append(Row(size, dtype, name, seconds, count))
             del cases  # free this group's buffers before the next group allocates its own
-    progress.done()
+    versions = {k: v for report in reports for k, v in report["versions"].items()}
     config = {
         "sizes": list(sizes), "dtypes": list(dtypes), "threads": threads, "segments": segments,
         "repeats": repeats, "numba": numba.__version__, "numpy": np.__version__,
-        "torch": None if torch is None else torch.__version__,
+        "torch": versions.get("torch"),
     }
-    return {"config": config, "jit": jit, "rows": [dict(asdict(r), ns_per_param=r.ns_per_param) for r in rows],
-            "ratios": _ratios(rows)}
+    return {"config": config, "jit": jit, "baselines": reports,
+            "rows": [dict(asdict(r), ns_per_param=r.ns_per_param) for r in rows], "ratios": _ratios(rows)}
 
 
-# --- printing and the command line ------------------------------------------------------
+# --- the report ---------------------------------------------------------------------------
 
 
 def _size_label(size: int) -> str:
@@ -370,7 +287,8 @@ def format_report(result: dict) -> str:
     lines = [
         f"upgd-ref bench: {cfg['threads']} thread(s), {cfg['segments']} segments, median of up to "
         f"{cfg['repeats']} repetitions after 1 warm-up (numba {cfg['numba']}, numpy {cfg['numpy']}, "
-        f"torch {cfg['torch'] or 'not installed'})",
+        f"torch {cfg['torch'] or '-'})",
+        *_baseline_lines(result.get("baselines", [])),
         f"numba JIT: {jit['seconds']:.2f} s in this process ({jit['compiled']} kernel(s) compiled, "
         f"{jit['loaded_from_cache']} loaded from Numba's on-disk cache)"
         + ("" if jit["cold_compile_seconds"] is None else
@@ -398,6 +316,15 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _baseline_lines(reports: list[dict]) -> list[str]:
+    """Which baseline rows are in the table, and why the others are not."""
+    if not reports:
+        return ["baselines: none (the PyTorch rows come from benchmarks/production_torch.py in a checkout, "
+                "or --baseline FILE); the ratios against PyTorch are not measured"]
+    return [f"baseline {r['name']}: " + ("measured" if r["available"] else f"unavailable, {r['reason']}")
+            for r in reports]
+
+
 def _target_lines(result: dict) -> list[str]:
     """Each target against the measured ratio at TARGET_SIZE float32 (when measured)."""
     entry = next((e for e in result["ratios"] if e["size"] == TARGET_SIZE and e["dtype"] == "float32"), None)
@@ -410,86 +337,3 @@ def _target_lines(result: dict) -> list[str]:
         met = entry[key] >= bound if comparison == ">=" else entry[key] <= bound
         lines.append(f"  {key} {comparison} {bound:g}: {entry[key]:.2f} ({'met' if met else 'MISSED'})")
     return lines
-
-
-def _size(text: str) -> int:
-    scale = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1)
-    digits = text[:-1] if scale != 1 else text
-    try:
-        value = float(digits) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1B, 1M, 250k, 4096)") from None
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"size must be a positive whole number, got {text!r}")
-    return int(value)
-
-
-def _sizes(text: str) -> list[int]:
-    return [_size(part) for part in text.split(",") if part]
-
-
-def _dtypes(text: str) -> list[str]:
-    dtypes = [part for part in text.split(",") if part]
-    bad = [d for d in dtypes if d not in DEFAULT_DTYPES]
-    if bad or not dtypes:
-        raise argparse.ArgumentTypeError(f"dtypes must be among {DEFAULT_DTYPES}, got {text!r}")
-    return dtypes
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _run(args) -> int:
-    if args.backend == "cupy":
-        from .bench_cuda import DEFAULT_CUDA_SIZES, format_cuda_report, run_cuda_benchmark
-
-        try:
-            result = run_cuda_benchmark(args.sizes or DEFAULT_CUDA_SIZES, args.dtypes or ["float32"],
-                                        args.segments, args.repeats, quiet=args.quiet)
-        except (ImportError, RuntimeError) as exc:
-            print(f"upgd-ref bench: error: {exc}", file=sys.stderr)
-            return 2
-        print(format_cuda_report(result))
-    else:
-        result = run_benchmark(args.sizes or DEFAULT_SIZES, args.dtypes or DEFAULT_DTYPES, args.threads,
-                               args.segments, args.repeats, use_torch=not args.no_torch, quiet=args.quiet,
-                               cold_jit=args.cold_jit)
-        print(format_report(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``upgd-ref bench``."""
-    parser = subparsers.add_parser(
-        "bench", help="time the Numba kernels against the NumPy reference and PyTorch",
-        description="Time one optimizer step of the Numba kernels, the NumPy reference and (when "
-                    "installed) PyTorch, side by side; prints one table in ns/parameter and ms/step.",
-    )
-    parser.add_argument("--backend", choices=("numba", "cupy"), default="numba",
-                        help="numba (default): the CPU kernels against NumPy and PyTorch; cupy: the CUDA "
-                             "kernels against the GPU's device-to-device copy bandwidth")
-    parser.add_argument("--sizes", type=_sizes, default=None,
-                        help="comma-separated parameter counts, e.g. 1M,10M (default; 1M,100M,1B with "
-                             "--backend cupy) or 4096")
-    parser.add_argument("--dtypes", type=_dtypes, default=None,
-                        help="comma-separated, from float32,float64 (default both; float32 with --backend cupy)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="Numba and torch threads (default: NUMBA_NUM_THREADS)")
-    parser.add_argument("--segments", type=_positive_int, default=DEFAULT_SEGMENTS,
-                        help=f"segments (tensors) the parameters are split into (default {DEFAULT_SEGMENTS})")
-    parser.add_argument("--repeats", type=_positive_int, default=DEFAULT_REPEATS,
-                        help=f"timed repetitions per row (default {DEFAULT_REPEATS}; "
-                             f"rows slower than {SLOW_CALL_SECONDS} s per call get {MIN_SLOW_REPEATS})")
-    parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows")
-    parser.add_argument("--cold-jit", action="store_true",
-                        help="also time compiling every kernel from scratch (a fresh process, empty cache)")
-    parser.add_argument("--json", metavar="FILE", help="also write the numbers to FILE as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
-    parser.set_defaults(run=_run)

@@ -19,7 +19,6 @@ writes ``g`` back); twice that in float64.
 from __future__ import annotations
 
 import statistics
-import sys
 
 from .layout import FlatLayout
 
@@ -88,24 +87,20 @@ def _rows_for(cupy, size: int, dtype: str, segments: int, repeats: int, progress
 
 
 def run_cuda_benchmark(sizes=DEFAULT_CUDA_SIZES, dtypes=("float32",), segments: int = 16, repeats: int = 7,
-                       quiet: bool = False) -> dict:
-    """Time the rows for every size and dtype on the current GPU; returns rows and ratios."""
+                       progress=None) -> dict:
+    """Time the rows for every size and dtype on the current GPU; returns rows and ratios.
+    ``progress``: a callable taking a status text, or None."""
     import cupy
 
     if not cupy.is_available():
         raise RuntimeError("upgd-ref bench --backend cupy needs a CUDA GPU (cupy.is_available() is False)")
 
-    def progress(text):
-        if not quiet:
-            print(f"\r{text:<72}", end="", file=sys.stderr, flush=True)
-
+    progress = progress or (lambda text: None)
     rows = []
     for size in sizes:
         for dtype in dtypes:
             rows += _rows_for(cupy, size, dtype, segments, repeats, progress)
             cupy.get_default_memory_pool().free_all_blocks()
-    if not quiet:
-        print(file=sys.stderr)
     properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     return {"device": properties["name"].decode() if isinstance(properties["name"], bytes) else properties["name"],
             "cupy": cupy.__version__, "rows": rows, "ratios": _cuda_ratios(rows)}

@@ -165,8 +165,8 @@ def format_sweep(rows: list[dict]) -> str:
     header = f"{'alpha':>8} {'G':>7} {'f':>7} {'1/f':>7} {'NSR':>8} {'NSR / NSR(VGS off)':>19} {'x f':>6}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        alpha = "off" if r["alpha"] == 0 else f"{r['alpha']:.4g}"
-        lines.append(f"{alpha:>8} {r['variance']:>7.3g} {r['factor']:>7.3f} {r['inverse_factor']:>7.3f} "
+        alpha, variance = ("off", "-") if r["alpha"] == 0 else (f"{r['alpha']:.4g}", f"{r['variance']:.3g}")
+        lines.append(f"{alpha:>8} {variance:>7} {r['factor']:>7.3f} {r['inverse_factor']:>7.3f} "
                      f"{_pct(r['nsr']):>8} {r['amplification']:>18.3f}x {r['amplification'] * r['factor']:>6.3f}")
     return "\n".join(lines)
 
@@ -305,14 +305,12 @@ def format_claims(rows: list[Row], width: int = 100) -> str:
 
 
 def report(result: dict, claims: dict) -> str:
-    """The demo's printed report: calibration, the four-run table, the checks, the claims
-    table and the alpha sweep (``result``: :func:`upgd_ref.demo.run_demo`)."""
+    """The demo's report after the calibration line: the four-run table, the checks, the
+    claims table and the alpha sweep (``result``: :func:`upgd_ref.demo.run_demo`)."""
     from .demo import findings, format_table
 
     parts = [
-        f"calibration: typical pre-VGS segment gradient norm {result['probe_grad_norm']:.4g} "
-        f"-> sigma_abs {result['sigma_abs']:.4g} (fixed) <-> sigma_rel {result['sigma_rel']:.4g} (adaptive)",
-        "", format_table(result["summaries"]), "", *findings(result["summaries"], result["sigma_rel"]), "",
+        format_table(result["summaries"]), "", *findings(result["summaries"], result["sigma_rel"]), "",
         f"The seed design's claims, measured (after the VGS warmup; NSR = std_i/||g_i||, median over segments "
         f"and steps):", "", format_claims(claim_rows(claims)), "",
         f"NSR amplification against 1/f, fixed sigma {FIXED_SIGMA}, alpha swept (G at the cap {claims['variance_cap']:g}):",

@@ -66,7 +66,7 @@ __all__ = [
     "dump_config",
     "migrate",
     "typical_norm_from_npz",
-    "register",
+    "migrated_yaml",
 ]
 
 OPTIMIZERS = tuple(MEMBERS)
@@ -445,79 +445,49 @@ def migrate(config: Config, grad_norm: float, source_of_norm: str) -> tuple[dict
     return raw, lines
 
 
-def _cmd_migrate(args) -> int:
-    try:
-        config = load_config(args.config)
-        if args.grad_norm is not None:
-            norm, where = args.grad_norm, "given with --grad-norm"
-        elif args.probe == "demo":
-            from .demo import probe_grad_norm  # the demo imports this module
-
-            norm = probe_grad_norm(config, steps=args.probe_steps)
-            where = (f"median per-segment norm before VGS over {args.probe_steps} steps of the demo workload; "
-                     "a toy network: prefer --grad-norm or --probe GRADS.npz from your own training")
-        else:
-            norm = typical_norm_from_npz(args.probe, config.noise_norm)
-            where = f"median {config.noise_norm} norm of the gradients in {args.probe}"
-        new, lines = migrate(config, float(norm), where)
-    except ValueError as exc:  # ConfigError, or a probe that measured no gradient at all
-        print(f"upgd-ref migrate-config: {exc}", file=sys.stderr)
-        return 2
-    out = args.out or _default_out(args.config)
-    if os.path.abspath(out) == os.path.abspath(args.config):
-        print("upgd-ref migrate-config: --out must differ from the input config", file=sys.stderr)
-        return 2
-    header = [f"Migrated by `upgd-ref migrate-config` from {os.path.basename(args.config)}:", *lines]
-    with open(out, "w", encoding="utf-8") as fh:
-        fh.write(dump_config(new, "\n".join(header)))
-    print(f"{args.config} -> {out}")
-    for line in lines:
-        print(line)
-    return 0
+def _mergeable(old, value) -> bool:
+    return (isinstance(old, dict) and isinstance(value, dict)
+            or isinstance(old, list) and isinstance(value, list) and len(old) == len(value))
 
 
-def _default_out(path: str) -> str:
-    stem, ext = os.path.splitext(path)
-    return f"{stem}.adaptive{ext or '.yaml'}"
+def _same(old, value) -> bool:
+    """Equal values need no rewrite (ruamel reads ``1.0e-5`` as a float subclass); a bool
+    never equals a number here."""
+    return old == value and isinstance(old, bool) == isinstance(value, bool)
 
 
-def _positive_float(text: str) -> float:
-    from argparse import ArgumentTypeError  # the command line's error type, imported with it
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    from argparse import ArgumentTypeError  # the command line's error type, imported with it
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _merge_round_trip(node, new) -> None:
+    """Make the ruamel mapping/sequence ``node`` equal ``new`` in place: unchanged values keep
+    their formatting and comments; changed or added keys take ``new``'s values."""
+    if isinstance(new, dict):
+        for key in [k for k in node if k not in new]:
+            del node[key]
+        items = new.items()
+    else:
+        items = enumerate(new)
+    for key, value in items:
+        present = key in node if isinstance(new, dict) else True
+        if present and _mergeable(node[key], value):
+            _merge_round_trip(node[key], value)
+        elif not present or not _same(node[key], value):
+            node[key] = value
 
 
-def register(subparsers) -> None:
-    """Add ``upgd-ref migrate-config``."""
-    parser = subparsers.add_parser(
-        "migrate-config", help="convert a fixed-sigma config to adaptive (relative) noise",
-        description="Turn the absolute sigma of a fixed-noise config into a relative one, "
-                    "sigma_rel = sigma_abs / N, N a typical gradient norm.",
-    )
-    parser.add_argument("config", help="the old YAML config (specs/configs/ format)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--grad-norm", type=_positive_float, help="typical per-segment gradient norm N")
-    source.add_argument("--probe", metavar="demo|GRADS.npz",
-                        help="measure N: 'demo' runs the demo workload; an .npz holds one member per "
-                             "segment shaped (steps, ...) of recorded gradients (before VGS)")
-    parser.add_argument("--probe-steps", type=_count, default=200, help="steps of the demo probe (default 200)")
-    parser.add_argument("--out", help="new YAML (default: OLD.adaptive.yaml)")
-    parser.set_defaults(run=_cmd_migrate)
+def migrated_yaml(original_text: str, new: dict, comment: str = "") -> str:
+    """The YAML text of ``new`` written over ``original_text`` (the config it was migrated
+    from) by a round-trip parser (ruamel.yaml): the original's comments, key order and
+    formatting stay, changed values are replaced, and ``comment`` goes on top as ``#`` lines."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    document = yaml.load(original_text)
+    if not isinstance(document, dict):  # an empty file: nothing to keep
+        return dump_config(new, comment)
+    _merge_round_trip(document, new)
+    out = io.StringIO()
+    yaml.dump(document, out)
+    header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines()) if comment else ""
+    return header + ("#\n" if header else "") + out.getvalue()

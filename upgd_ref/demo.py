@@ -22,18 +22,14 @@ final loss (mean of the last tenth).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import os
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config, ConfigError, build, load_config
+from .config import Config, build, load_config
 from .diagnostics import StepLog, record_step
 from .layout import FlatLayout
 
@@ -51,13 +47,11 @@ __all__ = [
     "summarize",
     "format_table",
     "findings",
-    "ProgressBar",
     "quick_settings",
     "Runs",
     "configure",
     "DEFAULT_STEPS",
     "QUICK",
-    "register",
 ]
 
 # The demo's own base configuration: production hyper-parameters except a learning rate
@@ -236,9 +230,12 @@ def typical_grad_norm(log: StepLog, noise_norm: str = "segment") -> float:
 
 def probe_grad_norm(config: Config, workload: Workload = Workload(), steps: int = PROBE_STEPS,
                     seed: int = 0) -> float:
-    """Typical pre-VGS gradient norm of ``steps`` demo steps under ``config``."""
-    log = train(config, workload, steps, seed)
-    return typical_grad_norm(log, config.noise_norm)
+    """The calibration norm ``N``: :func:`typical_grad_norm` (median pre-VGS gradient norm) of
+    the first ``steps`` demo steps trained under ``config``'s hyper-parameters with its noise
+    fixed at its sigma and VGS off, data and noise seeded with ``seed``. ``upgd-ref demo`` and
+    ``upgd-ref migrate-config --probe demo`` both report this number."""
+    probe = _config_with(config, adaptive=False, sigma=config.hyperparams["sigma"], vgs_on=False, seed=seed)
+    return typical_grad_norm(train(probe, workload, steps, seed), config.noise_norm)
 
 
 def _window_mean(values: np.ndarray, where: str) -> float:
@@ -309,49 +306,15 @@ def findings(summaries: dict, sigma_rel: float) -> list[str]:
     return lines
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, else every 25%)."""
-
-    def __init__(self, total: int, stream=None, enabled: bool = True):
-        self.total, self.done, self.label = max(1, total), 0, ""
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._next_report = 0.25
-        self._start = time.perf_counter()
-
-    def set_label(self, label: str) -> None:
-        self.label = label
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        fraction = self.done / self.total
-        if self.tty:
-            if self.done % 20 == 0 or self.done == self.total:
-                filled = int(30 * fraction)
-                self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:6.1%} {self.label:<24}")
-                self.stream.flush()
-        elif fraction >= self._next_report:
-            self.stream.write(f"{fraction:.0%} ({self.label}, {time.perf_counter() - self._start:.1f}s)\n")
-            self._next_report += 0.25
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def run_demo(config: Config, *, steps: int, seed: int, workload: Workload = Workload(), progress=None,
              runs: Runs | None = None) -> dict:
     """Probe, calibrate and train the four runs; returns logs, summaries and the sigmas.
 
-    ``runs`` (a :class:`Runs` on the same stream) lets other tables reuse these runs.
+    ``runs`` (a :class:`Runs` on the same stream) lets other tables reuse these runs;
+    ``progress`` (``set_label(text)``, ``advance(n)``) is told about every step.
     """
     runs = Runs(workload, steps, seed, progress) if runs is None else runs
-    probe_config = _config_with(config, adaptive=False, sigma=config.hyperparams["sigma"], vgs_on=False, seed=seed)
-    norm = probe_grad_norm(probe_config, runs.workload, min(PROBE_STEPS, runs.steps), runs.seed)
+    norm = probe_grad_norm(config, runs.workload, min(PROBE_STEPS, runs.steps), runs.seed)
     sigma = config.hyperparams["sigma"]
     if config.hyperparams["adaptive_noise"]:
         sigma_rel, sigma_abs = sigma, sigma * norm
@@ -371,70 +334,3 @@ def quick_settings(config: Config, seed: int) -> tuple[int, Workload, Config]:
     """``(steps, workload, config)`` of ``--quick``: :data:`QUICK`'s steps, drift and VGS warmup."""
     quick = configure(config, seed=seed, vgs={"warmup_steps": QUICK["warmup_steps"]})
     return QUICK["steps"], Workload(drift_every=QUICK["drift_every"]), quick
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 10:
-        raise argparse.ArgumentTypeError(f"must be >= 10, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
-    return value
-
-
-def _run(args) -> int:
-    from .claims import cases, report, run_claims, summary_json
-    from .demo_plot import plot
-
-    try:
-        config = load_config(args.config) if args.config else load_config(DEMO_CONFIG, source="demo defaults")
-    except ConfigError as exc:
-        print(f"upgd-ref demo: {exc}", file=sys.stderr)
-        return 2
-    steps, workload, config = quick_settings(config, args.seed) if args.quick else (args.steps, Workload(), config)
-    warmup = (config.vgs or {}).get("warmup_steps", 0)
-    if steps <= warmup:
-        print(f"upgd-ref demo: --steps must be more than the VGS warmup ({warmup} steps), got {steps}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
-    progress = ProgressBar((len(RUNS) + len(cases(config, args.seed))) * steps, enabled=not args.quiet)
-    started = time.perf_counter()
-    runs = Runs(workload, steps, args.seed, progress)
-    result = run_demo(config, steps=steps, seed=args.seed, runs=runs)
-    claims = run_claims(config, runs)
-    progress.close()
-    elapsed = time.perf_counter() - started
-    print(f"upgd-ref demo: {steps} steps x {len(runs)} runs, seed {args.seed}, {elapsed:.1f}s "
-          f"(config: {config.source}{', --quick' if args.quick else ''})\n")
-    print(report(result, claims))
-    png, summary_path = os.path.join(args.out, "demo.png"), os.path.join(args.out, "demo.json")
-    plot(result, claims, png, workload, title=f"upgd-ref demo: an 8-32-1 tanh network learning a target function "
-         f"redrawn every {workload.drift_every} steps; {steps} steps, seed {args.seed}")
-    with open(summary_path, "w", encoding="utf-8") as fh:
-        json.dump(summary_json(result, claims) | {"steps": steps, "seed": args.seed, "quick": args.quick,
-                                                 "config": config.raw}, fh, indent=1)
-    print(f"\nwrote {png} and {summary_path}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``upgd-ref demo``."""
-    parser = subparsers.add_parser(
-        "demo", help="train a toy continual-learning net with fixed/adaptive noise x VGS off/on",
-        description=__doc__.split("\n\n")[0].replace("``", ""),
-    )
-    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
-                        help=f"steps per run (default {DEFAULT_STEPS}; the warmup is 100 of them)")
-    parser.add_argument("--seed", type=_seed, default=0, help="data, initial weights and noise seed (overrides the config's seed)")
-    parser.add_argument("--out", default="demo-out", help="directory for demo.png and demo.json")
-    parser.add_argument("--config", help="YAML config (specs/configs/ format) replacing the demo's base")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"CI mode: {QUICK['steps']} steps, warmup {QUICK['warmup_steps']}, target redrawn every "
-                             f"{QUICK['drift_every']} steps (replaces --steps)")
-    parser.set_defaults(run=_run)

@@ -1,4 +1,4 @@
-"""``upgd-ref tune``: the command line of :mod:`upgd_ref.tune` (argparse and printing only)."""
+"""``upgd-ref tune``: the sweep of :mod:`upgd_ref.tune`, its table and picture."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import os
 import sys
 import time
 
-from .demo import ProgressBar
-from .tune import QUICK_GRID, Grid, format_tuning, plot_tuning, recommend, runs_in, sweep
+from ..tune import QUICK_GRID, Grid, format_tuning, plot_tuning, recommend, runs_in, sweep
+from .progress import ProgressBar
 
 
-def _run(args) -> int:
+def run(args) -> int:
     grid = QUICK_GRID if args.quick else Grid()
     os.makedirs(args.out, exist_ok=True)
     progress = ProgressBar(runs_in(grid), enabled=not args.quiet)
@@ -43,4 +43,4 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="tune-out", help="directory for tuning.png and tuning.json (default tune-out)")
     parser.add_argument("--quick", action="store_true", help="a tiny grid in a few seconds (for CI), not for advice")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=_run)
+    parser.set_defaults(run=run)

@@ -1,0 +1,70 @@
+"""``upgd-ref bench``: baselines come from files outside the package; a missing framework is
+reported with its reason instead of its rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from upgd_ref import bench
+from upgd_ref.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE = '''
+from upgd_ref.bench import Case
+NAME = "fake framework"
+def setup(threads):
+    import {module}
+    return {{"fake": "1.0"}}
+def cases(layout, rng, step_hyper, vgs_hyper):
+    return [Case("fake copy", lambda: None)]
+'''
+
+
+def _baseline(tmp_path, module="json"):
+    path = tmp_path / f"fake_{module}.py"
+    path.write_text(FAKE.format(module=module))
+    return path
+
+
+def test_a_checkout_finds_the_production_torch_baseline():
+    assert bench.default_baselines() == [ROOT / "benchmarks" / "production_torch.py"]
+    assert not (ROOT / "upgd_ref" / "bench.py").read_text().count("torch_production_step")
+
+
+def test_bench_times_a_baseline_file(tmp_path, capsys):
+    path, out = _baseline(tmp_path), tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "1k", "--dtypes", "float64", "--repeats", "1", "--quiet",
+                 "--baseline", str(path), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["name"] for r in result["rows"]][-1] == "fake copy"
+    assert result["baselines"][0]["versions"] == {"fake": "1.0"} and result["baselines"][0]["available"]
+    assert "baseline fake framework: measured" in capsys.readouterr().out
+
+
+def test_a_missing_framework_is_reported_not_run(tmp_path, capsys):
+    path = _baseline(tmp_path, "no_such_framework_xyz")
+    assert main(["bench", "--sizes", "1k", "--dtypes", "float64", "--repeats", "1", "--quiet",
+                 "--baseline", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "baseline fake framework: unavailable, no_such_framework_xyz is not installed" in text
+    assert "fake copy" not in text
+
+
+def test_without_baselines_the_table_says_where_they_come_from():
+    result = bench.run_benchmark(sizes=[1000], dtypes=["float64"], repeats=1)
+    assert result["baselines"] == [] and result["config"]["torch"] is None
+    assert "baselines: none (the PyTorch rows come from benchmarks/production_torch.py" in bench.format_report(result)
+
+
+def test_bad_baseline_files(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no such baseline file"):
+        bench.load_baseline(tmp_path / "none.py")
+    incomplete = tmp_path / "incomplete.py"
+    incomplete.write_text("NAME = 'x'\n")
+    with pytest.raises(ValueError, match="lacks setup, cases"):
+        bench.load_baseline(incomplete)
+    assert main(["bench", "--sizes", "1k", "--baseline", str(tmp_path / "none.py")]) == 2
+    assert "no such baseline file" in capsys.readouterr().err
