@@ -311,8 +311,8 @@ def report(result: dict, claims: dict) -> str:
 
     parts = [
         format_table(result["summaries"]), "", *findings(result["summaries"], result["sigma_rel"]), "",
-        f"The seed design's claims, measured (after the VGS warmup; NSR = std_i/||g_i||, median over segments "
-        f"and steps):", "", format_claims(claim_rows(claims)), "",
+        "The seed design's claims, measured (after the VGS warmup; NSR = std_i/||g_i||, median over segments "
+        "and steps):", "", format_claims(claim_rows(claims)), "",
         f"NSR amplification against 1/f, fixed sigma {FIXED_SIGMA}, alpha swept (G at the cap {claims['variance_cap']:g}):",
         "", format_sweep(alpha_sweep(claims)),
     ]

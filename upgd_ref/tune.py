@@ -21,12 +21,12 @@ Nothing here prints.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import build, load_config
+from .demo import init_params  # weights N(0, 1/fan_in), biases 0: the same initialisation
 from .layout import FlatLayout
 
 __all__ = ["Grid", "QUICK_GRID", "DigitsTask", "load_digits_task", "forward_backward", "adam_update", "train_run",
@@ -86,13 +86,6 @@ def load_digits_task(train_size: int | None = None) -> DigitsTask:
     train = slice(0, n_train if train_size is None else min(train_size, n_train))
     val, test = slice(n_train, n_train + n_val), slice(n_train + n_val, None)
     return DigitsTask(x[train], y[train], x[val], y[val], x[test], y[test])
-
-
-def init_params(layout: FlatLayout, seed: int) -> np.ndarray:
-    """Weights ``N(0, 1/fan_in)``, biases 0."""
-    rng = np.random.default_rng([seed, 0])
-    arrays = [rng.standard_normal(s) / math.sqrt(s[-1]) if len(s) == 2 else np.zeros(s) for s in layout.shapes]
-    return layout.pack([a.astype(np.float32) for a in arrays])
 
 
 def _logits(layout: FlatLayout, params: np.ndarray, x: np.ndarray):
@@ -271,6 +264,11 @@ def format_tuning(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _spread(rows: list[dict], mean: np.ndarray) -> list:
+    """Error bars from the mean down to the worst seed and up to the best."""
+    return [mean - [r["test_acc_min"] for r in rows], [r["test_acc_max"] for r in rows] - mean]
+
+
 def plot_tuning(rows: list[dict], path, title: str = "") -> None:
     """Three panels: test accuracy against learning rate, sigma and VGS alpha."""
     import matplotlib
@@ -287,8 +285,7 @@ def plot_tuning(rows: list[dict], path, title: str = "") -> None:
                          (vgs is None or (r["alpha"] is None) == (vgs == "off"))), key=lambda r: r["lr"])
         x = [r["lr"] for r in chosen]
         y = np.array([r["test_acc"] for r in chosen])
-        err = [y - [r["test_acc_min"] for r in chosen], [r["test_acc_max"] for r in chosen] - y]
-        axes[0].errorbar(x, y, yerr=err, color=color, marker=marker, ls=line, capsize=3, label=label)
+        axes[0].errorbar(x, y, yerr=_spread(chosen, y), color=color, marker=marker, ls=line, capsize=3, label=label)
     axes[0].set(xscale="log", xlabel="learning rate", ylabel="test accuracy (fraction correct)",
                 title="(a) learning rate (sigma 0.01)")
     best = recommend(rows)
@@ -301,8 +298,7 @@ def plot_tuning(rows: list[dict], path, title: str = "") -> None:
         # alpha: evenly spaced categories ("off" first); sigma: a log axis
         x = np.arange(len(chosen)) if name == "alpha" else np.array([r[key] for r in chosen])
         y = np.array([r["test_acc"] for r in chosen])
-        err = [y - [r["test_acc_min"] for r in chosen], [r["test_acc_max"] for r in chosen] - y]
-        ax.errorbar(x, y, yerr=err, color="tab:orange", marker="^", capsize=3,
+        ax.errorbar(x, y, yerr=_spread(chosen, y), color="tab:orange", marker="^", capsize=3,
                     label=f"AdaptiveUPGD, lr {chosen[0]['lr']:g}")
         ax.axhline(best["adam"]["test_acc"], color="k", ls=":", label=f"Adam at its best lr ({best['adam']['lr']:g})")
         ax.set(xlabel=text, ylabel="test accuracy (fraction correct)")
