@@ -10,7 +10,8 @@ Three sweeps, each over ``seeds`` (data order, initial weights and noise), each 
 
 1. learning rate, for Adam (:func:`adam_update`, ``beta1 = 0.9, beta2 = 0.999, eps = 1e-8``,
    no weight decay) and AdaptiveUPGD (recommended template: adaptive instant noise,
-   ``sigma = 0.01``) with VGS off and on (``alpha = 0.1``, warmup 100);
+   ``sigma = 0.01``) with VGS off, on (``alpha = 0.1``, warmup 100) and on with warmup 0
+   (VGS scaling from the first step, so Adam's second moment never sees unscaled gradients);
 2. sigma, for AdaptiveUPGD with VGS on at its best learning rate;
 3. VGS alpha at the best learning rate and sigma.
 
@@ -29,9 +30,12 @@ from .config import build, load_config
 from .demo import init_params  # weights N(0, 1/fan_in), biases 0: the same initialisation
 from .layout import FlatLayout
 
-__all__ = ["Grid", "QUICK_GRID", "DigitsTask", "load_digits_task", "forward_backward", "adam_update", "train_run",
+__all__ = ["Grid", "QUICK_GRID", "LR_SERIES", "DigitsTask", "load_digits_task", "forward_backward", "adam_update", "train_run",
            "sweep", "recommend", "format_tuning", "plot_tuning"]
 
+#: The learning-rate sweep's series: key in :func:`recommend` -> the rows' ``series``.
+LR_SERIES = {"adam": "Adam", "upgd_vgs_off": "VGS off", "upgd_vgs_on": "VGS on",
+             "upgd_vgs_on_no_warmup": "VGS on, warmup 0"}
 HIDDEN = 64
 BATCH = 32
 VGS_WARMUP = 100
@@ -163,7 +167,8 @@ def train_run(task: DigitsTask, optimizer: str, lr: float, seed: int, epochs: in
                     factors.append(built.scaler.scaling_factor())
     final_loss = float(np.mean(losses))
     return {"optimizer": optimizer, "lr": lr, "sigma": sigma if optimizer == "upgd" else None,
-            "alpha": alpha, "seed": seed, "steps": t, "train_loss": final_loss,
+            "alpha": alpha, "vgs_warmup": None if alpha is None else vgs_warmup, "seed": seed, "steps": t,
+            "train_loss": final_loss,
             "val_acc": accuracy(layout, params, task.x_val, task.y_val) if np.isfinite(final_loss) else 0.0,
             "test_acc": accuracy(layout, params, task.x_test, task.y_test) if np.isfinite(final_loss) else 0.0,
             "vgs_factor": float(np.mean(factors)) if factors else 1.0}
@@ -173,7 +178,8 @@ def _mean_over_seeds(rows: list[dict]) -> list[dict]:
     """Rows with equal settings merged: accuracies and loss averaged over seeds."""
     groups: dict = {}
     for row in rows:
-        groups.setdefault((row["sweep"], row["optimizer"], row["lr"], row["sigma"], row["alpha"]), []).append(row)
+        key = (row["sweep"], row["series"], row["optimizer"], row["lr"], row["sigma"], row["alpha"], row["vgs_warmup"])
+        groups.setdefault(key, []).append(row)
     out = []
     for members in groups.values():
         merged = dict(members[0])
@@ -197,45 +203,44 @@ def sweep(grid: Grid = Grid(), task: DigitsTask | None = None, progress=None) ->
     task = load_digits_task(grid.sizes.get("train")) if task is None else task
     rows: list[dict] = []
 
-    def run(name, optimizer, lr, **kw):
+    def run(name, series, optimizer, lr, **kw):
         for seed in grid.seeds:
             if progress is not None:
-                progress.set_label(f"{name}: {optimizer} lr {lr:g}")
-            rows.append(dict(train_run(task, optimizer, lr, seed, grid.epochs, vgs_warmup=grid.vgs_warmup, **kw),
-                             sweep=name))
+                progress.set_label(f"{name}: {series} lr {lr:g}")
+            settings = {"vgs_warmup": grid.vgs_warmup} | kw
+            rows.append(dict(train_run(task, optimizer, lr, seed, grid.epochs, **settings), sweep=name, series=series))
             if progress is not None:
                 progress.advance()
 
+    on = {"sigma": grid.default_sigma, "alpha": grid.default_alpha}
     for lr in grid.lrs:
-        run("lr", "adam", lr)
-        run("lr", "upgd", lr, sigma=grid.default_sigma, alpha=None)
-        run("lr", "upgd", lr, sigma=grid.default_sigma, alpha=grid.default_alpha)
-    lr_upgd = _best(_mean_over_seeds(rows), optimizer="upgd", alpha=grid.default_alpha)["lr"]
+        run("lr", "Adam", "adam", lr)
+        run("lr", "VGS off", "upgd", lr, sigma=grid.default_sigma, alpha=None)
+        run("lr", "VGS on", "upgd", lr, **on)
+        run("lr", "VGS on, warmup 0", "upgd", lr, **on, vgs_warmup=0)
+    lr_upgd = _best(_mean_over_seeds(rows), series="VGS on")["lr"]
     for sigma in grid.sigmas:
-        run("sigma", "upgd", lr_upgd, sigma=sigma, alpha=grid.default_alpha)
+        run("sigma", "VGS on", "upgd", lr_upgd, sigma=sigma, alpha=grid.default_alpha)
     sigma_best = _best(_mean_over_seeds([r for r in rows if r["sweep"] == "sigma"]), optimizer="upgd")["sigma"]
     for alpha in grid.alphas:
-        run("alpha", "upgd", lr_upgd, sigma=sigma_best, alpha=alpha)
+        run("alpha", "VGS on" if alpha is not None else "VGS off", "upgd", lr_upgd, sigma=sigma_best, alpha=alpha)
     return _mean_over_seeds(rows)
 
 
 def runs_in(grid: Grid) -> int:
     """How many training runs :func:`sweep` makes (for a progress bar)."""
-    return len(grid.seeds) * (3 * len(grid.lrs) + len(grid.sigmas) + len(grid.alphas))
+    return len(grid.seeds) * (len(LR_SERIES) * len(grid.lrs) + len(grid.sigmas) + len(grid.alphas))
 
 
 def recommend(rows: list[dict]) -> dict:
     """Best settings by validation accuracy, with their test accuracy, and the ratio of
     AdaptiveUPGD's best learning rate to Adam's."""
-    lr_rows = [r for r in rows if r["sweep"] == "lr"]
-    adam = _best(lr_rows, optimizer="adam")
-    vgs_on = [r for r in lr_rows if r["optimizer"] == "upgd" and r["alpha"] is not None]
-    upgd_off = _best(lr_rows, optimizer="upgd", alpha=None)
-    upgd_on = max(vgs_on, key=lambda r: (r["val_acc"], -r["lr"]))
-    sigma = max((r for r in rows if r["sweep"] == "sigma"), key=lambda r: (r["val_acc"], -r["sigma"]))
-    alpha = max((r for r in rows if r["sweep"] == "alpha"), key=lambda r: r["val_acc"])
-    return {"adam": adam, "upgd_vgs_off": upgd_off, "upgd_vgs_on": upgd_on, "sigma": sigma, "alpha": alpha,
-            "lr_ratio_vgs_off": upgd_off["lr"] / adam["lr"], "lr_ratio_vgs_on": upgd_on["lr"] / adam["lr"]}
+    best = {key: _best(rows, sweep="lr", series=series) for key, series in LR_SERIES.items()}
+    best["sigma"] = max((r for r in rows if r["sweep"] == "sigma"), key=lambda r: (r["val_acc"], -r["sigma"]))
+    best["alpha"] = max((r for r in rows if r["sweep"] == "alpha"), key=lambda r: r["val_acc"])
+    for key in ("upgd_vgs_off", "upgd_vgs_on", "upgd_vgs_on_no_warmup"):
+        best[f"lr_ratio_{key[5:]}"] = best[key]["lr"] / best["adam"]["lr"]
+    return best
 
 
 def _alpha_text(alpha) -> str:
@@ -244,12 +249,13 @@ def _alpha_text(alpha) -> str:
 
 def format_tuning(rows: list[dict]) -> str:
     """Every measured setting (mean over seeds) and the recommendation, as text."""
-    header = (f"{'sweep':<6} {'optimizer':<9} {'lr':>7} {'sigma':>6} {'VGS alpha':>9} {'mean f':>7} "
+    header = (f"{'sweep':<6} {'optimizer':<9} {'lr':>7} {'sigma':>6} {'VGS alpha':>9} {'warmup':>6} {'mean f':>7} "
               f"{'val acc':>8} {'test acc':>8} {'(min-max)':>13} {'train loss':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
         sigma = "-" if r["sigma"] is None else f"{r['sigma']:g}"
-        lines.append(f"{r['sweep']:<6} {r['optimizer']:<9} {r['lr']:>7g} {sigma:>6} {_alpha_text(r['alpha']):>9} "
+        warmup = "-" if r["vgs_warmup"] is None else str(r["vgs_warmup"])
+        lines.append(f"{r['sweep']:<6} {r['optimizer']:<9} {r['lr']:>7g} {sigma:>6} {_alpha_text(r['alpha']):>9} {warmup:>6} "
                      f"{r['vgs_factor']:>7.3f} {r['val_acc']:>8.3f} {r['test_acc']:>8.3f} "
                      f"{r['test_acc_min']:>6.3f}-{r['test_acc_max']:.3f} {r['train_loss']:>10.4f}")
     best = recommend(rows)
@@ -259,6 +265,8 @@ def format_tuning(rows: list[dict]) -> str:
               f"({best['upgd_vgs_off']['test_acc']:.3f})",
               f"  AdaptiveUPGD, VGS on:    lr {best['upgd_vgs_on']['lr']:g} = {best['lr_ratio_vgs_on']:.3g} x Adam's "
               f"({best['upgd_vgs_on']['test_acc']:.3f})",
+              f"  ... VGS on, warmup 0:    lr {best['upgd_vgs_on_no_warmup']['lr']:g} = "
+              f"{best['lr_ratio_vgs_on_no_warmup']:.3g} x Adam's ({best['upgd_vgs_on_no_warmup']['test_acc']:.3f})",
               f"  sigma (adaptive, VGS on): {best['sigma']['sigma']:g} ({best['sigma']['test_acc']:.3f})",
               f"  VGS alpha:               {_alpha_text(best['alpha']['alpha'])} ({best['alpha']['test_acc']:.3f})"]
     return "\n".join(lines)
@@ -277,20 +285,19 @@ def plot_tuning(rows: list[dict], path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
-    series = (("adam", None, "Adam", "k", "s", "-"), ("upgd", "off", "AdaptiveUPGD, VGS off", "tab:blue", "o", "--"),
-              ("upgd", "on", "AdaptiveUPGD, VGS on (alpha 0.1)", "tab:orange", "^", "-."))
-    lr_rows = [r for r in rows if r["sweep"] == "lr"]
-    for optimizer, vgs, label, color, marker, line in series:
-        chosen = sorted((r for r in lr_rows if r["optimizer"] == optimizer and
-                         (vgs is None or (r["alpha"] is None) == (vgs == "off"))), key=lambda r: r["lr"])
+    series = {"adam": ("Adam", "k", "s", "-"), "upgd_vgs_off": ("AdaptiveUPGD, VGS off", "tab:blue", "o", "--"),
+              "upgd_vgs_on": ("AdaptiveUPGD, VGS on (alpha 0.1, warmup 100)", "tab:orange", "^", "-."),
+              "upgd_vgs_on_no_warmup": ("AdaptiveUPGD, VGS on, warmup 0", "tab:green", "v", ":")}
+    for key, (label, color, marker, line) in series.items():
+        chosen = sorted((r for r in rows if r["sweep"] == "lr" and r["series"] == LR_SERIES[key]), key=lambda r: r["lr"])
         x = [r["lr"] for r in chosen]
         y = np.array([r["test_acc"] for r in chosen])
         axes[0].errorbar(x, y, yerr=_spread(chosen, y), color=color, marker=marker, ls=line, capsize=3, label=label)
     axes[0].set(xscale="log", xlabel="learning rate", ylabel="test accuracy (fraction correct)",
                 title="(a) learning rate (sigma 0.01)")
     best = recommend(rows)
-    for key, marker in (("adam", "k"), ("upgd_vgs_off", "tab:blue"), ("upgd_vgs_on", "tab:orange")):
-        axes[0].plot(best[key]["lr"], best[key]["test_acc"], "*", color=marker, ms=16, mec="k", zorder=5,
+    for key, (_, color, _, _) in series.items():
+        axes[0].plot(best[key]["lr"], best[key]["test_acc"], "*", color=color, ms=16, mec="k", zorder=5,
                      label="best validation accuracy" if key == "adam" else None)
     for ax, name, key, text in ((axes[1], "sigma", "sigma", "sigma (relative: noise std / ||g_i||)"),
                                 (axes[2], "alpha", "alpha", "VGS alpha (mean VGS factor f after warmup below)")):

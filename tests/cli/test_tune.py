@@ -51,7 +51,9 @@ def test_tiny_sweep_is_sane_and_reproducible(task):
     rows = tune.sweep(grid, task)
     again = tune.sweep(grid, task)
     assert rows == again  # every run is a function of its seed
-    assert len(rows) == 3 * len(grid.lrs) + len(grid.sigmas) + len(grid.alphas)
+    assert len(rows) == len(tune.LR_SERIES) * len(grid.lrs) + len(grid.sigmas) + len(grid.alphas)
+    assert tune.runs_in(grid) == len(rows) * len(grid.seeds)
+    assert {r["vgs_warmup"] for r in rows if r["series"] == "VGS on, warmup 0"} == {0}
     for row in rows:
         assert 0.0 <= row["test_acc"] <= 1.0 and np.isfinite(row["train_loss"])
     adam = [r for r in rows if r["optimizer"] == "adam"]
@@ -59,6 +61,7 @@ def test_tiny_sweep_is_sane_and_reproducible(task):
     best = tune.recommend(rows)
     assert best["adam"]["val_acc"] == max(r["val_acc"] for r in adam)
     assert best["lr_ratio_vgs_on"] == best["upgd_vgs_on"]["lr"] / best["adam"]["lr"]
+    assert best["upgd_vgs_on_no_warmup"]["series"] == "VGS on, warmup 0"
     vgs_rows = [r for r in rows if r["alpha"] == 0.1]
     assert vgs_rows and all(r["vgs_factor"] < 1.0 for r in vgs_rows)  # VGS engaged after the short warmup
     assert all(r["vgs_factor"] == 1.0 for r in rows if r["alpha"] is None)
