@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from upgd_ref import golden
@@ -26,5 +28,5 @@ def test_verify_refuses_a_backend_that_cannot_run(capsys):
 
 def test_the_shipped_set_is_package_data():
     assert golden.DEFAULT_DIR.parent.name == "golden" and golden.DEFAULT_DIR.name == "data"
-    assert golden.DEFAULT_DIR.parent == __import__("pathlib").Path(golden.__file__).parent
+    assert golden.DEFAULT_DIR.parent == Path(golden.__file__).parent
     assert golden.check_manifest() == []

@@ -1,5 +1,5 @@
 """``upgd-ref noise``: the standard normals of ``(seed, step)`` at a range of logical indices,
-exactly (hex) and in decimal, for checking a port's generator (``specs/rng.md``)."""
+exactly (hex) and in decimal, for checking a port's generator (``specs/noise.md``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def run(args) -> int:
         print(json.dumps(table, indent=1))
         return 0
     print(f"# standard normals of seed {args.seed}, step {args.step}, {args.dtype} "
-          f"(specs/rng.md); hex is exact, value is the decimal with 17 significant digits")
+          f"(specs/noise.md); hex is exact, value is the decimal with 17 significant digits")
     print("index\thex\tvalue")
     for index, exact, value in zip(table["index"], table["hex"], table["value"]):
         print(f"{index}\t{exact}\t{value:.17g}")
@@ -35,7 +35,7 @@ def run(args) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "noise", help="print the standard normals of (seed, step, index range)",
-        description="Print the library's counter-based standard normals (Philox4x32-10, specs/rng.md) "
+        description="Print the library's counter-based standard normals (Philox4x32-10, specs/noise.md) "
                     "of one (seed, step) at logical indices start .. start+count-1.")
     parser.add_argument("--seed", type=unsigned64, default=0, help="generator seed, in [0, 2**64) (default 0)")
     parser.add_argument("--step", type=unsigned64, default=1, help="optimizer step, in [0, 2**64) (default 1)")
