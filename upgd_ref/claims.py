@@ -187,7 +187,7 @@ def claim_rows(claims: dict) -> list[Row]:
         f"({run1['nsr'] / off['nsr']:.2f}x)",
         f"The design's own arithmetic gives {_pct(ex1['nsr_off'])}/{ex1['factor']} = "
         f"{_pct(ex1['nsr_off'] / ex1['factor'])} ({1 / ex1['factor']:.2f}x), not {_pct(ex1['nsr_on'])}: with fixed "
-        f"noise NSR = std/(f |g|), so VGS multiplies it by 1/f. This workload's typical segment norm is "
+        f"noise NSR = std/(f |g|), so VGS multiplies it by 1/f. This workload's typical segment norm after the warmup is "
         f"{run1['grad_norm']:.3f}, not 0.20, so the VGS-off NSR (a median of std/|g_i| over segments and steps) "
         f"is {_pct(off['nsr'])}, not {_pct(ex1['nsr_off'])}; "
         + (f"f = 0.62 needs alpha = {alpha1:.4f} here because G sits at the cap {cap:g}. " if at_cap else "")
@@ -258,8 +258,9 @@ def claim_rows(claims: dict) -> list[Row]:
     ))
     for init in (1.0, 0.0):
         run = m[f"adaptive EMA, init {init:g}"]
-        flaw = ("The average starts at 1.0 and is divided by 1 - noise_beta^t (known flaw 1): the first step "
-                "scales the noise about 1000x. The" if init == 1.0 else "Unbiased from the first step, but the")
+        flaw = ("The average starts at 1.0 and is divided by 1 - noise_beta^t (known flaw 1): the first step's "
+                "norm is (0.999 + 0.001 |g|)/0.001, about 1000 instead of |g|. The" if init == 1.0
+                else "Unbiased from the first step, but the")
         rows.append(Row(
             f"EMA norm (instant_noise_scale false, noise_ema_init {init:g})",
             "NSR = sigma x EMA(|g|)/|g|, close to sigma",
