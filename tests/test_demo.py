@@ -134,6 +134,10 @@ def test_cli_with_an_adaptive_template_and_bad_inputs(tmp_path, capsys):
         cli.main(["demo", "--steps", "3"])
     assert cli.main(["demo", "--steps", "100", "--out", str(out), "--quiet"]) == 2  # not past the warmup
     assert "--steps must be more than the VGS warmup" in capsys.readouterr().err
+    no_vgs = tmp_path / "no_vgs.yaml"  # no scaler in the base: the claims' VGS runs take the default warmup
+    no_vgs.write_text("optimizer_kwargs:\n  lr: 0.003\nvgs: null\n")
+    assert cli.main(["demo", "--steps", "50", "--out", str(out), "--quiet", "--config", str(no_vgs)]) == 2
+    assert "VGS warmup (100 steps), got 50" in capsys.readouterr().err
 
 
 def test_progress_bar_reports_without_a_terminal():

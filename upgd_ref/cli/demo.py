@@ -36,12 +36,13 @@ def run(args) -> int:
         steps, workload, config = demo.quick_settings(config, args.seed)
     else:
         steps, workload = args.steps, demo.Workload()
-    warmup = (config.vgs or {}).get("warmup_steps", 0)
+    claim_configs = cases(config, args.seed)
+    warmup = max((c.vgs or {}).get("warmup_steps", 0) for c in claim_configs.values())  # claims are measured after it
     if steps <= warmup:
         print(f"upgd-ref demo: --steps must be more than the VGS warmup ({warmup} steps), got {steps}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    progress = ProgressBar((len(demo.RUNS) + len(cases(config, args.seed))) * steps, enabled=not args.quiet)
+    progress = ProgressBar((len(demo.RUNS) + len(claim_configs)) * steps, enabled=not args.quiet)
     started = time.perf_counter()
     runs = demo.Runs(workload, steps, args.seed, progress)
     result = demo.run_demo(config, steps=steps, seed=args.seed, runs=runs)
