@@ -168,7 +168,10 @@ def _config_with(base: Config, *, adaptive: bool, sigma: float, vgs_on: bool | N
 
 
 def train(config: Config, workload: Workload, steps: int, seed: int, progress=None) -> StepLog:
-    """Train the student for ``steps`` steps under ``config``; one record (with ``loss``) per step."""
+    """Train the student for ``steps`` steps under ``config``; one record per step, with the
+    metrics ``loss`` and ``backprop_grad_norm`` (each segment's ``||g_i||`` from the
+    backpropagated gradient before VGS, in float64 NumPy: a check on the optimizer's own
+    ``grad_norm``, which is measured after VGS scaling)."""
     layout = workload.layout()
     built = build(config, layout)
     stream = DriftingTeacherStream(workload, seed)
@@ -177,7 +180,8 @@ def train(config: Config, workload: Workload, steps: int, seed: int, progress=No
     for step in range(1, steps + 1):
         x, y = stream.batch(step)
         loss, grads = forward_backward(layout, params, x, y)
-        log.append(record_step(built.optimizer, params, grads, built.scaler, loss=loss))
+        norms = np.array([np.sqrt(np.sum(np.square(g, dtype=np.float64))) for g in layout.unpack(grads)])
+        log.append(record_step(built.optimizer, params, grads, built.scaler, loss=loss, backprop_grad_norm=norms))
         if progress is not None:
             progress.advance()
     return log
