@@ -103,7 +103,8 @@ def _sweep(ax, claims: dict, cap: float) -> None:
     ax.plot(inv, amp, "o-", color="tab:blue", label="measured (NSR over the VGS-off run's)")
     for r in rows:  # the small alphas sit close together and next to the design's points: label them on the left
         left = 0 < r["alpha"] < 0.012
-        ax.annotate(f"alpha {r['alpha']:.3g}", (r["inverse_factor"], r["amplification"]),
+        text = f"alpha {r['alpha']:.3g}" if r["alpha"] else "VGS off"
+        ax.annotate(text, (r["inverse_factor"], r["amplification"]),
                     xytext=(-6, 2) if left else (5, -10), ha="right" if left else "left",
                     textcoords="offset points", fontsize=7)
     lo, hi = DESIGN["range"]
