@@ -1,17 +1,18 @@
 r"""``upgd-ref demo``: fixed vs adaptive noise, with and without VGS, measured.
 
 The workload (``specs/demo.md``) is a continual-regression stream: inputs
-``x ~ N(0, I_8)``, targets from a random two-layer tanh *teacher* that is redrawn every
-``drift_every`` steps, and a two-layer tanh *student* (8 -> 32 -> 1, four segments) trained
-on mini-batches with hand-written backpropagation and the core API only
-(:class:`AdaptiveUPGD`, :class:`VarianceGradientScaler`, :func:`record_step`).
+``x ~ N(0, I_8)``, targets from a random two-layer tanh *target function* (a "teacher"
+network) that is redrawn every ``drift_every`` steps, and a two-layer tanh *student*
+(8 -> 32 -> 1, four segments) trained on mini-batches with hand-written backpropagation and
+the core API only (:class:`AdaptiveUPGD`, :class:`VarianceGradientScaler`, :func:`record_step`).
 
 The same stream, initial weights and noise seed are used for four runs,
 {fixed sigma, adaptive sigma} x {VGS off, VGS on}. The two noise modes are calibrated to
-the same noise level at the start: the absolute sigma of the fixed runs and the relative
-sigma of the adaptive runs satisfy ``sigma_abs = sigma_rel * N``, with ``N`` the typical
+the same noise level at the start: ``sigma_abs = sigma_rel * N``, with ``N`` the typical
 per-segment gradient norm of a short probe run (:func:`probe_grad_norm`, the same
-measurement ``upgd-ref migrate-config --probe demo`` makes).
+measurement ``upgd-ref migrate-config --probe demo`` makes). :class:`Runs` trains each
+distinct configuration once, so :mod:`upgd_ref.claims` (the seed design's claims,
+measured) reuses these runs; :mod:`upgd_ref.demo_plot` draws the picture.
 
 Per run the table reports the mean (post-VGS) gradient norm, the mean VGS factor ``f``, the
 mean noise std, the NSR (``std_i / ||g_i||``, median over segments) averaged over the first,
@@ -22,6 +23,7 @@ final loss (mean of the last tenth).
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 
@@ -45,16 +47,24 @@ __all__ = [
     "summarize",
     "format_table",
     "findings",
-    "plot",
+    "quick_settings",
+    "Runs",
+    "configure",
+    "DEFAULT_STEPS",
+    "QUICK",
 ]
 
 # The demo's own base configuration: production hyper-parameters except a learning rate
-# that lets a toy network learn in a few thousand steps, and a VGS warmup of 100 steps.
+# that lets a toy network learn in a thousand steps, a VGS warmup of 100 steps and the
+# absolute sigma of the seed design's worked examples (0.005).
 DEMO_CONFIG = {
     "optimizer": "AdaptiveUPGD",
-    "optimizer_kwargs": {"lr": 3.0e-3, "sigma": 0.001, "adaptive_noise": False},
+    "optimizer_kwargs": {"lr": 3.0e-3, "sigma": 0.005, "adaptive_noise": False},
     "vgs": {"enabled": True, "warmup_steps": 100},
 }
+DEFAULT_STEPS = 600
+# --quick (CI): fewer steps, a shorter warmup and faster drifts, same runs and tables.
+QUICK = {"steps": 100, "warmup_steps": 20, "drift_every": 40}
 
 # (label, adaptive_noise, VGS enabled), in table order.
 RUNS = (
@@ -65,7 +75,6 @@ RUNS = (
 )
 WINDOW_FRACTION = 0.1  # start / middle / end windows and the final-loss window
 PROBE_STEPS = 200
-LOSS_SMOOTHING = 25  # steps in the plotted running mean of the loss
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ class Workload:
     hidden: int = 32
     teacher_hidden: int = 16
     batch: int = 16
-    drift_every: int = 400
+    drift_every: int = 150
 
     def shapes(self) -> list[tuple[int, ...]]:
         """Student segments: W1 (hidden, inputs), b1 (hidden,), W2 (1, hidden), b2 (1,)."""
@@ -87,7 +96,8 @@ class Workload:
 
 
 class DriftingTeacherStream:
-    """Mini-batches ``(x, y)``: ``y = tanh(x A^T) c`` with teacher ``(A, c)`` redrawn per regime.
+    """Mini-batches ``(x, y)``: ``y = tanh(x A^T) c``, a random *target function* (the "teacher"
+    network ``(A, c)`` the student imitates) redrawn every ``drift_every`` steps.
 
     Every batch is a pure function of ``(seed, step)``, so all runs see the same stream.
     """
@@ -140,19 +150,28 @@ def forward_backward(layout: FlatLayout, params: np.ndarray, x: np.ndarray, y: n
     return loss, grads
 
 
-def _config_with(base: Config, *, adaptive: bool, sigma: float, vgs_on: bool | None, seed: int) -> Config:
-    """``base`` with the noise mode, sigma, seed and VGS switch of one run replaced."""
+def configure(base: Config, *, seed: int, vgs: dict | None = None, **optimizer_kwargs) -> Config:
+    """``base`` with some optimizer keyword arguments, the seed and VGS keys replaced."""
     raw = copy.deepcopy(base.raw)
-    kwargs = raw.setdefault("optimizer_kwargs", {}) or {}
-    kwargs.update(adaptive_noise=adaptive, sigma=float(sigma), seed=int(seed))
+    kwargs = raw.get("optimizer_kwargs") or {}
+    kwargs.update(optimizer_kwargs, seed=int(seed))
     raw["optimizer_kwargs"] = kwargs
-    if vgs_on is not None:
-        raw["vgs"] = dict(raw.get("vgs") or {}, enabled=bool(vgs_on))
+    if vgs is not None:
+        raw["vgs"] = dict(raw.get("vgs") or {}, **vgs)
     return load_config(raw, source=base.source)
 
 
+def _config_with(base: Config, *, adaptive: bool, sigma: float, vgs_on: bool | None, seed: int) -> Config:
+    """``base`` with the noise mode, sigma, seed and VGS switch of one run replaced."""
+    return configure(base, seed=seed, vgs=None if vgs_on is None else {"enabled": bool(vgs_on)},
+                     adaptive_noise=adaptive, sigma=float(sigma))
+
+
 def train(config: Config, workload: Workload, steps: int, seed: int, progress=None) -> StepLog:
-    """Train the student for ``steps`` steps under ``config``; one record (with ``loss``) per step."""
+    """Train the student for ``steps`` steps under ``config``; one record per step, with the
+    metrics ``loss`` and ``backprop_grad_norm`` (each segment's ``||g_i||`` from the
+    backpropagated gradient before VGS, in float64 NumPy: a check on the optimizer's own
+    ``grad_norm``, which is measured after VGS scaling)."""
     layout = workload.layout()
     built = build(config, layout)
     stream = DriftingTeacherStream(workload, seed)
@@ -161,10 +180,37 @@ def train(config: Config, workload: Workload, steps: int, seed: int, progress=No
     for step in range(1, steps + 1):
         x, y = stream.batch(step)
         loss, grads = forward_backward(layout, params, x, y)
-        log.append(record_step(built.optimizer, params, grads, built.scaler, loss=loss))
+        norms = np.array([np.sqrt(np.sum(np.square(g, dtype=np.float64))) for g in layout.unpack(grads)])
+        log.append(record_step(built.optimizer, params, grads, built.scaler, loss=loss, backprop_grad_norm=norms))
         if progress is not None:
             progress.advance()
     return log
+
+
+class Runs:
+    """Training runs on one stream (workload, steps, seed): each distinct configuration once.
+
+    ``progress`` (a :class:`ProgressBar`) advances by ``steps`` for every run asked for,
+    trained or found already done.
+    """
+
+    def __init__(self, workload: Workload, steps: int, seed: int, progress=None):
+        self.workload, self.steps, self.seed, self.progress = workload, steps, seed, progress
+        self._logs: dict[str, StepLog] = {}
+
+    def __call__(self, config: Config, label: str = "") -> StepLog:
+        key = json.dumps(config.to_dict(), sort_keys=True, default=repr)  # defaults resolved
+        if self.progress is not None:
+            self.progress.set_label(label)
+        if key in self._logs:
+            if self.progress is not None:
+                self.progress.advance(self.steps)
+        else:
+            self._logs[key] = train(config, self.workload, self.steps, self.seed, self.progress)
+        return self._logs[key]
+
+    def __len__(self) -> int:
+        return len(self._logs)
 
 
 def typical_grad_norm(log: StepLog, noise_norm: str = "segment") -> float:
@@ -211,6 +257,7 @@ def summarize(log: StepLog) -> dict:
     return {
         "mean_grad_norm": float(np.mean(log.column("global_grad_norm"))),
         "mean_vgs_factor": float(np.mean(log.column("vgs_factor"))),
+        "vgs_factor_end": _window_mean(log.column("vgs_factor"), "end"),
         "mean_noise_std": float(np.mean(log.column("mean_noise_std"))),
         "nsr_start": _window_mean(nsr, "start"),
         "nsr_middle": _window_mean(nsr, "middle"),
@@ -254,7 +301,8 @@ def findings(summaries: dict, sigma_rel: float) -> list[str]:
     rise = on["nsr_end"] / off["nsr_end"]
     lines = [
         f"fixed sigma: VGS on/off NSR ratio at the end = {rise:.2f}x "
-        f"(1 / mean f with VGS on = {1.0 / on['mean_vgs_factor']:.2f}x)",
+        f"(1 / f over the same last tenth = {1.0 / on['vgs_factor_end']:.2f}x; the ratio differs because the two "
+        f"runs' gradients differ)",
         f"adaptive sigma (sigma = {sigma_rel:.4g}): NSR start/mid/end with VGS on = "
         f"{a_on['nsr_start']:.4g} / {a_on['nsr_middle']:.4g} / {a_on['nsr_end']:.4g}, spread "
         f"{a_on['nsr_spread']:.3f} (VGS off: spread {a_off['nsr_spread']:.3f})",
@@ -262,9 +310,15 @@ def findings(summaries: dict, sigma_rel: float) -> list[str]:
     return lines
 
 
-def run_demo(config: Config, *, steps: int, seed: int, workload: Workload = Workload(), progress=None) -> dict:
-    """Probe, calibrate and train the four runs; returns logs, summaries and the sigmas."""
-    norm = probe_grad_norm(config, workload, min(PROBE_STEPS, steps), seed)
+def run_demo(config: Config, *, steps: int, seed: int, workload: Workload = Workload(), progress=None,
+             runs: Runs | None = None) -> dict:
+    """Probe, calibrate and train the four runs; returns logs, summaries and the sigmas.
+
+    ``runs`` (a :class:`Runs` on the same stream) lets other tables reuse these runs;
+    ``progress`` (``set_label(text)``, ``advance(n)``) is told about every step.
+    """
+    runs = Runs(workload, steps, seed, progress) if runs is None else runs
+    norm = probe_grad_norm(config, runs.workload, min(PROBE_STEPS, runs.steps), runs.seed)
     sigma = config.hyperparams["sigma"]
     if config.hyperparams["adaptive_noise"]:
         sigma_rel, sigma_abs = sigma, sigma * norm
@@ -272,56 +326,15 @@ def run_demo(config: Config, *, steps: int, seed: int, workload: Workload = Work
         sigma_abs, sigma_rel = sigma, sigma / norm
     logs, summaries = {}, {}
     for label, adaptive, vgs_on in RUNS:
-        if progress is not None:
-            progress.set_label(label)
         run_config = _config_with(config, adaptive=adaptive, sigma=sigma_rel if adaptive else sigma_abs,
-                                  vgs_on=vgs_on, seed=seed)
-        logs[label] = train(run_config, workload, steps, seed, progress)
+                                  vgs_on=vgs_on, seed=runs.seed)
+        logs[label] = runs(run_config, label)
         summaries[label] = summarize(logs[label])
     return {"logs": logs, "summaries": summaries, "probe_grad_norm": norm,
             "sigma_abs": sigma_abs, "sigma_rel": sigma_rel}
 
 
-def _running_mean(values: np.ndarray, width: int) -> np.ndarray:
-    """Means of every ``width`` consecutive values (``len(values) - width + 1`` of them)."""
-    kernel = np.ones(width) / width
-    return np.convolve(values, kernel, mode="valid")
-
-
-def plot(result: dict, path, workload: Workload = Workload()) -> None:
-    """Loss (running mean), NSR and VGS factor over steps for the four runs, as a PNG."""
-    try:
-        import matplotlib
-    except ImportError as exc:  # the table still prints; only the picture needs matplotlib
-        raise RuntimeError("the demo's plot needs matplotlib: pip install matplotlib") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
-    # Fixed runs wide and pale underneath, adaptive runs thin on top: where the two noise
-    # modes give the same curve (the loss, the VGS factor) both stay visible.
-    styles = {RUNS[0][0]: ("tab:red", "-", 2.4), RUNS[1][0]: ("tab:red", "--", 2.4),
-              RUNS[2][0]: ("tab:blue", "-", 1.0), RUNS[3][0]: ("tab:blue", "--", 1.0)}
-    for label, log in result["logs"].items():
-        color, line, width_pt = styles[label]
-        style = dict(color=color, ls=line, lw=width_pt, alpha=0.55 if width_pt > 1 else 1.0, label=label)
-        steps = log.column("step")
-        width = min(LOSS_SMOOTHING, len(steps))
-        axes[0].plot(steps[width - 1 :], _running_mean(log.column("loss"), width), **style)
-        axes[1].plot(steps[width - 1 :], _running_mean(log.column("nsr"), width), **style)
-        axes[2].plot(steps, log.column("vgs_factor"), **style)
-    n = len(next(iter(result["logs"].values())))
-    for ax in axes:
-        for drift in range(workload.drift_every, n, workload.drift_every):
-            ax.axvline(drift + 0.5, color="0.85", lw=0.8, zorder=0)
-    axes[0].set(yscale="log", ylabel=f"loss\n(running mean of {LOSS_SMOOTHING})",
-                title="four runs, same data, weights and noise seed; teacher redrawn at the grey lines")
-    axes[1].set(yscale="log", ylabel=f"noise-to-signal std / ||g||\n(median segment, mean of {LOSS_SMOOTHING})")
-    axes[1].axhline(result["sigma_rel"], color="0.3", lw=0.8, ls=":")
-    axes[1].annotate(f"sigma_rel = {result['sigma_rel']:.3g}", (0, result["sigma_rel"]), xytext=(4, -12),
-                     textcoords="offset points", fontsize=8, color="0.3")
-    axes[2].set(ylabel="VGS factor f", xlabel="step", ylim=(0, 1.05))
-    axes[2].legend(fontsize=8, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def quick_settings(config: Config, seed: int) -> tuple[int, Workload, Config]:
+    """``(steps, workload, config)`` of ``--quick``: :data:`QUICK`'s steps, drift and VGS warmup."""
+    quick = configure(config, seed=seed, vgs={"warmup_steps": QUICK["warmup_steps"]})
+    return QUICK["steps"], Workload(drift_every=QUICK["drift_every"]), quick

@@ -101,16 +101,21 @@ def test_table_has_a_row_per_run_with_the_summaries(result):
     assert any("VGS on/off NSR ratio" in f for f in findings)
 
 
-def test_cli_writes_png_and_json(tmp_path, capsys):
+def test_cli_quick_writes_png_and_json_with_the_claims(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["demo", "--steps", "40", "--seed", "2", "--out", str(out), "--quiet"]) == 0
-    printed = capsys.readouterr().out
+    assert cli.main(["demo", "--quick", "--seed", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     for label, _, _ in demo.RUNS:
         assert label in printed
+    assert "design says:" in printed and "NSR / NSR(VGS off)" in printed
+    assert "100%" in captured.err  # progress on stderr, not in the report
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["summaries"]) == {label for label, _, _ in demo.RUNS}
-    assert summary["steps"] == 40 and summary["seed"] == 2
+    assert summary["steps"] == demo.QUICK["steps"] and summary["seed"] == 2 and summary["quick"]
+    assert summary["claims"][0]["claim"].startswith("worked example 1")
+    assert [row["alpha"] for row in summary["alpha_sweep"]][0] == 0.0
 
 
 def test_cli_with_an_adaptive_template_and_bad_inputs(tmp_path, capsys):
@@ -118,7 +123,7 @@ def test_cli_with_an_adaptive_template_and_bad_inputs(tmp_path, capsys):
 
     template = Path(__file__).resolve().parents[2] / "specs" / "configs" / "recommended.yaml"
     out = tmp_path / "out"
-    assert cli.main(["demo", "--steps", "20", "--out", str(out), "--quiet", "--config", str(template)]) == 0
+    assert cli.main(["demo", "--quick", "--out", str(out), "--quiet", "--config", str(template)]) == 0
     summary = json.loads((out / "demo.json").read_text())
     assert summary["sigma_rel"] == load_config(template).hyperparams["sigma"]
     bad = tmp_path / "bad.yaml"
@@ -127,6 +132,12 @@ def test_cli_with_an_adaptive_template_and_bad_inputs(tmp_path, capsys):
     assert "optimizer_kwargs.lr" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--steps", "3"])
+    assert cli.main(["demo", "--steps", "100", "--out", str(out), "--quiet"]) == 2  # not past the warmup
+    assert "--steps must be more than the VGS warmup" in capsys.readouterr().err
+    no_vgs = tmp_path / "no_vgs.yaml"  # no scaler in the base: the claims' VGS runs take the default warmup
+    no_vgs.write_text("optimizer_kwargs:\n  lr: 0.003\nvgs: null\n")
+    assert cli.main(["demo", "--steps", "50", "--out", str(out), "--quiet", "--config", str(no_vgs)]) == 2
+    assert "VGS warmup (100 steps), got 50" in capsys.readouterr().err
 
 
 def test_progress_bar_reports_without_a_terminal():

@@ -63,7 +63,8 @@ def test_probe_demo_reports_the_demo_calibration_norm(tmp_path, capsys):
     """Same config, steps and seed: `demo` and `migrate-config --probe demo` print one number,
     described the same way."""
     config = tmp_path / "demo.yaml"
-    config.write_text(yaml.safe_dump(DEMO_CONFIG, sort_keys=False))
+    short_warmup = dict(DEMO_CONFIG, vgs={"enabled": True, "warmup_steps": 10})  # the demo needs steps > warmup
+    config.write_text(yaml.safe_dump(short_warmup, sort_keys=False))
     out = tmp_path / "demo"
     assert main(["demo", "--steps", "20", "--seed", "3", "--out", str(out), "--quiet", "--config", str(config)]) == 0
     demo_text = capsys.readouterr().out

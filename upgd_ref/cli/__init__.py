@@ -12,7 +12,7 @@ import importlib
 
 from .. import __version__
 
-SUBCOMMANDS: tuple[str, ...] = ("example", "noise", "info", "demo", "migrate_config", "golden", "bench")
+SUBCOMMANDS: tuple[str, ...] = ("example", "noise", "info", "demo", "tune", "migrate_config", "golden", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""``upgd-ref demo``: the four demo runs (:mod:`upgd_ref.demo`), their table, findings, plot."""
+"""``upgd-ref demo``: the four demo runs (:mod:`upgd_ref.demo`), the seed design's claims
+measured (:mod:`upgd_ref.claims`), their tables and the picture (:mod:`upgd_ref.demo_plot`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 
 from .. import demo
+from ..claims import cases, report, run_claims, summary_json
 from ..config import ConfigError, load_config
 from .arguments import integer_at_least, seed
 from .progress import ProgressBar
@@ -23,46 +25,59 @@ def probe_description(config, steps: int, seed: int) -> str:
 
 
 def run(args) -> int:
+    from ..demo_plot import plot  # matplotlib only when a picture is drawn
+
     try:
         config = load_config(args.config) if args.config else load_config(demo.DEMO_CONFIG, source="demo defaults")
     except ConfigError as exc:
         print(f"upgd-ref demo: {exc}", file=sys.stderr)
         return 2
+    if args.quick:
+        steps, workload, config = demo.quick_settings(config, args.seed)
+    else:
+        steps, workload = args.steps, demo.Workload()
+    claim_configs = cases(config, args.seed)
+    warmup = max((c.vgs or {}).get("warmup_steps", 0) for c in claim_configs.values())  # claims are measured after it
+    if steps <= warmup:
+        print(f"upgd-ref demo: --steps must be more than the VGS warmup ({warmup} steps), got {steps}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
-    progress = ProgressBar(len(demo.RUNS) * args.steps, enabled=not args.quiet)
+    progress = ProgressBar((len(demo.RUNS) + len(claim_configs)) * steps, enabled=not args.quiet)
     started = time.perf_counter()
-    result = demo.run_demo(config, steps=args.steps, seed=args.seed, progress=progress)
+    runs = demo.Runs(workload, steps, args.seed, progress)
+    result = demo.run_demo(config, steps=steps, seed=args.seed, runs=runs)
+    claims = run_claims(config, runs)
     progress.close()
-    elapsed = time.perf_counter() - started
-    print(f"upgd-ref demo: {args.steps} steps x {len(demo.RUNS)} runs, seed {args.seed}, {elapsed:.1f}s "
-          f"(config: {config.source})")
-    probe_steps = min(demo.PROBE_STEPS, args.steps)
+    print(f"upgd-ref demo: {steps} steps x {len(runs)} runs, seed {args.seed}, {time.perf_counter() - started:.1f}s "
+          f"(config: {config.source}{', --quick' if args.quick else ''})")
+    probe_steps = min(demo.PROBE_STEPS, steps)
     print(f"calibration norm N = {result['probe_grad_norm']:.4g}: {probe_description(config, probe_steps, args.seed)}")
     print(f"  -> sigma_abs {result['sigma_abs']:.4g} (fixed) <-> sigma_rel {result['sigma_rel']:.4g} (adaptive)")
     print()
-    print(demo.format_table(result["summaries"]))
-    print()
-    for line in demo.findings(result["summaries"], result["sigma_rel"]):
-        print(line)
-    png = os.path.join(args.out, "demo.png")
-    demo.plot(result, png)
-    summary_path = os.path.join(args.out, "demo.json")
+    print(report(result, claims))
+    png, summary_path = os.path.join(args.out, "demo.png"), os.path.join(args.out, "demo.json")
+    plot(result, claims, png, workload, title=f"upgd-ref demo: an 8-32-1 tanh network learning a target function "
+         f"redrawn every {workload.drift_every} steps; {steps} steps, seed {args.seed}")
     with open(summary_path, "w", encoding="utf-8") as fh:
-        json.dump({k: result[k] for k in ("summaries", "probe_grad_norm", "sigma_abs", "sigma_rel")}
-                  | {"steps": args.steps, "seed": args.seed, "config": config.raw}, fh, indent=1)
+        json.dump(summary_json(result, claims) | {"steps": steps, "seed": args.seed, "quick": args.quick,
+                                                 "config": config.raw}, fh, indent=1)
     print(f"\nwrote {png} and {summary_path}")
     return 0
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="train a toy continual-learning net with fixed/adaptive noise x VGS off/on",
+        "demo", help="measure the seed design's claims: fixed/adaptive noise x VGS settings on a toy net",
         description=demo.__doc__.split("\n\n")[0].replace("``", ""),
     )
-    parser.add_argument("--steps", type=integer_at_least(10), default=2000, help="steps per run, >= 10 (default 2000)")
+    parser.add_argument("--steps", type=integer_at_least(10), default=demo.DEFAULT_STEPS,
+                        help=f"steps per run, more than the VGS warmup (default {demo.DEFAULT_STEPS}, warmup 100)")
     parser.add_argument("--seed", type=seed, default=0,
                         help="data, initial weights and noise seed (overrides the config's seed; default 0)")
     parser.add_argument("--out", default="demo-out", help="directory for demo.png and demo.json (default demo-out)")
     parser.add_argument("--config", help="YAML config (specs/configs/ format) replacing the demo's base")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"CI mode: {demo.QUICK['steps']} steps, VGS warmup {demo.QUICK['warmup_steps']}, "
+                             f"target redrawn every {demo.QUICK['drift_every']} steps (replaces --steps)")
     parser.set_defaults(run=run)
