@@ -10,14 +10,12 @@ from .arrays import assign, describe_device, like_buffer, to_numpy
 from .checkpoint import check_header, take_array, take_int
 from .layout import FlatLayout
 
-__all__ = ["FlatUPGDState", "FlatVGSState", "UPGD_FORMAT", "VGS_FORMAT", "UPGD_VERSION", "VGS_VERSION",
-           "STATE_VERSION"]
+__all__ = ["FlatUPGDState", "FlatVGSState", "UPGD_FORMAT", "VGS_FORMAT", "UPGD_VERSION", "VGS_VERSION"]
 
 UPGD_FORMAT = "upgd_ref.AdaptiveUPGD"
 VGS_FORMAT = "upgd_ref.VarianceGradientScaler"
 UPGD_VERSION = 2  # 2 added "member" and "profile" (specs/layout.md §4.2); version 1 files still load
 VGS_VERSION = 1
-STATE_VERSION = UPGD_VERSION  # the optimizer format's version, under its first name
 
 
 def _logical(layout, flat: np.ndarray) -> np.ndarray:

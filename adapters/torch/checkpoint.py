@@ -21,7 +21,7 @@ import torch
 
 from upgd_ref.hyperparams import validate_vgs
 from upgd_ref.layout import FlatLayout
-from upgd_ref.state import STATE_VERSION, UPGD_FORMAT
+from upgd_ref.state import UPGD_VERSION, UPGD_FORMAT
 
 from .buffers import Bucket
 from .conversions import CORE_TENSOR_FIELDS, float_value, number_from_tensor, state_array, step_count, tensor_keys
@@ -76,7 +76,7 @@ def core_state_dict(layout: FlatLayout, *, step, noise_ema_init, segments) -> di
     state = {"step": int(step), "segment_step": t, "grad_norm_ema": n}
     for name, parts in buffers.items():
         state[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return {"format": UPGD_FORMAT, "version": STATE_VERSION, "layout": layout.to_dict(), "state": state}
+    return {"format": UPGD_FORMAT, "version": UPGD_VERSION, "layout": layout.to_dict(), "state": state}
 
 
 # --- the optimizer's production format ------------------------------------------------------

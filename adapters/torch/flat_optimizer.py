@@ -15,7 +15,7 @@ from upgd_ref.family import Member
 from upgd_ref.layout import FlatLayout
 from upgd_ref.optimizer import StepInfo
 from upgd_ref.reference import UPGDVariant, check_variant
-from upgd_ref.state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
+from upgd_ref.state import UPGD_VERSION, UPGD_FORMAT, FlatUPGDState
 from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
 from upgd_ref.step import noise as step_noise
 
@@ -201,7 +201,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         :meth:`upgd_ref.AdaptiveUPGD.load_state_dict` (of this member's core class) takes. Its
         ``param_groups`` hold the hyper-parameters of the last step (or build, or load)."""
         return {
-            "format": UPGD_FORMAT, "version": STATE_VERSION, "member": self._MEMBER.name,
+            "format": UPGD_FORMAT, "version": UPGD_VERSION, "member": self._MEMBER.name,
             "profile": self._profile or "production", "layout": self._layout.to_dict(), "seed": self._seed,
             "noise_norm": self._noise_norm, "variant": dict(self._variant._asdict()),
             "param_groups": self._used_groups, "state": self._state.to_state(self._layout),
@@ -372,7 +372,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         extras = {self._bucket.segment_by_id[k]: deepcopy(v[1]) for k, v in self._extras.items()}
-        core_state = {"format": UPGD_FORMAT, "version": STATE_VERSION, "member": self._MEMBER.name,
+        core_state = {"format": UPGD_FORMAT, "version": UPGD_VERSION, "member": self._MEMBER.name,
                       "profile": self._profile or "production", "layout": self._layout.to_dict(),
                       "seed": self._seed, "noise_norm": self._noise_norm, "variant": dict(self._variant._asdict()),
                       "state": self._state.to_state(self._layout)}

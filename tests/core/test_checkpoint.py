@@ -23,7 +23,7 @@ import pytest
 from tests.helpers.snapshots import assert_unchanged, fingerprint, random_buffers, snapshot
 from upgd_ref import AdaptiveUPGD, FlatLayout, VarianceGradientScaler
 from upgd_ref.checkpoint import read_state_dict, write_state_dict
-from upgd_ref.state import STATE_VERSION, UPGD_FORMAT, VGS_FORMAT
+from upgd_ref.state import UPGD_FORMAT, UPGD_VERSION, VGS_FORMAT, VGS_VERSION
 
 SHAPES = [(3, 4), (5,), (2, 2, 2)]
 
@@ -367,7 +367,7 @@ UPGD_MALFORMED = {
     "format missing": (_del("format"), ValueError, r"format is None"),
     "format of the scaler": (_set("format", VGS_FORMAT), ValueError, r"format is 'upgd_ref.VarianceGradientScaler'"),
     "version missing": (_del("version"), ValueError, r"'version'"),
-    "version newer": (_set("version", STATE_VERSION + 1), ValueError, r"newer"),
+    "version newer": (_set("version", UPGD_VERSION + 1), ValueError, r"newer"),
     "version zero": (_set("version", 0), ValueError, r"'version' must be >= 1"),
     "version string": (_set("version", "1"), ValueError, r"'version' must be an int"),
     "version float": (_set("version", 1.0), ValueError, r"'version' must be an int"),
@@ -436,7 +436,7 @@ UPGD_MALFORMED = {
 VGS_MALFORMED = {
     "not a dict": (_replace("state"), TypeError, r"state dict must be a dict"),
     "format of the optimizer": (_set("format", UPGD_FORMAT), ValueError, r"format is 'upgd_ref.AdaptiveUPGD'"),
-    "version newer": (_set("version", STATE_VERSION + 7), ValueError, r"newer"),
+    "version newer": (_set("version", VGS_VERSION + 7), ValueError, r"newer"),
     "state missing": (_del("state"), ValueError, r"'state'"),
     "step negative": (_set("state", "step", -3), ValueError, r"'state.step'"),
     "step float": (_set("state", "step", 1.5), TypeError, r"'state.step'"),
@@ -578,7 +578,7 @@ CORRUPT_FILES = {
     "unexpected member": (lambda s, t: _npz_bytes(meta=_meta({"state_scalars": {}}), extra=np.zeros(2)),
                           r"unexpected member 'extra'"),
     "scaler checkpoint": (_scaler_file, r"format is 'upgd_ref.VarianceGradientScaler'"),
-    "newer version": (_rewritten(_set("version", STATE_VERSION + 1)), r"newer"),
+    "newer version": (_rewritten(_set("version", UPGD_VERSION + 1)), r"newer"),
     "other segment shapes": (_other_optimizer([(4, 3), (5,), (2, 4)], "float32"), r"'layout.shapes'|segment shapes"),
     "other segment count": (_other_optimizer([(3, 4), (5,)], "float32"), r"'layout.shapes'|segment shapes"),
     "other dtype": (_other_optimizer(SHAPES, "float64"), r"'layout.dtype'"),
