@@ -17,7 +17,6 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from upgd_ref.adapters.torch import AdaptiveUPGD, VarianceGradientScaler
 
 WORLD_SIZE, STEPS = 2, 20

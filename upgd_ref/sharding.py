@@ -28,6 +28,7 @@ are these chunk partials in chunk order, it is also the single-process step's bi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,12 +36,25 @@ import numpy as np
 
 from .backends import select_backend
 from .checkpoint import MAX_STEP
-from .checks import NonFiniteStepError, check_flat_buffer, check_distinct, check_not_aliased
+from .checks import (
+    NonFiniteStepError,
+    check_distinct,
+    check_flat_buffer,
+    check_not_aliased,
+)
 from .hyperparams import check_coefficients
 from .kernels.chunk_abi import CHUNK
 from .layout import FlatLayout
 from .reference import StepStats
-from .stages import SegmentReductions, StepPlan, commit, plan_step, refusal, vgs_commit, vgs_next
+from .stages import (
+    SegmentReductions,
+    StepPlan,
+    commit,
+    plan_step,
+    refusal,
+    vgs_commit,
+    vgs_next,
+)
 from .state import UPGD_FORMAT, UPGD_VERSION, FlatUPGDState
 from .step import StepRequest, VGSRequest, check_vgs_request
 
@@ -145,10 +159,10 @@ class Partition:
         bounds = [int(b) for b in bounds]
         if len(bounds) != world_size + 1 or bounds[0] != 0 or bounds[-1] != layout.num_logical:
             raise ValueError(f"bounds must be {world_size + 1} indices from 0 to {layout.num_logical}, got {bounds}")
-        if any(a > b for a, b in zip(bounds, bounds[1:])):
+        if any(a > b for a, b in itertools.pairwise(bounds)):
             raise ValueError(f"bounds must not decrease, got {bounds}")
         self.layout, self.world_size, self.bounds = layout, world_size, tuple(bounds)
-        self.shards = tuple(Shard.of(layout, r, a, b) for r, (a, b) in enumerate(zip(bounds, bounds[1:])))
+        self.shards = tuple(Shard.of(layout, r, a, b) for r, (a, b) in enumerate(itertools.pairwise(bounds)))
 
     def __repr__(self) -> str:
         return f"Partition({self.layout!r}, world_size={self.world_size}, bounds={list(self.bounds)})"

@@ -15,7 +15,14 @@ from upgd_ref.backends import available_backends
 from upgd_ref.layout import FlatLayout
 from upgd_ref.sharding import Partition, combine_chunk_partials, consolidate_states
 
-from .sharded_runs import MEMBER_PROFILES, inner_bounds, layout_of, shard_run, single_run, thread_world
+from .sharded_runs import (
+    MEMBER_PROFILES,
+    inner_bounds,
+    layout_of,
+    shard_run,
+    single_run,
+    thread_world,
+)
 
 BACKENDS = [b for b in available_backends() if b in ("reference", "numba")]
 STEPS = 12
