@@ -12,7 +12,8 @@ from upgd_ref import reference
 from upgd_ref.backends import check_backend_name
 from upgd_ref.hyperparams import validate_vgs
 from upgd_ref.layout import FlatLayout
-from upgd_ref.state import STATE_VERSION, VGS_FORMAT, FlatVGSState
+from upgd_ref.state import VGS_FORMAT, FlatVGSState
+from upgd_ref.state import VGS_VERSION as CORE_VGS_VERSION
 from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .buffers import bucket_run, check_grad, check_tensors, flat_buffer, on_stream
@@ -168,7 +169,7 @@ class VarianceGradientScaler:
         return core
 
     def _core_format(self) -> dict:
-        return {"format": VGS_FORMAT, "version": STATE_VERSION, "num_segments": self._stats.grad_mean_avg.shape[0],
+        return {"format": VGS_FORMAT, "version": CORE_VGS_VERSION, "num_segments": self._stats.grad_mean_avg.shape[0],
                 "hyperparams": validate_vgs(self._hyper), "state": self._stats.to_state()}
 
     def _attach(self, params, step: int) -> None:
@@ -401,7 +402,7 @@ class VarianceGradientScaler:
         count = len(self._parameters) if self._parameters else (stats[0].shape[0] if stats is not None else 0)
         mean, square = stats if stats is not None else ([0.0] * count, [0.0] * count)
         record = FlatVGSState.from_state_dict(
-            {"format": VGS_FORMAT, "version": STATE_VERSION,
+            {"format": VGS_FORMAT, "version": CORE_VGS_VERSION,
              "state": {"step": step, "grad_mean_avg": np.asarray(mean, dtype=np.float64),
                        "grad_sq_avg": np.asarray(square, dtype=np.float64)}}, count)
         self._hyper, self._stats, self._spatial = hyper, record, spatial
