@@ -130,6 +130,16 @@ class Shard:
             return np.zeros(0, dtype=self.layout.dtype)
         return np.concatenate([local[self.local.segment_slice(k)] for k in range(self.num_pieces)])
 
+    def pieces(self, logical_values) -> np.ndarray:
+        """A buffer of the pieces holding this rank's logical values (inverse of :meth:`logical`)."""
+        out = self.local_zeros()
+        position = 0
+        for k in range(self.num_pieces):
+            n = int(self.local.sizes[k])
+            out[self.local.segment_slice(k)] = logical_values[position : position + n]
+            position += n
+        return out
+
     def put(self, logical_values, full) -> None:
         """Write this rank's logical values into a flat buffer of the full layout."""
         position = 0
@@ -218,6 +228,23 @@ class ShardState:
                                              shard.layout)
         return cls(full.step, full.segment_step, full.grad_norm_ema,
                    *(shard.take(getattr(full, name)) for name in cls.BUFFERS), skipped_steps=full.skipped_steps)
+
+    @classmethod
+    def from_part(cls, part: dict, shard: Shard) -> ShardState:
+        """The inverse of :meth:`to_state` for the same shard (a per-rank state dict)."""
+        s, n = shard.layout.num_segments, shard.end - shard.start
+        buffers = {}
+        for name in cls.BUFFERS:
+            values = np.asarray(part[name], dtype=shard.layout.dtype)
+            if values.shape != (n,):
+                raise ValueError(f"state field {name!r} has shape {values.shape}; shard {shard.rank} owns {n} elements")
+            buffers[name] = shard.pieces(values)
+        records = {"segment_step": np.asarray(part["segment_step"], dtype=np.int64),
+                   "grad_norm_ema": np.asarray(part["grad_norm_ema"], dtype=np.float64)}
+        for name, values in records.items():
+            if values.shape != (s,):
+                raise ValueError(f"state field {name!r} has shape {values.shape}; the layout has {s} segments")
+        return cls(int(part["step"]), **records, **buffers, skipped_steps=int(part.get("skipped_steps", 0)))
 
     def to_state(self, shard: Shard) -> dict:
         """This rank's part of the state: the records and its logical range of each buffer."""

@@ -9,6 +9,7 @@ process and raises ``RuntimeError`` with the rank's traceback.
 from __future__ import annotations
 
 import datetime
+import pickle
 import queue
 import socket
 import traceback
@@ -32,7 +33,9 @@ def _entry(target, rank, world_size, port, args, results) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
         try:
-            results.put((rank, "ok", target(rank, world_size, *args)))
+            # plain pickle: torch's queue pickler would pass tensors as file descriptors of a
+            # process that is about to exit
+            results.put((rank, "ok", pickle.dumps(target(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
@@ -57,7 +60,7 @@ def run_world(target, world_size: int, *args, timeout: float = WORLD_TIMEOUT_S) 
                 raise RuntimeError(f"gloo world of {world_size}: no result within {timeout} s") from None
             if status != "ok":
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
         for p in procs:
             p.join(timeout=INIT_TIMEOUT_S)
         return [out[rank] for rank in range(world_size)]
