@@ -67,7 +67,7 @@ class ShardedRecord:
         return self._all_gather(np.ascontiguousarray(rows.reshape(-1, len(PARTIAL_COLUMNS))),
                                 [s.num_pieces for s in self.partition.shards])
 
-    def step(self, param_flat, grad_flat, request, backend):
+    def run_step(self, param_flat, grad_flat, request, backend):
         """One sharded step on the full flat buffers (NumPy): the rank's range stepped, then
         every range all-gathered into ``param_flat``."""
         shard = self.shard

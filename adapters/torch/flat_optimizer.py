@@ -305,7 +305,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                         stats = upgd_step(self._layout, bucket.param_flat, bucket.grad_flat, self._state, request,
                                           backend=self._backend)
                     else:
-                        stats = self._sharded.step(bucket.param_flat, bucket.grad_flat, request, self._backend)
+                        stats = self._sharded.run_step(bucket.param_flat, bucket.grad_flat, request, self._backend)
             finally:
                 bucket.negate_grads(flipped)
             bucket.adopt_grads(copied)
@@ -437,6 +437,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         self._seed = check_seed(core_state["seed"]) if core_state else _draw_seed()
         self._noise_norm = check_noise_norm(core_state["noise_norm"]) if core_state else "segment"
         self._layout = self._state = self._bucket = None
+        self._process_group = self._sharded = None  # a sharded optimizer does not pickle
         self._extras = {}
         self.last_step_info = None
         self._built = False
