@@ -81,6 +81,19 @@ class ShardedRecord:
             other.put(values, param_flat)
         return stats
 
+    def state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state: its ``u``, ``m``, ``v`` and the replicated records."""
+        state = self.state
+        return sum(getattr(state, n).nbytes for n in (*ShardState.BUFFERS, "segment_step", "grad_norm_ema"))
+
+    def minimum_bytes(self) -> int:
+        """The bytes per step this rank must receive at least (``specs/distributed.md`` §4): the
+        other ranks' parameters, two sums per chunk of theirs, five values per segment piece."""
+        others = [s for s in self.partition.shards if s is not self.shard]
+        itemsize = self.partition.layout.dtype.itemsize
+        return sum((s.end - s.start) * itemsize + s.num_pieces * 16 + np.unique(s.parents).size * 5 * 8
+                   for s in others)
+
     def consolidated(self) -> dict:
         """The full layout's state (``FlatUPGDState.to_state`` format): a collective, every
         rank must call it; every rank gets the result."""

@@ -254,6 +254,12 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return self._layout
 
     @property
+    def sharding(self):
+        """With a ``process_group``: the :class:`~.distributed.ShardedRecord` (partition, this
+        rank's shard and state, bytes received by its collectives); else None."""
+        return self._sharded
+
+    @property
     def flat_state(self) -> FlatUPGDState:
         """The optimizer's state record (live: the buffers the steps update; on the
         parameters' device)."""

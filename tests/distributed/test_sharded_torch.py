@@ -90,6 +90,12 @@ def _sharded_rank(rank, world_size, resume):
             if last == SAVE_AT:
                 checkpoint = ([p.detach().clone() for p in params], optimizer.consolidated_state_dict(),
                               None if vgs is None else vgs.state_dict())
+        record = optimizer.sharding  # the bytes of specs/distributed.md §4, counted per step
+        partition, itemsize = record.partition, 4 if config[0] == "float32" else 8
+        per_step = (world_size - 1) * (max(sh.num_pieces for sh in partition.shards) * 56
+                                       + max(sh.end - sh.start for sh in partition.shards) * itemsize)
+        assert record.bytes_received == (STEPS - (SAVE_AT if resume else 0)) * per_step
+        assert 0 < record.minimum_bytes() <= per_step
         per_rank = optimizer.state_dict()
         assert per_rank["state"] == {} and per_rank["upgd_ref_shard"]["rank"] == rank
         out[config] = (_flat(params), _bits(optimizer.consolidated_state_dict()), checkpoint,
