@@ -130,3 +130,72 @@ def test_shard_layout_draws_the_full_layouts_normals(backend):
             shard.logical(shard.take(full)).tobytes()
     with pytest.raises(ValueError, match="logical_start"):
         FlatLayout([(3,)], logical_start=-1)
+
+
+def test_bad_input_raises_before_anything_changes():
+    """A wrong buffer, request or hyper-parameter raises naming it, before the all-gather:
+    parameters and state unchanged."""
+    from upgd_ref.sharding import ShardState, sharded_step
+    from upgd_ref.step import StepRequest
+
+    from .sharded_runs import inputs, request, start_params
+
+    layout = layout_of("float32")
+    partition = Partition(layout, 2, inner_bounds(layout, 2))
+    shard = partition.shards[1]
+    params, state = shard.take(start_params(layout)), ShardState.zeros(shard, 1.0)
+    grads, present = inputs(layout, 1)
+    good = request(layout, MEMBER_PROFILES[0], present)
+    before = (params.copy(), {k: np.copy(v) for k, v in state.to_state(shard).items()})
+
+    def never(rows):
+        raise AssertionError("the all-gather must not be reached")
+
+    cases = [
+        (dict(grads=shard.take(grads)[:-1]), ValueError, "grads must have shape"),
+        (dict(grads=shard.take(grads).astype(np.float64)), TypeError, "grads has a dtype"),
+        (dict(request=StepRequest(hyper=good.hyper[:2])), ValueError, "hyper"),
+        (dict(request=StepRequest(hyper=[dict(good.hyper[0], lr=float("nan"))] * layout.num_segments)),
+         ValueError, "lr"),
+    ]
+    for change, error, match in cases:
+        args = dict(grads=shard.take(grads), request=good) | change
+        with pytest.raises(error, match=match):
+            sharded_step(partition, 1, params, args["grads"], state, args["request"], all_gather=never,
+                         backend="reference")
+        assert params.tobytes() == before[0].tobytes()
+        assert all(np.array_equal(v, before[1][k]) for k, v in state.to_state(shard).items())
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_nonfinite_gradient_on_one_rank_is_refused_by_every_rank(policy):
+    """The refusal is decided on the combined reductions: every rank raises (or skips) the
+    same step, and no rank changes anything."""
+    from upgd_ref.checks import NonFiniteStepError
+    from upgd_ref.sharding import ShardState, sharded_step
+    from upgd_ref.step import StepRequest
+
+    from .sharded_runs import inputs, request, start_params
+
+    layout = layout_of("float64")
+    partition = Partition(layout, 4, inner_bounds(layout, 4))
+    grads, present = inputs(layout, 1)
+    grads[layout.offsets[3] + 100] = np.inf  # in one rank's range only
+    base = request(layout, MEMBER_PROFILES[0], present)
+    req = StepRequest(hyper=base.hyper, present=present, seed=base.seed, variant=base.variant, nonfinite=policy)
+
+    def body(rank, gather):
+        shard = partition.shards[rank]
+        params, state = shard.take(start_params(layout)), ShardState.zeros(shard, 1.0)
+        before = params.copy()
+        try:
+            stats = sharded_step(partition, rank, params, shard.take(grads), state, req, all_gather=gather,
+                                 backend="numba")
+            outcome = ("skipped", bool(stats.skipped), state.skipped_steps)
+        except NonFiniteStepError as exc:
+            outcome = ("raised", exc.field, exc.segment)
+        return outcome, params.tobytes() == before.tobytes(), state.step
+
+    results = thread_world(partition, body)
+    expected = ("skipped", True, 1) if policy == "skip" else ("raised", "elements", 3)
+    assert results == [(expected, True, 0)] * 4
