@@ -15,7 +15,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from upgd_ref.sharding import PARTIAL_COLUMNS, Partition, ShardState, consolidate_states, sharded_step
+from upgd_ref.sharding import (
+    PARTIAL_COLUMNS,
+    Partition,
+    ShardState,
+    consolidate_states,
+    sharded_step,
+)
 
 #: The per-rank state dict's extra top-level key, and the version of its entry.
 SHARD_KEY = "upgd_ref_shard"

@@ -145,18 +145,37 @@ def test_four_ranks_then_resume_with_two_and_one(single):
         assert params.tobytes() == single[config][0].tobytes() and state == single[config][1]
 
 
-def test_sharded_optimizer_refuses_what_needs_the_whole_state():
-    results = run_world(_refusals, 2)
-    assert results == [["core_format", "pickling", "rebuild"]] * 2
+def test_per_rank_state_dict_and_refusals():
+    results = run_world(_per_rank, 2)
+    assert results == [["per-rank round trip", "other rank refused", "core_format", "pickling", "rebuild"]] * 2
 
 
-def _refusals(rank, world_size):
+def _per_rank(rank, world_size):
+    """A per-rank state dict reloads into the same rank (the continuation is the same bits)
+    and is refused by another rank; what needs the whole state is refused."""
     import copy
 
     import torch.distributed as dist
 
-    params, optimizer, _ = _build(("float32", "AdaptiveUPGD", False), dist.group.WORLD)
+    config = ("float32", "AdaptiveUPGD", False)
+    params, optimizer, _ = _build(config, dist.group.WORLD)
+    _steps(params, optimizer, None, 1, 3)
+    saved_params, saved = [p.detach().clone() for p in params], optimizer.state_dict()
+    _steps(params, optimizer, None, 4, 6)
+    other_params, other, _ = _build(config, dist.group.WORLD)
+    with torch.no_grad():
+        for p, values in zip(other_params, saved_params):
+            p.copy_(values)
+    other.load_state_dict(saved)
+    _steps(other_params, other, None, 4, 6)
     seen = []
+    if _flat(other_params).tobytes() == _flat(params).tobytes():
+        seen.append("per-rank round trip")
+    mine = [None, None]
+    dist.all_gather_object(mine, saved)
+    with pytest.raises(ValueError, match="upgd_ref_shard.rank"):
+        other.load_state_dict(mine[1 - rank])
+    seen.append("other rank refused")
     with pytest.raises(RuntimeError, match="process_group"):
         optimizer.core_format()
     seen.append("core_format")
