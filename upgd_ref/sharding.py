@@ -36,30 +36,17 @@ import numpy as np
 
 from .backends import select_backend
 from .checkpoint import MAX_STEP
-from .checks import (
-    NonFiniteStepError,
-    check_distinct,
-    check_flat_buffer,
-    check_not_aliased,
-)
+from .checks import NonFiniteStepError, check_distinct, check_flat_buffer, check_not_aliased
 from .hyperparams import check_coefficients
 from .kernels.chunk_abi import CHUNK
 from .layout import FlatLayout
 from .reference import StepStats
-from .stages import (
-    SegmentReductions,
-    StepPlan,
-    commit,
-    plan_step,
-    refusal,
-    vgs_commit,
-    vgs_next,
-)
+from .stages import SegmentReductions, StepPlan, commit, plan_step, refusal, vgs_commit, vgs_next
 from .state import UPGD_FORMAT, UPGD_VERSION, FlatUPGDState
 from .step import StepRequest, VGSRequest, check_vgs_request
 
 __all__ = ["Partition", "Shard", "ShardState", "chunk_boundaries", "combine_chunk_partials", "sharded_step",
-           "consolidate_states", "shard_bytes", "PARTIAL_COLUMNS"]
+           "consolidate_states", "PARTIAL_COLUMNS"]
 
 #: The columns of a shard's partials table, one row per chunk (the fields of SegmentReductions).
 PARTIAL_COLUMNS = SegmentReductions._fields
@@ -332,8 +319,3 @@ def sharded_step(partition: Partition, rank: int, params, grads, state: ShardSta
         vgs_commit(vgs.state, vgs_new)
     return plan.stats
 
-
-def shard_bytes(shard: Shard, dtype=None) -> int:
-    """Bytes of the ``u``, ``m``, ``v`` buffers a rank keeps (the records are ``16 S`` more)."""
-    itemsize = np.dtype(shard.layout.dtype if dtype is None else dtype).itemsize
-    return 0 if shard.local is None else 3 * shard.local.size * itemsize
