@@ -76,13 +76,16 @@ class FlatLayout:
     multiple of 64 bytes, the elements between segments (padding) are zero and are never
     read by a reduction nor written by an update. ``logical_offsets[i]`` is the segment's
     start when padding is removed: it is what the noise generator indexes by.
+    ``logical_start`` (default 0) is the logical index of the first element: a shard's
+    layout (``specs/distributed.md`` §2) covers logical indices ``logical_start ..`` of a
+    larger layout, so its normals are that layout's.
 
     >>> layout = FlatLayout([(3, 2), (5,)], dtype="float32")
     >>> layout.offsets, layout.size
     ((0, 16), 32)
     """
 
-    def __init__(self, shapes: Sequence, dtype="float32", groups=None):
+    def __init__(self, shapes: Sequence, dtype="float32", groups=None, logical_start: int = 0):
         shapes = list(shapes)
         if not shapes:
             raise ValueError("a FlatLayout needs at least one segment")
@@ -93,7 +96,10 @@ class FlatLayout:
         self.dtype = dtype
         self.alignment = ALIGNMENT_BYTES // dtype.itemsize
         self.sizes = tuple(math.prod(s) for s in self.shapes)
-        offsets, logical, position, logical_position = [], [], 0, 0
+        if isinstance(logical_start, bool) or not isinstance(logical_start, (int, np.integer)) or logical_start < 0:
+            raise ValueError(f"logical_start must be a non-negative int, got {logical_start!r}")
+        self.logical_start = int(logical_start)
+        offsets, logical, position, logical_position = [], [], 0, self.logical_start
         for size in self.sizes:
             offsets.append(position)
             logical.append(logical_position)
@@ -102,7 +108,7 @@ class FlatLayout:
         self.offsets = tuple(offsets)
         self.logical_offsets = tuple(logical)
         self.size = position
-        self.num_logical = logical_position
+        self.num_logical = logical_position - self.logical_start
         self.groups = _normalise_groups(groups, len(self.shapes))
 
     @property
@@ -116,18 +122,21 @@ class FlatLayout:
         return isinstance(other, FlatLayout) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash((self.shapes, self.dtype.name, self.groups))
+        return hash((self.shapes, self.dtype.name, self.groups, self.logical_start))
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "shapes": [list(s) for s in self.shapes],
             "dtype": self.dtype.name,
             "groups": list(self.groups),
         }
+        if self.logical_start:  # only a shard's layout has one: other layouts' dicts are unchanged
+            out["logical_start"] = self.logical_start
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> FlatLayout:
-        return cls([tuple(s) for s in data["shapes"]], data["dtype"], data.get("groups"))
+        return cls([tuple(s) for s in data["shapes"]], data["dtype"], data.get("groups"), data.get("logical_start", 0))
 
     def segment_slice(self, index: int) -> slice:
         return slice(self.offsets[index], self.offsets[index] + self.sizes[index])

@@ -253,8 +253,9 @@ def noise(layout, seed, step, dtype=None):
     dtype = np.dtype(layout.dtype if dtype is None else dtype)
     if dtype.name not in ("float32", "float64"):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
-    values = standard_normals(seed, step, 0, layout.num_logical, dtype=np.float64)
+    start = layout.logical_start  # 0 but for a shard's layout
+    values = standard_normals(seed, step, start, layout.num_logical, dtype=np.float64)
     out = layout.zeros(dtype=dtype)
     for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
-        out[offset : offset + size] = values[logical_offset : logical_offset + size]
+        out[offset : offset + size] = values[logical_offset - start : logical_offset - start + size]
     return out

@@ -27,7 +27,7 @@ def _logical(layout, flat: np.ndarray) -> np.ndarray:
 def _padded(layout, logical: np.ndarray) -> np.ndarray:
     out = layout.zeros()
     for i in range(layout.num_segments):
-        start = layout.logical_offsets[i]
+        start = layout.logical_offsets[i] - layout.logical_start
         out[layout.segment_slice(i)] = logical[start : start + layout.sizes[i]]
     return out
 

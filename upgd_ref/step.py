@@ -48,7 +48,7 @@ from .stages import combine_reductions, commit, plan_step, refusal, vgs_commit, 
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
-    "StepRequest", "VGSRequest", "upgd_step", "vgs_scale_step", "vgs_update_step", "vgs_factor", "check_seed",
+    "StepRequest", "VGSRequest", "upgd_step", "check_vgs_request", "vgs_scale_step", "vgs_update_step", "vgs_factor", "check_seed",
     "check_noise_norm", "noise", "warmup", "warmup_steps",
 ]
 
@@ -129,7 +129,8 @@ def vgs_factor(state: FlatVGSState, hyperparams: dict) -> tuple[float, float]:
     return float(f), float(g)
 
 
-def _check_vgs(vgs, layout) -> VGSRequest:
+def check_vgs_request(vgs, layout) -> VGSRequest:
+    """``vgs`` checked against ``layout`` (type, statistics shape, factor, beta, step count)."""
     if not isinstance(vgs, VGSRequest):
         raise TypeError(f"vgs must be a VGSRequest, got {type(vgs).__name__}")
     if not isinstance(vgs.state, FlatVGSState) or vgs.state.grad_mean_avg.shape != (layout.num_segments,):
@@ -173,7 +174,7 @@ def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: 
     if not isinstance(request, StepRequest):
         raise TypeError(f"request must be a StepRequest, got {type(request).__name__}")
     request = request.checked(layout.num_segments)
-    vgs = None if vgs is None else _check_vgs(vgs, layout)
+    vgs = None if vgs is None else check_vgs_request(vgs, layout)
     check_not_aliased({"params": params, "grads": grads}, _owned_buffers(state, vgs))
     impl = select_backend(backend, params)
     present = request.present

@@ -22,6 +22,7 @@ from upgd_ref.step import noise as step_noise
 from .buffers import Bucket, check_tensors, deduplicate, on_stream, segment_views
 from .checkpoint import (core_state_dict, fill_adaptive_noise_defaults, production_state_dict, read_state_dict,
                          segment_snapshot)
+from .distributed import SHARD_KEY, refuse_sharded, sharded_record
 from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
                           pair_value, split_pair, unsupported_options)
 from .state_views import StateSource, StateView
@@ -102,7 +103,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return groups
 
     def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile,
-               torch_options, nonfinite="raise") -> None:
+               torch_options, nonfinite="raise", process_group=None) -> None:
         """The constructor's common tail: torch.optim's options (:func:`~.conversions.torch_options`),
         the core's checks (types, finiteness) on the hyper-parameters, seed, noise norm and
         backend, then param groups and flat buffer."""
@@ -123,10 +124,12 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         self._noise_ema_init = noise_ema_init
         self._seed = seed
         self._layout = self._state = self._bucket = None
+        self._process_group, self._sharded = process_group, None
         self._extras: dict[int, tuple] = {}
         self.last_step_info = None
         self._rebuild()
-        self.state = StateView(self._state_source)
+        # Sharded: the state lives in the rank's shard; optimizer.state stays empty (specs/distributed.md §5)
+        self.state = StateView(self._state_source) if self._sharded is None else {}
         self._built = True
 
     def _state_source(self) -> StateSource:
@@ -171,6 +174,10 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         group_ids = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
         layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[dtype], groups=group_ids)
         group_hypers = self._group_hypers(self.param_groups, self._noise_ema_init)
+        sharded = getattr(self, "_process_group", None) is not None
+        if sharded and self._state is not None:
+            raise ValueError(f"{type(self).__name__} with a process_group: the parameters cannot change after "
+                             "construction (the partition is fixed); build a new optimizer")
         if restore is not None:
             state = self._restored_state(restore, layout)
         elif self._state is not None:
@@ -179,8 +186,12 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             state = FlatUPGDState.from_state_dict(core_state_dict(
                 layout, step=self._state.step, noise_ema_init=self._noise_ema_init, segments=segments), layout)
         else:
-            state = FlatUPGDState.zeros(layout, [h["noise_ema_init"] for h, group in zip(group_hypers, self.param_groups)
-                                                 for _ in group["params"]])
+            emas = [h["noise_ema_init"] for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
+            if sharded:
+                self._sharded = sharded_record(layout, self._process_group, emas, params[0].device)
+                state = self._sharded.state
+            else:
+                state = FlatUPGDState.zeros(layout, emas)
         bucket = Bucket(params, layout, names)
         bucket.home()
         self._layout, self._state, self._bucket, self._used_groups = (
@@ -200,6 +211,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         """This optimizer's state in the core's state-dict format (``specs/layout.md`` §4): what
         :meth:`upgd_ref.AdaptiveUPGD.load_state_dict` (of this member's core class) takes. Its
         ``param_groups`` hold the hyper-parameters of the last step (or build, or load)."""
+        refuse_sharded(self._sharded, "core_format() and core")
         return {
             "format": UPGD_FORMAT, "version": UPGD_VERSION, "member": self._MEMBER.name,
             "profile": self._profile or "production", "layout": self._layout.to_dict(), "seed": self._seed,
@@ -241,6 +253,12 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     def layout(self) -> FlatLayout:
         """The core layout: one segment per parameter, in ``param_groups`` order."""
         return self._layout
+
+    @property
+    def sharding(self):
+        """With a ``process_group``: the :class:`~.distributed.ShardedRecord` (partition, this
+        rank's shard and state, bytes received by its collectives); else None."""
+        return self._sharded
 
     @property
     def flat_state(self) -> FlatUPGDState:
@@ -290,8 +308,11 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             try:  # maximize: the step sees -g; negation is exact, so flipping back restores g bit for bit
                 bucket.negate_grads(flipped)
                 with named_errors(f"{type(self).__name__}.step", bucket.names), on_stream(bucket.device):
-                    stats = upgd_step(self._layout, bucket.param_flat, bucket.grad_flat, self._state, request,
-                                      backend=self._backend)
+                    if self._sharded is None:
+                        stats = upgd_step(self._layout, bucket.param_flat, bucket.grad_flat, self._state, request,
+                                          backend=self._backend)
+                    else:
+                        stats = self._sharded.run_step(bucket.param_flat, bucket.grad_flat, request, self._backend)
             finally:
                 bucket.negate_grads(flipped)
             bucket.adopt_grads(copied)
@@ -320,15 +341,33 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        state_dict = production_state_dict(
-            self.param_groups, self.state.read, self.state.unmanaged, self._STATE_KEYS,
-            seed=self._seed, step=self._state.step, noise_norm=self._noise_norm, noise_ema_init=self._noise_ema_init,
-            variant=dict(self._variant._asdict()))
+        if self._sharded is None:
+            state_dict = self._production_state_dict(self.state.read, self.state.unmanaged)
+        else:  # this rank's part (specs/distributed.md §5)
+            state_dict = self._production_state_dict(lambda p: {}, {}) | {SHARD_KEY: self._sharded.shard_entry()}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
                 state_dict = result
         return state_dict
+
+    def _production_state_dict(self, read, unmanaged) -> dict:
+        return production_state_dict(
+            self.param_groups, read, unmanaged, self._STATE_KEYS,
+            seed=self._seed, step=self._state.step, noise_norm=self._noise_norm, noise_ema_init=self._noise_ema_init,
+            variant=dict(self._variant._asdict()))
+
+    def consolidated_state_dict(self) -> dict:
+        """With a ``process_group``: the state dict one process would have (the production
+        format, :meth:`state_dict` of the unsharded optimizer), gathered from every rank. A
+        collective: every rank calls it and gets it. Without a group: :meth:`state_dict`."""
+        if self._sharded is None:
+            return self.state_dict()
+        full = FlatUPGDState.from_state_dict({"format": UPGD_FORMAT, "version": STATE_VERSION,
+                                              "state": self._sharded.consolidated()}, self._layout)
+        source = StateSource(full, self._layout, self._bucket, self.param_groups, self._STATE_KEYS, self._extras,
+                             self._noise_ema_init, self._raise_counter)
+        return self._production_state_dict(StateView(lambda: source).read, {})
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict written by this class or by the production class.
@@ -361,16 +400,20 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                                        loaded.param_groups)
             state = self._restored_state(core_state_dict(layout, step=loaded.step, noise_ema_init=loaded.noise_ema_init,
                                                          segments=loaded.segments) | {"variant": loaded.variant}, layout)
+            if self._sharded is not None:  # this rank's part of the whole state, or its own per-rank part
+                state = self._sharded.adopt(state_dict.get(SHARD_KEY), state.to_state(layout))
         self._noise_ema_init, self.param_groups = loaded.noise_ema_init, loaded.param_groups
         self._seed, self._noise_norm, self._state, self._used_groups = seed, noise_norm, state, groups
         self._extras = loaded.extras
-        self.state.unmanaged = loaded.unmanaged
+        if self._sharded is None:
+            self.state.unmanaged = loaded.unmanaged
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     # --- pickling / deepcopy ------------------------------------------------------------
 
     def __getstate__(self) -> dict:
+        refuse_sharded(self._sharded, "pickling and deepcopy (a process group does not pickle)")
         extras = {self._bucket.segment_by_id[k]: deepcopy(v[1]) for k, v in self._extras.items()}
         core_state = {"format": UPGD_FORMAT, "version": UPGD_VERSION, "member": self._MEMBER.name,
                       "profile": self._profile or "production", "layout": self._layout.to_dict(),
@@ -402,6 +445,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         self._seed = check_seed(core_state["seed"]) if core_state else _draw_seed()
         self._noise_norm = check_noise_norm(core_state["noise_norm"]) if core_state else "segment"
         self._layout = self._state = self._bucket = None
+        self._process_group = self._sharded = None  # a sharded optimizer does not pickle
         self._extras = {}
         self.last_step_info = None
         self._built = False

@@ -55,5 +55,7 @@ def test_the_optimizer_and_scaler_step_through_the_door():
     optimizer = (PACKAGE / "flat_optimizer.py").read_text()
     scaler = (PACKAGE / "scaler.py").read_text()
     assert "upgd_step(" in optimizer and ".step(bucket" not in optimizer
+    sharded = (PACKAGE / "distributed.py").read_text()  # process_group: the sharded door
+    assert "sharded_step(" in sharded and "first_pass" not in sharded and "second_pass" not in sharded
     for door in ("vgs_factor(", "vgs_scale_step(", "vgs_update_step("):
         assert door in scaler

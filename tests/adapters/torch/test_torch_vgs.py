@@ -333,3 +333,23 @@ def test_no_warning_in_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _trained(params)
+
+
+def test_state_dict_round_trip_after_a_step():
+    """``load_state_dict(state_dict())`` after a step: the core record is written with the VGS
+    format's version (it was written with the optimizer format's version 2, which the VGS
+    reader refuses)."""
+    import torch
+
+    from upgd_ref.adapters.torch import VarianceGradientScaler
+
+    params = [torch.nn.Parameter(torch.randn(5))]
+    scaler = VarianceGradientScaler(params, warmup_steps=2, beta=0.9)
+    params[0].grad = torch.randn(5)
+    scaler.scale_gradients()
+    scaler.step()
+    other = VarianceGradientScaler(params, warmup_steps=2, beta=0.9)
+    other.load_state_dict(scaler.state_dict())
+    mine, theirs = (s.core.state_dict()["state"]["grad_mean_avg"] for s in (other, scaler))
+    assert mine.tobytes() == theirs.tobytes()
+    assert scaler.core.state_dict()["state"]["step"] == 1  # the core snapshot loads the core-format record
