@@ -363,7 +363,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         collective: every rank calls it and gets it. Without a group: :meth:`state_dict`."""
         if self._sharded is None:
             return self.state_dict()
-        full = FlatUPGDState.from_state_dict({"format": UPGD_FORMAT, "version": STATE_VERSION,
+        full = FlatUPGDState.from_state_dict({"format": UPGD_FORMAT, "version": UPGD_VERSION,
                                               "state": self._sharded.consolidated()}, self._layout)
         source = StateSource(full, self._layout, self._bucket, self.param_groups, self._STATE_KEYS, self._extras,
                              self._noise_ema_init, self._raise_counter)
