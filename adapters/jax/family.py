@@ -16,27 +16,27 @@ from upgd_ref.checks import check_nonfinite_policy
 from upgd_ref.family import MEMBERS
 from upgd_ref.hyperparams import UPGD_DEFAULTS, validate_upgd
 from upgd_ref.state import FlatUPGDState
-from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
+from upgd_ref.step import StepRequest, check_noise_norm, upgd_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
+from .hyper import seed_value, seed_words, split_arrays, widened
 from .leaves import (
-    all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_tracer, where_finite, x64_scope,
+    all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_params_placeholder, is_tracer,
+    where_finite, x64_scope,
 )
 from .normals import leaf_normals
 from .state import AdaptiveUPGDState, check_wide, from_leaf_lists, to_leaf_lists
 
 
-def _learning_rate(learning_rate, count, leaves):
-    """Per-leaf ``lr``: the float itself, or the schedule's value at ``count`` cast to each
-    leaf's dtype (optax's convention for schedules)."""
-    if not callable(learning_rate):
-        return [learning_rate] * len(leaves)
-    value = learning_rate(count)
+def _scheduled_lr(schedule, count):
+    """The schedule's ``lr`` at ``count`` (optax's convention: the count before the update),
+    float64 like every array hyper-parameter; checked when it is concrete."""
+    value = schedule(count)
     if not is_tracer(value):
         lr = float(np.asarray(value))
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"the learning-rate schedule gave {lr} at count {int(count)}; lr must be finite and >= 0")
-    return [jnp.asarray(value, dtype=leaf.dtype) for leaf in leaves]
+    return jnp.asarray(value, dtype=jnp.float64)
 
 
 def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS["weight_decay"],
@@ -113,30 +113,44 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
     the kernel path :func:`upgd_ref.step.upgd_step` on flat buffers packed from the leaves."""
     row = MEMBERS[member]
     variant = row.variant(profile)
-    hyper = row.hyperparams(dict(hyper, lr=0.0 if callable(learning_rate) else learning_rate), profile)
+    plain, arrays = split_arrays(dict(hyper, lr=0.0 if callable(learning_rate) else learning_rate), UPGD_DEFAULTS)
+    hyper = row.hyperparams(plain, profile)
     noise_norm = check_noise_norm(noise_norm)
-    seed = check_seed(seed)
+    seed = seed_words(seed)
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
     nonfinite = check_nonfinite_policy(nonfinite)
 
+    def hyper_at(count, arrays):
+        """The step's hyper-parameters: the validated Python values, the array ones (float64)
+        and the schedule's ``lr`` at ``count``, ties applied after (UPGDW: ``beta_utility = b2``)."""
+        with x64_scope():
+            values = dict(hyper, **widened(arrays))
+            if callable(learning_rate):
+                values["lr"] = _scheduled_lr(learning_rate, count)
+        return row.tie(values)
+
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
-        if not leaves:
+        if not leaves and not is_params_placeholder(params):
             raise ValueError(f"{name} needs at least one array leaf in params")
         for i, leaf in enumerate(leaves):
             check_leaf_dtype(f"params leaf {i}", leaf)
         with x64_scope():
-            state = _ref.upgd_init(leaves, [hyper["noise_ema_init"]] * len(leaves))
+            ema_init = widened(arrays).get("noise_ema_init", hyper["noise_ema_init"])
+            ema = jnp.full((len(leaves),), ema_init, dtype=jnp.float64)
             skipped = jnp.zeros((), dtype=jnp.int64)
-        return from_leaf_lists(state, jax.tree_util.tree_structure(params), skipped)
+            if not leaves:  # optax's params placeholder (tree_map_params): the params-shaped fields are it
+                zero = jnp.zeros((), dtype=jnp.int64)
+                return AdaptiveUPGDState(zero, jnp.zeros((0,), jnp.int64), params, params, params, ema, skipped, seed)
+            state = _ref.upgd_init(leaves, [0.0] * len(leaves))
+        return from_leaf_lists(state._replace(grad_norm_ema=ema), jax.tree_util.tree_structure(params), skipped, seed)
 
-    def step(grads, params, state):
+    def step(grads, params, state, arrays):
         """The family step on leaf lists: ``(updates, new core state)``, not yet checked."""
         with x64_scope():
-            lrs = _learning_rate(learning_rate, state.count, params)
-            per_leaf = [dict(hyper, lr=lr) for lr in lrs]
-            normals = leaf_normals(params, seed, state.count + 1)
+            per_leaf = [hyper_at(state.count, arrays)] * len(params)
+            normals = leaf_normals(params, state.seed, state.count + 1)
             core = _ref.UPGDState(state.count, state.segment_step, state.utility, state.first_moment,
                                   state.second_moment, state.grad_norm_ema)
             new_params, new, _ = _ref.adaptive_upgd_step(params, grads, core, normals, per_leaf,
@@ -144,8 +158,8 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         return [n - p for n, p in zip(new_params, params)], new
 
     @jax.jit
-    def native(grads, params, state):
-        updates, new = step(grads, params, state)
+    def native(grads, params, state, arrays):
+        updates, new = step(grads, params, state, arrays)
         with x64_scope():
             # the finiteness contract (specs/algorithm.md §8) as optax.apply_if_finite: a step with
             # a non-finite input or result changes nothing but the skip counter
@@ -160,14 +174,10 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
 
     unchecked = jax.jit(step)  # the eager "raise" policy's error path: what would be non-finite
 
-    def kernels(grads, params, state):
+    def kernels(grads, params, state, arrays):
         check_eager("kernels", grads, params, state)
         layout = kernel_layout(params)
-        lr = learning_rate
-        if callable(learning_rate):
-            with x64_scope():
-                lr = _learning_rate(learning_rate, state.count, params[:1])[0]
-            lr = float(np.asarray(lr, dtype=np.float64))
+        values = {k: np.asarray(v).item() for k, v in hyper_at(state.count, arrays).items()}
         flat = FlatUPGDState(
             step=int(state.count),
             segment_step=np.array(state.segment_step, dtype=np.int64),
@@ -177,7 +187,7 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
             grad_norm_ema=np.array(state.grad_norm_ema, dtype=np.float64),
             skipped_steps=int(state.skipped_steps),
         )
-        request = StepRequest(hyper=[validate_upgd(dict(hyper, lr=lr))] * layout.num_segments, seed=seed,
+        request = StepRequest(hyper=[validate_upgd(values)] * layout.num_segments, seed=seed_value(state.seed),
                               noise_norm=noise_norm, variant=variant, nonfinite=nonfinite)
         flat_params = pack_leaves(layout, params)
         old_params = flat_params.copy()
@@ -198,25 +208,26 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         if not isinstance(state, AdaptiveUPGDState):
             raise TypeError(f"state must be an AdaptiveUPGDState, got {type(state).__name__}")
         like, treedef = jax.tree_util.tree_flatten(state.utility)
+        if not like:
+            raise ValueError(f"{name} needs at least one array leaf in params (the state holds none)")
         grads = flatten_checked("gradient", updates, treedef, like)
         leaves = flatten_checked("params", params, treedef, like)
         for field in ("first_moment", "second_moment"):
             flatten_checked(f"state.{field}", getattr(state, field), treedef, like)
-        check_wide(state, ("count", "segment_step", "grad_norm_ema"), len(like))
+        check_wide(state, ("count", "segment_step", "grad_norm_ema", "seed"), len(like))
         eager = backend == "native" and is_eager(grads, leaves, state)
         if eager:
             if nonfinite == "raise":
                 check_finite("gradient", grads)
                 check_finite("params", leaves)
-            with x64_scope():
-                _learning_rate(learning_rate, state.count, leaves[:1])  # raises on an invalid value
+            hyper_at(state.count, arrays)  # raises on an invalid schedule value
         if backend == "native":
-            upd, new, skipped, ok = native(grads, leaves, to_leaf_lists(state))
+            upd, new, skipped, ok = native(grads, leaves, to_leaf_lists(state), arrays)
             if eager and nonfinite == "raise" and not bool(ok):
-                _raise_nonfinite(*unchecked(grads, leaves, to_leaf_lists(state)))
+                _raise_nonfinite(*unchecked(grads, leaves, to_leaf_lists(state), arrays))
         else:
-            upd, new, skipped = kernels(grads, leaves, to_leaf_lists(state))
-        return jax.tree_util.tree_unflatten(treedef, upd), from_leaf_lists(new, treedef, skipped)
+            upd, new, skipped = kernels(grads, leaves, to_leaf_lists(state), arrays)
+        return jax.tree_util.tree_unflatten(treedef, upd), from_leaf_lists(new, treedef, skipped, state.seed)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

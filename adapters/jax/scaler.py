@@ -15,7 +15,10 @@ from upgd_ref.state import FlatVGSState
 from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
-from .leaves import all_finite, check_finite, check_leaf_dtype, is_eager, where_finite, x64_scope
+from .hyper import split_arrays, widened
+from .leaves import (
+    all_finite, check_finite, check_leaf_dtype, is_eager, is_params_placeholder, where_finite, x64_scope,
+)
 from .state import VarianceGradientScalerState, check_wide
 
 
@@ -34,15 +37,16 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
     gradients unscaled and the statistics (and ``count``) unchanged under ``"skip"`` and under
     ``jax.jit``; an eager ``"raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`.
     """
-    hp = validate_vgs(dict(enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
-                           min_scaling_factor=min_scaling_factor, variance_cap=variance_cap))
+    plain, arrays = split_arrays(dict(enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
+                                      min_scaling_factor=min_scaling_factor, variance_cap=variance_cap), VGS_DEFAULTS)
+    hp = validate_vgs(plain)
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
     nonfinite = check_nonfinite_policy(nonfinite)
 
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
-        if not leaves:
+        if not leaves and not is_params_placeholder(params):
             raise ValueError("variance_gradient_scaler needs at least one array leaf")
         for i, leaf in enumerate(leaves):
             check_leaf_dtype(f"params leaf {i}", leaf)
@@ -51,12 +55,13 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
         return VarianceGradientScalerState(state.step, state.grad_mean_avg, state.grad_sq_avg)
 
     @jax.jit
-    def native(leaves, state):
+    def native(leaves, state, arrays):
         with x64_scope():
+            values = dict(hp, **widened(arrays))
             core = _ref.VGSState(state.count, state.grad_mean_avg, state.grad_sq_avg)
-            factor, _ = _ref.vgs_scaling_factor(core, **hp)
+            factor, _ = _ref.vgs_scaling_factor(core, **values)
             scaled = _ref.vgs_scale(leaves, factor)
-            new = _ref.vgs_update(core, scaled, beta=hp["beta"])
+            new = _ref.vgs_update(core, scaled, beta=values["beta"])
             ok = all_finite(leaves, new.grad_mean_avg, new.grad_sq_avg)  # as optax.apply_if_finite
             scaled = where_finite(ok, scaled, leaves)
             new = where_finite(ok, new, core._replace(step=jnp.asarray(state.count, dtype=jnp.int64)))
@@ -95,7 +100,7 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
         if eager and nonfinite == "raise":
             check_finite("gradient", leaves)
         if backend == "native":
-            scaled, new_state, ok = native(leaves, state)
+            scaled, new_state, ok = native(leaves, state, arrays)
             if eager and nonfinite == "raise" and not bool(ok):
                 raise NonFiniteStepError("variance_gradient_scaler: the statistics a_i, b_i would overflow float64; "
                                          "nothing was changed", field="vgs")

@@ -32,10 +32,12 @@ class AdaptiveUPGDState(NamedTuple):
     second_moment: Any  # v
     grad_norm_ema: Any  # float64 (S,): n_i
     skipped_steps: Any = 0  # int64 scalar: steps skipped by the non-finite policy (specs/algorithm.md §8)
+    seed: Any = None  # uint32 (2,): the noise key words [lo, hi] (a traced seed: jax.vmap over seeds)
 
 
 _WIDE_FIELDS = {"count": "int64", "segment_step": "int64", "grad_norm_ema": "float64",
-                "grad_mean_avg": "float64", "grad_sq_avg": "float64"}
+                "grad_mean_avg": "float64", "grad_sq_avg": "float64", "seed": "uint32"}
+_SHAPES = {"count": lambda s: (), "seed": lambda s: (2,)}
 
 
 def restore_state(like, leaves):
@@ -43,7 +45,8 @@ def restore_state(like, leaves):
 
     ``leaves``: a list in ``jax.tree_util.tree_leaves(like)`` order (for example the arrays
     of an ``.npz`` written from them) or a pytree of the same structure. A list saved from an
-    :class:`AdaptiveUPGDState` before it had ``skipped_steps`` (its last leaf) gets 0 there. The int64/float64
+    :class:`AdaptiveUPGDState` before it had ``seed`` (its last leaf) takes ``like``'s seed (the
+    builder's, which those states used), and before ``skipped_steps`` also 0 there. The int64/float64
     leaves keep their width with ``jax_enable_x64`` off (``jnp.asarray`` alone would
     narrow them). Raises ``ValueError`` on a count or shape mismatch, ``TypeError`` on a
     dtype that does not convert exactly (for example float64 values into a float32 leaf).
@@ -55,8 +58,9 @@ def restore_state(like, leaves):
             raise ValueError(f"saved state has structure {structure}, expected {treedef}")
         leaves = jax.tree_util.tree_leaves(leaves)
     leaves = list(leaves)
-    if isinstance(like, AdaptiveUPGDState) and len(leaves) == len(like_leaves) - 1:
-        leaves.append(np.zeros((), dtype=np.int64))  # saved before the skipped-steps counter
+    missing = len(like_leaves) - len(leaves)
+    if isinstance(like, AdaptiveUPGDState) and missing in (1, 2):  # saved before the seed (and skipped_steps)
+        leaves += [np.zeros((), dtype=np.int64)] * (missing - 1) + [np.asarray(like.seed)]
     if len(leaves) != len(like_leaves):
         raise ValueError(f"saved state has {len(leaves)} arrays, the state has {len(like_leaves)}")
     out = []
@@ -82,7 +86,7 @@ def check_wide(state, names, num_segments: int) -> None:
                 f"state field {name!r} has dtype {dtype.name}, expected {expected}; restore saved states with "
                 "upgd_ref.adapters.jax.restore_state (jnp.asarray narrows 64-bit arrays when jax_enable_x64 is off)"
             )
-        shape = () if name == "count" else (num_segments,)
+        shape = _SHAPES.get(name, lambda s: (s,))(num_segments)
         if tuple(value.shape) != shape:
             raise ValueError(f"state field {name!r} has shape {tuple(value.shape)}, expected {shape}")
 
@@ -92,12 +96,12 @@ def to_leaf_lists(state: AdaptiveUPGDState) -> AdaptiveUPGDState:
     :func:`from_leaf_lists` turns the core's new state back into pytrees."""
     leaves = jax.tree_util.tree_leaves
     return AdaptiveUPGDState(state.count, state.segment_step, leaves(state.utility), leaves(state.first_moment),
-                             leaves(state.second_moment), state.grad_norm_ema, state.skipped_steps)
+                             leaves(state.second_moment), state.grad_norm_ema, state.skipped_steps, state.seed)
 
 
-def from_leaf_lists(core, treedef, skipped_steps) -> AdaptiveUPGDState:
+def from_leaf_lists(core, treedef, skipped_steps, seed) -> AdaptiveUPGDState:
     """The optax state of a core state (:class:`upgd_ref.reference.UPGDState`: ``step`` and
     leaf lists), its buffers rebuilt as pytrees of structure ``treedef``."""
     unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
     return AdaptiveUPGDState(core.step, core.segment_step, unflatten(core.utility), unflatten(core.first_moment),
-                             unflatten(core.second_moment), core.grad_norm_ema, skipped_steps)
+                             unflatten(core.second_moment), core.grad_norm_ema, skipped_steps, seed)

@@ -189,9 +189,10 @@ def test_restore_state_checks_what_it_restores():
     restored = uj.restore_state(state, leaves)
     assert [x.dtype for x in jax.tree_util.tree_leaves(restored)] == [x.dtype for x in jax.tree_util.tree_leaves(state)]
     with pytest.raises(ValueError, match="arrays"):
-        uj.restore_state(state, leaves[:-2])
-    old = uj.restore_state(state, leaves[:-1])  # saved before the skipped-steps counter: 0
+        uj.restore_state(state, leaves[:-3])
+    old = uj.restore_state(state, leaves[:-2])  # saved before the skipped-steps counter and the seed
     assert int(old.skipped_steps) == 0 and old.skipped_steps.dtype == np.int64
+    np.testing.assert_array_equal(np.asarray(old.seed), np.asarray(state.seed))  # the builder's seed
     with pytest.raises(ValueError, match="shape"):
         uj.restore_state(state, [np.zeros(7) if i == 2 else x for i, x in enumerate(leaves)])
     with pytest.raises(TypeError, match="dtype"):
