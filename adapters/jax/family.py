@@ -19,13 +19,17 @@ from upgd_ref.state import FlatUPGDState
 from upgd_ref.step import StepRequest, check_noise_norm, upgd_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
-from .hyper import seed_value, seed_words, split_arrays, widened
+from .hyper import seed_words, split_arrays, widened
 from .leaves import (
     all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_params_placeholder, is_tracer,
     where_finite, x64_scope,
 )
 from .normals import leaf_normals
-from .state import AdaptiveUPGDState, check_wide, from_leaf_lists, to_leaf_lists
+from .state import (
+    AdaptiveUPGDState, check_words, from_leaf_lists, host_state, narrow_fields, state_values, to_leaf_lists,
+    wide_fields,
+)
+from .words import host_words, split_int
 
 
 def _scheduled_lr(schedule, count):
@@ -139,16 +143,17 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         with x64_scope():
             ema_init = widened(arrays).get("noise_ema_init", hyper["noise_ema_init"])
             ema = jnp.full((len(leaves),), ema_init, dtype=jnp.float64)
-            skipped = jnp.zeros((), dtype=jnp.int64)
+            zero = jnp.zeros((), dtype=jnp.int64)
             if not leaves:  # optax's params placeholder (tree_map_params): the params-shaped fields are it
-                zero = jnp.zeros((), dtype=jnp.int64)
-                return AdaptiveUPGDState(zero, jnp.zeros((0,), jnp.int64), params, params, params, ema, skipped, seed)
-            state = _ref.upgd_init(leaves, [0.0] * len(leaves))
-        return from_leaf_lists(state._replace(grad_norm_ema=ema), jax.tree_util.tree_structure(params), skipped, seed)
+                return narrow_fields(AdaptiveUPGDState(zero, jnp.zeros((0,), jnp.int64), params, params, params, ema,
+                                                       zero, seed))
+            state = narrow_fields(_ref.upgd_init(leaves, [0.0] * len(leaves))._replace(grad_norm_ema=ema))
+            return from_leaf_lists(state, jax.tree_util.tree_structure(params), split_int(zero), seed)
 
     def step(grads, params, state, arrays):
         """The family step on leaf lists: ``(updates, new core state)``, not yet checked."""
         with x64_scope():
+            state = wide_fields(state)
             per_leaf = [hyper_at(state.count, arrays)] * len(params)
             normals = leaf_normals(params, state.seed, state.count + 1)
             core = _ref.UPGDState(state.count, state.segment_step, state.utility, state.first_moment,
@@ -165,11 +170,12 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
             # a non-finite input or result changes nothing but the skip counter
             ok = all_finite(grads, params, updates, new.utility, new.first_moment, new.second_moment,
                             new.grad_norm_ema)
-            old = _ref.UPGDState(jnp.asarray(state.count, dtype=jnp.int64), state.segment_step, state.utility,
-                                 state.first_moment, state.second_moment, state.grad_norm_ema)
-            new = where_finite(ok, new, old)
+            wide = wide_fields(state)
+            old = _ref.UPGDState(wide.count, wide.segment_step, state.utility, state.first_moment,
+                                 state.second_moment, wide.grad_norm_ema)
+            new = narrow_fields(where_finite(ok, new, old))
             updates = [jnp.where(ok, u, jnp.zeros_like(u)) for u in updates]
-            skipped = jnp.asarray(state.skipped_steps, dtype=jnp.int64) + jnp.where(ok, 0, 1)
+            skipped = split_int(wide.skipped_steps + jnp.where(ok, 0, 1))
         return updates, new, skipped, ok
 
     unchecked = jax.jit(step)  # the eager "raise" policy's error path: what would be non-finite
@@ -177,29 +183,27 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
     def kernels(grads, params, state, arrays):
         check_eager("kernels", grads, params, state)
         layout = kernel_layout(params)
-        values = {k: np.asarray(v).item() for k, v in hyper_at(state.count, arrays).items()}
+        host = state_values(state)
+        values = {k: np.asarray(v).item() for k, v in hyper_at(host.count, arrays).items()}
         flat = FlatUPGDState(
-            step=int(state.count),
-            segment_step=np.array(state.segment_step, dtype=np.int64),
+            step=int(host.count),
+            segment_step=host.segment_step.copy(),
             utility=pack_leaves(layout, state.utility),
             first_moment=pack_leaves(layout, state.first_moment),
             second_moment=pack_leaves(layout, state.second_moment),
-            grad_norm_ema=np.array(state.grad_norm_ema, dtype=np.float64),
-            skipped_steps=int(state.skipped_steps),
+            grad_norm_ema=host.grad_norm_ema.copy(),
+            skipped_steps=int(host.skipped_steps),
         )
-        request = StepRequest(hyper=[validate_upgd(values)] * layout.num_segments, seed=seed_value(state.seed),
+        request = StepRequest(hyper=[validate_upgd(values)] * layout.num_segments, seed=host.seed,
                               noise_norm=noise_norm, variant=variant, nonfinite=nonfinite)
         flat_params = pack_leaves(layout, params)
         old_params = flat_params.copy()
         upgd_step(layout, flat_params, pack_leaves(layout, grads), flat, request, backend=kernel_backend)
         np.subtract(flat_params, old_params, out=flat_params)  # the optax update, in place
-        with x64_scope():
-            new = _ref.UPGDState(jnp.asarray(flat.step, dtype=jnp.int64), jnp.asarray(flat.segment_step),
-                                 *[[jax_view(v) for v in layout.unpack(getattr(flat, name))]
-                                   for name in FlatUPGDState.BUFFERS],
-                                 jnp.asarray(flat.grad_norm_ema))
-            skipped = jnp.asarray(flat.skipped_steps, dtype=jnp.int64)
-        return [jax_view(v) for v in layout.unpack(flat_params)], new, skipped
+        new = host_state(_ref.UPGDState, step=np.int64(flat.step), segment_step=flat.segment_step,
+                         **{name: [jax_view(v) for v in layout.unpack(getattr(flat, name))]
+                            for name in FlatUPGDState.BUFFERS}, grad_norm_ema=flat.grad_norm_ema)
+        return [jax_view(v) for v in layout.unpack(flat_params)], new, jnp.asarray(host_words(flat.skipped_steps))
 
     def update(updates, state, params=None, **extra_args):
         del extra_args
@@ -214,13 +218,13 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         leaves = flatten_checked("params", params, treedef, like)
         for field in ("first_moment", "second_moment"):
             flatten_checked(f"state.{field}", getattr(state, field), treedef, like)
-        check_wide(state, ("count", "segment_step", "grad_norm_ema", "seed"), len(like))
+        check_words(state, ("count", "segment_step", "grad_norm_ema", "skipped_steps", "seed"), len(like))
         eager = backend == "native" and is_eager(grads, leaves, state)
         if eager:
             if nonfinite == "raise":
                 check_finite("gradient", grads)
                 check_finite("params", leaves)
-            hyper_at(state.count, arrays)  # raises on an invalid schedule value
+            hyper_at(state_values(state).count, arrays)  # raises on an invalid schedule value
         if backend == "native":
             upd, new, skipped, ok = native(grads, leaves, to_leaf_lists(state), arrays)
             if eager and nonfinite == "raise" and not bool(ok):

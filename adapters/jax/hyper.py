@@ -79,9 +79,3 @@ def seed_words(seed):
     with x64_scope():
         wide = jnp.asarray(seed).astype(jnp.uint64)
         return jnp.stack([(wide & _MASK32).astype(jnp.uint32), (wide >> 32).astype(jnp.uint32)])
-
-
-def seed_value(words) -> int:
-    """The Python int of concrete key words (the kernel path's seed)."""
-    lo, hi = (int(w) for w in np.asarray(words, dtype=np.uint32))
-    return lo | hi << 32
