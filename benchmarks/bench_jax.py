@@ -6,7 +6,8 @@ Run: ``python benchmarks/bench_jax.py [--numel N] [--leaves L] [--reps R] [--dra
 Rows are timed round-robin (repetition ``r`` of every row before repetition ``r + 1`` of any,
 so drift on a shared machine hits all rows alike) after an untimed warm-up that includes the
 compilation, whose time is reported separately. Each jitted row is a whole training-step
-body: ``tx.update`` then ``optax.apply_updates``, parameters and state fed back. The table
+body: ``tx.update`` then ``optax.apply_updates``, parameters and state fed back; one row runs
+the step with every hyper-parameter traced (``optax.inject_hyperparams``). The table
 prints the median and minimum per call and the ratio to ``optax.adam`` (the issue's target:
 jitted native AdaptiveUPGD step <= 3x adam).
 
@@ -118,6 +119,8 @@ def step_table(numel: int, leaves: int, reps: int) -> None:
         "adaptive_upgd native (jit)": jitted_row(uj.adaptive_upgd(LR, **UPGD_HYPER), params, grads),
         "chain(vgs, adaptive_upgd) native (jit)": jitted_row(
             optax.chain(uj.variance_gradient_scaler(**vgs), uj.adaptive_upgd(LR, **UPGD_HYPER)), params, grads),
+        "inject_hyperparams(adaptive_upgd) native (jit)": jitted_row(
+            optax.inject_hyperparams(uj.adaptive_upgd)(learning_rate=LR, **UPGD_HYPER), params, grads),
         "noise only, native (jit)": noise_row(params),
         f"adaptive_upgd kernels (eager, core '{auto_order()[0]}')": eager_row(
             uj.adaptive_upgd(LR, **UPGD_HYPER, backend="kernels"), params, grads),

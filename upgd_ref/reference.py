@@ -27,6 +27,7 @@ Example (one step on two segments, float64, fixed noise)::
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any, NamedTuple
 
@@ -38,8 +39,8 @@ __all__ = [
     "UPGD_DEFAULTS", "VGS_DEFAULTS", "UTILITY_RANGE_EPS", "VGS_MEAN_SQUARE_FLOOR", "VGS_QUANTILE",
     "VGS_MAX_NORMALIZED_VARIANCE", "UPGDState", "UPGDVariant", "PRODUCTION", "check_variant", "VGSState",
     "StepStats", "bias_correction", "utility_trace_update", "first_moment_update", "second_moment_update",
-    "sum_of_squares", "grad_norm_ema_update", "noise_std", "scaled_utility", "protection", "max_protection",
-    "parameter_update", "family_parameter_update", "upgd_init", "local_updates", "utility_extrema",
+    "coefficient", "sum_of_squares", "grad_norm_ema_update", "noise_std", "scaled_utility", "protection",
+    "max_protection", "parameter_update", "family_parameter_update", "upgd_init", "local_updates", "utility_extrema",
     "noise_scales", "apply_updates", "adaptive_upgd_step", "vgs_init", "vgs_normalized_variances",
     "vgs_global_variance", "vgs_scaling_factor", "vgs_scale", "vgs_statistics_update", "vgs_update",
 ]
@@ -126,6 +127,20 @@ def _float64(xp):
     return getattr(xp, "float64", xp.float32)
 
 
+def coefficient(value, like):
+    """A scalar coefficient of an element-wise formula on ``like``, rounded once to its dtype.
+
+    A Python number is returned as is: it rounds to ``like``'s dtype where it meets the array
+    (weak typing), after any scalar arithmetic done in float64 (``1 - lr * wd``). An array
+    scalar (a traced hyper-parameter, float64) is rounded explicitly, so the two give the
+    same bits and the element-wise math stays in ``like``'s dtype.
+    """
+    if isinstance(value, numbers.Number):  # Python and NumPy scalars: unchanged behaviour
+        return value
+    xp = array_namespace(like)
+    return xp.astype(value, like.dtype)
+
+
 # --- AdaptiveUPGD, pass 1 (section 3.2) ------------------------------------------------
 
 
@@ -144,17 +159,19 @@ def bias_correction(beta, t):
 
 def utility_trace_update(utility, grad, param, beta_utility):
     """``u <- beta_utility * u + (1 - beta_utility) * (-g * p)``."""
-    return beta_utility * utility + (1.0 - beta_utility) * (-grad * param)
+    keep, take = coefficient(beta_utility, utility), coefficient(1.0 - beta_utility, utility)
+    return keep * utility + take * (-grad * param)
 
 
 def first_moment_update(first_moment, grad, beta1):
     """``m <- beta1 * m + (1 - beta1) * g``."""
-    return beta1 * first_moment + (1.0 - beta1) * grad
+    return coefficient(beta1, first_moment) * first_moment + coefficient(1.0 - beta1, first_moment) * grad
 
 
 def second_moment_update(second_moment, grad, beta2):
     """``v <- beta2 * v + (1 - beta2) * g**2``."""
-    return beta2 * second_moment + (1.0 - beta2) * (grad * grad)
+    keep, take = coefficient(beta2, second_moment), coefficient(1.0 - beta2, second_moment)
+    return keep * second_moment + take * (grad * grad)
 
 
 def sum_of_squares(x):
@@ -214,7 +231,8 @@ def max_protection(utility, utility_correction, utility_max):
 def parameter_update(param, m_hat, v_hat, noise, su, *, lr, weight_decay, eps):
     """``p <- p * (1 - lr * wd) - lr * (m_hat / (sqrt(v_hat) + eps) + noise) * (1 - su)``."""
     xp = array_namespace(param)
-    return param * (1.0 - lr * weight_decay) - lr * (m_hat / (xp.sqrt(v_hat) + eps) + noise) * (1.0 - su)
+    decay, lr, eps = (coefficient(c, param) for c in (1.0 - lr * weight_decay, lr, eps))
+    return param * decay - lr * (m_hat / (xp.sqrt(v_hat) + eps) + noise) * (1.0 - su)
 
 
 def family_parameter_update(param, grad, m_hat, v_hat, noise, su, *, lr, weight_decay, eps,
@@ -231,13 +249,13 @@ def family_parameter_update(param, grad, m_hat, v_hat, noise, su, *, lr, weight_
     if variant == PRODUCTION:
         return parameter_update(param, m_hat, v_hat, noise, su, lr=lr, weight_decay=weight_decay, eps=eps)
     xp = array_namespace(param)
-    step = variant.update_factor * lr
+    decay, step, eps = (coefficient(c, param) for c in (1.0 - lr * weight_decay, variant.update_factor * lr, eps))
     keep = 1.0 - su
     if variant.noise_placement == "sum":
         direction = m_hat / (xp.sqrt(v_hat) + eps) if variant.moments == "adam" else grad
-        return param * (1.0 - lr * weight_decay) - step * (direction + noise) * keep
+        return param * decay - step * (direction + noise) * keep
     protected = m_hat * keep / (xp.sqrt(v_hat) + eps) if variant.moments == "adam" else grad * keep
-    return param * (1.0 - lr * weight_decay) - step * (protected + noise * keep)
+    return param * decay - step * (protected + noise * keep)
 
 
 # --- the whole step ---------------------------------------------------------------------

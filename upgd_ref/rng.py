@@ -104,7 +104,8 @@ def philox4x32_10(counter, key):
     """Philox4x32-10 (Random123) on arrays of counters.
 
     ``counter``: four uint32 arrays (broadcastable) ``(c0, c1, c2, c3)``;
-    ``key``: two Python ints ``(k0, k1)``. Returns four uint32 arrays.
+    ``key``: two Python ints ``(k0, k1)`` (or two uint32 scalar arrays of the namespace, e.g.
+    a traced key). Returns four uint32 arrays.
     """
     xp = array_namespace(*counter)
     c0, c1, c2, c3 = counter

@@ -42,7 +42,9 @@ Modules, each with one reason to change:
 
 * :mod:`.leaves`: the float64 scope, eager or traced, the checks of leaves;
 * :mod:`.normals`: the core's noise generator on ``jax.numpy``, bit for bit;
-* :mod:`.state`: the optax state records and :func:`restore_state`;
+* :mod:`.hyper`: hyper-parameters as Python numbers or (traced) arrays, the seed as key words;
+* :mod:`.words`: 64-bit values as uint32 word pairs (states without ``jax_enable_x64``);
+* :mod:`.state`: the optax state records, :func:`state_values` and :func:`restore_state`;
 * :mod:`.kernel_buffers`: the kernel path's DLPack moves to and from the core's flat buffers;
 * :mod:`.scaler`: :func:`variance_gradient_scaler`;
 * :mod:`.family`: :func:`adaptive_upgd`, :func:`upgd`, :func:`upgdw`.
@@ -53,7 +55,7 @@ from .kernel_buffers import BACKENDS
 from .leaves import SUPPORTED_DTYPES, x64_scope
 from .normals import noise, standard_normals
 from .scaler import variance_gradient_scaler
-from .state import AdaptiveUPGDState, VarianceGradientScalerState, restore_state
+from .state import AdaptiveUPGDState, VarianceGradientScalerState, restore_state, state_values
 
 __all__ = [
     "AdaptiveUPGDState",
@@ -65,6 +67,7 @@ __all__ = [
     "standard_normals",
     "noise",
     "restore_state",
+    "state_values",
     "x64_scope",
     "BACKENDS",
     "SUPPORTED_DTYPES",

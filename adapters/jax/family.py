@@ -16,27 +16,31 @@ from upgd_ref.checks import check_nonfinite_policy
 from upgd_ref.family import MEMBERS
 from upgd_ref.hyperparams import UPGD_DEFAULTS, validate_upgd
 from upgd_ref.state import FlatUPGDState
-from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
+from upgd_ref.step import StepRequest, check_noise_norm, upgd_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
+from .hyper import seed_words, split_arrays, widened
 from .leaves import (
-    all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_tracer, where_finite, x64_scope,
+    all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_params_placeholder, is_tracer,
+    where_finite, x64_scope,
 )
 from .normals import leaf_normals
-from .state import AdaptiveUPGDState, check_wide, from_leaf_lists, to_leaf_lists
+from .state import (
+    AdaptiveUPGDState, check_words, from_leaf_lists, host_state, narrow_fields, state_values, to_leaf_lists,
+    wide_fields,
+)
+from .words import host_words, split_int
 
 
-def _learning_rate(learning_rate, count, leaves):
-    """Per-leaf ``lr``: the float itself, or the schedule's value at ``count`` cast to each
-    leaf's dtype (optax's convention for schedules)."""
-    if not callable(learning_rate):
-        return [learning_rate] * len(leaves)
-    value = learning_rate(count)
+def _scheduled_lr(schedule, count):
+    """The schedule's ``lr`` at ``count`` (optax's convention: the count before the update),
+    float64 like every array hyper-parameter; checked when it is concrete."""
+    value = schedule(count)
     if not is_tracer(value):
         lr = float(np.asarray(value))
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"the learning-rate schedule gave {lr} at count {int(count)}; lr must be finite and >= 0")
-    return [jnp.asarray(value, dtype=leaf.dtype) for leaf in leaves]
+    return jnp.asarray(value, dtype=jnp.float64)
 
 
 def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS["weight_decay"],
@@ -113,30 +117,45 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
     the kernel path :func:`upgd_ref.step.upgd_step` on flat buffers packed from the leaves."""
     row = MEMBERS[member]
     variant = row.variant(profile)
-    hyper = row.hyperparams(dict(hyper, lr=0.0 if callable(learning_rate) else learning_rate), profile)
+    plain, arrays = split_arrays(dict(hyper, lr=0.0 if callable(learning_rate) else learning_rate), UPGD_DEFAULTS)
+    hyper = row.hyperparams(plain, profile)
     noise_norm = check_noise_norm(noise_norm)
-    seed = check_seed(seed)
+    seed = seed_words(seed)
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
     nonfinite = check_nonfinite_policy(nonfinite)
 
+    def hyper_at(count, arrays):
+        """The step's hyper-parameters: the validated Python values, the array ones (float64)
+        and the schedule's ``lr`` at ``count``, ties applied after (UPGDW: ``beta_utility = b2``)."""
+        with x64_scope():
+            values = dict(hyper, **widened(arrays))
+            if callable(learning_rate):
+                values["lr"] = _scheduled_lr(learning_rate, count)
+        return row.tie(values)
+
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
-        if not leaves:
+        if not leaves and not is_params_placeholder(params):
             raise ValueError(f"{name} needs at least one array leaf in params")
         for i, leaf in enumerate(leaves):
             check_leaf_dtype(f"params leaf {i}", leaf)
         with x64_scope():
-            state = _ref.upgd_init(leaves, [hyper["noise_ema_init"]] * len(leaves))
-            skipped = jnp.zeros((), dtype=jnp.int64)
-        return from_leaf_lists(state, jax.tree_util.tree_structure(params), skipped)
+            ema_init = widened(arrays).get("noise_ema_init", hyper["noise_ema_init"])
+            ema = jnp.full((len(leaves),), ema_init, dtype=jnp.float64)
+            zero = jnp.zeros((), dtype=jnp.int64)
+            if not leaves:  # optax's params placeholder (tree_map_params): the params-shaped fields are it
+                return narrow_fields(AdaptiveUPGDState(zero, jnp.zeros((0,), jnp.int64), params, params, params, ema,
+                                                       zero, seed))
+            state = narrow_fields(_ref.upgd_init(leaves, [0.0] * len(leaves))._replace(grad_norm_ema=ema))
+            return from_leaf_lists(state, jax.tree_util.tree_structure(params), split_int(zero), seed)
 
-    def step(grads, params, state):
+    def step(grads, params, state, arrays):
         """The family step on leaf lists: ``(updates, new core state)``, not yet checked."""
         with x64_scope():
-            lrs = _learning_rate(learning_rate, state.count, params)
-            per_leaf = [dict(hyper, lr=lr) for lr in lrs]
-            normals = leaf_normals(params, seed, state.count + 1)
+            state = wide_fields(state)
+            per_leaf = [hyper_at(state.count, arrays)] * len(params)
+            normals = leaf_normals(params, state.seed, state.count + 1)
             core = _ref.UPGDState(state.count, state.segment_step, state.utility, state.first_moment,
                                   state.second_moment, state.grad_norm_ema)
             new_params, new, _ = _ref.adaptive_upgd_step(params, grads, core, normals, per_leaf,
@@ -144,52 +163,47 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         return [n - p for n, p in zip(new_params, params)], new
 
     @jax.jit
-    def native(grads, params, state):
-        updates, new = step(grads, params, state)
+    def native(grads, params, state, arrays):
+        updates, new = step(grads, params, state, arrays)
         with x64_scope():
             # the finiteness contract (specs/algorithm.md §8) as optax.apply_if_finite: a step with
             # a non-finite input or result changes nothing but the skip counter
             ok = all_finite(grads, params, updates, new.utility, new.first_moment, new.second_moment,
                             new.grad_norm_ema)
-            old = _ref.UPGDState(jnp.asarray(state.count, dtype=jnp.int64), state.segment_step, state.utility,
-                                 state.first_moment, state.second_moment, state.grad_norm_ema)
-            new = where_finite(ok, new, old)
+            wide = wide_fields(state)
+            old = _ref.UPGDState(wide.count, wide.segment_step, state.utility, state.first_moment,
+                                 state.second_moment, wide.grad_norm_ema)
+            new = narrow_fields(where_finite(ok, new, old))
             updates = [jnp.where(ok, u, jnp.zeros_like(u)) for u in updates]
-            skipped = jnp.asarray(state.skipped_steps, dtype=jnp.int64) + jnp.where(ok, 0, 1)
+            skipped = split_int(wide.skipped_steps + jnp.where(ok, 0, 1))
         return updates, new, skipped, ok
 
     unchecked = jax.jit(step)  # the eager "raise" policy's error path: what would be non-finite
 
-    def kernels(grads, params, state):
+    def kernels(grads, params, state, arrays):
         check_eager("kernels", grads, params, state)
         layout = kernel_layout(params)
-        lr = learning_rate
-        if callable(learning_rate):
-            with x64_scope():
-                lr = _learning_rate(learning_rate, state.count, params[:1])[0]
-            lr = float(np.asarray(lr, dtype=np.float64))
+        host = state_values(state)
+        values = {k: np.asarray(v).item() for k, v in hyper_at(host.count, arrays).items()}
         flat = FlatUPGDState(
-            step=int(state.count),
-            segment_step=np.array(state.segment_step, dtype=np.int64),
+            step=int(host.count),
+            segment_step=host.segment_step.copy(),
             utility=pack_leaves(layout, state.utility),
             first_moment=pack_leaves(layout, state.first_moment),
             second_moment=pack_leaves(layout, state.second_moment),
-            grad_norm_ema=np.array(state.grad_norm_ema, dtype=np.float64),
-            skipped_steps=int(state.skipped_steps),
+            grad_norm_ema=host.grad_norm_ema.copy(),
+            skipped_steps=int(host.skipped_steps),
         )
-        request = StepRequest(hyper=[validate_upgd(dict(hyper, lr=lr))] * layout.num_segments, seed=seed,
+        request = StepRequest(hyper=[validate_upgd(values)] * layout.num_segments, seed=host.seed,
                               noise_norm=noise_norm, variant=variant, nonfinite=nonfinite)
         flat_params = pack_leaves(layout, params)
         old_params = flat_params.copy()
         upgd_step(layout, flat_params, pack_leaves(layout, grads), flat, request, backend=kernel_backend)
         np.subtract(flat_params, old_params, out=flat_params)  # the optax update, in place
-        with x64_scope():
-            new = _ref.UPGDState(jnp.asarray(flat.step, dtype=jnp.int64), jnp.asarray(flat.segment_step),
-                                 *[[jax_view(v) for v in layout.unpack(getattr(flat, name))]
-                                   for name in FlatUPGDState.BUFFERS],
-                                 jnp.asarray(flat.grad_norm_ema))
-            skipped = jnp.asarray(flat.skipped_steps, dtype=jnp.int64)
-        return [jax_view(v) for v in layout.unpack(flat_params)], new, skipped
+        new = host_state(_ref.UPGDState, step=np.int64(flat.step), segment_step=flat.segment_step,
+                         **{name: [jax_view(v) for v in layout.unpack(getattr(flat, name))]
+                            for name in FlatUPGDState.BUFFERS}, grad_norm_ema=flat.grad_norm_ema)
+        return [jax_view(v) for v in layout.unpack(flat_params)], new, jnp.asarray(host_words(flat.skipped_steps))
 
     def update(updates, state, params=None, **extra_args):
         del extra_args
@@ -198,25 +212,26 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         if not isinstance(state, AdaptiveUPGDState):
             raise TypeError(f"state must be an AdaptiveUPGDState, got {type(state).__name__}")
         like, treedef = jax.tree_util.tree_flatten(state.utility)
+        if not like:
+            raise ValueError(f"{name} needs at least one array leaf in params (the state holds none)")
         grads = flatten_checked("gradient", updates, treedef, like)
         leaves = flatten_checked("params", params, treedef, like)
         for field in ("first_moment", "second_moment"):
             flatten_checked(f"state.{field}", getattr(state, field), treedef, like)
-        check_wide(state, ("count", "segment_step", "grad_norm_ema"), len(like))
+        check_words(state, ("count", "segment_step", "grad_norm_ema", "skipped_steps", "seed"), len(like))
         eager = backend == "native" and is_eager(grads, leaves, state)
         if eager:
             if nonfinite == "raise":
                 check_finite("gradient", grads)
                 check_finite("params", leaves)
-            with x64_scope():
-                _learning_rate(learning_rate, state.count, leaves[:1])  # raises on an invalid value
+            hyper_at(state_values(state).count, arrays)  # raises on an invalid schedule value
         if backend == "native":
-            upd, new, skipped, ok = native(grads, leaves, to_leaf_lists(state))
+            upd, new, skipped, ok = native(grads, leaves, to_leaf_lists(state), arrays)
             if eager and nonfinite == "raise" and not bool(ok):
-                _raise_nonfinite(*unchecked(grads, leaves, to_leaf_lists(state)))
+                _raise_nonfinite(*unchecked(grads, leaves, to_leaf_lists(state), arrays))
         else:
-            upd, new, skipped = kernels(grads, leaves, to_leaf_lists(state))
-        return jax.tree_util.tree_unflatten(treedef, upd), from_leaf_lists(new, treedef, skipped)
+            upd, new, skipped = kernels(grads, leaves, to_leaf_lists(state), arrays)
+        return jax.tree_util.tree_unflatten(treedef, upd), from_leaf_lists(new, treedef, skipped, state.seed)
 
     return optax.GradientTransformationExtraArgs(init, update)
 

@@ -42,6 +42,13 @@ def is_eager(*trees) -> bool:
     return not is_tracer(jnp.zeros(()) + 0)
 
 
+def is_params_placeholder(params) -> bool:
+    """True for a leafless tree from optax (``optax.tree_utils.tree_map_params`` calls ``init``
+    with its params placeholder; ``optax.masked`` passes ``MaskedNode``): ``init`` then puts
+    that tree where the params-shaped fields go, as optax's own transformations do."""
+    return not jax.tree_util.tree_leaves(params) and type(params).__module__.split(".")[0] == "optax"
+
+
 def check_leaf_dtype(name: str, leaf) -> None:
     """``leaf`` must be an array of a supported dtype; ``name`` says which leaf in the message."""
     dtype = getattr(leaf, "dtype", None)

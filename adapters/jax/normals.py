@@ -118,7 +118,7 @@ def _philox_blocks(seed: int, step, first_block: int, num_blocks: int):
     every consumer element and so run once per lane, four times per block.
     """
     step_lo, step_hi = _step_words(step)
-    key = (seed & _MASK32, seed >> 32)
+    key = (seed & _MASK32, seed >> 32) if isinstance(seed, int) else (seed[0], seed[1])  # int or [lo, hi] words
 
     def words(operand):
         lo, hi = operand
@@ -189,8 +189,9 @@ def _standard_normals_body(seed, step, start, count, dtype, strict):
 _standard_normals_jit = jax.jit(_standard_normals_body, static_argnums=(0, 2, 3, 4, 5))
 
 
-def leaf_normals(leaves, seed: int, step):
-    """Standard normals per leaf: leaf ``i`` takes logical indices from ``sum(sizes[:i])``."""
+def leaf_normals(leaves, seed, step):
+    """Standard normals per leaf: leaf ``i`` takes logical indices from ``sum(sizes[:i])``;
+    ``seed``: an int or the state's uint32 key words ``[lo, hi]`` (may be traced)."""
     sizes = [math.prod(leaf.shape) for leaf in leaves]
     total = sum(sizes)
     if total == 0:

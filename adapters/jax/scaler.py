@@ -15,8 +15,11 @@ from upgd_ref.state import FlatVGSState
 from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
-from .leaves import all_finite, check_finite, check_leaf_dtype, is_eager, where_finite, x64_scope
-from .state import VarianceGradientScalerState, check_wide
+from .hyper import split_arrays, widened
+from .leaves import (
+    all_finite, check_finite, check_leaf_dtype, is_eager, is_params_placeholder, where_finite, x64_scope,
+)
+from .state import VarianceGradientScalerState, check_words, host_state, narrow_fields, state_values, wide_fields
 
 
 def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS["beta"], alpha=VGS_DEFAULTS["alpha"],
@@ -34,47 +37,49 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
     gradients unscaled and the statistics (and ``count``) unchanged under ``"skip"`` and under
     ``jax.jit``; an eager ``"raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`.
     """
-    hp = validate_vgs(dict(enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
-                           min_scaling_factor=min_scaling_factor, variance_cap=variance_cap))
+    plain, arrays = split_arrays(dict(enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
+                                      min_scaling_factor=min_scaling_factor, variance_cap=variance_cap), VGS_DEFAULTS)
+    hp = validate_vgs(plain)
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
     nonfinite = check_nonfinite_policy(nonfinite)
 
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
-        if not leaves:
+        if not leaves and not is_params_placeholder(params):
             raise ValueError("variance_gradient_scaler needs at least one array leaf")
         for i, leaf in enumerate(leaves):
             check_leaf_dtype(f"params leaf {i}", leaf)
         with x64_scope():
             state = _ref.vgs_init(jnp, len(leaves))
-        return VarianceGradientScalerState(state.step, state.grad_mean_avg, state.grad_sq_avg)
+            return narrow_fields(VarianceGradientScalerState(state.step, state.grad_mean_avg, state.grad_sq_avg))
 
     @jax.jit
-    def native(leaves, state):
+    def native(leaves, state, arrays):
         with x64_scope():
-            core = _ref.VGSState(state.count, state.grad_mean_avg, state.grad_sq_avg)
-            factor, _ = _ref.vgs_scaling_factor(core, **hp)
+            values = dict(hp, **widened(arrays))
+            wide = wide_fields(state)
+            core = _ref.VGSState(wide.count, wide.grad_mean_avg, wide.grad_sq_avg)
+            factor, _ = _ref.vgs_scaling_factor(core, **values)
             scaled = _ref.vgs_scale(leaves, factor)
-            new = _ref.vgs_update(core, scaled, beta=hp["beta"])
+            new = _ref.vgs_update(core, scaled, beta=values["beta"])
             ok = all_finite(leaves, new.grad_mean_avg, new.grad_sq_avg)  # as optax.apply_if_finite
             scaled = where_finite(ok, scaled, leaves)
-            new = where_finite(ok, new, core._replace(step=jnp.asarray(state.count, dtype=jnp.int64)))
-        return scaled, VarianceGradientScalerState(new.step, new.grad_mean_avg, new.grad_sq_avg), ok
+            new = where_finite(ok, new, core)
+            return scaled, narrow_fields(VarianceGradientScalerState(new.step, new.grad_mean_avg, new.grad_sq_avg)), ok
 
     def kernels(leaves, state):
         check_eager("kernels", leaves, state)
         layout = kernel_layout(leaves)
         grads = pack_leaves(layout, leaves)
-        flat = FlatVGSState(int(state.count), np.array(state.grad_mean_avg, dtype=np.float64),
-                            np.array(state.grad_sq_avg, dtype=np.float64))
+        host = state_values(state)
+        flat = FlatVGSState(int(host.count), host.grad_mean_avg.copy(), host.grad_sq_avg.copy())
         factor = vgs_factor(flat, hp)[0]
         if not (vgs_scale_step(layout, grads, factor, backend=kernel_backend, nonfinite=nonfinite)
                 and vgs_update_step(layout, grads, flat, hp["beta"], backend=kernel_backend, nonfinite=nonfinite)):
             return list(leaves), state  # skipped: grads (a packed copy) and the statistics as they were
-        with x64_scope():
-            new = VarianceGradientScalerState(jnp.asarray(flat.step, dtype=jnp.int64),
-                                              jnp.asarray(flat.grad_mean_avg), jnp.asarray(flat.grad_sq_avg))
+        new = host_state(VarianceGradientScalerState, count=np.int64(flat.step), grad_mean_avg=flat.grad_mean_avg,
+                         grad_sq_avg=flat.grad_sq_avg)
         return [jax_view(v) for v in layout.unpack(grads)], new
 
     def update(updates, state, params=None, **extra_args):
@@ -90,12 +95,12 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
             )
         for i, leaf in enumerate(leaves):
             check_leaf_dtype(f"gradient leaf {i}", leaf)
-        check_wide(state, ("count", "grad_mean_avg", "grad_sq_avg"), num)
+        check_words(state, ("count", "grad_mean_avg", "grad_sq_avg"), num)
         eager = backend == "native" and is_eager(leaves, state)
         if eager and nonfinite == "raise":
             check_finite("gradient", leaves)
         if backend == "native":
-            scaled, new_state, ok = native(leaves, state)
+            scaled, new_state, ok = native(leaves, state, arrays)
             if eager and nonfinite == "raise" and not bool(ok):
                 raise NonFiniteStepError("variance_gradient_scaler: the statistics a_i, b_i would overflow float64; "
                                          "nothing was changed", field="vgs")

@@ -81,17 +81,18 @@ def replay(case, backend="native", *, jit=True, record_normals=True) -> dict:
             fields["normals"] = [np.asarray(z) for z in uj.noise(params, case.config.seed, k)]
         params, state = step(params, state, grads)
         opt = upgd_state(case, state)
+        values = uj.state_values(opt)
         fields.update(
             params=[np.asarray(p) for p in params],
             utility=[np.asarray(x) for x in leaves(opt.utility)],
             first_moment=[np.asarray(x) for x in leaves(opt.first_moment)],
             second_moment=[np.asarray(x) for x in leaves(opt.second_moment)],
-            segment_step=np.asarray(opt.segment_step),
-            grad_norm_ema=np.asarray(opt.grad_norm_ema),
+            segment_step=values.segment_step,
+            grad_norm_ema=values.grad_norm_ema,
         )
         if case.vgs is not None:
-            fields.update(vgs_grad_mean_avg=np.asarray(state[0].grad_mean_avg),
-                          vgs_grad_sq_avg=np.asarray(state[0].grad_sq_avg))
+            vgs = uj.state_values(state[0])
+            fields.update(vgs_grad_mean_avg=vgs.grad_mean_avg, vgs_grad_sq_avg=vgs.grad_sq_avg)
         writer.add_step(**fields)
     return writer.arrays()
 
@@ -110,13 +111,14 @@ def lockstep_ratios(params, grads, state, new_params, new_state, *, seed, hyper,
     leaves = jax.tree_util.tree_leaves
     host = lambda tree: [np.asarray(x) for x in leaves(tree)]  # noqa: E731
     p, g = host(params), host(grads)
+    values, new_values = uj.state_values(state), uj.state_values(new_state)
     pre = ref.UPGDState(
-        step=np.int64(state.count), segment_step=np.asarray(state.segment_step, dtype=np.int64),
-        utility=host(state.utility), first_moment=host(state.first_moment),
-        second_moment=host(state.second_moment), grad_norm_ema=np.asarray(state.grad_norm_ema, dtype=np.float64),
+        step=values.count, segment_step=values.segment_step, utility=host(state.utility),
+        first_moment=host(state.first_moment), second_moment=host(state.second_moment),
+        grad_norm_ema=values.grad_norm_ema,
     )
     layout = FlatLayout([x.shape for x in p], "float64")
-    normals = layout.unpack(noise(layout, seed, int(state.count) + 1))
+    normals = layout.unpack(noise(layout, seed, int(values.count) + 1))
     (truth_params, truth_state, _), scales = upgd_step_scales(p, g, pre, normals, hyper, noise_norm=noise_norm)
     bounds = upgd_step_bounds(scales, p[0].dtype, [x.size for x in p])
     candidates = {"params": host(new_params), "utility": host(new_state.utility),
@@ -125,6 +127,6 @@ def lockstep_ratios(params, grads, state, new_params, new_state, *, seed, hyper,
               "second_moment": truth_state.second_moment}
     ratios = {name: max(max_violation(c, t, b) for c, t, b in zip(candidates[name], truths[name], bounds[name]))
               for name in candidates}
-    assert int(new_state.count) == int(state.count) + 1
-    np.testing.assert_array_equal(np.asarray(new_state.segment_step), np.asarray(truth_state.segment_step))
+    assert int(new_values.count) == int(values.count) + 1
+    np.testing.assert_array_equal(new_values.segment_step, np.asarray(truth_state.segment_step))
     return ratios
