@@ -497,7 +497,9 @@ def test_version_1_checkpoints_still_load(name, cls, kwargs):
     layout = FlatLayout(SHAPES, dtype="float32")
     target = cls(layout, backend="reference", **kwargs)
     target.load(path)
-    assert snapshot(target.state_dict()["state"]) == snapshot(saved["state"])
+    loaded = target.state_dict()["state"]
+    assert loaded.pop("skipped_steps") == 0  # the counter version 1 files predate
+    assert snapshot(loaded) == snapshot(saved["state"])
     assert target.seed == saved["seed"] == 11
     if name == "upgdw":
         AdaptiveUPGD(layout, backend="reference").load(path)
