@@ -69,20 +69,36 @@ def _normalise_groups(groups, num_segments: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _noise_offsets(offsets, sizes) -> tuple[int, ...]:
+    """Per-segment noise offsets: non-negative ints, one per segment, index ranges below 2**64."""
+    offsets = list(offsets)
+    if len(offsets) != len(sizes):
+        raise ValueError(f"noise_offsets has {len(offsets)} entries but the layout has {len(sizes)} segments")
+    for i, (offset, size) in enumerate(zip(offsets, sizes)):
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+            raise TypeError(f"segment {i}: noise offset must be an int, got {offset!r}")
+        if not 0 <= offset <= 2**64 - size:
+            raise ValueError(f"segment {i}: noise offset {offset} must lie in [0, 2**64 - {size}]")
+    return tuple(int(o) for o in offsets)
+
+
 class FlatLayout:
     """Where each segment (parameter tensor) lives inside a flat 1-D buffer.
 
     Segment ``i`` occupies ``flat[offsets[i] : offsets[i] + sizes[i]]``; every offset is a
     multiple of 64 bytes, the elements between segments (padding) are zero and are never
     read by a reduction nor written by an update. ``logical_offsets[i]`` is the segment's
-    start when padding is removed: it is what the noise generator indexes by.
+    start when padding is removed. ``noise_offsets[i]`` is the logical index of the segment's
+    first element for the noise generator: ``logical_offsets`` unless the layout is one buffer
+    of a model held in several (:class:`upgd_ref.multi.MultiLayout` passes the segments'
+    indices in the whole model, so the noise does not depend on the grouping).
 
     >>> layout = FlatLayout([(3, 2), (5,)], dtype="float32")
     >>> layout.offsets, layout.size
     ((0, 16), 32)
     """
 
-    def __init__(self, shapes: Sequence, dtype="float32", groups=None):
+    def __init__(self, shapes: Sequence, dtype="float32", groups=None, noise_offsets=None):
         shapes = list(shapes)
         if not shapes:
             raise ValueError("a FlatLayout needs at least one segment")
@@ -104,6 +120,7 @@ class FlatLayout:
         self.size = position
         self.num_logical = logical_position
         self.groups = _normalise_groups(groups, len(self.shapes))
+        self.noise_offsets = self.logical_offsets if noise_offsets is None else _noise_offsets(noise_offsets, self.sizes)
 
     @property
     def num_segments(self) -> int:
@@ -116,18 +133,21 @@ class FlatLayout:
         return isinstance(other, FlatLayout) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash((self.shapes, self.dtype.name, self.groups))
+        return hash((self.shapes, self.dtype.name, self.groups, self.noise_offsets))
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "shapes": [list(s) for s in self.shapes],
             "dtype": self.dtype.name,
             "groups": list(self.groups),
         }
+        if self.noise_offsets != self.logical_offsets:  # only a part of a MultiLayout: older dicts unchanged
+            out["noise_offsets"] = list(self.noise_offsets)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> FlatLayout:
-        return cls([tuple(s) for s in data["shapes"]], data["dtype"], data.get("groups"))
+        return cls([tuple(s) for s in data["shapes"]], data["dtype"], data.get("groups"), data.get("noise_offsets"))
 
     def segment_slice(self, index: int) -> slice:
         return slice(self.offsets[index], self.offsets[index] + self.sizes[index])

@@ -246,15 +246,20 @@ def noise(layout, seed, step, dtype=None):
 
     Returns a flat NumPy buffer shaped like ``layout`` (``layout.unpack`` gives one array per
     segment); padding elements are 0. Element ``j`` of segment ``i`` is the normal of logical
-    index ``layout.logical_offsets[i] + j``, so layouts that differ only in padding (for
+    index ``layout.noise_offsets[i] + j`` (``logical_offsets`` unless the layout is a part of a
+    :class:`~upgd_ref.multi.MultiLayout`), so layouts that differ only in padding (for
     example float32 and float64 layouts of the same shapes) draw identical values.
     ``dtype`` defaults to the layout's dtype.
     """
     dtype = np.dtype(layout.dtype if dtype is None else dtype)
     if dtype.name not in ("float32", "float64"):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
-    values = standard_normals(seed, step, 0, layout.num_logical, dtype=np.float64)
     out = layout.zeros(dtype=dtype)
-    for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
-        out[offset : offset + size] = values[logical_offset : logical_offset + size]
+    if layout.noise_offsets == layout.logical_offsets:  # one draw for the whole buffer
+        values = standard_normals(seed, step, 0, layout.num_logical, dtype=np.float64)
+        for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
+            out[offset : offset + size] = values[logical_offset : logical_offset + size]
+        return out
+    for offset, noise_offset, size in zip(layout.offsets, layout.noise_offsets, layout.sizes):
+        out[offset : offset + size] = standard_normals(seed, step, noise_offset, size, dtype=np.float64)
     return out

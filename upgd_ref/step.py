@@ -29,11 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from . import reference as ref
-from .arrays import array_kind, to_numpy
+from .arrays import array_kind, describe_device, to_numpy
 from .backends import BACKENDS, auto_order, available_backends, select_backend
 from .checkpoint import MAX_STEP
 from .checks import (
@@ -41,9 +42,12 @@ from .checks import (
 )
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, check_coefficients, validate_upgd, validate_vgs
 from .layout import FlatLayout
+from .multi import MultiLayout, MultiUPGDState
 from .reference import PRODUCTION, UPGDVariant, check_variant
 from .rng import check_u64
-from .stages import combine_reductions, commit, plan_step, refusal, vgs_commit, vgs_next
+from .stages import (
+    combine_reductions, commit, part_plan, plan_step, refusal, segment_dtypes, vgs_commit, vgs_next,
+)
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
@@ -142,8 +146,52 @@ def _check_vgs(vgs, layout) -> VGSRequest:
     return VGSRequest(vgs.state, factor, beta)
 
 
-def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: StepRequest, *,
-              vgs: VGSRequest | None = None, backend="auto") -> ref.StepStats:
+class _Part(NamedTuple):
+    """One flat buffer of a step: its layout, its segments' global indices, its buffers, the
+    state record the backend reads (``record``) and the one whose buffers follow ``params``."""
+
+    layout: FlatLayout
+    segments: tuple
+    params: object
+    grads: object
+    record: FlatUPGDState
+    owner: FlatUPGDState
+    name: str  # "" for a single buffer, "[k]" for part k
+
+
+def _parts(layout, params, grads, state, writable_grads: bool) -> list[_Part]:
+    """The step's buffers, checked: one part for a :class:`FlatLayout`, one per buffer of a
+    :class:`~upgd_ref.multi.MultiLayout` (then ``params``, ``grads`` are sequences and
+    ``state`` a :class:`~upgd_ref.multi.MultiUPGDState`)."""
+    if isinstance(layout, MultiLayout):
+        if not isinstance(state, MultiUPGDState) or len(state.parts) != len(layout.parts):
+            raise TypeError(f"state must be a MultiUPGDState of {len(layout.parts)} parts for a MultiLayout, "
+                            f"got {type(state).__name__}")
+        params, grads = layout.buffers_of(params), layout.buffers_of(grads)
+        parts = [_Part(part, segments, params[k], grads[k], state.part(layout, k), state.parts[k], f"[{k}]")
+                 for k, (part, segments) in enumerate(zip(layout.parts, layout.segments))]
+    elif isinstance(layout, FlatLayout):
+        if not isinstance(state, FlatUPGDState):
+            raise TypeError(f"state must be a FlatUPGDState, got {type(state).__name__}")
+        parts = [_Part(layout, tuple(range(layout.num_segments)), params, grads, state, state, "")]
+    else:
+        raise TypeError(f"layout must be a FlatLayout or a MultiLayout, got {type(layout).__name__}")
+    for part in parts:
+        check_flat_buffer("params" + part.name, part.params, part.layout, writable=True)
+        check_flat_buffer("grads" + part.name, part.grads, part.layout, writable=writable_grads)
+    by_device: dict[str, dict] = {}
+    for part in parts:
+        check_distinct(**{"params" + part.name: part.params, "grads" + part.name: part.grads})
+        by_device.setdefault(describe_device(part.params), {}).update(
+            {"params" + part.name: part.params, "grads" + part.name: part.grads})
+    for buffers in by_device.values():  # buffers on one device share no memory
+        if len(buffers) > 2:
+            check_distinct(**buffers)
+    return parts
+
+
+def upgd_step(layout: FlatLayout | MultiLayout, params, grads, state: FlatUPGDState | MultiUPGDState,
+              request: StepRequest, *, vgs: VGSRequest | None = None, backend="auto") -> ref.StepStats:
     """One step of the UPGD family on flat buffers: ``params`` and ``state`` updated in place.
 
     ``params``, ``grads``: flat buffers of ``layout`` (NumPy, or CuPy on a GPU); ``state``: a
@@ -151,61 +199,85 @@ def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: 
     ``request``: a :class:`StepRequest`. ``vgs``: a :class:`VGSRequest`; then ``grads`` are
     scaled by ``f`` in place (so they must be writable) and the scaler's statistics advance
     from the scaled gradients, in the same read of the gradient. ``backend``: ``"auto"``, a
-    registered name or a :class:`~upgd_ref.backends.Backend`.
+    registered name or a :class:`~upgd_ref.backends.Backend` (with several buffers, ``"auto"``
+    picks one per buffer).
+
+    Several buffers (one per (device, dtype)): ``layout`` a :class:`~upgd_ref.multi.MultiLayout`,
+    ``params`` and ``grads`` one buffer per part, ``state`` a
+    :class:`~upgd_ref.multi.MultiUPGDState`; the result does not depend on how the segments
+    are grouped into buffers (``specs/step.md`` §3).
 
     Returns the step's :class:`~upgd_ref.reference.StepStats`. Invalid input raises before
     anything is modified; a segment with ``present[i] = False`` is left bit-identical.
     """
-    check_flat_buffer("params", params, layout, writable=True)
-    check_flat_buffer("grads", grads, layout, writable=vgs is not None)
-    check_distinct(params=params, grads=grads)
-    if not isinstance(state, FlatUPGDState):
-        raise TypeError(f"state must be a FlatUPGDState, got {type(state).__name__}")
+    parts = _parts(layout, params, grads, state, writable_grads=vgs is not None)
     if not isinstance(request, StepRequest):
         raise TypeError(f"request must be a StepRequest, got {type(request).__name__}")
     request = request.checked(layout.num_segments)
     vgs = None if vgs is None else _check_vgs(vgs, layout)
-    impl = select_backend(backend, params)
+    impls = [select_backend(backend, part.params) for part in parts]
+    dtypes = layout.dtypes if isinstance(layout, MultiLayout) else layout.dtype
     present = request.present
-    for i, h in enumerate(request.hyper):
+    for i, (h, dtype) in enumerate(zip(request.hyper, segment_dtypes(dtypes, layout.num_segments))):
         if present[i]:
-            check_coefficients(h, layout.dtype, request.variant, where=f"segment {i}: ")
+            check_coefficients(h, dtype, request.variant, where=f"segment {i}: ")
     if state.step >= MAX_STEP:
         raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
     check_u64("step", state.step + 1)
-    state.follow(params)  # state lives where the parameters live
 
     factor = 1.0 if vgs is None else vgs.factor
-    local = impl.first_pass(layout=layout, params=params, grads=grads, state=state, present=present,
-                            hyper=request.hyper, vgs_factor=factor, variant=request.variant)  # writes nothing
-    reductions = combine_reductions([(range(layout.num_segments), local)], layout.num_segments)
-    plan = plan_step(layout.dtype, state, present, request.hyper, reductions, request.noise_norm)
+    local = []
+    for part, impl in zip(parts, impls):
+        part.owner.follow(part.params)  # state lives where the parameters live
+        part_present = [present[i] for i in part.segments]
+        hyper = [request.hyper[i] for i in part.segments]
+        local.append((part.segments, impl.first_pass(
+            layout=part.layout, params=part.params, grads=part.grads, state=_followed(part), present=part_present,
+            hyper=hyper, vgs_factor=factor, variant=request.variant)))  # writes nothing
+    reductions = combine_reductions(local, layout.num_segments)
+    plan = plan_step(dtypes if isinstance(dtypes, np.dtype) else np.float64, state, present, request.hyper,
+                     reductions, request.noise_norm)
     vgs_new = None if vgs is None else vgs_next(vgs.state, reductions, layout.sizes, present, vgs.beta)
-    refused = refusal(layout.dtype, plan, reductions, request.hyper, present, request.variant, vgs_new)
+    refused = refusal(dtypes, plan, reductions, request.hyper, present, request.variant, vgs_new)
     if refused is not None:
         if request.nonfinite == "skip":
             state.skipped_steps += 1
             return plan.stats._replace(skipped=True)
-        _raise_refusal(refused, layout, params, grads, state, present, request, factor)
+        _raise_refusal(refused, parts, present, request, factor)
     if plan.run:
-        impl.second_pass(layout=layout, params=params, grads=grads, state=state, present=present,
-                         hyper=request.hyper, plan=plan, seed=request.seed, variant=request.variant,
-                         vgs_factor=factor)
+        for part, impl in zip(parts, impls):
+            impl.second_pass(layout=part.layout, params=part.params, grads=part.grads, state=_followed(part),
+                             present=[present[i] for i in part.segments],
+                             hyper=[request.hyper[i] for i in part.segments],
+                             plan=plan if len(parts) == 1 else part_plan(plan, part.segments, part.layout.dtype),
+                             seed=request.seed, variant=request.variant, vgs_factor=factor)
     commit(state, plan)
     if vgs is not None:
         vgs_commit(vgs.state, vgs_new)
     return plan.stats
 
 
-def _raise_refusal(refused, layout, params, grads, state, present, request, factor) -> None:
+def _followed(part: _Part) -> FlatUPGDState:
+    """The record the backend reads, with the buffers where :meth:`FlatUPGDState.follow` put them."""
+    record, owner = part.record, part.owner
+    if record is not owner:
+        record.utility, record.first_moment, record.second_moment = (
+            owner.utility, owner.first_moment, owner.second_moment)
+    return record
+
+
+def _raise_refusal(refused, parts, present, request, factor) -> None:
     """Raise :class:`~upgd_ref.checks.NonFiniteStepError` for a refused step, naming the
-    segment and, for a per-element refusal, the field and element (found on a host copy:
-    this is the error path, never the hot one)."""
+    segment (its global index) and, for a per-element refusal, the field and element (found
+    on a host copy: this is the error path, never the hot one)."""
     if refused.field == "elements":
         i = refused.segment
-        check_finite("grads", to_numpy(grads), layout, present)
-        check_finite("params", to_numpy(params), layout, present)
-        found = _first_nonfinite_trace(layout, params, grads, state, present, request, factor, i)
+        part = next(p for p in parts if i in p.segments)
+        local, layout = part.segments.index(i), part.layout
+        part_present = [j == i for j in part.segments]
+        check_finite("grads", to_numpy(part.grads), layout, part_present, segment_ids=part.segments)
+        check_finite("params", to_numpy(part.params), layout, part_present, segment_ids=part.segments)
+        found = _first_nonfinite_trace(part, request, factor, local)
         if found is not None:
             name, element, value = found
             raise NonFiniteStepError(f"{name}: segment {i}: element {element} would become {value} "
@@ -214,11 +286,12 @@ def _raise_refusal(refused, layout, params, grads, state, present, request, fact
     raise NonFiniteStepError(f"{refused.message}; nothing was changed", field=refused.field, segment=refused.segment)
 
 
-def _first_nonfinite_trace(layout, params, grads, state, present, request, factor, i):
+def _first_nonfinite_trace(part, request, factor, i):
     """``(field, element, value)`` of the first non-finite new ``u``, ``m``, ``v`` or update
-    direction ``d`` of segment ``i``, from the reference formulas on host copies."""
-    h, dtype = request.hyper[i], layout.dtype
-    g, p = (to_numpy(b)[layout.segment_slice(i)] for b in (grads, params))
+    direction ``d`` of the part's local segment ``i``, from the reference formulas on host copies."""
+    layout, state = part.layout, _followed(part)
+    h, dtype = request.hyper[part.segments[i]], layout.dtype
+    g, p = (to_numpy(b)[layout.segment_slice(i)] for b in (part.grads, part.params))
     u, m, v = (to_numpy(getattr(state, name))[layout.segment_slice(i)] for name in FlatUPGDState.BUFFERS)
     t = int(state.segment_step[i]) + 1
     with np.errstate(all="ignore"):

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.conftest import assert_unchanged, snapshot
+from tests.helpers.snapshots import assert_unchanged, snapshot
 from upgd_ref import UPGD, AdaptiveUPGD, FlatLayout, VarianceGradientScaler
 from upgd_ref.checks import NonFiniteStepError
 from upgd_ref.hyperparams import validate_upgd

@@ -104,9 +104,9 @@ def chunk_table(layout: FlatLayout) -> np.ndarray:
     """The layout's chunks: int64 ``(C, 4)``, columns ``SEGMENT, START, LENGTH, LOGICAL``.
 
     Segment ``i`` of size ``n`` has ``ceil(n / CHUNK)`` chunks, in order; chunk ``c``
-    covers ``flat[START : START + LENGTH]``, logical indices from ``LOGICAL``.
+    covers ``flat[START : START + LENGTH]``, noise indices from ``LOGICAL`` (``layout.noise_offsets``).
     """
-    return _chunk_table(layout.offsets, layout.logical_offsets, layout.sizes)
+    return _chunk_table(layout.offsets, layout.noise_offsets, layout.sizes)
 
 
 def segment_chunk_offsets(layout: FlatLayout) -> np.ndarray:
