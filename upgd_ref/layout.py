@@ -14,7 +14,7 @@ from array_api_compat import array_namespace, is_numpy_namespace
 __all__ = ["FlatLayout", "ALIGNMENT_BYTES", "aligned_zeros"]
 
 ALIGNMENT_BYTES = 64
-SUPPORTED_DTYPES = ("float32", "float64")
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def aligned_zeros(count: int, dtype) -> np.ndarray:
@@ -69,6 +69,17 @@ def _normalise_groups(groups, num_segments: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _layout_dtype(dtype) -> np.dtype:
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        import ml_dtypes  # NumPy has no bfloat16; ml_dtypes' is the one JAX uses
+
+        dtype = ml_dtypes.bfloat16
+    dtype = np.dtype(dtype)
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise TypeError(f"layout dtype must be one of {SUPPORTED_DTYPES}, got {dtype.name}")
+    return dtype
+
+
 def _noise_offsets(offsets, sizes) -> tuple[int, ...]:
     """Per-segment noise offsets: non-negative ints, one per segment, index ranges below 2**64."""
     offsets = list(offsets)
@@ -103,9 +114,7 @@ class FlatLayout:
         if not shapes:
             raise ValueError("a FlatLayout needs at least one segment")
         self.shapes = tuple(_normalise_shape(i, s) for i, s in enumerate(shapes))
-        dtype = np.dtype(dtype)
-        if dtype.name not in SUPPORTED_DTYPES:
-            raise TypeError(f"layout dtype must be float32 or float64, got {dtype.name}")
+        dtype = _layout_dtype(dtype)
         self.dtype = dtype
         self.alignment = ALIGNMENT_BYTES // dtype.itemsize
         self.sizes = tuple(math.prod(s) for s in self.shapes)
@@ -148,6 +157,16 @@ class FlatLayout:
     @classmethod
     def from_dict(cls, data: dict) -> FlatLayout:
         return cls([tuple(s) for s in data["shapes"]], data["dtype"], data.get("groups"), data.get("noise_offsets"))
+
+    def widened(self, dtype) -> FlatLayout:
+        """This layout with elements of ``dtype`` (wider) at the same element offsets: a
+        16-bit buffer and its float32 copy share offsets, so ``buffer.astype`` converts one
+        into the other (``specs/precision.md``)."""
+        twin = FlatLayout(self.shapes, dtype, self.groups, self.noise_offsets)
+        if twin.dtype.itemsize < self.dtype.itemsize:
+            raise ValueError(f"widened: {twin.dtype.name} is narrower than {self.dtype.name}")
+        twin.alignment, twin.offsets, twin.size = self.alignment, self.offsets, self.size
+        return twin
 
     def segment_slice(self, index: int) -> slice:
         return slice(self.offsets[index], self.offsets[index] + self.sizes[index])

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import reference as ref
+from .precision import finfo
 from .rng import NORMAL_MAX
 
 __all__ = ["SegmentReductions", "StepPlan", "Refusal", "BOUND_MARGIN", "combine_reductions", "plan_step", "refusal",
@@ -171,12 +172,15 @@ def segment_dtypes(dtype, num_segments: int) -> list[np.dtype]:
 
 
 def refusal(dtype, plan: StepPlan, reductions: SegmentReductions, hyper: Sequence[dict], present: Sequence[bool],
-            variant: ref.UPGDVariant, vgs_new: ref.VGSState | None = None) -> Refusal | None:
+            variant: ref.UPGDVariant, vgs_new: ref.VGSState | None = None, storage=None) -> Refusal | None:
     """The first reason (in the order of ``specs/algorithm.md`` §8) why the planned step would
     leave a non-finite parameter, state entry or VGS statistic, or ``None``: nothing has been
     written yet, so a refused step changes nothing. ``dtype``: the buffers' dtype, or one
-    per segment (:func:`segment_dtypes`)."""
+    per segment (:func:`segment_dtypes`), the dtype the step computes in; ``storage``: the
+    parameters' dtypes when narrower (16-bit parameters stepped in float32,
+    ``specs/precision.md``): the update's bound is checked against their largest value."""
     dtypes = segment_dtypes(dtype, len(present))
+    stored = dtypes if storage is None else segment_dtypes(storage, len(present))
     segments = [i for i, p in enumerate(present) if p]
     for i in segments:
         if reductions.nonfinite[i] > 0:
@@ -209,8 +213,8 @@ def refusal(dtype, plan: StepPlan, reductions: SegmentReductions, hyper: Sequenc
             continue  # no element
         bound = update_bound(dtypes[i], hyper[i], variant.update_factor, reductions.param_max[i],
                              reductions.direction_max[i], plan.std[i])
-        if not bound <= BOUND_MARGIN * float(np.finfo(dtypes[i]).max):
-            return Refusal("params", i, f"params: segment {i}: the update could overflow {dtypes[i].name} (bound "
+        if not bound <= BOUND_MARGIN * float(finfo(stored[i]).max):
+            return Refusal("params", i, f"params: segment {i}: the update could overflow {stored[i].name} (bound "
                                         f"max|p| |1 - lr wd| + max(1, step) (max|d| + std {NORMAL_MAX}) = {bound:.6g})")
     if vgs_new is not None and not (np.isfinite(vgs_new.grad_mean_avg).all() and np.isfinite(vgs_new.grad_sq_avg).all()):
         bad = int(np.flatnonzero(~(np.isfinite(vgs_new.grad_mean_avg) & np.isfinite(vgs_new.grad_sq_avg)))[0])

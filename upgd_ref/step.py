@@ -45,8 +45,10 @@ from .layout import FlatLayout
 from .multi import MultiLayout, MultiUPGDState
 from .reference import PRODUCTION, UPGDVariant, check_variant
 from .rng import check_u64
+from .parts import backend_record, narrowed, step_parts, widened
+from .precision import check_rounding, compute_dtype
 from .stages import (
-    combine_reductions, commit, part_plan, plan_step, refusal, segment_dtypes, vgs_commit, vgs_next,
+    Refusal, combine_reductions, commit, part_plan, plan_step, refusal, segment_dtypes, vgs_commit, vgs_next,
 )
 from .state import FlatUPGDState, FlatVGSState
 
@@ -81,7 +83,9 @@ class StepRequest:
     ``variant``: the member of the UPGD family (:class:`~upgd_ref.reference.UPGDVariant`);
     ``nonfinite``: what a step that would leave something non-finite does
     (``specs/algorithm.md`` §8): ``"raise"`` a :class:`~upgd_ref.checks.NonFiniteStepError`,
-    or ``"skip"`` (nothing changes but ``state.skipped_steps``).
+    or ``"skip"`` (nothing changes but ``state.skipped_steps``); ``rounding``: how new 16-bit
+    parameters are rounded from their float32 values, ``"nearest"`` or ``"stochastic"``
+    (``specs/precision.md``; no effect on float32 and float64 buffers).
     """
 
     hyper: Sequence[dict]
@@ -90,6 +94,7 @@ class StepRequest:
     noise_norm: str = "segment"
     variant: UPGDVariant = field(default=PRODUCTION)
     nonfinite: str = "raise"
+    rounding: str = "nearest"
 
     def checked(self, num_segments: int) -> StepRequest:
         """This request with every field checked and normalised; raises naming the field."""
@@ -109,7 +114,8 @@ class StepRequest:
                            seed=check_seed(self.seed, "request."),
                            noise_norm=check_noise_norm(self.noise_norm, "request."),
                            variant=check_variant(self.variant),
-                           nonfinite=check_nonfinite_policy(self.nonfinite, "request."))
+                           nonfinite=check_nonfinite_policy(self.nonfinite, "request."),
+                           rounding=check_rounding(self.rounding, "request."))
 
 
 @dataclass(frozen=True)
@@ -146,50 +152,6 @@ def _check_vgs(vgs, layout) -> VGSRequest:
     return VGSRequest(vgs.state, factor, beta)
 
 
-class _Part(NamedTuple):
-    """One flat buffer of a step: its layout, its segments' global indices, its buffers, the
-    state record the backend reads (``record``) and the one whose buffers follow ``params``."""
-
-    layout: FlatLayout
-    segments: tuple
-    params: object
-    grads: object
-    record: FlatUPGDState
-    owner: FlatUPGDState
-    name: str  # "" for a single buffer, "[k]" for part k
-
-
-def _parts(layout, params, grads, state, writable_grads: bool) -> list[_Part]:
-    """The step's buffers, checked: one part for a :class:`FlatLayout`, one per buffer of a
-    :class:`~upgd_ref.multi.MultiLayout` (then ``params``, ``grads`` are sequences and
-    ``state`` a :class:`~upgd_ref.multi.MultiUPGDState`)."""
-    if isinstance(layout, MultiLayout):
-        if not isinstance(state, MultiUPGDState) or len(state.parts) != len(layout.parts):
-            raise TypeError(f"state must be a MultiUPGDState of {len(layout.parts)} parts for a MultiLayout, "
-                            f"got {type(state).__name__}")
-        params, grads = layout.buffers_of(params), layout.buffers_of(grads)
-        parts = [_Part(part, segments, params[k], grads[k], state.part(layout, k), state.parts[k], f"[{k}]")
-                 for k, (part, segments) in enumerate(zip(layout.parts, layout.segments))]
-    elif isinstance(layout, FlatLayout):
-        if not isinstance(state, FlatUPGDState):
-            raise TypeError(f"state must be a FlatUPGDState, got {type(state).__name__}")
-        parts = [_Part(layout, tuple(range(layout.num_segments)), params, grads, state, state, "")]
-    else:
-        raise TypeError(f"layout must be a FlatLayout or a MultiLayout, got {type(layout).__name__}")
-    for part in parts:
-        check_flat_buffer("params" + part.name, part.params, part.layout, writable=True)
-        check_flat_buffer("grads" + part.name, part.grads, part.layout, writable=writable_grads)
-    by_device: dict[str, dict] = {}
-    for part in parts:
-        check_distinct(**{"params" + part.name: part.params, "grads" + part.name: part.grads})
-        by_device.setdefault(describe_device(part.params), {}).update(
-            {"params" + part.name: part.params, "grads" + part.name: part.grads})
-    for buffers in by_device.values():  # buffers on one device share no memory
-        if len(buffers) > 2:
-            check_distinct(**buffers)
-    return parts
-
-
 def upgd_step(layout: FlatLayout | MultiLayout, params, grads, state: FlatUPGDState | MultiUPGDState,
               request: StepRequest, *, vgs: VGSRequest | None = None, backend="auto") -> ref.StepStats:
     """One step of the UPGD family on flat buffers: ``params`` and ``state`` updated in place.
@@ -210,60 +172,87 @@ def upgd_step(layout: FlatLayout | MultiLayout, params, grads, state: FlatUPGDSt
     Returns the step's :class:`~upgd_ref.reference.StepStats`. Invalid input raises before
     anything is modified; a segment with ``present[i] = False`` is left bit-identical.
     """
-    parts = _parts(layout, params, grads, state, writable_grads=vgs is not None)
+    parts = step_parts(layout, params, grads, state, writable_grads=vgs is not None)
     if not isinstance(request, StepRequest):
         raise TypeError(f"request must be a StepRequest, got {type(request).__name__}")
     request = request.checked(layout.num_segments)
     vgs = None if vgs is None else _check_vgs(vgs, layout)
-    impls = [select_backend(backend, part.params) for part in parts]
-    dtypes = layout.dtypes if isinstance(layout, MultiLayout) else layout.dtype
+    dtypes = segment_dtypes(layout.dtypes if isinstance(layout, MultiLayout) else layout.dtype, layout.num_segments)
+    wide = [compute_dtype(d) for d in dtypes]
     present = request.present
-    for i, (h, dtype) in enumerate(zip(request.hyper, segment_dtypes(dtypes, layout.num_segments))):
+    for i, h in enumerate(request.hyper):
         if present[i]:
-            check_coefficients(h, dtype, request.variant, where=f"segment {i}: ")
+            check_coefficients(h, wide[i], request.variant, where=f"segment {i}: ")
     if state.step >= MAX_STEP:
         raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
     check_u64("step", state.step + 1)
 
     factor = 1.0 if vgs is None else vgs.factor
+    for part in parts:
+        part.owner.follow(part.params)  # state lives where the parameters live
+    parts = [widened(part) for part in parts]  # 16-bit parameters step in float32 copies
+    impls = [select_backend(backend, part.params) for part in parts]
     local = []
     for part, impl in zip(parts, impls):
-        part.owner.follow(part.params)  # state lives where the parameters live
-        part_present = [present[i] for i in part.segments]
-        hyper = [request.hyper[i] for i in part.segments]
         local.append((part.segments, impl.first_pass(
-            layout=part.layout, params=part.params, grads=part.grads, state=_followed(part), present=part_present,
-            hyper=hyper, vgs_factor=factor, variant=request.variant)))  # writes nothing
+            layout=part.layout, params=part.params, grads=part.grads, state=backend_record(part),
+            present=[present[i] for i in part.segments], hyper=[request.hyper[i] for i in part.segments],
+            vgs_factor=factor, variant=request.variant)))  # writes nothing
     reductions = combine_reductions(local, layout.num_segments)
-    plan = plan_step(dtypes if isinstance(dtypes, np.dtype) else np.float64, state, present, request.hyper,
+    plan = plan_step(wide[0] if len(set(wide)) == 1 else np.float64, state, present, request.hyper,
                      reductions, request.noise_norm)
     vgs_new = None if vgs is None else vgs_next(vgs.state, reductions, layout.sizes, present, vgs.beta)
-    refused = refusal(dtypes, plan, reductions, request.hyper, present, request.variant, vgs_new)
+    refused = refusal(wide, plan, reductions, request.hyper, present, request.variant, vgs_new, storage=dtypes)
+    if refused is None and plan.run:
+        refused = _update(parts, impls, plan, request, factor)
     if refused is not None:
         if request.nonfinite == "skip":
             state.skipped_steps += 1
             return plan.stats._replace(skipped=True)
         _raise_refusal(refused, parts, present, request, factor)
-    if plan.run:
-        for part, impl in zip(parts, impls):
-            impl.second_pass(layout=part.layout, params=part.params, grads=part.grads, state=_followed(part),
-                             present=[present[i] for i in part.segments],
-                             hyper=[request.hyper[i] for i in part.segments],
-                             plan=plan if len(parts) == 1 else part_plan(plan, part.segments, part.layout.dtype),
-                             seed=request.seed, variant=request.variant, vgs_factor=factor)
     commit(state, plan)
     if vgs is not None:
         vgs_commit(vgs.state, vgs_new)
     return plan.stats
 
 
-def _followed(part: _Part) -> FlatUPGDState:
-    """The record the backend reads, with the buffers where :meth:`FlatUPGDState.follow` put them."""
-    record, owner = part.record, part.owner
-    if record is not owner:
-        record.utility, record.first_moment, record.second_moment = (
-            owner.utility, owner.first_moment, owner.second_moment)
-    return record
+def _update(parts, impls, plan, request, factor):
+    """The update stage: every part's pass 2, the parts that write only float32 copies first;
+    their new values are narrowed to the caller's dtypes and checked before anything the
+    caller owns is written (a 16-bit state can overflow where float32 does not). Returns a
+    :class:`~upgd_ref.stages.Refusal` when that check fails, else ``None`` (all written)."""
+    order = sorted(range(len(parts)), key=lambda k: not _in_copies(parts[k]))
+    pending = []
+    for k in order:
+        part = parts[k]
+        if not _in_copies(part) and pending:  # every copy checked: write them, then the rest in place
+            _write(pending)
+            pending = []
+        impls[k].second_pass(layout=part.layout, params=part.params, grads=part.grads, state=backend_record(part),
+                             present=[request.present[i] for i in part.segments],
+                             hyper=[request.hyper[i] for i in part.segments],
+                             plan=plan if len(parts) == 1 else part_plan(plan, part.segments, part.layout.dtype),
+                             seed=request.seed, variant=request.variant, vgs_factor=factor)
+        if part.caller is not None:
+            result = narrowed(part, present=request.present, rounding=request.rounding, seed=request.seed,
+                              step=plan.step, scaled=factor != 1.0)
+            if result.field is not None:
+                return Refusal(result.field, result.segment,
+                               f"{result.field}: segment {result.segment}: element {result.element} would overflow "
+                               f"{part.caller.layout.dtype.name} when rounded to it")
+            pending.extend(result.writes)
+    _write(pending)
+    return None
+
+
+def _in_copies(part) -> bool:
+    """Whether a part's update pass writes only copies (a widened part with a 16-bit state)."""
+    return part.caller is not None and part.record is not part.caller.owner
+
+
+def _write(writes) -> None:
+    for target, values in writes:
+        target[...] = values
 
 
 def _raise_refusal(refused, parts, present, request, factor) -> None:
@@ -289,7 +278,7 @@ def _raise_refusal(refused, parts, present, request, factor) -> None:
 def _first_nonfinite_trace(part, request, factor, i):
     """``(field, element, value)`` of the first non-finite new ``u``, ``m``, ``v`` or update
     direction ``d`` of the part's local segment ``i``, from the reference formulas on host copies."""
-    layout, state = part.layout, _followed(part)
+    layout, state = part.layout, backend_record(part)
     h, dtype = request.hyper[part.segments[i]], layout.dtype
     g, p = (to_numpy(b)[layout.segment_slice(i)] for b in (part.grads, part.params))
     u, m, v = (to_numpy(getattr(state, name))[layout.segment_slice(i)] for name in FlatUPGDState.BUFFERS)
