@@ -65,8 +65,10 @@ def check_rounding(rounding, where: str = "") -> str:
 
 
 def round_nearest(values, dtype):
-    """``values`` (float32) rounded to nearest-even in ``dtype``."""
-    return values.astype(np.dtype(dtype))
+    """``values`` (float32) rounded to nearest-even in ``dtype`` (beyond its range: inf,
+    which the door's checks refuse before anything is written)."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.dtype(dtype))
 
 
 def array_module(x):

@@ -26,6 +26,7 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "NORMAL_MAX",
+    "noise_dtype",
     "philox4x32_10",
     "counter_runs",
     "check_u64",
@@ -241,6 +242,12 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
     return xp.astype(flat[skip : skip + count], dtype)
 
 
+def noise_dtype(layout) -> np.dtype:
+    """The dtype of a step's normals: the layout's, float32 for 16-bit layouts (they step in
+    float32, ``specs/precision.md``)."""
+    return np.dtype(np.float32) if layout.dtype.itemsize == 2 else layout.dtype
+
+
 def noise(layout, seed, step, dtype=None):
     """The standard normals that optimizer step ``step`` (1, 2, ...) with ``seed`` uses.
 
@@ -249,9 +256,9 @@ def noise(layout, seed, step, dtype=None):
     index ``layout.noise_offsets[i] + j`` (``logical_offsets`` unless the layout is a part of a
     :class:`~upgd_ref.multi.MultiLayout`), so layouts that differ only in padding (for
     example float32 and float64 layouts of the same shapes) draw identical values.
-    ``dtype`` defaults to the layout's dtype.
+    ``dtype`` defaults to :func:`noise_dtype` (the layout's; float32 for 16-bit layouts).
     """
-    dtype = np.dtype(layout.dtype if dtype is None else dtype)
+    dtype = np.dtype(noise_dtype(layout) if dtype is None else dtype)
     if dtype.name not in ("float32", "float64"):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
     out = layout.zeros(dtype=dtype)

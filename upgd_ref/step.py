@@ -44,9 +44,9 @@ from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, check_c
 from .layout import FlatLayout
 from .multi import MultiLayout, MultiUPGDState
 from .reference import PRODUCTION, UPGDVariant, check_variant
-from .rng import check_u64
+from .rng import check_u64, noise_dtype
 from .parts import backend_record, narrowed, step_parts, widened
-from .precision import check_rounding, compute_dtype
+from .precision import check_rounding, compute_dtype, is_low_precision, round_nearest
 from .stages import (
     Refusal, combine_reductions, commit, part_plan, plan_step, refusal, segment_dtypes, vgs_commit, vgs_next,
 )
@@ -300,9 +300,14 @@ def _first_nonfinite_trace(part, request, factor, i):
 
 
 def _scaler_call(layout, grads, present, backend, writable):
+    """``(present, backend, layout, grads)`` checked; 16-bit gradients as an exact float32
+    copy at the same offsets (``specs/precision.md``), which the caller narrows back."""
     present = check_present(present, layout.num_segments)
     check_flat_buffer("grads", grads, layout, writable=writable)
-    return present, select_backend(backend, grads)
+    if is_low_precision(layout.dtype):
+        wide = compute_dtype(layout.dtype)
+        layout, grads = layout.widened(wide), grads.astype(wide)
+    return present, select_backend(backend, grads), layout, grads
 
 
 def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, backend="auto",
@@ -313,13 +318,15 @@ def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, ba
     "raise"``) or leave ``grads`` as they are (``"skip"``; returns False). ``f <= 1`` cannot
     overflow a finite gradient."""
     nonfinite = check_nonfinite_policy(nonfinite)
-    present, impl = _scaler_call(layout, grads, present, backend, writable=True)
-    if impl.nonfinite_counts(layout=layout, buffer=grads, present=present).any():
+    present, impl, wide_layout, wide = _scaler_call(layout, grads, present, backend, writable=True)
+    if impl.nonfinite_counts(layout=wide_layout, buffer=wide, present=present).any():
         if nonfinite == "skip":
             return False
-        check_finite("grads", to_numpy(grads), layout, present)
+        check_finite("grads", to_numpy(wide), wide_layout, present)
     if factor != 1.0:
-        impl.scale(layout=layout, grads=grads, factor=factor, present=present)
+        impl.scale(layout=wide_layout, grads=wide, factor=factor, present=present)
+        if wide is not grads:  # f g of 16-bit gradients: in float32, rounded once to nearest
+            grads[...] = round_nearest(wide, layout.dtype)
     return True
 
 
@@ -331,7 +338,7 @@ def vgs_update_step(layout: FlatLayout, grads, state: FlatVGSState, beta: float,
     changes: ``nonfinite="raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`,
     ``"skip"`` adds 1 to ``state.skipped_steps`` and returns False."""
     nonfinite = check_nonfinite_policy(nonfinite)
-    present, impl = _scaler_call(layout, grads, present, backend, writable=False)
+    present, impl, layout, grads = _scaler_call(layout, grads, present, backend, writable=False)
     beta = validate_vgs({"beta": beta})["beta"]
     if state.step >= MAX_STEP:
         raise OverflowError(f"the statistics step count k has reached {MAX_STEP}, the largest a checkpoint can hold")
@@ -372,7 +379,7 @@ def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = 
 
 
 def _check_noise_out(out, layout, dtype) -> None:
-    expected = np.dtype(layout.dtype if dtype is None else dtype)
+    expected = np.dtype(noise_dtype(layout) if dtype is None else dtype)
     if array_kind(out) not in ("numpy", "cupy"):
         raise TypeError(f"out must be a NumPy array (or a CuPy array on a GPU), got {type(out).__name__}")
     if out.shape != (layout.size,):
