@@ -187,7 +187,7 @@ class FlatLayout:
         for i, (array, shape) in enumerate(zip(arrays, self.shapes)):
             if tuple(array.shape) != shape:
                 raise ValueError(f"segment {i}: expected shape {shape}, got {tuple(array.shape)}")
-            if not xp.isdtype(array.dtype, "real floating"):
+            if getattr(array.dtype, "name", None) != "bfloat16" and not xp.isdtype(array.dtype, "real floating"):
                 raise TypeError(f"segment {i}: expected a real floating dtype, got {array.dtype}")
         if is_numpy_namespace(xp):
             out = self.zeros()
