@@ -18,7 +18,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import assert_unchanged, snapshot
+from tests.helpers.snapshots import assert_unchanged, snapshot
 from upgd_ref import UPGD, UPGDW, AdaptiveUPGD, FlatLayout, VarianceGradientScaler
 
 MEMBERS = ("AdaptiveUPGD", "AdaptiveUPGD-paper", "UPGD", "UPGD-paper", "UPGDW")
