@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .layout import FlatLayout
-from .state import FlatUPGDState
+from .state import STATE_VERSION, UPGD_FORMAT, FlatUPGDState
 
 __all__ = ["MultiLayout", "MultiUPGDState"]
 
@@ -141,3 +141,32 @@ class MultiUPGDState:
         index = list(layout.segments[k])
         return FlatUPGDState(self.step, self.segment_step[index], buffers.utility, buffers.first_moment,
                              buffers.second_moment, self.grad_norm_ema[index], self.skipped_steps)
+
+    def to_state(self, layout: MultiLayout) -> dict:
+        """A state dict: the step counts and, per part, :meth:`FlatUPGDState.to_state` of the
+        part (its segments' records and buffers, in its layout's format)."""
+        return {"step": self.step, "skipped_steps": self.skipped_steps,
+                "parts": [self.part(layout, k).to_state(part) for k, part in enumerate(layout.parts)]}
+
+    @classmethod
+    def from_state(cls, state: dict, layout: MultiLayout) -> MultiUPGDState:
+        """The state of :meth:`to_state` for ``layout`` (each part checked as
+        :meth:`FlatUPGDState.from_state_dict` checks it); raises naming the part."""
+        parts = state.get("parts") if isinstance(state, dict) else None
+        if not isinstance(parts, list) or len(parts) != len(layout.parts):
+            raise ValueError(f"state must hold 'parts', one state per buffer ({len(layout.parts)})")
+        segment_step = np.zeros(layout.num_segments, dtype=np.int64)
+        grad_norm_ema = np.zeros(layout.num_segments)
+        records = []
+        for k, (part, segments) in enumerate(zip(layout.parts, layout.segments)):
+            saved = {"format": UPGD_FORMAT, "version": STATE_VERSION, "state": parts[k]}
+            try:
+                record = FlatUPGDState.from_state_dict(saved, part)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"part {k}: {exc}") from None
+            if record.step != state.get("step"):
+                raise ValueError(f"part {k}: step {record.step} differs from the state's step {state.get('step')!r}")
+            segment_step[list(segments)] = record.segment_step
+            grad_norm_ema[list(segments)] = record.grad_norm_ema
+            records.append(record)
+        return cls(int(state["step"]), segment_step, grad_norm_ema, records, int(state.get("skipped_steps", 0)))
