@@ -122,12 +122,12 @@ class Narrowed(NamedTuple):
     element: int | None = None
 
 
-def _noise_index(layout: FlatLayout, xp) -> object:
-    """Per flat element: its noise index (padding: 0), uint64."""
-    index = np.zeros(layout.size, dtype=np.uint64)
+def _rounding_words(layout: FlatLayout, seed: int, step: int, xp):
+    """Per flat element: its word of the rounding stream (padding: 0), uint32."""
+    words = xp.zeros(layout.size, dtype=xp.uint32)
     for offset, start, size in zip(layout.offsets, layout.noise_offsets, layout.sizes):
-        index[offset : offset + size] = np.arange(start, start + size, dtype=np.uint64)
-    return index if xp is np else xp.asarray(index)
+        words[offset : offset + size] = rounding_words(seed, step, start, size, xp=xp)
+    return words
 
 
 def narrowed(part: StepPart, *, present, rounding: str, seed: int, step: int, scaled: bool) -> Narrowed:
@@ -138,7 +138,7 @@ def narrowed(part: StepPart, *, present, rounding: str, seed: int, step: int, sc
     dtype = caller.layout.dtype
     xp = array_module(part.params)
     if rounding == "stochastic":
-        words = rounding_words(seed, step, _noise_index(caller.layout, xp), 0, xp=xp)
+        words = _rounding_words(caller.layout, seed, step, xp)
         new_params = round_stochastic(part.params, dtype, words)
     else:
         new_params = round_nearest(part.params, dtype)

@@ -80,18 +80,19 @@ def array_module(x):
     return np
 
 
-def rounding_words(seed: int, step: int, index, count: int = 0, xp=np):
-    """The 32-bit words of the rounding stream at noise indices ``index`` (uint64 array of
-    ``xp``; or an int start, then ``count`` consecutive indices), step ``T``: uint32."""
-    if isinstance(index, (int, np.integer)):
-        index = xp.arange(count, dtype=xp.uint64) + xp.uint64(index)
-    block = index >> xp.uint64(2)
-    counter = ((block & xp.uint64(0xFFFFFFFF)).astype(xp.uint32), (block >> xp.uint64(32)).astype(xp.uint32),
-               xp.full(index.shape, step & 0xFFFFFFFF, dtype=xp.uint32),
-               xp.full(index.shape, (step >> 32) | _STREAM_BIT, dtype=xp.uint32))
-    words = xp.stack(philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32)), axis=1)
-    lane = (index & xp.uint64(3)).astype(xp.int64)
-    return xp.take_along_axis(words, lane[:, None], axis=1)[:, 0]
+def rounding_words(seed: int, step: int, start: int, count: int, xp=np):
+    """The 32-bit words of the rounding stream at noise indices ``start .. start + count - 1``,
+    step ``T``: uint32 ``(count,)``. One Philox block gives the words of four indices."""
+    if count == 0:
+        return xp.zeros(0, dtype=xp.uint32)
+    first = start // 4
+    blocks = xp.arange((start + count - 1) // 4 + 1 - first, dtype=xp.uint64) + xp.uint64(first)
+    counter = ((blocks & xp.uint64(0xFFFFFFFF)).astype(xp.uint32), (blocks >> xp.uint64(32)).astype(xp.uint32),
+               xp.full(blocks.shape, step & 0xFFFFFFFF, dtype=xp.uint32),
+               xp.full(blocks.shape, (step >> 32) | _STREAM_BIT, dtype=xp.uint32))
+    words = xp.stack(philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32)), axis=1).reshape(-1)
+    skip = start - 4 * first
+    return words[skip : skip + count]
 
 
 def round_stochastic(values, dtype, words):
