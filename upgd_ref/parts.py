@@ -106,12 +106,6 @@ def widened(part: StepPart) -> StepPart:
                     record, record, part.name, part)
 
 
-def scratch_first(parts: list[StepPart]) -> list[StepPart]:
-    """The parts in the order their update passes run: those that write only copies first,
-    so a refusal found when narrowing them comes before anything the caller owns is written."""
-    return sorted(parts, key=lambda part: not (part.caller is not None and part.record is not part.caller.owner))
-
-
 class Narrowed(NamedTuple):
     """What narrowing a widened part would write (``writes``: (target, values) pairs), or the
     first non-finite value it would leave (``field``, global ``segment``, ``element``)."""
