@@ -37,6 +37,7 @@ class StepPart(NamedTuple):
     owner: FlatUPGDState
     name: str  # "" for a single buffer, "[k]" for part k
     caller: StepPart | None = None
+    state_copied: bool = False  # a 16-bit state stepped in a float32 copy (narrowed back)
 
 
 def _check_state_buffers(part: StepPart) -> None:
@@ -98,12 +99,13 @@ def widened(part: StepPart) -> StepPart:
         return part
     wide = compute_dtype(part.layout.dtype)
     record = backend_record(part)
-    if record.utility.dtype != wide:
+    copied = record.utility.dtype != wide
+    if copied:
         record = FlatUPGDState(record.step, record.segment_step, *(getattr(record, name).astype(wide)
                                                                  for name in FlatUPGDState.BUFFERS),
                                record.grad_norm_ema, record.skipped_steps)
     return StepPart(part.layout.widened(wide), part.segments, part.params.astype(wide), part.grads.astype(wide),
-                    record, record, part.name, part)
+                    record, record, part.name, part, copied)
 
 
 class Narrowed(NamedTuple):
@@ -139,7 +141,7 @@ def narrowed(part: StepPart, *, present, rounding: str, seed: int, step: int, sc
     writes = [(caller.params, new_params)]
     if scaled:
         writes.append((caller.grads, round_nearest(part.grads, dtype)))
-    if part.record is not caller.owner:  # a 16-bit state, stepped in a float32 copy
+    if part.state_copied:  # a 16-bit state, stepped in a float32 copy
         for name in FlatUPGDState.BUFFERS:
             values = round_nearest(getattr(part.record, name), dtype)
             for local, i in enumerate(part.segments):

@@ -247,7 +247,7 @@ def _update(parts, impls, plan, request, factor):
 
 def _in_copies(part) -> bool:
     """Whether a part's update pass writes only copies (a widened part with a 16-bit state)."""
-    return part.caller is not None and part.record is not part.caller.owner
+    return part.state_copied
 
 
 def _write(writes) -> None:
