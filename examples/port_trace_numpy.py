@@ -12,7 +12,8 @@ separately from the port's random-number generator (``specs/noise.md`` defines t
     upgd-ref golden compare /tmp/trace.npz            # the trace names its case
 
 Computation follows ``specs/algorithm.md``: element-wise math in the case's dtype,
-per-segment scalars (norms, noise std, VGS statistics) in float64.
+per-segment scalars (norms, noise std, VGS statistics) in float64. A 16-bit case
+(``specs/precision.md``) computes in float32 and rounds the new parameters once to its dtype.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def vgs_factor(a, b, k, hp):
 
 def port_run(case) -> TraceWriter:
     """Run the case with this file's own implementation; return the filled trace writer."""
-    dtype, hyper, vgs = case.dtype, case.hyper, case.vgs
+    stored, hyper, vgs = case.dtype, case.hyper, case.vgs
+    dtype = np.dtype(np.float32) if stored.itemsize == 2 else stored  # 16-bit: float32 arithmetic
     shapes = case.layout.shapes
     nseg = len(shapes)
-    params = case.segments(case.arrays["params0"])
+    params = case.segments(case.arrays["params0"], dtype)
     u = [np.zeros(s, dtype) for s in shapes]
     m = [np.zeros(s, dtype) for s in shapes]
     v = [np.zeros(s, dtype) for s in shapes]
@@ -56,8 +58,8 @@ def port_run(case) -> TraceWriter:
     writer = TraceWriter(case=case.name)
     writer.set_initial(params)
     for k in range(1, case.steps + 1):
-        grads = case.segments(case.arrays["grads"][k - 1])
-        normals = case.segments(case.arrays["normals"][k - 1])
+        grads = case.segments(case.arrays["grads"][k - 1], dtype)
+        normals = case.segments(case.arrays["normals"][k - 1], dtype)
         present = [bool(x) for x in case.arrays["present"][k - 1]]
         record = {}
         if vgs is not None:
@@ -103,6 +105,7 @@ def port_run(case) -> TraceWriter:
             noise = dtype.type(stds[i]) * normals[i]
             params[i] = params[i] * (1 - h["lr"] * h["weight_decay"]) - h["lr"] * (
                 m_hat / (np.sqrt(v_hat) + h["eps"]) + noise) * (1 - su)
+            params[i] = params[i].astype(stored).astype(dtype)  # rounded once to the parameters' dtype
 
         if vgs is not None:  # statistics from the scaled gradients, after the step
             for i in range(nseg):

@@ -35,18 +35,25 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BACKENDS
-from .step import noise, warmup
+from .hyperparams import validate_upgd
+from .precision import is_low_precision
+from .rng import noise_dtype
+from .state import FlatUPGDState
+from .step import StepRequest, noise, upgd_step, warmup
 from .layout import FlatLayout
 from .optimizer import AdaptiveUPGD
 from .scaler import VarianceGradientScaler
 
 __all__ = [
     "run_benchmark", "format_report", "load_baseline", "default_baselines", "Case", "DEFAULT_SIZES",
-    "DEFAULT_DTYPES", "DEFAULT_SEGMENTS", "DEFAULT_REPEATS", "STEP_HYPER", "VGS_HYPER", "TARGETS", "TARGET_SIZE",
+    "DEFAULT_DTYPES", "ALL_DTYPES", "DEFAULT_SEGMENTS", "DEFAULT_REPEATS", "STEP_HYPER", "VGS_HYPER", "TARGETS", "TARGET_SIZE",
 ]
 
 DEFAULT_SIZES = (1_000_000, 10_000_000)
 DEFAULT_DTYPES = ("float32", "float64")
+#: Every dtype ``--dtypes`` takes: the 16-bit ones step in float32 (specs/precision.md), their
+#: rows time the widening and the rounding too.
+ALL_DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEFAULT_SEGMENTS = 16
 DEFAULT_REPEATS = 7
 SLOW_CALL_SECONDS = 0.5  # rows slower than this per call get MIN_SLOW_REPEATS repetitions
@@ -114,11 +121,23 @@ def _numpy_cases(layout: FlatLayout, rng: np.random.Generator) -> list[Case]:
     params_nf = params0.copy()
     opt_nf = AdaptiveUPGD(layout, backend="numba", **dict(STEP_HYPER, sigma=0.0, adaptive_noise=False))
     cases.append(Case("numba noise-free step", lambda: opt_nf.step(params_nf, grads0)))
-    counter, normals = iter(range(1, 2**62)), layout.zeros()
+    counter, normals = iter(range(1, 2**62)), layout.zeros(noise_dtype(layout))
     cases.append(Case("numba noise alone", lambda: noise(layout, 0, next(counter), out=normals, backend="numba")))
+    if is_low_precision(layout.dtype):
+        cases.append(_stochastic_rounding_case(layout, params0, grads0))
     call, prepare = full_step("reference")
     cases.append(Case("NumPy reference step (VGS + adaptive noise)", call, prepare))
     return cases
+
+
+def _stochastic_rounding_case(layout: FlatLayout, params0, grads0) -> Case:
+    """The full step's noise and moments with the 16-bit parameters rounded stochastically
+    (through the door: the stateful classes round to nearest)."""
+    params, state = params0.copy(), FlatUPGDState.zeros(layout, [0.0] * layout.num_segments)
+    hyper = [validate_upgd(STEP_HYPER)] * layout.num_segments
+    request = StepRequest(hyper=hyper, rounding="stochastic")
+    return Case("numba step, stochastic rounding (no VGS)",
+                lambda: upgd_step(layout, params, grads0, state, request, backend="numba"))
 
 
 # --- measuring --------------------------------------------------------------------------
@@ -256,7 +275,7 @@ def run_benchmark(sizes=DEFAULT_SIZES, dtypes=DEFAULT_DTYPES, threads=None, segm
             layout = FlatLayout(_segment_shapes(size, segments), dtype=dtype)
             rng = np.random.default_rng(0)
             cases = _numpy_cases(layout, rng)
-            for baseline in usable:
+            for baseline in usable if not is_low_precision(dtype) else ():  # the baselines: float32/64
                 cases += baseline.cases(layout, rng, dict(STEP_HYPER), dict(VGS_HYPER))
             for name, (seconds, count) in _time_rows(cases, repeats, progress, label).items():
                 rows.append(Row(size, dtype, name, seconds, count))

@@ -80,15 +80,17 @@ def check_present(present, num_segments: int) -> list[bool]:
     return [bool(f) for f in flags]
 
 
-def check_finite(name: str, buffer: np.ndarray, layout, present: list[bool]) -> None:
-    """NaN or Inf in a present segment is an error naming the segment."""
+def check_finite(name: str, buffer: np.ndarray, layout, present: list[bool], segment_ids=None) -> None:
+    """NaN or Inf in a present segment is an error naming the segment (``segment_ids[i]``:
+    how segment ``i`` of ``layout`` is named, its index in the whole model; default ``i``)."""
     for i, is_present in enumerate(present):
         if is_present:
             segment = buffer[layout.segment_slice(i)]
             if not np.isfinite(segment).all():
                 bad = int(np.flatnonzero(~np.isfinite(segment))[0])
-                raise NonFiniteStepError(f"{name}: segment {i} holds a non-finite value (element {bad}: {segment[bad]})",
-                                         field=name, segment=i, element=bad)
+                named = i if segment_ids is None else segment_ids[i]
+                raise NonFiniteStepError(f"{name}: segment {named} holds a non-finite value (element {bad}: "
+                                         f"{segment[bad]})", field=name, segment=named, element=bad)
 
 
 def check_distinct(**buffers) -> None:

@@ -14,7 +14,7 @@ from array_api_compat import array_namespace, is_numpy_namespace
 __all__ = ["FlatLayout", "ALIGNMENT_BYTES", "aligned_zeros"]
 
 ALIGNMENT_BYTES = 64
-SUPPORTED_DTYPES = ("float32", "float64")
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def aligned_zeros(count: int, dtype) -> np.ndarray:
@@ -69,6 +69,30 @@ def _normalise_groups(groups, num_segments: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _layout_dtype(dtype) -> np.dtype:
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        import ml_dtypes  # NumPy has no bfloat16; ml_dtypes' is the one JAX uses
+
+        dtype = ml_dtypes.bfloat16
+    dtype = np.dtype(dtype)
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise TypeError(f"layout dtype must be one of {SUPPORTED_DTYPES}, got {dtype.name}")
+    return dtype
+
+
+def _noise_offsets(offsets, sizes) -> tuple[int, ...]:
+    """Per-segment noise offsets: non-negative ints, one per segment, index ranges below 2**64."""
+    offsets = list(offsets)
+    if len(offsets) != len(sizes):
+        raise ValueError(f"noise_offsets has {len(offsets)} entries but the layout has {len(sizes)} segments")
+    for i, (offset, size) in enumerate(zip(offsets, sizes)):
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+            raise TypeError(f"segment {i}: noise offset must be an int, got {offset!r}")
+        if not 0 <= offset <= 2**64 - size:
+            raise ValueError(f"segment {i}: noise offset {offset} must lie in [0, 2**64 - {size}]")
+    return tuple(int(o) for o in offsets)
+
+
 class FlatLayout:
     """Where each segment (parameter tensor) lives inside a flat 1-D buffer.
 
@@ -79,20 +103,22 @@ class FlatLayout:
     ``logical_start`` (default 0) is the logical index of the first element: a shard's
     layout (``specs/distributed.md`` §2) covers logical indices ``logical_start ..`` of a
     larger layout, so its normals are that layout's.
+    ``noise_offsets[i]`` is the logical index of the segment's
+    first element for the noise generator: ``logical_offsets`` unless the layout is one buffer
+    of a model held in several (:class:`upgd_ref.multi.MultiLayout` passes the segments'
+    indices in the whole model, so the noise does not depend on the grouping).
 
     >>> layout = FlatLayout([(3, 2), (5,)], dtype="float32")
     >>> layout.offsets, layout.size
     ((0, 16), 32)
     """
 
-    def __init__(self, shapes: Sequence, dtype="float32", groups=None, logical_start: int = 0):
+    def __init__(self, shapes: Sequence, dtype="float32", groups=None, logical_start: int = 0, noise_offsets=None):
         shapes = list(shapes)
         if not shapes:
             raise ValueError("a FlatLayout needs at least one segment")
         self.shapes = tuple(_normalise_shape(i, s) for i, s in enumerate(shapes))
-        dtype = np.dtype(dtype)
-        if dtype.name not in SUPPORTED_DTYPES:
-            raise TypeError(f"layout dtype must be float32 or float64, got {dtype.name}")
+        dtype = _layout_dtype(dtype)
         self.dtype = dtype
         self.alignment = ALIGNMENT_BYTES // dtype.itemsize
         self.sizes = tuple(math.prod(s) for s in self.shapes)
@@ -110,6 +136,7 @@ class FlatLayout:
         self.size = position
         self.num_logical = logical_position - self.logical_start
         self.groups = _normalise_groups(groups, len(self.shapes))
+        self.noise_offsets = self.logical_offsets if noise_offsets is None else _noise_offsets(noise_offsets, self.sizes)
 
     @property
     def num_segments(self) -> int:
@@ -122,7 +149,7 @@ class FlatLayout:
         return isinstance(other, FlatLayout) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash((self.shapes, self.dtype.name, self.groups, self.logical_start))
+        return hash((self.shapes, self.dtype.name, self.groups, self.logical_start, self.noise_offsets))
 
     def to_dict(self) -> dict:
         out = {
@@ -132,11 +159,24 @@ class FlatLayout:
         }
         if self.logical_start:  # only a shard's layout has one: other layouts' dicts are unchanged
             out["logical_start"] = self.logical_start
+        if self.noise_offsets != self.logical_offsets:  # only a part of a MultiLayout: older dicts unchanged
+            out["noise_offsets"] = list(self.noise_offsets)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> FlatLayout:
-        return cls([tuple(s) for s in data["shapes"]], data["dtype"], data.get("groups"), data.get("logical_start", 0))
+        return cls([tuple(s) for s in data["shapes"]], data["dtype"], data.get("groups"), data.get("logical_start", 0),
+                   data.get("noise_offsets"))
+
+    def widened(self, dtype) -> FlatLayout:
+        """This layout with elements of ``dtype`` (wider) at the same element offsets: a
+        16-bit buffer and its float32 copy share offsets, so ``buffer.astype`` converts one
+        into the other (``specs/precision.md``)."""
+        twin = FlatLayout(self.shapes, dtype, self.groups, self.logical_start, self.noise_offsets)
+        if twin.dtype.itemsize < self.dtype.itemsize:
+            raise ValueError(f"widened: {twin.dtype.name} is narrower than {self.dtype.name}")
+        twin.alignment, twin.offsets, twin.size = self.alignment, self.offsets, self.size
+        return twin
 
     def segment_slice(self, index: int) -> slice:
         return slice(self.offsets[index], self.offsets[index] + self.sizes[index])
@@ -157,7 +197,7 @@ class FlatLayout:
         for i, (array, shape) in enumerate(zip(arrays, self.shapes)):
             if tuple(array.shape) != shape:
                 raise ValueError(f"segment {i}: expected shape {shape}, got {tuple(array.shape)}")
-            if not xp.isdtype(array.dtype, "real floating"):
+            if getattr(array.dtype, "name", None) != "bfloat16" and not xp.isdtype(array.dtype, "real floating"):
                 raise TypeError(f"segment {i}: expected a real floating dtype, got {array.dtype}")
         if is_numpy_namespace(xp):
             out = self.zeros()

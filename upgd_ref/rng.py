@@ -26,6 +26,7 @@ from array_api_compat import array_namespace
 
 __all__ = [
     "NORMAL_MAX",
+    "noise_dtype",
     "philox4x32_10",
     "counter_runs",
     "check_u64",
@@ -242,21 +243,32 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
     return xp.astype(flat[skip : skip + count], dtype)
 
 
+def noise_dtype(layout) -> np.dtype:
+    """The dtype of a step's normals: the layout's, float32 for 16-bit layouts (they step in
+    float32, ``specs/precision.md``)."""
+    return np.dtype(np.float32) if layout.dtype.itemsize == 2 else layout.dtype
+
+
 def noise(layout, seed, step, dtype=None):
     """The standard normals that optimizer step ``step`` (1, 2, ...) with ``seed`` uses.
 
     Returns a flat NumPy buffer shaped like ``layout`` (``layout.unpack`` gives one array per
     segment); padding elements are 0. Element ``j`` of segment ``i`` is the normal of logical
-    index ``layout.logical_offsets[i] + j``, so layouts that differ only in padding (for
+    index ``layout.noise_offsets[i] + j`` (``logical_offsets`` unless the layout is a part of a
+    :class:`~upgd_ref.multi.MultiLayout`), so layouts that differ only in padding (for
     example float32 and float64 layouts of the same shapes) draw identical values.
-    ``dtype`` defaults to the layout's dtype.
+    ``dtype`` defaults to :func:`noise_dtype` (the layout's; float32 for 16-bit layouts).
     """
-    dtype = np.dtype(layout.dtype if dtype is None else dtype)
+    dtype = np.dtype(noise_dtype(layout) if dtype is None else dtype)
     if dtype.name not in ("float32", "float64"):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
-    start = layout.logical_start  # 0 but for a shard's layout
-    values = standard_normals(seed, step, start, layout.num_logical, dtype=np.float64)
     out = layout.zeros(dtype=dtype)
-    for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
-        out[offset : offset + size] = values[logical_offset - start : logical_offset - start + size]
+    if layout.noise_offsets == layout.logical_offsets:  # one draw for the whole buffer
+        start = layout.logical_start  # 0 but for a shard's layout
+        values = standard_normals(seed, step, start, layout.num_logical, dtype=np.float64)
+        for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
+            out[offset : offset + size] = values[logical_offset - start : logical_offset - start + size]
+        return out
+    for offset, noise_offset, size in zip(layout.offsets, layout.noise_offsets, layout.sizes):
+        out[offset : offset + size] = standard_normals(seed, step, noise_offset, size, dtype=np.float64)
     return out

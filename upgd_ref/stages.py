@@ -33,10 +33,11 @@ from typing import NamedTuple
 import numpy as np
 
 from . import reference as ref
+from .precision import finfo
 from .rng import NORMAL_MAX
 
 __all__ = ["SegmentReductions", "StepPlan", "Refusal", "BOUND_MARGIN", "combine_reductions", "plan_step", "refusal",
-           "update_bound", "commit", "vgs_next", "vgs_commit"]
+           "update_bound", "segment_dtypes", "part_plan", "commit", "vgs_next", "vgs_commit"]
 
 #: A step is refused when the bound on a parameter's new magnitude exceeds this fraction of
 #: the dtype's largest value (``specs/algorithm.md`` §8): room for the few roundings between
@@ -162,13 +163,24 @@ def update_bound(dtype, hyper: dict, update_factor: float, param_max: float, dir
     return float(param_max) * decay + max(1.0, step) * (float(direction_max) + noise)  # Python floats: inf, no warning
 
 
+def segment_dtypes(dtype, num_segments: int) -> list[np.dtype]:
+    """One dtype per segment: ``dtype`` repeated, or ``dtype`` itself when it is a sequence
+    (the segments of a :class:`~upgd_ref.multi.MultiLayout` live in buffers of several dtypes)."""
+    if isinstance(dtype, (list, tuple)):
+        return [np.dtype(d) for d in dtype]
+    return [np.dtype(dtype)] * num_segments
+
+
 def refusal(dtype, plan: StepPlan, reductions: SegmentReductions, hyper: Sequence[dict], present: Sequence[bool],
-            variant: ref.UPGDVariant, vgs_new: ref.VGSState | None = None) -> Refusal | None:
+            variant: ref.UPGDVariant, vgs_new: ref.VGSState | None = None, storage=None) -> Refusal | None:
     """The first reason (in the order of ``specs/algorithm.md`` §8) why the planned step would
     leave a non-finite parameter, state entry or VGS statistic, or ``None``: nothing has been
-    written yet, so a refused step changes nothing."""
-    dtype = np.dtype(dtype)
-    largest = float(np.finfo(dtype).max)
+    written yet, so a refused step changes nothing. ``dtype``: the buffers' dtype, or one
+    per segment (:func:`segment_dtypes`), the dtype the step computes in; ``storage``: the
+    parameters' dtypes when narrower (16-bit parameters stepped in float32,
+    ``specs/precision.md``): the update's bound is checked against their largest value."""
+    dtypes = segment_dtypes(dtype, len(present))
+    stored = dtypes if storage is None else segment_dtypes(storage, len(present))
     segments = [i for i, p in enumerate(present) if p]
     for i in segments:
         if reductions.nonfinite[i] > 0:
@@ -181,31 +193,44 @@ def refusal(dtype, plan: StepPlan, reductions: SegmentReductions, hyper: Sequenc
         if not math.isfinite(plan.grad_norm_ema[i]):
             return Refusal("grad_norm_ema", i, f"segment {i}: the gradient-norm average n_i overflows float64")
         with np.errstate(over="ignore"):
-            std = float(np.asarray(plan.std[i], dtype=dtype))
-        if not std * NORMAL_MAX <= BOUND_MARGIN * largest:
+            std = float(np.asarray(plan.std[i], dtype=dtypes[i]))
+        if not std * NORMAL_MAX <= BOUND_MARGIN * float(np.finfo(dtypes[i]).max):
             return Refusal("noise_std", i, f"segment {i}: the noise std {plan.std[i]:.6g} times the largest normal "
-                                           f"({NORMAL_MAX}) overflows {dtype.name}")
+                                           f"({NORMAL_MAX}) overflows {dtypes[i].name}")
     if plan.run:
-        with np.errstate(over="ignore", invalid="ignore"):
-            spread = plan.utility_max - plan.utility_min + dtype.type(ref.UTILITY_RANGE_EPS)
-        if variant.protection == "min_max" and not np.isfinite(spread):
-            return Refusal("utility", None, f"the utility range U_hi - U_lo = {float(plan.utility_max):.6g} - "
-                                            f"({float(plan.utility_min):.6g}) overflows {dtype.name}")
+        for dtype in dict.fromkeys(dtypes[i] for i in segments):  # the range is formed in each buffer's dtype
+            with np.errstate(over="ignore", invalid="ignore"):
+                spread = (dtype.type(plan.utility_max) - dtype.type(plan.utility_min)
+                          + dtype.type(ref.UTILITY_RANGE_EPS))
+            if variant.protection == "min_max" and not np.isfinite(spread):
+                return Refusal("utility", None, f"the utility range U_hi - U_lo = {float(plan.utility_max):.6g} - "
+                                                f"({float(plan.utility_min):.6g}) overflows {dtype.name}")
         if variant.protection == "max" and plan.utility_max == 0:
             return Refusal("utility", None, "U_hi = 0: the paper's protection sigmoid((u/cu)/U_hi) divides 0 by 0 "
                                             "where u = 0 (specs/algorithm.md §7.3)")
     for i in segments:
         if reductions.utility_min[i] > reductions.utility_max[i]:
             continue  # no element
-        bound = update_bound(dtype, hyper[i], variant.update_factor, reductions.param_max[i],
+        bound = update_bound(dtypes[i], hyper[i], variant.update_factor, reductions.param_max[i],
                              reductions.direction_max[i], plan.std[i])
-        if not bound <= BOUND_MARGIN * largest:
-            return Refusal("params", i, f"params: segment {i}: the update could overflow {dtype.name} (bound "
+        if not bound <= BOUND_MARGIN * float(finfo(stored[i]).max):
+            return Refusal("params", i, f"params: segment {i}: the update could overflow {stored[i].name} (bound "
                                         f"max|p| |1 - lr wd| + max(1, step) (max|d| + std {NORMAL_MAX}) = {bound:.6g})")
     if vgs_new is not None and not (np.isfinite(vgs_new.grad_mean_avg).all() and np.isfinite(vgs_new.grad_sq_avg).all()):
         bad = int(np.flatnonzero(~(np.isfinite(vgs_new.grad_mean_avg) & np.isfinite(vgs_new.grad_sq_avg)))[0])
         return Refusal("vgs", bad, f"segment {bad}: the VGS statistics a_i, b_i overflow float64")
     return None
+
+
+def part_plan(plan: StepPlan, segments: Sequence[int], dtype) -> StepPlan:
+    """The plan as the update stage of one buffer sees it: the per-segment arrays of its
+    ``segments`` (global indices, in the buffer's order) and ``U_lo``, ``U_hi`` in its dtype
+    (exact when every buffer has that dtype: the extrema are values of it)."""
+    index = np.asarray(segments, dtype=np.int64)
+    dtype = np.dtype(dtype)
+    return plan._replace(segment_step=plan.segment_step[index], grad_norm_ema=plan.grad_norm_ema[index],
+                         std=plan.std[index], utility_min=dtype.type(plan.utility_min),
+                         utility_max=dtype.type(plan.utility_max))
 
 
 def commit(state, plan: StepPlan) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 from .arrays import assign, describe_device, like_buffer, to_numpy
 from .checkpoint import check_header, take_array, take_int
 from .layout import FlatLayout
+from .precision import state_dtype
 
 __all__ = ["FlatUPGDState", "FlatVGSState", "UPGD_FORMAT", "VGS_FORMAT", "UPGD_VERSION", "VGS_VERSION"]
 
@@ -24,8 +25,15 @@ def _logical(layout, flat: np.ndarray) -> np.ndarray:
     return np.concatenate([flat[layout.segment_slice(i)] for i in range(layout.num_segments)])
 
 
+def _saved_state_dtype(state: dict, layout) -> np.dtype:
+    """The dtype of a saved ``u``, ``m``, ``v``: the layout's, or float32 for 16-bit parameters
+    (the default state dtype, ``specs/precision.md``)."""
+    saved = getattr(state.get("utility"), "dtype", None)
+    return np.dtype(saved) if saved is not None and saved == state_dtype(layout.dtype) else layout.dtype
+
+
 def _padded(layout, logical: np.ndarray) -> np.ndarray:
-    out = layout.zeros()
+    out = layout.zeros(logical.dtype)
     for i in range(layout.num_segments):
         start = layout.logical_offsets[i] - layout.logical_start
         out[layout.segment_slice(i)] = logical[start : start + layout.sizes[i]]
@@ -82,13 +90,16 @@ class FlatUPGDState:
     BUFFERS = ("utility", "first_moment", "second_moment")
 
     @classmethod
-    def zeros(cls, layout, noise_ema_init) -> FlatUPGDState:
+    def zeros(cls, layout, noise_ema_init, dtype=None) -> FlatUPGDState:
+        """A fresh state; ``dtype`` of ``u``, ``m``, ``v``: the layout's, but float32 for
+        16-bit parameters (``specs/precision.md``; ``dtype=layout.dtype`` keeps them 16-bit)."""
+        dtype = state_dtype(layout.dtype) if dtype is None else np.dtype(dtype)
         return cls(
             step=0,
             segment_step=np.zeros(layout.num_segments, dtype=np.int64),
-            utility=layout.zeros(),
-            first_moment=layout.zeros(),
-            second_moment=layout.zeros(),
+            utility=layout.zeros(dtype),
+            first_moment=layout.zeros(dtype),
+            second_moment=layout.zeros(dtype),
             grad_norm_ema=np.asarray(noise_ema_init, dtype=np.float64).copy(),
         )
 
@@ -114,7 +125,9 @@ class FlatUPGDState:
         grad_norm_ema = take_array(state, "grad_norm_ema", (s,), np.float64)
         if (grad_norm_ema < 0).any():
             raise ValueError("state dict field 'state.grad_norm_ema' must be >= 0")
-        buffers = {name: _padded(layout, take_array(state, name, (layout.num_logical,), layout.dtype)) for name in cls.BUFFERS}
+        dtype = _saved_state_dtype(state, layout)
+        buffers = {name: _padded(layout, take_array(state, name, (layout.num_logical,), dtype))
+                   for name in cls.BUFFERS}
         if (buffers["second_moment"] < 0).any():
             raise ValueError("state dict field 'state.second_moment' must be >= 0")
         return cls(step=step, segment_step=segment_step, grad_norm_ema=grad_norm_ema, skipped_steps=skipped,

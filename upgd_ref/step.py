@@ -37,14 +37,19 @@ from .arrays import array_kind, to_numpy
 from .backends import BACKENDS, auto_order, available_backends, select_backend
 from .checkpoint import MAX_STEP
 from .checks import (
-    NonFiniteStepError, check_distinct, check_finite, check_flat_buffer, check_nonfinite_policy, check_not_aliased,
+    NonFiniteStepError, check_finite, check_flat_buffer, check_nonfinite_policy, check_not_aliased,
     check_present,
 )
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, check_coefficients, validate_upgd, validate_vgs
 from .layout import FlatLayout
+from .multi import MultiLayout, MultiUPGDState
 from .reference import PRODUCTION, UPGDVariant, check_variant
-from .rng import check_u64
-from .stages import combine_reductions, commit, plan_step, refusal, vgs_commit, vgs_next
+from .rng import check_u64, noise_dtype
+from .parts import backend_record, narrowed, step_parts, widened
+from .precision import check_rounding, compute_dtype, is_low_precision, round_nearest
+from .stages import (
+    Refusal, combine_reductions, commit, part_plan, plan_step, refusal, segment_dtypes, vgs_commit, vgs_next,
+)
 from .state import FlatUPGDState, FlatVGSState
 
 __all__ = [
@@ -78,7 +83,9 @@ class StepRequest:
     ``variant``: the member of the UPGD family (:class:`~upgd_ref.reference.UPGDVariant`);
     ``nonfinite``: what a step that would leave something non-finite does
     (``specs/algorithm.md`` §8): ``"raise"`` a :class:`~upgd_ref.checks.NonFiniteStepError`,
-    or ``"skip"`` (nothing changes but ``state.skipped_steps``).
+    or ``"skip"`` (nothing changes but ``state.skipped_steps``); ``rounding``: how new 16-bit
+    parameters are rounded from their float32 values, ``"nearest"`` or ``"stochastic"``
+    (``specs/precision.md``; no effect on float32 and float64 buffers).
     """
 
     hyper: Sequence[dict]
@@ -87,6 +94,7 @@ class StepRequest:
     noise_norm: str = "segment"
     variant: UPGDVariant = field(default=PRODUCTION)
     nonfinite: str = "raise"
+    rounding: str = "nearest"
 
     def checked(self, num_segments: int) -> StepRequest:
         """This request with every field checked and normalised; raises naming the field."""
@@ -106,7 +114,8 @@ class StepRequest:
                            seed=check_seed(self.seed, "request."),
                            noise_norm=check_noise_norm(self.noise_norm, "request."),
                            variant=check_variant(self.variant),
-                           nonfinite=check_nonfinite_policy(self.nonfinite, "request."))
+                           nonfinite=check_nonfinite_policy(self.nonfinite, "request."),
+                           rounding=check_rounding(self.rounding, "request."))
 
 
 @dataclass(frozen=True)
@@ -144,16 +153,17 @@ def check_vgs_request(vgs, layout) -> VGSRequest:
     return VGSRequest(vgs.state, factor, beta)
 
 
-def _owned_buffers(state: FlatUPGDState, vgs: VGSRequest | None) -> dict:
+def _owned_buffers(parts, vgs: VGSRequest | None) -> dict:
     """The arrays a step keeps as state, by name: what ``params`` and ``grads`` must not overlap."""
-    owned = {f"state.{name}": getattr(state, name) for name in ("segment_step", "grad_norm_ema", *state.BUFFERS)}
+    owned = {f"state{part.name}.{name}": getattr(part.owner, name)
+             for part in parts for name in ("segment_step", "grad_norm_ema", *FlatUPGDState.BUFFERS)}
     if vgs is not None:
         owned.update({f"vgs.state.{name}": getattr(vgs.state, name) for name in FlatVGSState.ARRAYS})
     return owned
 
 
-def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: StepRequest, *,
-              vgs: VGSRequest | None = None, backend="auto") -> ref.StepStats:
+def upgd_step(layout: FlatLayout | MultiLayout, params, grads, state: FlatUPGDState | MultiUPGDState,
+              request: StepRequest, *, vgs: VGSRequest | None = None, backend="auto") -> ref.StepStats:
     """One step of the UPGD family on flat buffers: ``params`` and ``state`` updated in place.
 
     ``params``, ``grads``: flat buffers of ``layout`` (NumPy, or CuPy on a GPU); ``state``: a
@@ -161,62 +171,115 @@ def upgd_step(layout: FlatLayout, params, grads, state: FlatUPGDState, request: 
     ``request``: a :class:`StepRequest`. ``vgs``: a :class:`VGSRequest`; then ``grads`` are
     scaled by ``f`` in place (so they must be writable) and the scaler's statistics advance
     from the scaled gradients, in the same read of the gradient. ``backend``: ``"auto"``, a
-    registered name or a :class:`~upgd_ref.backends.Backend`.
+    registered name or a :class:`~upgd_ref.backends.Backend` (with several buffers, ``"auto"``
+    picks one per buffer).
+
+    Several buffers (one per (device, dtype)): ``layout`` a :class:`~upgd_ref.multi.MultiLayout`,
+    ``params`` and ``grads`` one buffer per part, ``state`` a
+    :class:`~upgd_ref.multi.MultiUPGDState`; the result does not depend on how the segments
+    are grouped into buffers (``specs/step.md`` §3).
 
     Returns the step's :class:`~upgd_ref.reference.StepStats`. Invalid input raises before
     anything is modified; a segment with ``present[i] = False`` is left bit-identical.
     """
-    check_flat_buffer("params", params, layout, writable=True)
-    check_flat_buffer("grads", grads, layout, writable=vgs is not None)
-    check_distinct(params=params, grads=grads)
-    if not isinstance(state, FlatUPGDState):
-        raise TypeError(f"state must be a FlatUPGDState, got {type(state).__name__}")
+    parts = step_parts(layout, params, grads, state, writable_grads=vgs is not None)
     if not isinstance(request, StepRequest):
         raise TypeError(f"request must be a StepRequest, got {type(request).__name__}")
     request = request.checked(layout.num_segments)
     vgs = None if vgs is None else check_vgs_request(vgs, layout)
-    check_not_aliased({"params": params, "grads": grads}, _owned_buffers(state, vgs))
-    impl = select_backend(backend, params)
+    owned = _owned_buffers(parts, vgs)
+    for part in parts:
+        check_not_aliased({"params" + part.name: part.params, "grads" + part.name: part.grads}, owned)
+    dtypes = segment_dtypes(layout.dtypes if isinstance(layout, MultiLayout) else layout.dtype, layout.num_segments)
+    wide = [compute_dtype(d) for d in dtypes]
     present = request.present
     for i, h in enumerate(request.hyper):
         if present[i]:
-            check_coefficients(h, layout.dtype, request.variant, where=f"segment {i}: ")
+            check_coefficients(h, wide[i], request.variant, where=f"segment {i}: ")
     if state.step >= MAX_STEP:
         raise OverflowError(f"the step count has reached {MAX_STEP}, the largest a checkpoint can hold")
     check_u64("step", state.step + 1)
-    state.follow(params)  # state lives where the parameters live
 
     factor = 1.0 if vgs is None else vgs.factor
-    local = impl.first_pass(layout=layout, params=params, grads=grads, state=state, present=present,
-                            hyper=request.hyper, vgs_factor=factor, variant=request.variant)  # writes nothing
-    reductions = combine_reductions([(range(layout.num_segments), local)], layout.num_segments)
-    plan = plan_step(layout.dtype, state, present, request.hyper, reductions, request.noise_norm)
+    for part in parts:
+        part.owner.follow(part.params)  # state lives where the parameters live
+    parts = [widened(part) for part in parts]  # 16-bit parameters step in float32 copies
+    impls = [select_backend(backend, part.params) for part in parts]
+    local = []
+    for part, impl in zip(parts, impls):
+        local.append((part.segments, impl.first_pass(
+            layout=part.layout, params=part.params, grads=part.grads, state=backend_record(part),
+            present=[present[i] for i in part.segments], hyper=[request.hyper[i] for i in part.segments],
+            vgs_factor=factor, variant=request.variant)))  # writes nothing
+    reductions = combine_reductions(local, layout.num_segments)
+    plan = plan_step(wide[0] if len(set(wide)) == 1 else np.float64, state, present, request.hyper,
+                     reductions, request.noise_norm)
     vgs_new = None if vgs is None else vgs_next(vgs.state, reductions, layout.sizes, present, vgs.beta)
-    refused = refusal(layout.dtype, plan, reductions, request.hyper, present, request.variant, vgs_new)
+    refused = refusal(wide, plan, reductions, request.hyper, present, request.variant, vgs_new, storage=dtypes)
+    if refused is None and plan.run:
+        refused = _update(parts, impls, plan, request, factor)
     if refused is not None:
         if request.nonfinite == "skip":
             state.skipped_steps += 1
             return plan.stats._replace(skipped=True)
-        _raise_refusal(refused, layout, params, grads, state, present, request, factor)
-    if plan.run:
-        impl.second_pass(layout=layout, params=params, grads=grads, state=state, present=present,
-                         hyper=request.hyper, plan=plan, seed=request.seed, variant=request.variant,
-                         vgs_factor=factor)
+        _raise_refusal(refused, parts, present, request, factor)
     commit(state, plan)
     if vgs is not None:
         vgs_commit(vgs.state, vgs_new)
     return plan.stats
 
 
-def _raise_refusal(refused, layout, params, grads, state, present, request, factor) -> None:
+def _update(parts, impls, plan, request, factor):
+    """The update stage: every part's pass 2, the parts that write only float32 copies first;
+    their new values are narrowed to the caller's dtypes and checked before anything the
+    caller owns is written (a 16-bit state can overflow where float32 does not). Returns a
+    :class:`~upgd_ref.stages.Refusal` when that check fails, else ``None`` (all written)."""
+    order = sorted(range(len(parts)), key=lambda k: not _in_copies(parts[k]))
+    pending = []
+    for k in order:
+        part = parts[k]
+        if not _in_copies(part) and pending:  # every copy checked: write them, then the rest in place
+            _write(pending)
+            pending = []
+        impls[k].second_pass(layout=part.layout, params=part.params, grads=part.grads, state=backend_record(part),
+                             present=[request.present[i] for i in part.segments],
+                             hyper=[request.hyper[i] for i in part.segments],
+                             plan=plan if len(parts) == 1 else part_plan(plan, part.segments, part.layout.dtype),
+                             seed=request.seed, variant=request.variant, vgs_factor=factor)
+        if part.caller is not None:
+            result = narrowed(part, present=request.present, rounding=request.rounding, seed=request.seed,
+                              step=plan.step, scaled=factor != 1.0)
+            if result.field is not None:
+                return Refusal(result.field, result.segment,
+                               f"{result.field}: segment {result.segment}: element {result.element} would overflow "
+                               f"{part.caller.layout.dtype.name} when rounded to it")
+            pending.extend(result.writes)
+    _write(pending)
+    return None
+
+
+def _in_copies(part) -> bool:
+    """Whether a part's update pass writes only copies (a widened part with a 16-bit state)."""
+    return part.state_copied
+
+
+def _write(writes) -> None:
+    for target, values in writes:
+        target[...] = values
+
+
+def _raise_refusal(refused, parts, present, request, factor) -> None:
     """Raise :class:`~upgd_ref.checks.NonFiniteStepError` for a refused step, naming the
-    segment and, for a per-element refusal, the field and element (found on a host copy:
-    this is the error path, never the hot one)."""
+    segment (its global index) and, for a per-element refusal, the field and element (found
+    on a host copy: this is the error path, never the hot one)."""
     if refused.field == "elements":
         i = refused.segment
-        check_finite("grads", to_numpy(grads), layout, present)
-        check_finite("params", to_numpy(params), layout, present)
-        found = _first_nonfinite_trace(layout, params, grads, state, present, request, factor, i)
+        part = next(p for p in parts if i in p.segments)
+        local, layout = part.segments.index(i), part.layout
+        part_present = [j == i for j in part.segments]
+        check_finite("grads", to_numpy(part.grads), layout, part_present, segment_ids=part.segments)
+        check_finite("params", to_numpy(part.params), layout, part_present, segment_ids=part.segments)
+        found = _first_nonfinite_trace(part, request, factor, local)
         if found is not None:
             name, element, value = found
             raise NonFiniteStepError(f"{name}: segment {i}: element {element} would become {value} "
@@ -225,11 +288,12 @@ def _raise_refusal(refused, layout, params, grads, state, present, request, fact
     raise NonFiniteStepError(f"{refused.message}; nothing was changed", field=refused.field, segment=refused.segment)
 
 
-def _first_nonfinite_trace(layout, params, grads, state, present, request, factor, i):
+def _first_nonfinite_trace(part, request, factor, i):
     """``(field, element, value)`` of the first non-finite new ``u``, ``m``, ``v`` or update
-    direction ``d`` of segment ``i``, from the reference formulas on host copies."""
-    h, dtype = request.hyper[i], layout.dtype
-    g, p = (to_numpy(b)[layout.segment_slice(i)] for b in (grads, params))
+    direction ``d`` of the part's local segment ``i``, from the reference formulas on host copies."""
+    layout, state = part.layout, backend_record(part)
+    h, dtype = request.hyper[part.segments[i]], layout.dtype
+    g, p = (to_numpy(b)[layout.segment_slice(i)] for b in (part.grads, part.params))
     u, m, v = (to_numpy(getattr(state, name))[layout.segment_slice(i)] for name in FlatUPGDState.BUFFERS)
     t = int(state.segment_step[i]) + 1
     with np.errstate(all="ignore"):
@@ -249,9 +313,14 @@ def _first_nonfinite_trace(layout, params, grads, state, present, request, facto
 
 
 def _scaler_call(layout, grads, present, backend, writable):
+    """``(present, backend, layout, grads)`` checked; 16-bit gradients as an exact float32
+    copy at the same offsets (``specs/precision.md``), which the caller narrows back."""
     present = check_present(present, layout.num_segments)
     check_flat_buffer("grads", grads, layout, writable=writable)
-    return present, select_backend(backend, grads)
+    if is_low_precision(layout.dtype):
+        wide = compute_dtype(layout.dtype)
+        layout, grads = layout.widened(wide), grads.astype(wide)
+    return present, select_backend(backend, grads), layout, grads
 
 
 def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, backend="auto",
@@ -262,13 +331,15 @@ def vgs_scale_step(layout: FlatLayout, grads, factor: float, present=None, *, ba
     "raise"``) or leave ``grads`` as they are (``"skip"``; returns False). ``f <= 1`` cannot
     overflow a finite gradient."""
     nonfinite = check_nonfinite_policy(nonfinite)
-    present, impl = _scaler_call(layout, grads, present, backend, writable=True)
-    if impl.nonfinite_counts(layout=layout, buffer=grads, present=present).any():
+    present, impl, wide_layout, wide = _scaler_call(layout, grads, present, backend, writable=True)
+    if impl.nonfinite_counts(layout=wide_layout, buffer=wide, present=present).any():
         if nonfinite == "skip":
             return False
-        check_finite("grads", to_numpy(grads), layout, present)
+        check_finite("grads", to_numpy(wide), wide_layout, present)
     if factor != 1.0:
-        impl.scale(layout=layout, grads=grads, factor=factor, present=present)
+        impl.scale(layout=wide_layout, grads=wide, factor=factor, present=present)
+        if wide is not grads:  # f g of 16-bit gradients: in float32, rounded once to nearest
+            grads[...] = round_nearest(wide, layout.dtype)
     return True
 
 
@@ -280,7 +351,7 @@ def vgs_update_step(layout: FlatLayout, grads, state: FlatVGSState, beta: float,
     changes: ``nonfinite="raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`,
     ``"skip"`` adds 1 to ``state.skipped_steps`` and returns False."""
     nonfinite = check_nonfinite_policy(nonfinite)
-    present, impl = _scaler_call(layout, grads, present, backend, writable=False)
+    present, impl, layout, grads = _scaler_call(layout, grads, present, backend, writable=False)
     beta = validate_vgs({"beta": beta})["beta"]
     if not isinstance(state, FlatVGSState):
         raise TypeError(f"state must be a FlatVGSState, got {type(state).__name__}")
@@ -324,7 +395,7 @@ def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = 
 
 
 def _check_noise_out(out, layout, dtype) -> None:
-    expected = np.dtype(layout.dtype if dtype is None else dtype)
+    expected = np.dtype(noise_dtype(layout) if dtype is None else dtype)
     if array_kind(out) not in ("numpy", "cupy"):
         raise TypeError(f"out must be a NumPy array (or a CuPy array on a GPU), got {type(out).__name__}")
     if out.shape != (layout.size,):

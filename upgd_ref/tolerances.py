@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import reference as ref
+from .precision import spacing
 
 __all__ = [
     "UNIT_ROUNDOFF",
@@ -43,6 +44,9 @@ __all__ = [
     "upgd_step_scales",
     "upgd_step_bounds",
     "max_violation",
+    "ROUNDING_ULPS_16",
+    "low_precision_bound",
+    "ulps",
 ]
 
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
@@ -50,6 +54,9 @@ STATE_ULPS = 8
 PARAM_ULPS = 16
 REDUCTION_ULPS = 8
 SCALAR_ULPS_F64 = 64
+#: 16-bit parameters (and a 16-bit state), ``specs/tolerances.md`` §2a: the float32 bound
+#: plus this many ulps of the 16-bit dtype (the one rounding to it, nearest or stochastic).
+ROUNDING_ULPS_16 = 1
 #: Relative agreement of the float64 stateful API with an independent float64 implementation
 #: of the same formulas, free-running (specs/tolerances.md §3): two transcriptions of one
 #: expression order differ only where a libm call or a summation order does.
@@ -171,3 +178,19 @@ def max_violation(candidate, truth, bound) -> float:
     one_nan = np.isnan(candidate) ^ np.isnan(truth)
     ratio = np.where(both_nan, 0.0, np.where(one_nan, np.inf, ratio))
     return float(np.max(ratio)) if ratio.size else 0.0
+
+
+def low_precision_bound(candidate, truth, float32_bound, dtype) -> np.ndarray:
+    """Allowed ``|candidate - truth|`` of 16-bit values (``specs/tolerances.md`` §2a):
+    ``ROUNDING_ULPS_16 * ulp_P(max(|candidate|, |truth|) + b) + b``, ``b`` the float32 bound
+    of the value before its rounding to ``dtype`` (:func:`upgd_step_bounds` for float32)."""
+    b = np.asarray(float32_bound, dtype=np.float64)
+    magnitude = np.maximum(np.abs(np.asarray(candidate, dtype=np.float64)), np.abs(np.asarray(truth, dtype=np.float64)))
+    return ROUNDING_ULPS_16 * spacing(magnitude + b, dtype) + b
+
+
+def ulps(candidate, truth, dtype) -> float:
+    """``max |candidate - truth| / ulp_P(truth)``: the error of 16-bit values in ulps of ``dtype``."""
+    truth = np.asarray(truth, dtype=np.float64)
+    error = np.abs(np.asarray(candidate, dtype=np.float64) - truth)
+    return float(np.max(error / spacing(truth, dtype))) if error.size else 0.0

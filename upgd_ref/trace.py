@@ -78,11 +78,19 @@ _FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip date: no wall-clock time
 
 
 def logical(values) -> np.ndarray:
-    """A flat logical vector from a list of per-segment arrays (C order), or a vector as is."""
+    """A flat logical vector from a list of per-segment arrays (C order), or a vector as is.
+
+    bfloat16 values become float32 (exact): ``.npy`` has no bfloat16, so a trace holds a
+    bfloat16 run's values in float32 and the case's ``dtype`` names the candidate dtype
+    (``specs/golden.md`` §2)."""
     if isinstance(values, (list, tuple)):
-        pieces = [np.asarray(v).reshape(-1) for v in values]
+        pieces = [_storable(np.asarray(v)).reshape(-1) for v in values]
         return np.concatenate(pieces) if pieces else np.empty(0)
-    return np.asarray(values)
+    return _storable(np.asarray(values))
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
 
 
 class TraceWriter:

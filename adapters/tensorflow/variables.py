@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 
 import keras
 
-from upgd_ref.layout import SUPPORTED_DTYPES
-
-SUPPORTED_VARIABLE_DTYPES = SUPPORTED_DTYPES  # float32, float64: what the core computes in
+#: The core also takes float16/bfloat16 buffers (specs/precision.md); this adapter's 16-bit
+#: variables are not wired to them yet, so it takes the core's wide dtypes only.
+SUPPORTED_VARIABLE_DTYPES = ("float32", "float64")
 _STATE_NAMES = ("utility", "first_moment", "second_moment")
 
 

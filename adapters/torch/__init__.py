@@ -27,9 +27,10 @@ scaler's deprecated logging statistics are the one exception, :mod:`.spatial`); 
 * maps the production classes' API (constructor, ``param_groups``, ``state``, state dicts,
   pickling, logging) onto the core's.
 
-Tensors of one device (CPU, or one CUDA GPU with CuPy installed) and one dtype (float32 or
-float64) per optimizer are supported: a global utility minimum/maximum across several flat
-buffers needs a core hook that does not exist yet (see the spec, section "Limits").
+Tensors of one device (CPU, or one CUDA GPU with CuPy installed) and one dtype (float32,
+float64, float16 or bfloat16: ``specs/precision.md``) per optimizer are supported; the core
+can step several flat buffers at once (:class:`upgd_ref.multi.MultiLayout`), which this
+adapter does not use yet (one optimizer per dtype).
 
 Modules, each with one reason to change:
 

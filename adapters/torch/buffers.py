@@ -69,9 +69,14 @@ def check_tensors(tensors, names, *, what: str, rehome: bool) -> torch.dtype:
         if p.layout != torch.strided:
             raise TypeError(f"{what}: {name} has layout {p.layout}; only dense (strided) tensors are supported")
         if p.is_complex():
-            raise TypeError(f"{what}: {name} is complex ({p.dtype}); only real float32/float64 are supported")
+            raise TypeError(f"{what}: {name} is complex ({p.dtype}); only real float32/float64/float16/bfloat16 "
+                            "are supported")
         if p.dtype not in DTYPE_NAMES:
-            raise TypeError(f"{what}: {name} has dtype {p.dtype}; only torch.float32 and torch.float64 are supported")
+            raise TypeError(f"{what}: {name} has dtype {p.dtype}; only torch.float32, float64, float16 and "
+                            "bfloat16 are supported")
+        if p.dtype == torch.bfloat16 and p.device.type == "cuda":
+            raise TypeError(f"{what}: {name} is a bfloat16 CUDA tensor; CuPy has no bfloat16 (specs/precision.md "
+                            "§6): keep bfloat16 parameters on the CPU, or use float16 on the GPU")
         devices.setdefault(str(p.device), name)
         dtypes.setdefault(p.dtype, name)
     if len(devices) > 1:
@@ -140,7 +145,7 @@ def flat_buffer(layout: FlatLayout, device: torch.device):
     (CUDA allocations are at least 256-byte aligned); the views as :func:`segment_views`."""
     if device.type == "cpu":
         array = layout.zeros()
-        return array, segment_views(torch.from_numpy(array), layout)
+        return array, segment_views(tensor_view(array), layout)
     import cupy
 
     tensor = torch.zeros(layout.size, dtype=TORCH_DTYPES[layout.dtype.name], device=device)
@@ -148,8 +153,13 @@ def flat_buffer(layout: FlatLayout, device: torch.device):
 
 
 def tensor_view(array) -> torch.Tensor:
-    """A core buffer (NumPy or CuPy) as a tensor sharing its memory."""
-    return torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.from_dlpack(array)
+    """A core buffer (NumPy or CuPy) as a tensor sharing its memory (a bfloat16 NumPy buffer,
+    which ``torch.from_numpy`` does not know, through its bits)."""
+    if isinstance(array, np.ndarray):
+        if array.dtype.name == "bfloat16":
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+    return torch.from_dlpack(array)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ import torch
 
 from upgd_ref.hyperparams import validate_vgs
 from upgd_ref.layout import FlatLayout
-from upgd_ref.state import UPGD_VERSION, UPGD_FORMAT
+from upgd_ref.precision import state_dtype
+from upgd_ref.state import UPGD_FORMAT, UPGD_VERSION
 
 from .buffers import Bucket
 from .conversions import CORE_TENSOR_FIELDS, float_value, number_from_tensor, state_array, step_count, tensor_keys
@@ -61,7 +62,7 @@ def core_state_dict(layout: FlatLayout, *, step, noise_ema_init, segments) -> di
     """The core format of a state (what :meth:`upgd_ref.state.FlatUPGDState.from_state_dict`
     reads); ``segments[i]`` is None (fresh) or ``(t, arrays, n)`` with ``arrays`` a dict of
     core state buffers (``"utility"``, ...; a missing one is zero)."""
-    dtype = layout.dtype
+    dtype = state_dtype(layout.dtype)  # float32 for 16-bit parameters (specs/precision.md)
     t = np.zeros(layout.num_segments, dtype=np.int64)
     n = np.array([noise_ema_init] * layout.num_segments, dtype=np.float64)
     buffers = {name: [] for name in CORE_TENSOR_FIELDS}
@@ -188,7 +189,8 @@ def read_state_dict(state_dict, param_groups, bucket: Bucket, layout: FlatLayout
         if missing:
             raise ValueError(f"{where} lacks {missing}")
         t = step_count(where, entry["step"])
-        arrays = {field: state_array(f"{where}[{k!r}]", entry[k], p.shape, layout.dtype) for k, field in tensors.items()}
+        arrays = {field: state_array(f"{where}[{k!r}]", entry[k], p.shape, state_dtype(layout.dtype))
+                  for k, field in tensors.items()}
         ema = (float_value(f"{where}['grad_norm_ema']", entry["grad_norm_ema"]) if "grad_norm_ema" in entry
                else float(noise_ema_init))
         segments[i] = (t, arrays, ema)

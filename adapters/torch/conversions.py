@@ -19,8 +19,9 @@ import torch
 
 from upgd_ref.family import RefusedOption
 
-#: The tensor dtypes the adapter takes, and the core's name for each.
-DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+#: The tensor dtypes the adapter takes, and the core's name for each (16-bit: specs/precision.md).
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+               torch.bfloat16: "bfloat16"}
 #: The torch dtype of each core dtype name.
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
@@ -140,12 +141,13 @@ def step_count(where: str, value) -> int:
 
 
 def state_array(where: str, value, shape, dtype: np.dtype) -> np.ndarray:
-    """A state tensor as a flat NumPy array of the parameter's dtype (cast as torch.optim does)."""
+    """A state tensor as a flat NumPy array of the state's ``dtype`` (cast as torch.optim does;
+    for 16-bit parameters the state is float32, ``specs/precision.md``)."""
     if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_complex() or not value.is_floating_point():
             raise TypeError(f"{where} must be a real floating dense tensor, got {value.dtype} ({value.layout})")
         value = value.detach().cpu()
-        if value.dtype not in DTYPE_NAMES:
+        if value.dtype not in DTYPE_NAMES or value.dtype == torch.bfloat16:  # NumPy has no bfloat16
             value = value.double()
         value = value.numpy()
     elif isinstance(value, np.ndarray):

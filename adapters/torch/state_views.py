@@ -131,7 +131,7 @@ class ParamState(MutableMapping):
                 raise ValueError(f"{where} must be finite and >= 0, got {ema}")
             state.grad_norm_ema[i] = ema
         else:
-            values = state_array(where, value, source.bucket.shapes[i], source.layout.dtype)
+            values = state_array(where, value, source.bucket.shapes[i], getattr(state, CORE_FIELD_OF_KEY[key]).dtype)
             getattr(state, CORE_FIELD_OF_KEY[key])[source.layout.segment_slice(i)] = values
 
     def __delitem__(self, key):

@@ -68,3 +68,14 @@ def test_bad_baseline_files(tmp_path, capsys):
         bench.load_baseline(incomplete)
     assert main(["bench", "--sizes", "1k", "--baseline", str(tmp_path / "none.py")]) == 2
     assert "no such baseline file" in capsys.readouterr().err
+
+
+def test_16bit_rows(capsys):
+    """``--dtypes float16,bfloat16``: the numba rows of a 16-bit step (widened to float32,
+    rounded back) and the stochastic-rounding row; no framework baselines for them."""
+    assert main(["bench", "--sizes", "4096", "--dtypes", "float16,bfloat16", "--repeats", "1", "--quiet",
+                 "--no-torch"]) == 0
+    text = capsys.readouterr().out
+    for dtype in ("float16", "bfloat16"):
+        rows = [line for line in text.splitlines() if f" {dtype} " in line]
+        assert any("numba full step" in r for r in rows) and any("stochastic rounding" in r for r in rows)

@@ -41,7 +41,7 @@ def _run(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_the_wheel_holds_the_golden_data_the_cuda_source_and_the_cli(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.name for p in GOLDEN.iterdir() if p.suffix in (".npz", ".json")}
-    assert len(shipped) == 24 and {f"upgd_ref/golden/data/{n}" for n in shipped} <= names
+    assert len(shipped) == 26 and {f"upgd_ref/golden/data/{n}" for n in shipped} <= names
     assert "upgd_ref/kernels/upgd_step.cu" in names
     cli = {p.name for p in (ROOT / "upgd_ref" / "cli").glob("*.py")}
     assert {f"upgd_ref/cli/{n}" for n in cli} <= names
@@ -57,4 +57,4 @@ def test_the_unpacked_wheel_verifies_the_golden_vectors_from_elsewhere(unpacked,
     done = _run(unpacked, tmp_path, "-m", "upgd_ref.cli", "golden", "verify", "--backend", "reference")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.splitlines()[-1] == "all golden cases verified"
-    assert done.stdout.count("ok   reference") == 33  # 23 cases, the 10 with VGS on both paths
+    assert done.stdout.count("ok   reference") == 35  # 25 cases; 10 with VGS on both paths (16-bit: fused)

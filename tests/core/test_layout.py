@@ -66,7 +66,7 @@ def test_groups_accept_ids_or_member_lists():
 @pytest.mark.parametrize("kwargs,error", [
     (dict(shapes=[]), ValueError),
     (dict(shapes=[(2,)], dtype="int32"), TypeError),
-    (dict(shapes=[(2,)], dtype="float16"), TypeError),
+    (dict(shapes=[(2,)], dtype="complex64"), TypeError),
     (dict(shapes=[(-1,)]), ValueError),
     (dict(shapes=[(1.5,)]), ValueError),
     (dict(shapes=[(2,), (3,)], groups=[0]), ValueError),

@@ -14,7 +14,7 @@ def test_spec_constants_match_the_code():
     text = SPEC.read_text()
     found = dict(re.findall(r"`([A-Z_0-9]+) = (\d+)`", text))
     expected = {name: str(getattr(tolerances, name)) for name in
-                ("STATE_ULPS", "PARAM_ULPS", "REDUCTION_ULPS", "SCALAR_ULPS_F64")}
+                ("STATE_ULPS", "PARAM_ULPS", "REDUCTION_ULPS", "SCALAR_ULPS_F64", "ROUNDING_ULPS_16")}
     assert found == expected
 
 

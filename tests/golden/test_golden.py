@@ -80,7 +80,7 @@ def test_cases_cover_every_mode(cases):
     assert any_case(lambda c: (~c.arrays["present"]).all(axis=0).any())  # a segment never present
     assert any_case(lambda c: (~c.arrays["present"]).all(axis=1).any())  # a step with no gradient
     assert any_case(lambda c: len({json.dumps(h, sort_keys=True) for h in hyper(c)}) > 1)  # groups differ
-    assert {c.dtype.name for c in cases.values()} == {"float32", "float64"}
+    assert {c.dtype.name for c in cases.values()} == {"float32", "float64", "float16", "bfloat16"}
 
 
 # Every member of the UPGD family (specs/algorithm.md §7.2), by class and profile.
@@ -101,8 +101,9 @@ def test_cases_cover_every_family_member(cases):
         assert FAMILY[key] == case.variant
         seen.setdefault(key, set()).add(case.dtype.name)
     assert set(seen) == set(FAMILY)
-    for key, dtypes in seen.items():
-        assert dtypes == {"float32", "float64"}, key
+    for key, dtypes in seen.items():  # every member in both wide dtypes; the 16-bit cases are production ones
+        assert dtypes - {"float16", "bfloat16"} == {"float32", "float64"}, key
+        assert key == ("AdaptiveUPGD", "production") or not dtypes & {"float16", "bfloat16"}, key
     for case in cases.values():
         if case.variant.protection == "max":  # paper cases: utilities positive, so the trace is finite
             assert (case.arrays["utility_max"] > 0).all() and np.isfinite(case.arrays["params"]).all()
@@ -143,9 +144,13 @@ def test_manifest_versions(tmp_path):
     data["version"] = 1  # version 1: no variant field, production AdaptiveUPGD only
     path.write_text(json.dumps(data))
     assert golden.load_case(golden.CASES[0].name, tmp_path).variant == ref.PRODUCTION
-    data["version"] = 3
+    data["version"] = 2  # version 2: the family's variant, no 16-bit cases; read by this reader
+    data["cases"][0]["variant"] = dict(ref.PRODUCTION._asdict())
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="version 3"):
+    assert golden.load_case(golden.CASES[0].name, tmp_path).variant == ref.PRODUCTION
+    data["version"] = 4
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="version 4"):
         golden.load_manifest(tmp_path)
 
 
@@ -162,7 +167,7 @@ def test_specs_golden_md_lists_every_case():
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_backend_reproduces_golden_case(cases, backend, name):
     case = cases[name]
-    for fused in (True, False) if case.vgs is not None else (True,):
+    for fused in golden.replay_paths(case):
         result = golden.compare(case, golden.replay(case, backend, fused=fused))
         assert result.passed, golden.format_comparison(result)
         assert set(result.fields) >= set(FIELDS) - ({"vgs_factor", "vgs_normalized_variance", "vgs_grad_mean_avg",

@@ -31,9 +31,9 @@ def sizes(text: str) -> list[int]:
 
 def dtypes(text: str) -> list[str]:
     chosen = [part for part in text.split(",") if part]
-    bad = [d for d in chosen if d not in bench.DEFAULT_DTYPES]
+    bad = [d for d in chosen if d not in bench.ALL_DTYPES]
     if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"dtypes must be among {bench.DEFAULT_DTYPES}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"dtypes must be among {bench.ALL_DTYPES}, got {text!r}")
     return chosen
 
 
@@ -84,7 +84,8 @@ def register(subparsers) -> None:
                         help="comma-separated parameter counts, e.g. 1M,10M (default; 1M,100M,1B with "
                              "--backend cupy) or 4096")
     parser.add_argument("--dtypes", type=dtypes, default=None,
-                        help="comma-separated, from float32,float64 (default both; float32 with --backend cupy)")
+                        help="comma-separated, from float32,float64,float16,bfloat16 (default float32,float64; float32 "
+                             "with --backend cupy; 16-bit: specs/precision.md)")
     parser.add_argument("--threads", type=integer_at_least(1), default=None,
                         help="Numba and torch threads (default: NUMBA_NUM_THREADS)")
     parser.add_argument("--segments", type=integer_at_least(1), default=bench.DEFAULT_SEGMENTS,

@@ -19,6 +19,7 @@ from ..golden import (
     load_case,
     load_manifest,
     replay,
+    replay_paths,
 )
 
 
@@ -66,7 +67,7 @@ def _cmd_verify(args) -> int:
     for entry in load_manifest(args.golden)["cases"]:
         case = load_case(entry["name"], args.golden)
         for backend in backends:
-            for fused in (True, False) if case.vgs is not None else (True,):
+            for fused in replay_paths(case):
                 result = compare(case, replay(case, backend, fused=fused))
                 worst = max((r.contract for r in result.reports), default=0.0)
                 verdict = "ok" if result.passed else "FAIL"

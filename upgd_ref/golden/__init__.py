@@ -44,7 +44,7 @@ from .cases import (
     case_inputs,
 )
 from .comparator import Comparison, FieldReport, TraceError, compare, format_comparison, required_fields
-from .replay import replay
+from .replay import replay, replay_paths
 from .store import check_manifest, generate, golden_trace, load_case, load_manifest
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "load_case",
     "check_manifest",
     "replay",
+    "replay_paths",
     "compare",
     "required_fields",
     "format_comparison",

@@ -15,8 +15,8 @@ from ..rng import standard_normals
 from ..trace import logical
 
 GOLDEN_FORMAT = "upgd_ref.golden"
-GOLDEN_VERSION = 2  # 2: UPGD-family cases; each entry names its "variant" (specs/golden.md §1)
-READABLE_VERSIONS = (1, 2)  # a version-1 manifest has production AdaptiveUPGD cases only
+GOLDEN_VERSION = 3  # 3: 16-bit cases (candidate dtype from the case); 2: the family's "variant" (specs/golden.md §1)
+READABLE_VERSIONS = (1, 2, 3)  # a version-1 manifest has production AdaptiveUPGD cases only
 MANIFEST = "manifest.json"
 DEFAULT_DIR = Path(__file__).resolve().parent / "data"  # shipped with the package (specs/golden.md §1)
 EXACT_FIELDS = ("grads", "present", "normals", "segment_step")
@@ -172,19 +172,26 @@ CASES = (
     CaseSpec("paper_plain_f32", "UPGD profile paper, fixed noise, float32",
              _SMALL, "float32", 30,
              _config(seed=33, optimizer="UPGD", profile="paper"), input_seed=1023, grad_mean=(0.3, -0.2, 0.5)),
+    # 16-bit parameters (specs/precision.md): stepped in float32, rounded to nearest; float32 state
+    CaseSpec("adaptive_vgs_bf16", "bfloat16 parameters, adaptive noise, VGS, float32 state", _SMALL, "bfloat16", 30,
+             _config(seed=34, vgs={"warmup_steps": 3}, **_ADAPTIVE), input_seed=1024, grad_mean=(0.3, -0.2, 0.5)),
+    CaseSpec("production_defaults_f16", "float16 parameters, production defaults but lr 0.01, float32 state",
+             _SIX, "float16", 30, _config(seed=35, lr=0.01, weight_decay=0.0), input_seed=1025,
+             absent=((2, (3, 4, 5)),)),
 )
 
 
 def case_inputs(spec: CaseSpec) -> dict[str, np.ndarray]:
-    """``params0`` ``(N,)``, ``grads`` ``(T, N)`` in the case dtype and ``present`` ``(T, S)``."""
+    """``params0`` ``(N,)``, ``grads`` ``(T, N)`` in the case dtype (bfloat16 values stored as
+    float32, :func:`upgd_ref.trace.logical`) and ``present`` ``(T, S)``."""
     layout = spec.layout()
-    n, dtype = layout.num_logical, np.dtype(spec.dtype)
-    params0 = (PARAMS0_SCALE * standard_normals(spec.input_seed, 0, 0, n)).astype(dtype)
+    n, dtype = layout.num_logical, layout.dtype
+    params0 = logical((PARAMS0_SCALE * standard_normals(spec.input_seed, 0, 0, n)).astype(dtype))
     described = spec.inputs_description()
     scale = np.repeat(described["grad_scale"], layout.sizes)
     mean = np.repeat(described["grad_mean"], layout.sizes)
     grads = np.stack([
-        (scale * (mean + standard_normals(spec.input_seed, k, 0, n))).astype(dtype)
+        logical((scale * (mean + standard_normals(spec.input_seed, k, 0, n))).astype(dtype))
         for k in range(1, spec.steps + 1)
     ])
     return {"params0": params0, "grads": grads, "present": spec.present_mask()}

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..tolerances import REDUCTION_ULPS, SCALAR_ULPS_F64, STATE_ULPS, unit_roundoff, upgd_step_bounds
+from ..precision import compute_dtype, is_low_precision, spacing
+from ..tolerances import (
+    REDUCTION_ULPS, SCALAR_ULPS_F64, STATE_ULPS, low_precision_bound, unit_roundoff, upgd_step_bounds,
+)
 from ..trace import ELEMENT, FIELDS, SCALAR, SEGMENT
 from .cases import EXACT_FIELDS, STATE_FIELDS, VGS_STATE_FIELDS, GoldenCase, join_segments
 from .truth import ReferenceStep, reference_step
@@ -91,8 +94,19 @@ def _check_shapes(case: GoldenCase, trace: dict) -> None:
             raise TraceError(f"trace field {name!r} has shape {value.shape}, case {case.name!r} needs {shape}")
         if name not in ("present", "segment_step") and not np.issubdtype(value.dtype, np.floating):
             raise TraceError(f"trace field {name!r} must be floating point, got {value.dtype}")
-    if trace["params"].dtype.name not in ("float32", "float64"):
+    if is_low_precision(case.dtype):  # a 16-bit case: values of its dtype (in it or float32), or float64
+        params = trace["params"]
+        if params.dtype.name != "float64" and (params.dtype.name not in (case.dtype.name, "float32") or not np.array_equal(
+                params.astype(case.dtype).astype(params.dtype), params, equal_nan=True)):
+            raise TraceError(f"trace field 'params' must hold {case.dtype.name} values (as {case.dtype.name} or "
+                             f"float32), or be float64, for case {case.name!r}, got {params.dtype} values")
+    elif trace["params"].dtype.name not in ("float32", "float64"):
         raise TraceError(f"trace field 'params' must be float32 or float64, got {trace['params'].dtype}")
+
+
+def candidate_dtype(case: GoldenCase, trace: dict) -> np.dtype:
+    """The dtype the contract judges: the case's for a 16-bit case, else the trace's ``params``'."""
+    return case.dtype if is_low_precision(case.dtype) else trace["params"].dtype
 
 
 def _ratios(candidate, truth, bound) -> np.ndarray:
@@ -119,7 +133,9 @@ def _golden_errors(candidate, golden, dtype) -> tuple[float, float, float]:
     error = np.where(np.isnan(error), np.inf, error)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(error == 0.0, 0.0, error / np.abs(g))
-        ulp = np.where(error == 0.0, 0.0, error / np.spacing(np.abs(np.nan_to_num(g)).astype(dtype)).astype(np.float64))
+        gap = (spacing(np.nan_to_num(g), dtype) if is_low_precision(dtype)
+               else np.spacing(np.abs(np.nan_to_num(g)).astype(dtype)).astype(np.float64))
+        ulp = np.where(error == 0.0, 0.0, error / gap)
     return float(error.max()), float(np.nanmax(rel)), float(np.nanmax(ulp))
 
 
@@ -141,7 +157,9 @@ def _relative_bound(u: float, terms, scale) -> np.ndarray:
 
 
 def step_bounds(case: GoldenCase, step: ReferenceStep, dtype, present) -> dict:
-    """Allowed |candidate - truth| per field at one step (``specs/golden.md`` §3)."""
+    """Allowed |candidate - truth| per field at one step (``specs/golden.md`` §3); a 16-bit
+    candidate's arithmetic is float32's (its state fields: :func:`upgd_ref.tolerances.low_precision_bound`, in :func:`compare`)."""
+    dtype = compute_dtype(dtype)
     u = unit_roundoff(dtype)
     sizes = case.layout.sizes
     per_segment = upgd_step_bounds(step.scales, dtype, sizes)
@@ -183,7 +201,7 @@ def compare(case: GoldenCase, trace: dict, *, per_step_callback=None) -> Compari
     if case.vgs is None and any(f.startswith("vgs_") for f in trace):
         raise TraceError(f"case {case.name!r} has no VGS but the trace has VGS fields")
     _check_shapes(case, trace)
-    dtype = trace["params"].dtype
+    dtype = candidate_dtype(case, trace)
     gold = case.arrays
     fields = [f for f in ("params0", *FIELDS) if f in trace]
     result = Comparison(case.name, dtype.name, case.steps, fields,
@@ -203,6 +221,9 @@ def compare(case: GoldenCase, trace: dict, *, per_step_callback=None) -> Compari
                 # f is within its contract: judge the rest of the step from the candidate's own f.
                 step = reference_step(case, k, prev, candidate_f)
         bounds = step_bounds(case, step, dtype, present)
+        if is_low_precision(dtype):  # p (and u, m, v of a 16-bit state) rounded once to the dtype
+            bounds.update({name: low_precision_bound(trace[name][row], step.values[name], bounds[name], dtype)
+                           for name in STATE_FIELDS})
         for name in fields:
             if name == "params0":
                 continue

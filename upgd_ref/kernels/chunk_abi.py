@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import reference as ref
 from ..layout import FlatLayout
-from ..rng import check_u64
+from ..rng import check_u64, noise_dtype
 
 __all__ = [
     "CHUNK", "SEGMENT", "START", "LENGTH", "LOGICAL",
@@ -103,9 +103,9 @@ def chunk_table(layout: FlatLayout) -> np.ndarray:
     """The layout's chunks: int64 ``(C, 4)``, columns ``SEGMENT, START, LENGTH, LOGICAL``.
 
     Segment ``i`` of size ``n`` has ``ceil(n / CHUNK)`` chunks, in order; chunk ``c``
-    covers ``flat[START : START + LENGTH]``, logical indices from ``LOGICAL``.
+    covers ``flat[START : START + LENGTH]``, noise indices from ``LOGICAL`` (``layout.noise_offsets``).
     """
-    return _chunk_table(layout.offsets, layout.logical_offsets, layout.sizes)
+    return _chunk_table(layout.offsets, layout.noise_offsets, layout.sizes)
 
 
 def segment_chunk_offsets(layout: FlatLayout) -> np.ndarray:
@@ -122,7 +122,7 @@ def zero_padding(layout: FlatLayout, flat) -> None:
 
 def check_noise_request(layout: FlatLayout, dtype, seed, step) -> tuple[np.dtype, int, int]:
     """``(dtype, seed, step)`` of a kernel noise request, checked as :func:`upgd_ref.rng.noise` checks."""
-    dtype = np.dtype(layout.dtype if dtype is None else dtype)
+    dtype = np.dtype(noise_dtype(layout) if dtype is None else dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
     return dtype, check_u64("seed", seed), check_u64("step", step)

@@ -132,7 +132,7 @@ class CudaBackend:
         """``(chunk table, segment chunk offsets)`` on the device, built once per layout (and device)."""
         xp = self.array_module
         device = xp.cuda.Device().id if hasattr(xp, "cuda") else None
-        key = (layout.offsets, layout.logical_offsets, layout.sizes, device)
+        key = (layout.offsets, layout.noise_offsets, layout.sizes, device)
         tables = self._tables.get(key)
         if tables is None:
             if len(self._tables) >= _MAX_CACHED_LAYOUTS:

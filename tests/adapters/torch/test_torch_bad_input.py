@@ -90,7 +90,7 @@ def test_sparse_gradients(trained):
 
 @pytest.mark.parametrize("make, error, message", [
     (lambda: [torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))], TypeError, "complex"),
-    (lambda: [torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))], TypeError, "float16"),
+    (lambda: [torch.nn.Parameter(torch.zeros(3, dtype=torch.float8_e4m3fn))], TypeError, "float8_e4m3fn"),
     (lambda: [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))],
      TypeError, "several dtypes"),
     (lambda: [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))],
