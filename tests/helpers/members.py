@@ -101,7 +101,7 @@ BAD_VALUES: Mapping[str, tuple] = {
     "sigma": ((-0.1, ValueError), (math.inf, ValueError)),
     "beta1": ((1.0, ValueError), (math.nan, ValueError)),
     "beta2": ((1.5, ValueError), (-1e-12, ValueError)),
-    "eps": ((-1e-8, ValueError), (math.nan, ValueError)),
+    "eps": ((-1e-8, ValueError), (math.nan, ValueError), (0.0, ValueError)),  # 0: 0/0 on a zero gradient
     "adaptive_noise": ((1, TypeError), ("yes", TypeError)),
     "noise_beta": ((1.0, ValueError), (-0.5, ValueError)),
     "min_noise_std": ((-1e-6, ValueError),),
