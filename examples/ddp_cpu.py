@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(rank: int, port: int) -> None:
+def train(rank: int, port: int, done) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE,
                             timeout=__import__("datetime").timedelta(seconds=60))
@@ -54,8 +54,23 @@ def train(rank: int, port: int) -> None:
             print(f"ranks bit-identical after {STEPS} steps: {same}; seed {optimizer.seed} on every rank")
     finally:
         dist.destroy_process_group()
+        done.put(rank)  # the rank's work is over (see the end of the file)
 
 
 if __name__ == "__main__":
-    mp.spawn(train, args=(free_port(),), nprocs=WORLD_SIZE, join=True)
+    done = mp.get_context("spawn").SimpleQueue()
+    ranks = mp.spawn(train, args=(free_port(), done), nprocs=WORLD_SIZE, join=False)
+    finished = 0
+    while finished < WORLD_SIZE:
+        if done.empty():
+            ranks.join(timeout=1)  # raises if a rank failed
+        else:
+            finished += done.get() is not None
+    # Every rank has left its process group. Under heavy load a rank was seen to hang in
+    # interpreter teardown after that (specs/distributed.md §1): give each a few seconds to
+    # exit, then end it; its work is complete.
+    for process in ranks.processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.terminate()
     sys.exit(0)
