@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from upgd_ref.backends import backends_for
-
-#: Every backend for NumPy buffers registered when the tests are collected (reference, numba,
-#: cuda-emulator, ...). The CuPy backend has its own tests (tests/kernels/test_cuda_gpu.py).
-BACKEND_NAMES = tuple(backends_for("numpy", emulators=True))
+from tests.helpers.backend_names import BACKEND_NAMES
 
 #: The README's set-up command: installs every package the suite needs (the ``test`` extra).
 SETUP_COMMAND = 'pip install -e ".[test]"'

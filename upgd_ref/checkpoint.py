@@ -13,8 +13,9 @@ import json
 import numpy as np
 
 from .archive import CorruptArchive, read_npz, write_npz
+from .serial import serialised
 
-__all__ = ["write_state_dict", "read_state_dict", "check_header", "take_array", "take_int"]
+__all__ = ["FileCheckpoints", "write_state_dict", "read_state_dict", "check_header", "take_array", "take_int"]
 
 _META = "meta"
 _ARRAY_PREFIX = "state."
@@ -134,3 +135,18 @@ def take_int(state: dict, name: str, *, minimum: int = 0, maximum: int = MAX_STE
     if not minimum <= value <= maximum:
         raise ValueError(f"state dict field 'state.{name}' must lie in [{minimum}, {maximum}], got {value}")
     return int(value)
+
+
+class FileCheckpoints:
+    """Mixin for a :class:`~upgd_ref.serial.Serialised` class with ``state_dict`` and
+    ``load_state_dict``: the same state dict on disk, one definition for every class."""
+
+    @serialised
+    def save(self, path) -> None:
+        """Write :meth:`state_dict` to ``path`` (``.npz``)."""
+        write_state_dict(path, self.state_dict())
+
+    @serialised
+    def load(self, path) -> None:
+        """Load a file written by :meth:`save`; corrupt or foreign files raise ``ValueError``."""
+        self.load_state_dict(read_state_dict(path))

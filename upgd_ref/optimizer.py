@@ -35,7 +35,7 @@ import numpy as np
 
 from . import step as door
 from .backends import check_backend_name
-from .checkpoint import read_state_dict, write_state_dict
+from .checkpoint import FileCheckpoints
 from .checks import check_nonfinite_policy, check_present
 from .family import MEMBERS, PAPER_EPS, PROFILES
 from .hyperparams import resolve_param_groups, segment_hyperparams
@@ -95,7 +95,7 @@ class StepInfo:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
 
 
-class AdaptiveUPGD(Serialised):
+class AdaptiveUPGD(FileCheckpoints, Serialised):
     """Utility-based perturbed gradient descent with Adam moments, on a :class:`FlatLayout`.
 
     Hyper-parameters (defaults as the production optimizer): ``lr, weight_decay,
@@ -268,16 +268,6 @@ class AdaptiveUPGD(Serialised):
         if (saved["member"], saved["profile"]) != (self.MEMBER.name, self.profile):
             raise ValueError(f"state dict is a checkpoint of {saved['member']} (profile {saved['profile']!r}); "
                              f"this optimizer is {self.MEMBER.name} (profile {self.profile!r})")
-
-    @serialised
-    def save(self, path) -> None:
-        """Write :meth:`state_dict` to ``path`` (``.npz``)."""
-        write_state_dict(path, self.state_dict())
-
-    @serialised
-    def load(self, path) -> None:
-        """Load a file written by :meth:`save`; corrupt or foreign files raise ``ValueError``."""
-        self.load_state_dict(read_state_dict(path))
 
 
 class UPGD(AdaptiveUPGD):

@@ -29,7 +29,7 @@ import numpy as np
 from . import reference as ref
 from .backends import check_backend_name
 from .checks import check_nonfinite_policy
-from .checkpoint import read_state_dict, write_state_dict
+from .checkpoint import FileCheckpoints
 from .hyperparams import VGS_DEFAULTS, validate_vgs
 from .layout import FlatLayout
 from .serial import Serialised, serialised
@@ -39,7 +39,7 @@ from .step import vgs_factor, vgs_scale_step, vgs_update_step
 __all__ = ["VarianceGradientScaler"]
 
 
-class VarianceGradientScaler(Serialised):
+class VarianceGradientScaler(FileCheckpoints, Serialised):
     """Scales gradients down when their normalised variance is high (one factor per step).
 
     ``nonfinite``: ``"raise"`` (default) a :class:`~upgd_ref.checks.NonFiniteStepError` when
@@ -126,11 +126,3 @@ class VarianceGradientScaler(Serialised):
             raise ValueError("state dict field 'hyperparams' must be a dict")
         hyperparams = validate_vgs(hyperparams, where="state dict hyperparams: ")
         self.state, self.hyperparams = state, hyperparams
-
-    @serialised
-    def save(self, path) -> None:
-        write_state_dict(path, self.state_dict())
-
-    @serialised
-    def load(self, path) -> None:
-        self.load_state_dict(read_state_dict(path))

@@ -9,14 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import upgd_ref
-from upgd_ref.backends import backends_for
+from tests.helpers.backend_names import BACKEND_NAMES
 from upgd_ref.checks import NonFiniteStepError
 from upgd_ref.hyperparams import UPGD_DEFAULTS
 from upgd_ref.multi import MultiLayout, MultiUPGDState
 from upgd_ref.state import FlatUPGDState, FlatVGSState
 from upgd_ref.step import StepRequest, VGSRequest, upgd_step
 
-BACKEND_NAMES = sorted(backends_for("numpy", emulators=True))
 
 shapes_strategy = st.lists(
     st.one_of(st.just((0,)), st.tuples(st.integers(1, 40)), st.tuples(st.integers(1, 4), st.integers(1, 5))),

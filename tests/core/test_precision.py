@@ -14,14 +14,13 @@ from hypothesis import strategies as st
 import upgd_ref
 from upgd_ref import precision, tolerances
 from upgd_ref import reference as ref
-from upgd_ref.backends import backends_for
+from tests.helpers.backend_names import BACKEND_NAMES
 from upgd_ref.checks import NonFiniteStepError
 from upgd_ref.hyperparams import UPGD_DEFAULTS, validate_upgd
 from upgd_ref.multi import MultiLayout, MultiUPGDState
 from upgd_ref.state import FlatUPGDState
 from upgd_ref.step import StepRequest, upgd_step
 
-BACKEND_NAMES = sorted(backends_for("numpy", emulators=True))
 LOW = ("float16", "bfloat16")
 SHAPES = [(300,), (20, 20), (5,), (0,), (2100,)]  # 2100: two kernel chunks
 

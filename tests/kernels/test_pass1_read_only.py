@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import BACKEND_NAMES
+from tests.helpers.backend_names import BACKEND_NAMES
 from upgd_ref import FlatLayout
 from upgd_ref.backends import BACKENDS
 from upgd_ref.hyperparams import validate_upgd

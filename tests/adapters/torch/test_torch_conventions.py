@@ -11,8 +11,8 @@ import torch
 
 from upgd_ref.adapters.torch import UPGD, UPGDW, AdaptiveUPGD
 
-from . import helpers
-from .helpers import seeded_grads, set_grads
+from tests.helpers import torch_tensors as helpers
+from tests.helpers.torch_tensors import seeded_grads, set_grads
 
 MEMBERS = {"AdaptiveUPGD": AdaptiveUPGD, "UPGD": UPGD, "UPGDW": UPGDW}
 SHAPES = ((4, 3), (3,), (2, 2))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.adapters.torch.helpers import make_params, seeded_grads, set_grads
+from tests.helpers.torch_tensors import make_params, seeded_grads, set_grads
 from upgd_ref.adapters.torch import AdaptiveUPGD
 
 SHAPES = [(4, 3), (5,), (2, 2, 2)]

@@ -18,8 +18,8 @@ from upgd_ref.state import FlatUPGDState, FlatVGSState
 from upgd_ref.step import StepRequest, upgd_step
 from upgd_ref.tolerances import INDEPENDENT_RTOL, REDUCTION_ULPS, unit_roundoff
 
-from . import helpers
-from .helpers import Recorder, run_scaler, seeded_grads, set_grads
+from tests.helpers import torch_tensors as helpers
+from tests.helpers.torch_tensors import Recorder, run_scaler, seeded_grads, set_grads
 
 SHAPES = ((6, 4), (4,), (3, 3), (2,), (5,))
 BETA, EPS = 0.9, 1e-8
