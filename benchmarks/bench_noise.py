@@ -10,9 +10,10 @@ Rows (all timed round-robin in one process, repetition ``r`` of every row before
 
 * numba serial / numba parallel: ``NumbaBackend.noise`` into a preallocated buffer (one
   thread / ``--threads`` threads), what ``upgd_ref.noise`` and the fused step's pass 2 run;
-* numba philox only / numba transform only (serial): the two halves of the generator on
-  one chunk-sized tile, repeated over the count (``fill_words``, ``fill_normals``): where the
-  time goes;
+* part: ...: where the time of the serial generator goes, each part in a compiled loop over
+  one chunk-sized, L1-resident tile (no Python call per tile): the Philox words
+  (``fill_words``), the whole transform (``fill_normals``), its radius half
+  (``sqrt(-2 LOG)``), its sincos half, and only converting and storing the words;
 * torch.randn: ``torch.randn(n, out=buf)`` with ``torch.set_num_threads(--threads)``;
 * numpy standard_normal: ``Generator.standard_normal(n, dtype, out=buf)`` (PCG64, ziggurat,
   one thread).
@@ -24,39 +25,78 @@ The table shows the median and the minimum ns per normal and the median's ratio 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import numba
 import numpy as np
 import torch
+from numba import njit
 
 from upgd_ref import FlatLayout
 from upgd_ref.kernels import NumbaBackend
 from upgd_ref.kernels.chunk_abi import CHUNK
-from upgd_ref.kernels.numba_noise import fill_normals, fill_words
+from upgd_ref.kernels.numba_noise import cos_sin_of_turn, fill_normals, fill_words, log_of_uniform
 
 SEED, STEP = 12345, 7
 
 
-def _philox_only(n: int, dtype):
-    words = np.empty(CHUNK, np.uint32)
-    key = (np.uint64(SEED), np.uint64(0))
-
-    def run():
-        for first in range(0, n, CHUNK):
-            fill_words(words, np.uint64(first // 4), np.uint64(STEP), np.uint64(0), *key)
-    return run
+@njit(error_model="numpy")
+def _philox_loop(n, words, step_lo, key0):
+    """The Philox words of ``n`` normals, one chunk-sized tile at a time."""
+    for first in range(0, n, words.size):
+        fill_words(words, np.uint64(first // 4), step_lo, np.uint64(0), key0, np.uint64(0))
 
 
-def _transform_only(n: int, dtype):
+@njit(error_model="numpy")
+def _transform_loop(n, tile, words):
+    """Box-Muller of ``n`` normals on one tile of fixed words (no Philox)."""
+    for _ in range(0, n, tile.size):
+        fill_normals(tile, words)
+
+
+@njit(error_model="numpy")
+def _radius_loop(n, tile, words):
+    """Only ``r = sqrt(-2 LOG(w))`` of each word pair, stored twice (the log half of the transform)."""
+    for _ in range(0, n, tile.size):
+        for i in range(tile.size // 2):
+            radius = math.sqrt(-2.0 * log_of_uniform(np.uint64(words[2 * i])))
+            tile[2 * i] = radius
+            tile[2 * i + 1] = radius
+
+
+@njit(error_model="numpy")
+def _angle_loop(n, tile, words):
+    """Only ``(COS, SIN)`` of each word pair (the sincos half of the transform)."""
+    for _ in range(0, n, tile.size):
+        for i in range(tile.size // 2):
+            cos, sin = cos_sin_of_turn(np.uint64(words[2 * i + 1]))
+            tile[2 * i] = cos
+            tile[2 * i + 1] = sin
+
+
+@njit(error_model="numpy")
+def _store_loop(n, tile, words):
+    """Only the conversion of the words and the stores (the floor under the transform)."""
+    for _ in range(0, n, tile.size):
+        for i in range(tile.size // 2):
+            tile[2 * i] = np.float64(words[2 * i])
+            tile[2 * i + 1] = np.float64(words[2 * i + 1])
+
+
+def _profile_rows(n: int, dtype) -> dict:
+    """The parts of the generator on one chunk-sized, L1-resident tile, in compiled loops."""
     words = np.random.default_rng(0).integers(0, 2**32, CHUNK, dtype=np.uint32)
     tile = np.empty(CHUNK, dtype)
-
-    def run():
-        for _ in range(0, n, CHUNK):
-            fill_normals(tile, words)
-    return run
+    scratch = np.empty(CHUNK, np.uint32)
+    return {
+        "  part: philox words": lambda: _philox_loop(n, scratch, np.uint64(STEP), np.uint64(SEED)),
+        "  part: transform (all)": lambda: _transform_loop(n, tile, words),
+        "  part: transform, radius only": lambda: _radius_loop(n, tile, words),
+        "  part: transform, sincos only": lambda: _angle_loop(n, tile, words),
+        "  part: transform, stores only": lambda: _store_loop(n, tile, words),
+    }
 
 
 def rows(n: int, dtype, threads: int) -> dict:
@@ -75,11 +115,9 @@ def rows(n: int, dtype, threads: int) -> dict:
     return {
         "numba serial": lambda: serial.noise(layout=layout, seed=SEED, step=STEP, out=ours),
         f"numba parallel ({threads} thr)": numba_parallel,
-        "numba philox only (serial)": _philox_only(n, dtype),
-        "numba transform only (serial)": _transform_only(n, dtype),
         f"torch.randn ({threads} thr)": lambda: torch.randn(n, out=torch_out),
         "numpy standard_normal (1 thr)": lambda: generator.standard_normal(n, dtype=dtype, out=numpy_out),
-    }
+    } | _profile_rows(n, dtype)
 
 
 def measure(n: int, dtype, threads: int, reps: int) -> dict:

@@ -1,4 +1,4 @@
-"""The one-time compile notice (``specs/kernels.md`` §6): the first kernel a process compiles
+"""The one-time compile notice (``specs/kernels.md`` §7): the first kernel a process compiles
 logs one WARNING on the ``upgd_ref`` logger, later compilations nothing, and a process that
 loads every kernel from Numba's cache nothing at all.
 

@@ -1,4 +1,4 @@
-"""The one-time notice that Numba is compiling this package's kernels (``specs/kernels.md`` §6).
+"""The one-time notice that Numba is compiling this package's kernels (``specs/kernels.md`` §7).
 
 On a fresh install (or a fresh ``NUMBA_CACHE_DIR``) the first step that needs a kernel
 compiles it, which takes seconds; later processes load it from Numba's on-disk cache. So

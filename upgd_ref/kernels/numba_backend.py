@@ -42,7 +42,7 @@ __all__ = ["NumbaBackend", "PARALLEL_MIN_SIZE", "chunk_table", "kernel_cache_sta
 #: more than it saves). Serial and parallel kernels give identical bits.
 PARALLEL_MIN_SIZE = 1 << 15
 
-install_compile_notice()  # the first kernel this process compiles logs one notice (specs/kernels.md §6)
+install_compile_notice()  # the first kernel this process compiles logs one notice (specs/kernels.md §7)
 
 
 def kernel_cache_stats() -> tuple[int, int]:
