@@ -56,33 +56,40 @@ def _transform_loop(n, tile, words):
         fill_normals(tile, words)
 
 
-@njit(error_model="numpy")
-def _radius_loop(n, tile, words):
-    """Only ``r = sqrt(-2 LOG(w))`` of each word pair, stored twice (the log half of the transform)."""
-    for _ in range(0, n, tile.size):
-        for i in range(tile.size // 2):
-            radius = math.sqrt(-2.0 * log_of_uniform(np.uint64(words[2 * i])))
-            tile[2 * i] = radius
-            tile[2 * i + 1] = radius
+def _pair_loop(pair):
+    """A compiled loop storing ``pair(radius word, angle word)`` of each word pair of one tile,
+    over ``n`` normals: one part of the transform."""
+
+    @njit(error_model="numpy")
+    def loop(n, tile, words):
+        for _ in range(0, n, tile.size):
+            for i in range(tile.size // 2):
+                first, second = pair(np.uint64(words[2 * i]), np.uint64(words[2 * i + 1]))
+                tile[2 * i] = first
+                tile[2 * i + 1] = second
+    return loop
 
 
-@njit(error_model="numpy")
-def _angle_loop(n, tile, words):
-    """Only ``(COS, SIN)`` of each word pair (the sincos half of the transform)."""
-    for _ in range(0, n, tile.size):
-        for i in range(tile.size // 2):
-            cos, sin = cos_sin_of_turn(np.uint64(words[2 * i + 1]))
-            tile[2 * i] = cos
-            tile[2 * i + 1] = sin
+@njit(inline="always")
+def _radius(radius_word, angle_word):
+    """``r = sqrt(-2 LOG(w))``, twice: the log half of the transform."""
+    radius = math.sqrt(-2.0 * log_of_uniform(radius_word))
+    return radius, radius
 
 
-@njit(error_model="numpy")
-def _store_loop(n, tile, words):
-    """Only the conversion of the words and the stores (the floor under the transform)."""
-    for _ in range(0, n, tile.size):
-        for i in range(tile.size // 2):
-            tile[2 * i] = np.float64(words[2 * i])
-            tile[2 * i + 1] = np.float64(words[2 * i + 1])
+@njit(inline="always")
+def _angle(radius_word, angle_word):
+    """``(COS, SIN)``: the sincos half of the transform."""
+    return cos_sin_of_turn(angle_word)
+
+
+@njit(inline="always")
+def _words(radius_word, angle_word):
+    """The words themselves: the conversion and the stores, the floor under the transform."""
+    return np.float64(radius_word), np.float64(angle_word)
+
+
+_RADIUS_LOOP, _ANGLE_LOOP, _WORDS_LOOP = _pair_loop(_radius), _pair_loop(_angle), _pair_loop(_words)
 
 
 def _profile_rows(n: int, dtype) -> dict:
@@ -93,9 +100,9 @@ def _profile_rows(n: int, dtype) -> dict:
     return {
         "  part: philox words": lambda: _philox_loop(n, scratch, np.uint64(STEP), np.uint64(SEED)),
         "  part: transform (all)": lambda: _transform_loop(n, tile, words),
-        "  part: transform, radius only": lambda: _radius_loop(n, tile, words),
-        "  part: transform, sincos only": lambda: _angle_loop(n, tile, words),
-        "  part: transform, stores only": lambda: _store_loop(n, tile, words),
+        "  part: transform, radius only": lambda: _RADIUS_LOOP(n, tile, words),
+        "  part: transform, sincos only": lambda: _ANGLE_LOOP(n, tile, words),
+        "  part: transform, stores only": lambda: _WORDS_LOOP(n, tile, words),
     }
 
 

@@ -22,9 +22,8 @@ from numba.core import event
 __all__ = ["MESSAGE", "install"]
 
 LOGGER = logging.getLogger("upgd_ref")
-MESSAGE = ("compiling the Numba kernels of upgd_ref that this step needs (once: they are cached "
-           "on disk, so later processes load them in well under a second; upgd_ref.warmup() "
-           "compiles them all ahead of time)")
+MESSAGE = ("compiling the Numba kernels this step needs (can take a minute); this happens once: "
+           "they are cached on disk for later processes. upgd_ref.warmup() compiles them all ahead of time")
 
 
 class _FirstCompileNotice(event.Listener):
