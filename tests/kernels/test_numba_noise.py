@@ -7,6 +7,9 @@ counters whose low block word wraps.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ import upgd_ref
 from upgd_ref import FlatLayout, rng
 from upgd_ref.backends import BACKENDS
 from upgd_ref.kernels import NumbaBackend
+from upgd_ref.kernels import numba_noise, numba_step
 from upgd_ref.kernels.numba_step import CHUNK, chunk_normals, fill_tile
 
 SERIAL = NumbaBackend(parallel_min_size=2**62)
@@ -139,3 +143,12 @@ def test_bad_noise_output_raises_and_writes_nothing(backend, make_out, seed, exc
     with pytest.raises(exc):
         upgd_ref.noise(layout, seed, 1, out=out, backend=backend)
     assert bits(np.asarray(out)) == before
+
+
+def test_the_cached_kernels_record_the_noise_source_they_compile_in():
+    """Numba's cache of the kernels in ``numba_step.py`` is keyed by that file's content only;
+    ``NOISE_SOURCE_SHA256`` there ties it to ``numba_noise.py``, whose code they compile in."""
+    digest = hashlib.sha256(Path(numba_noise.__file__).read_bytes()).hexdigest()
+    assert numba_step.NOISE_SOURCE_SHA256 == digest, (
+        f"numba_noise.py changed: set NOISE_SOURCE_SHA256 = {digest!r} in numba_step.py so that Numba "
+        "recompiles the cached kernels")

@@ -29,6 +29,7 @@ import numpy as np
 from .. import reference as ref
 from ..stages import SegmentReductions
 from . import numba_step as k
+from .compile_notice import install as install_compile_notice
 from .numba_launch import parallel_launch
 from .chunk_abi import (
     NUM_PARTIALS, SEGMENT, check_noise_request, chunk_table, family_mode, split_u64, step_coefficients,
@@ -41,6 +42,7 @@ __all__ = ["NumbaBackend", "PARALLEL_MIN_SIZE", "chunk_table", "kernel_cache_sta
 #: more than it saves). Serial and parallel kernels give identical bits.
 PARALLEL_MIN_SIZE = 1 << 15
 
+install_compile_notice()  # the first kernel this process compiles logs one notice (specs/kernels.md §7)
 
 
 def kernel_cache_stats() -> tuple[int, int]:

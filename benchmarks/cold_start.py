@@ -1,0 +1,71 @@
+"""Benchmark: the first ``optimizer.step()`` of the PyTorch adapter (AdaptiveUPGD + VGS, the
+issue's cold-start case) on a cold Numba cache and on a warm one.
+
+Run: ``python benchmarks/cold_start.py [--runs 3] [--numel 1000000] [--threads 2]``.
+
+Each run is a fresh Python process (``sys.executable``) with a fresh, empty
+``NUMBA_CACHE_DIR`` (a temporary directory): it builds a small model's parameters,
+``VarianceGradientScaler`` and ``AdaptiveUPGD`` (the adapter picks its backend as users get
+it), and times ``scale_gradients(); step(); vgs.step()`` for the first time (compiling the
+kernels that step needs), then the same once more in a second process on the cache the
+first one filled (the warm first step of every later process). Imports are not timed. The
+child prints its seconds on its last line; this script prints a table with the median.
+Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+CHILD = """
+import sys, time
+import torch
+from upgd_ref.adapters.torch import AdaptiveUPGD, VarianceGradientScaler
+torch.set_num_threads({threads})
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn({numel} // 4, 4)), torch.nn.Parameter(torch.randn(4))]
+for p in params:
+    p.grad = torch.randn_like(p)
+vgs = VarianceGradientScaler(params, warmup_steps=0)
+opt = AdaptiveUPGD(params, seed=1, adaptive_noise=True)
+start = time.perf_counter()
+vgs.scale_gradients()
+opt.step()
+vgs.step()
+print(f"{{time.perf_counter() - start:.3f}}")
+"""
+
+
+def first_step_seconds(cache_dir: str, numel: int, threads: int) -> float:
+    """Seconds of the first step in a fresh process whose Numba cache is ``cache_dir``."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, NUMBA_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, "-c", CHILD.format(numel=numel, threads=threads)], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--numel", type=int, default=1_000_000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    cold, warm = [], []
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="numba-cold-") as cache_dir:
+            cold.append(first_step_seconds(cache_dir, args.numel, args.threads))
+            warm.append(first_step_seconds(cache_dir, args.numel, args.threads))
+    print(f"first step of the torch adapter (AdaptiveUPGD + VGS, {args.numel:,} float32 parameters, "
+          f"{args.threads} threads), seconds")
+    print(f"  {'cache':<6} {'runs':<28} {'median':>7}")
+    for name, seconds in (("cold", cold), ("warm", warm)):
+        print(f"  {name:<6} {' '.join(f'{s:7.2f}' for s in seconds):<28} {statistics.median(seconds):>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
