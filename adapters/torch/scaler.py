@@ -17,6 +17,7 @@ from upgd_ref.state import VGS_VERSION as CORE_VGS_VERSION  # checkpoint.VGS_VER
 from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .buffers import bucket_run, check_grad, check_tensors, flat_buffer, on_stream
+from .gather import as_real, segment_shape
 from .checkpoint import VGS_VERSION, read_vgs_state_dict, vgs_state_dict
 from .conversions import DTYPE_NAMES, describe_shape, named_errors, step_count
 from .spatial import SpatialAverages, finite_values, gradient_statistics, stochastic_variance_metrics
@@ -176,8 +177,12 @@ class VarianceGradientScaler:
         names = [f"parameters[{k}] {describe_shape(p)}" for k, p in enumerate(params)]
         layout = None
         if params:
-            dtype = check_tensors(params, names, what="VarianceGradientScaler", rehome=False)
-            layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[dtype])
+            dtypes = check_tensors(params, names, what="VarianceGradientScaler")
+            if len(set(dtypes)) > 1:
+                listing = ", ".join(sorted({str(d) for d in dtypes}))
+                raise TypeError(f"VarianceGradientScaler: parameters of several dtypes ({listing}); the scaler "
+                                "takes one dtype: create one scaler per dtype")
+            layout = FlatLayout([segment_shape(p) for p in params], DTYPE_NAMES[dtypes[0]])
         stats = FlatVGSState(step, np.zeros(len(params)), np.zeros(len(params)))
         self._parameters, self._names, self._layout, self._stats, self._scratch = params, names, layout, stats, None
 
@@ -216,16 +221,16 @@ class VarianceGradientScaler:
                 if g is None:
                     present.append(False)
                     continue
-                check_grad(f"VarianceGradientScaler: {name}", g)
+                check_grad(f"VarianceGradientScaler: {name}", g, p)
                 present.append(True)
-                view.copy_(g)
+                view.copy_(as_real(g))
 
         def finish(factor):
             if factor != 1.0:
                 with torch.no_grad():
                     for p, view, is_present in zip(params, views, present):
                         if is_present:
-                            p.grad.copy_(view)
+                            as_real(p.grad).copy_(view)
 
         return buffer, present, finish
 
@@ -236,7 +241,7 @@ class VarianceGradientScaler:
         self._attach(list(parameters), self._step_count)
 
     def _present_grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self._parameters or () if p.grad is not None]
+        return [as_real(p.grad) for p in self._parameters or () if p.grad is not None]  # complex: real pairs
 
     def _nonfinite(self) -> bool:
         """Whether a present gradient holds NaN or an infinity (checked only after the door
@@ -297,7 +302,7 @@ class VarianceGradientScaler:
             with torch.no_grad():
                 for p, view, is_present in zip(self._parameters, views, present):
                     if is_present:
-                        view.copy_(finite_values(p.grad))
+                        view.copy_(finite_values(as_real(p.grad)))
             with named_errors(what, self._names), on_stream(device):
                 vgs_update_step(self._layout, finite, self._stats, beta, present, backend=self._backend)
         finish(1.0)

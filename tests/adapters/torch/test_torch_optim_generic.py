@@ -60,7 +60,7 @@ def _errors(*extra):
             (None, {"sigma": -1.0}, ValueError, "Invalid sigma value: -1.0"),
             (None, {"capturable": True}, ValueError, "does not support capturable=True"),
             (None, {"differentiable": True}, ValueError, "does not support differentiable=True"),
-            ([Parameter(torch.zeros(2, dtype=torch.complex64))], {}, TypeError, "complex"),
+            ([Parameter(torch.zeros(2, dtype=torch.complex32))], {}, TypeError, "complex32"),
             *extra,
         ]
         out = get_error_inputs_for_all_optims(device, dtype)
