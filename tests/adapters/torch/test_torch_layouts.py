@@ -15,7 +15,7 @@ from torch.nn import Parameter
 
 from tests.helpers.snapshots import snapshot
 from tests.helpers.torch_tensors import make_params, seeded_grads, set_grads
-from upgd_ref.adapters.torch import UPGD, AdaptiveUPGD
+from upgd_ref.adapters.torch import UPGD, AdaptiveUPGD, VarianceGradientScaler
 from upgd_ref.checks import NonFiniteStepError
 from upgd_ref.multi import MultiLayout, MultiUPGDState
 from upgd_ref.reference import PRODUCTION
@@ -296,3 +296,24 @@ def test_model_converted_after_construction_resumes_from_the_converted_state(bef
     assert _same_bits(list(model.parameters()), list(twin.parameters()))
     assert all(p.dtype == after for p in model.parameters())
     assert _record(opt) == _record(reference)
+
+
+def test_scaler_statistics_of_complex_gradients_are_those_of_their_real_pairs():
+    """The production loop (scale, step, statistics) with a complex model equals its real twin
+    bit for bit: scaled gradients, parameters and the VGS statistics."""
+    params = _complex_params()[:2]
+    twins = _real_twins(params)
+    runs = [(ps, AdaptiveUPGD(ps, **KWARGS), VarianceGradientScaler(ps, warmup_steps=1)) for ps in (params, twins)]
+    for k in range(4):
+        grads = seeded_grads(params, k, spread=1.0)
+        for ps, opt, vgs in runs:
+            set_grads(ps, grads if ps is params else [torch.view_as_real(g) if g.is_complex() else g for g in grads])
+            vgs.scale_gradients()
+            opt.step()
+            vgs.step()
+        assert _same_bits([p.grad for p in params], [t.grad for t in twins])
+        assert _same_bits(params, twins)
+    (_, _, vgs), (_, _, twin_vgs) = runs
+    assert vgs.get_scaling_factor() != 1.0
+    for key in ("param_grad_mean_ema", "param_grad_sq_ema"):
+        assert _same_bits([vgs.state_dict()[key]], [twin_vgs.state_dict()[key]])
