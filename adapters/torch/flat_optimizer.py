@@ -160,20 +160,20 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                 names.append(f"{label} {describe_shape(p)}")
         return params, names
 
-    def _rebuild(self, restore: dict | None = None, *, unpickled: bool = False) -> None:
+    def _rebuild(self, restore: dict | None = None, *, rehomed=None) -> None:
         """(Re)build the partition (one flat buffer per dtype), state record and layout for the
         current param groups.
 
         State carries over by parameter identity, converted to the state dtype of the
         parameter's dtype now (``model.to(...)``: ``specs/adapters-torch.md`` §2.4), or comes
         from ``restore``, a core-format state dict for exactly these parameters. Everything that
-        can fail runs before the parameters are re-homed. ``unpickled``: the parameters come
-        from unpickling this class, so they are views of the storages their pickled flat
-        buffers became.
+        can fail runs before the parameters are re-homed. ``rehomed``: which parameters are
+        re-homed (else gathered), given when unpickling (their storages are then the pickled
+        flat buffers'); None: decided from their storages.
         """
         params, names = self._flat_params()
         group_ids = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
-        partition = Partition(params, names, group_ids, what=type(self).__name__, unpickled=unpickled)
+        partition = Partition(params, names, group_ids, what=type(self).__name__, rehomed=rehomed)
         layout = partition.layout
         group_hypers = self._group_hypers(self.param_groups, self._noise_ema_init)
         sharded = getattr(self, "_process_group", None) is not None
@@ -444,6 +444,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             "_upgd_ref": {
                 "backend": self._backend, "noise_ema_init": self._noise_ema_init, "profile": self._profile,
                 "nonfinite": self._nonfinite, "core_state": core_state, "extras": extras, "other": self.state.unmanaged,
+                "rehomed": self._partition.rehomed,
             },
         }
 
@@ -468,7 +469,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         self._extras = {}
         self.last_step_info = None
         self._built = False
-        self._rebuild(restore=core_state, unpickled=True)
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._rebuild(restore=core_state, rehomed=upgd.get("rehomed", [True] * len(params)))  # older: all re-homed
         params = self._partition.params
         self._extras = {id(params[i]): (params[i], v) for i, v in upgd.get("extras", {}).items()}
         self.state = StateView(self._state_source)

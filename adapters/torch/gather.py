@@ -65,12 +65,10 @@ def owns_storage(t: torch.Tensor) -> bool:
     return t.storage_offset() == 0 and nbytes == t.numel() * t.element_size() and is_dense(t)
 
 
-def rehome_plan(params, homed, unpickled: bool) -> list[bool]:
+def rehome_plan(params, homed) -> list[bool]:
     """Per parameter, whether it is re-homed (True) or gathered (False).
 
-    ``homed[k]``: parameter ``k`` is already a flat-buffer view of ours (taken over as is).
-    ``unpickled``: the parameters are views of the one storage their pickled flat buffer
-    became, so sharing a storage does not make them gathered."""
+    ``homed[k]``: parameter ``k`` is already a flat-buffer view of ours (taken over as is)."""
     users: dict[int, int] = {}
     for p in params:
         if p.numel():
@@ -79,7 +77,7 @@ def rehome_plan(params, homed, unpickled: bool) -> list[bool]:
     plan = []
     for p, ours in zip(params, homed):
         shared = p.numel() and users[p.untyped_storage().data_ptr()] > 1
-        plan.append(p.numel() == 0 or ours or (is_dense(p) if unpickled else owns_storage(p) and not shared))
+        plan.append(p.numel() == 0 or ours or owns_storage(p) and not shared)
     return plan
 
 

@@ -31,11 +31,12 @@ class Partition:
     """The buckets of ``params`` (``names`` label them in errors, ``groups`` are their param
     groups' indices), in global segment order: ``where[i] = (bucket, local segment)``.
 
-    ``unpickled``: the parameters come from unpickling an optimizer (views of one storage)."""
+    ``rehomed``: per parameter, whether it is re-homed (None: decided from the parameters'
+    storage, :func:`~.gather.rehome_plan`; an unpickled optimizer passes what it was)."""
 
-    def __init__(self, params, names, groups, *, what: str, unpickled: bool = False):
+    def __init__(self, params, names, groups, *, what: str, rehomed=None):
         dtypes = check_tensors(params, names, what=what)
-        plan = rehome_plan(params, [homed_in(p) is not None for p in params], unpickled)
+        plan = list(rehomed) if rehomed is not None else rehome_plan(params, [homed_in(p) is not None for p in params])
         keys = list(dict.fromkeys(dtypes))
         ids = [keys.index(d) for d in dtypes]
         shapes = [segment_shape(p) for p in params]
@@ -55,6 +56,11 @@ class Partition:
             for j, i in enumerate(seg):
                 self.where[i] = (k, j)
         self.device = self.buckets[0].device
+
+    @property
+    def rehomed(self) -> list[bool]:
+        """Per parameter (global order), whether it is re-homed (else gathered)."""
+        return [self.buckets[k].rehomed[j] for k, j in self.where]
 
     @property
     def multi(self) -> bool:

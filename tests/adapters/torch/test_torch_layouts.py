@@ -5,7 +5,9 @@ and ``model.to(...)`` after construction (re-homed, state converted)."""
 
 from __future__ import annotations
 
+import copy as copy_module
 import io
+import pickle
 
 import ml_dtypes
 import numpy as np
@@ -317,3 +319,24 @@ def test_scaler_statistics_of_complex_gradients_are_those_of_their_real_pairs():
     assert vgs.get_scaling_factor() != 1.0
     for key in ("param_grad_mean_ema", "param_grad_sq_ema"):
         assert _same_bits([vgs.state_dict()[key]], [twin_vgs.state_dict()[key]])
+
+
+@pytest.mark.parametrize("duplicate", [copy_module.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))],
+                         ids=["deepcopy", "pickle"])
+def test_copies_keep_dtypes_complex_and_gathered_views(duplicate):
+    """A copy of ``(params, optimizer)`` continues bit-identically, the view parameter still
+    gathered (torch's copies of a view parameter do not keep its aliasing: whatever storage
+    the copy has, the step writes back into it)."""
+    base = torch.randn(4, 6, generator=torch.Generator().manual_seed(11))
+    params = [Parameter(base[..., 1]), *_mixed_params()[:3], _complex_params()[0]]
+    opt = AdaptiveUPGD(params, **KWARGS)
+    set_grads(params, seeded_grads(params, 0))
+    opt.step()
+    params2, opt2 = duplicate((params, opt))
+    assert opt2._partition.rehomed == opt._partition.rehomed == [False, True, True, True, True]
+    for k in range(1, 3):
+        for ps, o in ((params, opt), (params2, opt2)):
+            set_grads(ps, seeded_grads(ps, k))
+            o.step()
+        assert _same_bits(params, params2)
+    assert _same_bits([base[..., 1]], [params[0]]) and _record(opt) == _record(opt2)
