@@ -1,5 +1,5 @@
 """The ``torch.optim.Optimizer`` every family member's adapter is: parameters re-homed into
-one flat buffer, a state record of its own, each step one call of the functional door
+one flat buffer per dtype, a state record of its own, each step one call of the functional door
 :func:`upgd_ref.step.upgd_step`, production ``state`` views, state dicts and pickling."""
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     (``_DEFAULT_PROFILE``; None: the member has no profiles); its constructor checks the
     arguments and calls :meth:`_setup`.
 
-    The optimizer owns its step's inputs: the flat buffers (:class:`~.buffers.Bucket`), a
-    :class:`~upgd_ref.state.FlatUPGDState` record, the layout, seed, noise norm and variant.
+    The optimizer owns its step's inputs: the flat buffers (a :class:`~.partition.Partition`
+    of :class:`~.buffers.Bucket`\ s, one per dtype), a :class:`~upgd_ref.state.FlatUPGDState`
+    record (a :class:`~upgd_ref.multi.MultiUPGDState` for several dtypes), the layout, seed,
+    noise norm and variant.
     A step is ``upgd_step(layout, params, grads, state, StepRequest(...))`` (``specs/step.md``).
     """
 
