@@ -45,6 +45,7 @@ Modules, each with one reason to change:
 * :mod:`.flat_optimizer`: the ``torch.optim.Optimizer`` the family members share;
 * :mod:`.optimizer`: the members' constructors (production signatures and messages);
 * :mod:`.scaler`: the ``VarianceGradientScaler``;
+* :mod:`.scaler_parts`: the scaler over parameters of several dtypes (one door call per dtype);
 * :mod:`.spatial`: the production scaler's deprecated spatial statistics (logging only).
 """
 

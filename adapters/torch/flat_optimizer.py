@@ -42,8 +42,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     (``_DEFAULT_PROFILE``; None: the member has no profiles); its constructor checks the
     arguments and calls :meth:`_setup`.
 
-    The optimizer owns its step's inputs: the flat buffers (a :class:`~.partition.Partition`
-    of :class:`~.buffers.Bucket`\ s, one per dtype), a :class:`~upgd_ref.state.FlatUPGDState`
+    The optimizer owns its step's inputs: the flat buffers (a :class:`~.partition.Partition`:
+    one :class:`~.buffers.Bucket` per dtype), a :class:`~upgd_ref.state.FlatUPGDState`
     record (a :class:`~upgd_ref.multi.MultiUPGDState` for several dtypes), the layout, seed,
     noise norm and variant.
     A step is ``upgd_step(layout, params, grads, state, StepRequest(...))`` (``specs/step.md``).

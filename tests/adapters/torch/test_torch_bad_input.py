@@ -113,12 +113,6 @@ def test_several_devices_across_groups_leave_parameters_in_place():
     assert everything(params=cpu) == before
 
 
-def test_scaler_refuses_several_dtypes():
-    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]
-    with pytest.raises(TypeError, match="several dtypes"):
-        VarianceGradientScaler(params)
-
-
 def test_model_reshaped_after_construction(trained):
     params, opt, vgs = trained
     params[0].data = params[0].data.reshape(-1)[:1].clone()

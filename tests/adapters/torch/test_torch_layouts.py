@@ -340,3 +340,52 @@ def test_copies_keep_dtypes_complex_and_gathered_views(duplicate):
             o.step()
         assert _same_bits(params, params2)
     assert _same_bits([base[..., 1]], [params[0]]) and _record(opt) == _record(opt2)
+
+
+def _scaled(g: torch.Tensor, factor: float) -> torch.Tensor:
+    """The core's ``f g`` of one gradient: in its dtype, or for 16-bit in float32 rounded once
+    (``specs/precision.md``)."""
+    wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    return (g.to(wide) * torch.tensor(factor, dtype=wide)).to(g.dtype)
+
+
+def _statistics(vgs):
+    return snapshot(vgs.stats.grad_mean_avg.copy(), vgs.stats.grad_sq_avg.copy(), vgs.stats.step)
+
+
+@pytest.mark.parametrize("nonfinite", ["zero", "raise", "skip"])
+def test_scaler_over_several_dtypes_equals_one_scaler_per_parameter(nonfinite):
+    """Statistics and scaling are per parameter: a scaler over float32, float64 and bfloat16
+    parameters gives, parameter for parameter, the bits of one scaler per parameter (fed the
+    same factor); a NaN gradient changes nothing under "raise" and "skip" and counts as 0
+    under "zero"."""
+    params = _mixed_params()[:3]
+    vgs = VarianceGradientScaler(params, warmup_steps=1, nonfinite=nonfinite)
+    singles = [VarianceGradientScaler([p], warmup_steps=1, nonfinite=nonfinite) for p in params]
+    for k in range(4):
+        grads = seeded_grads(params, k, spread=1.0)
+        set_grads(params, grads)
+        factor = vgs.scale_gradients()
+        scaled = [p.grad.clone() for p in params]
+        vgs.step()
+        for p, g, single in zip(params, grads, singles):
+            p.grad = _scaled(g, factor)
+            single.step()
+        assert _same_bits(scaled, [p.grad for p in params])
+        assert list(vgs.stats.grad_mean_avg) == [s.stats.grad_mean_avg[0] for s in singles]
+        assert list(vgs.stats.grad_sq_avg) == [s.stats.grad_sq_avg[0] for s in singles]
+    assert factor != 1.0 and vgs.stats.step == 4
+    grads = seeded_grads(params, 9)
+    grads[2][0] = float("nan")
+    set_grads(params, grads)
+    before = _statistics(vgs)
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteStepError):
+            vgs.step()
+        assert _statistics(vgs) == before
+    elif nonfinite == "skip":
+        vgs.step()
+        assert vgs.skipped_steps == 1 and _statistics(vgs) == before
+    else:
+        vgs.step()
+        assert vgs.stats.step == 5 and np.isfinite(vgs.stats.grad_mean_avg).all()
