@@ -20,22 +20,13 @@ from upgd_ref.backends import BACKENDS
 from upgd_ref.layout import FlatLayout
 
 from .conversions import DTYPE_NAMES, TORCH_DTYPES
+from .gather import as_param, real_dtype, write_back
 
 # Which flat buffer a parameter currently lives in: param -> (weakref to Bucket, segment).
 _HOME = WeakIdKeyDictionary()
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: its elements fill a block of memory exactly once."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _homed_in(p: torch.Tensor):
+def homed_in(p: torch.Tensor):
     """``(bucket, segment)`` when ``p.data`` is currently a view of a live bucket, else None."""
     entry = _HOME.get(p)
     if entry is None:
@@ -46,17 +37,14 @@ def _homed_in(p: torch.Tensor):
     return bucket, entry[1]
 
 
-def check_tensors(tensors, names, *, what: str, rehome: bool) -> torch.dtype:
-    """The common dtype of ``tensors`` after checking they can go to the core.
-
-    ``rehome``: the tensors' storage will be replaced by flat-buffer views, so it must hold
-    nothing but the tensor (or already be a flat-buffer view of ours). Raises before
-    anything is modified.
-    """
+def check_tensors(tensors, names, *, what: str) -> list[torch.dtype]:
+    """Each tensor's real dtype (:func:`~.gather.real_dtype`) after checking it can go to
+    the core (real or complex floating, dense, on one device). Raises before anything is
+    modified."""
     if not tensors:
         raise ValueError(f"{what}: no parameters")
     seen: dict[int, int] = {}
-    devices, dtypes = {}, {}
+    devices = {}
     for k, (p, name) in enumerate(zip(tensors, names)):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{what}: {name} is a {torch.typename(p)}, not a Tensor")
@@ -68,17 +56,13 @@ def check_tensors(tensors, names, *, what: str, rehome: bool) -> torch.dtype:
             raise ValueError(f"{what}: {name} is an uninitialized (lazy) parameter; run a forward pass first")
         if p.layout != torch.strided:
             raise TypeError(f"{what}: {name} has layout {p.layout}; only dense (strided) tensors are supported")
-        if p.is_complex():
-            raise TypeError(f"{what}: {name} is complex ({p.dtype}); only real float32/float64/float16/bfloat16 "
-                            "are supported")
-        if p.dtype not in DTYPE_NAMES:
-            raise TypeError(f"{what}: {name} has dtype {p.dtype}; only torch.float32, float64, float16 and "
-                            "bfloat16 are supported")
+        if real_dtype(p) not in DTYPE_NAMES:
+            raise TypeError(f"{what}: {name} has dtype {p.dtype}; only torch.float32, float64, float16, bfloat16, "
+                            "complex64 and complex128 are supported")
         if p.dtype == torch.bfloat16 and p.device.type == "cuda":
             raise TypeError(f"{what}: {name} is a bfloat16 CUDA tensor; CuPy has no bfloat16 (specs/precision.md "
                             "§6): keep bfloat16 parameters on the CPU, or use float16 on the GPU")
         devices.setdefault(str(p.device), name)
-        dtypes.setdefault(p.dtype, name)
     if len(devices) > 1:
         listing = ", ".join(f"{d} ({n})" for d, n in devices.items())
         raise ValueError(f"{what}: parameters on several devices: {listing}; one optimizer or scaler "
@@ -87,28 +71,7 @@ def check_tensors(tensors, names, *, what: str, rehome: bool) -> torch.dtype:
     if not device.startswith("cpu") and not (device.startswith("cuda") and "cupy" in BACKENDS):
         raise ValueError(f"{what}: parameters on {device}: upgd_ref takes CPU tensors, and CUDA tensors "
                          "when CuPy is installed (pip install cupy-cuda12x)")
-    if len(dtypes) > 1:
-        listing = ", ".join(f"{d} ({n})" for d, n in dtypes.items())
-        raise TypeError(f"{what}: parameters of several dtypes: {listing}; the global utility range spans "
-                        "one flat buffer, so create one optimizer per dtype")
-    if rehome:
-        storages: dict[int, str] = {}
-        for p, name in zip(tensors, names):
-            if p.numel() == 0 or _homed_in(p) is not None:
-                continue
-            nbytes = p.untyped_storage().nbytes()
-            if p.storage_offset() != 0 or nbytes != p.numel() * p.element_size() or not _is_dense(p):
-                raise ValueError(
-                    f"{what}: {name} cannot be re-homed into a flat buffer: it is a view into a larger storage "
-                    f"(offset {p.storage_offset()}, {nbytes} storage bytes for {p.numel()} elements, strides "
-                    f"{tuple(p.stride())}) that other tensors may share; give it its own storage (p.data = p.data.clone())"
-                )
-            ptr = p.untyped_storage().data_ptr()
-            if ptr in storages:
-                raise ValueError(f"{what}: {name} shares its storage with {storages[ptr]}; "
-                                 "parameters that alias each other cannot be re-homed")
-            storages[ptr] = name
-    return next(iter(dtypes))
+    return [real_dtype(p) for p in tensors]
 
 
 def deduplicate(group: dict) -> None:
@@ -126,12 +89,13 @@ def deduplicate(group: dict) -> None:
         group["param_names"] = [group["param_names"][j] for j in keep]
 
 
-def check_grad(what: str, g: torch.Tensor) -> None:
-    """A gradient the core can take: dense and real (``what`` names it in errors)."""
+def check_grad(what: str, g: torch.Tensor, p: torch.Tensor) -> None:
+    """A gradient the core can take for parameter ``p``: dense, complex only for a complex
+    parameter (``what`` names it in errors)."""
     if g.layout != torch.strided:
         raise TypeError(f"{what}: sparse gradients ({g.layout}) are not supported")
-    if g.is_complex():
-        raise TypeError(f"{what}: complex gradients are not supported")
+    if g.is_complex() and not p.is_complex():
+        raise TypeError(f"{what}: a complex gradient of a real parameter is not supported")
 
 
 def segment_views(flat: torch.Tensor, layout: FlatLayout) -> list[torch.Tensor]:
@@ -175,33 +139,44 @@ def on_stream(device: torch.device):
 
 
 class Bucket:
-    """One flat parameter buffer and one flat gradient buffer (64-byte aligned) on the
-    parameters' device: NumPy arrays for CPU tensors, CuPy views of CUDA tensors otherwise.
+    """One flat parameter buffer and one flat gradient buffer (64-byte aligned) of one dtype
+    on the parameters' device: NumPy arrays for CPU tensors, CuPy views of CUDA tensors otherwise.
 
-    ``param_views[i]`` / ``grad_views[i]`` are torch tensors sharing memory with segment
-    ``i`` (no copy). :meth:`home` makes them the parameters' storage. ``segment_by_id``
-    maps ``id(param)`` to its segment.
+    ``param_views[i]`` / ``grad_views[i]`` are tensors sharing memory with segment ``i`` (no
+    copy), as the parameter sees them (complex for a complex parameter). ``rehomed[i]``:
+    :meth:`home` makes the view the parameter's storage; otherwise the parameter is gathered
+    into it before each step (:meth:`ensure_homed`) and written back after a committed one
+    (:meth:`scatter`). ``segment_by_id`` maps ``id(param)`` to its segment.
     """
 
-    def __init__(self, params, layout: FlatLayout, names):
+    def __init__(self, params, layout: FlatLayout, names, rehomed):
         self.params = list(params)
         self.names = list(names)
         self.layout = layout
+        self.rehomed = list(rehomed)
         self.device = params[0].device if params else torch.device("cpu")
-        self.param_flat, self.param_views = flat_buffer(layout, self.device)
-        self.grad_flat, self.grad_views = flat_buffer(layout, self.device)
+        self.param_flat, real_params = flat_buffer(layout, self.device)
+        self.grad_flat, real_grads = flat_buffer(layout, self.device)
+        self.param_views = [as_param(v, p.is_complex()) for v, p in zip(real_params, self.params)]
+        self.grad_views = [as_param(v, p.is_complex()) for v, p in zip(real_grads, self.params)]
         self.param_ptrs = [v.data_ptr() for v in self.param_views]
         self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
-        self.shapes = [torch.Size(s) for s in layout.shapes]
-        self.dtype = TORCH_DTYPES[layout.dtype.name]
+        self.shapes = [p.shape for p in self.params]
+        self.dtypes = [p.dtype for p in self.params]
         self.segment_by_id = {id(p): i for i, p in enumerate(self.params)}
 
     def is_homed(self, i: int) -> bool:
         p = self.params[i]
-        return p.data_ptr() == self.param_ptrs[i] and p.shape == self.shapes[i] and p.is_contiguous()
+        return (self.rehomed[i] and p.data_ptr() == self.param_ptrs[i] and p.dtype == self.dtypes[i]
+                and p.shape == self.shapes[i] and p.is_contiguous())
+
+    def moved(self) -> bool:
+        """Whether a parameter's dtype or device differs from its segment's (``model.to(...)``)."""
+        return any(p.dtype != d or p.device != self.device for p, d in zip(self.params, self.dtypes))
 
     def home(self) -> None:
-        """Copy every parameter (and existing gradient) in and re-point it at its segment."""
+        """Copy every parameter (and existing gradient) in; re-point the re-homed ones and the
+        gradients at their segments."""
         ref = weakref.ref(self)
         done = []
         try:
@@ -209,8 +184,9 @@ class Bucket:
                 for i, p in enumerate(self.params):
                     old_data, grad = p.data, p.grad
                     self.param_views[i].copy_(old_data)
-                    p.data = self.param_views[i]
-                    done.append((p, old_data))
+                    if self.rehomed[i]:
+                        p.data = self.param_views[i]
+                        done.append((p, old_data))
                     if grad is not None and grad.layout == torch.strided:
                         self.grad_views[i].copy_(grad)
                         p.grad = self.grad_views[i]
@@ -222,25 +198,31 @@ class Bucket:
             _HOME[p] = (ref, i)
 
     def ensure_homed(self) -> None:
-        """Re-home parameters whose ``.data`` was replaced since (``p.data = ...``, another optimizer)."""
-        stale = [i for i in range(len(self.params)) if not self.is_homed(i)]
-        if not stale:
-            return
-        for i in stale:
-            p = self.params[i]
-            if p.dtype != self.dtype or p.device != self.device or p.shape != self.shapes[i] or p.layout != torch.strided:
-                raise ValueError(
-                    f"{self.names[i]} changed to {p.dtype}, {p.device}, shape {tuple(p.shape)} since the optimizer "
-                    f"was built ({self.dtype}, {self.device}, {tuple(self.shapes[i])}); create the optimizer after "
-                    "moving or converting the model"
-                )
+        """Gather the gathered parameters; re-home re-homed ones whose ``.data`` was replaced
+        since (``p.data = ...``, another optimizer)."""
         ref = weakref.ref(self)
         with torch.no_grad():
-            for i in stale:
-                p = self.params[i]
+            for i, p in enumerate(self.params):
+                if not self.rehomed[i]:
+                    self.param_views[i].copy_(p.data)
+                    continue
+                if self.is_homed(i):
+                    continue
+                if p.shape != self.shapes[i] or p.layout != torch.strided:
+                    raise ValueError(
+                        f"{self.names[i]} changed to shape {tuple(p.shape)}, layout {p.layout} since the optimizer "
+                        f"was built (shape {tuple(self.shapes[i])}); create the optimizer after reshaping the model")
                 self.param_views[i].copy_(p.data)
                 p.data = self.param_views[i]
                 _HOME[p] = (ref, i)
+
+    def scatter(self, present) -> None:
+        """Write the new values of the present gathered parameters back, in segment order (where
+        gathered parameters overlap, the later segment's values win)."""
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if present[i] and not self.rehomed[i]:
+                    write_back(p, self.param_views[i])
 
     def gather_grads(self, start: int = 0, stop: int | None = None):
         """``(present, copied)`` for segments ``start:stop``; gradients that are not views of
@@ -252,13 +234,14 @@ class Bucket:
         stop = len(self.params) if stop is None else stop
         present, copied = [], []
         for i in range(start, stop):
-            g = self.params[i].grad
+            p = self.params[i]
+            g = p.grad
             if g is None:
                 present.append(False)
                 continue
-            check_grad(self.names[i], g)
+            check_grad(self.names[i], g, p)
             present.append(True)
-            if g.data_ptr() != self.grad_ptrs[i] or not g.is_contiguous():
+            if g.data_ptr() != self.grad_ptrs[i] or not g.is_contiguous() or g.dtype != self.dtypes[i]:
                 copied.append(i)
         if copied:
             with torch.no_grad():

@@ -24,7 +24,7 @@ from upgd_ref.layout import FlatLayout
 from upgd_ref.precision import state_dtype
 from upgd_ref.state import UPGD_FORMAT, UPGD_VERSION
 
-from .buffers import Bucket
+from .gather import real_value, segment_shape
 from .conversions import CORE_TENSOR_FIELDS, float_value, number_from_tensor, state_array, step_count, tensor_keys
 
 #: Keys the production ``__setstate__`` fills in for state dicts written before adaptive noise.
@@ -48,14 +48,6 @@ def fill_adaptive_noise_defaults(group: dict) -> None:
 
 
 # --- the core format ----------------------------------------------------------------------
-
-
-def segment_snapshot(saved: Mapping, layout: FlatLayout, i: int):
-    """``(t, arrays, n)`` copies of segment ``i`` of ``saved``, a core state as
-    :meth:`upgd_ref.state.FlatUPGDState.to_state` writes it (buffers without padding)."""
-    start = layout.logical_offsets[i]
-    arrays = {name: np.array(saved[name][start: start + layout.sizes[i]]) for name in CORE_TENSOR_FIELDS}
-    return int(saved["segment_step"][i]), arrays, float(saved["grad_norm_ema"][i])
 
 
 def core_state_dict(layout: FlatLayout, *, step, noise_ema_init, segments) -> dict:
@@ -134,10 +126,11 @@ class LoadedState(NamedTuple):
     unmanaged: dict  # entries of keys that are not the optimizer's parameters
 
 
-def read_state_dict(state_dict, param_groups, bucket: Bucket, layout: FlatLayout, state_keys, *,
-                    current: Mapping) -> LoadedState:
+def read_state_dict(state_dict, param_groups, bucket, state_keys, *, current: Mapping) -> LoadedState:
     """Read a production (or this adapter's) optimizer state dict for the optimizer whose
-    ``param_groups``, bucket and layout are given. ``current`` holds the ``seed``,
+    ``param_groups`` and partition (``bucket``: :class:`~.partition.Partition`) are given.
+    State tensors are converted to the state dtype of their parameter's dtype (complex ones
+    to their real pairs). ``current`` holds the ``seed``,
     ``noise_norm``, ``noise_ema_init`` and ``variant`` kept when the dict has no
     :data:`CHECKPOINT_KEY` entry (the counter then continues at the largest ``step``)."""
     saved_groups = deepcopy(state_dict["param_groups"])
@@ -164,7 +157,7 @@ def read_state_dict(state_dict, param_groups, bucket: Bucket, layout: FlatLayout
     meta = dict(meta or {})
     noise_ema_init = meta.get("noise_ema_init", current["noise_ema_init"])
 
-    segments: list = [None] * layout.num_segments
+    segments: list = [None] * len(bucket.params)
     extras, unmanaged = {}, {}
     saved_state = state_dict["state"]
     if not isinstance(saved_state, Mapping):
@@ -189,7 +182,7 @@ def read_state_dict(state_dict, param_groups, bucket: Bucket, layout: FlatLayout
         if missing:
             raise ValueError(f"{where} lacks {missing}")
         t = step_count(where, entry["step"])
-        arrays = {field: state_array(f"{where}[{k!r}]", entry[k], p.shape, state_dtype(layout.dtype))
+        arrays = {field: state_array(f"{where}[{k!r}]", real_value(entry[k]), segment_shape(p), bucket.state_dtype(i))
                   for k, field in tensors.items()}
         ema = (float_value(f"{where}['grad_norm_ema']", entry["grad_norm_ema"]) if "grad_norm_ema" in entry
                else float(noise_ema_init))

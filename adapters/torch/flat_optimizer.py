@@ -1,5 +1,5 @@
 """The ``torch.optim.Optimizer`` every family member's adapter is: parameters re-homed into
-one flat buffer, a state record of its own, each step one call of the functional door
+one flat buffer per dtype, a state record of its own, each step one call of the functional door
 :func:`upgd_ref.step.upgd_step`, production ``state`` views, state dicts and pickling."""
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ import torch
 from upgd_ref.backends import check_backend_name
 from upgd_ref.checks import check_nonfinite_policy, check_present
 from upgd_ref.family import Member
-from upgd_ref.layout import FlatLayout
 from upgd_ref.optimizer import StepInfo
 from upgd_ref.reference import UPGDVariant, check_variant
+from upgd_ref.multi import MultiUPGDState
 from upgd_ref.state import UPGD_VERSION, UPGD_FORMAT, FlatUPGDState
 from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
-from upgd_ref.step import noise as step_noise
 
-from .buffers import Bucket, check_tensors, deduplicate, on_stream, segment_views
-from .checkpoint import (core_state_dict, fill_adaptive_noise_defaults, production_state_dict, read_state_dict,
-                         segment_snapshot)
+from .buffers import deduplicate, on_stream
+from .checkpoint import fill_adaptive_noise_defaults, production_state_dict, read_state_dict
+from .partition import Partition
 from .distributed import SHARD_KEY, refuse_sharded, sharded_record
-from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
+from .conversions import (check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
                           pair_value, split_pair, unsupported_options)
 from .state_views import StateSource, StateView
 
@@ -43,8 +42,10 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     (``_DEFAULT_PROFILE``; None: the member has no profiles); its constructor checks the
     arguments and calls :meth:`_setup`.
 
-    The optimizer owns its step's inputs: the flat buffers (:class:`~.buffers.Bucket`), a
-    :class:`~upgd_ref.state.FlatUPGDState` record, the layout, seed, noise norm and variant.
+    The optimizer owns its step's inputs: the flat buffers (a :class:`~.partition.Partition`:
+    one :class:`~.buffers.Bucket` per dtype), a :class:`~upgd_ref.state.FlatUPGDState`
+    record (a :class:`~upgd_ref.multi.MultiUPGDState` for several dtypes), the layout, seed,
+    noise norm and variant.
     A step is ``upgd_step(layout, params, grads, state, StepRequest(...))`` (``specs/step.md``).
     """
 
@@ -123,7 +124,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         self._noise_norm = noise_norm
         self._noise_ema_init = noise_ema_init
         self._seed = seed
-        self._layout = self._state = self._bucket = None
+        self._layout = self._state = self._partition = None
         self._process_group, self._sharded = process_group, None
         self._extras: dict[int, tuple] = {}
         self.last_step_info = None
@@ -134,7 +135,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
 
     def _state_source(self) -> StateSource:
         """What ``self.state``'s views read (current state record, layout, bucket, param groups)."""
-        return StateSource(self._state, self._layout, self._bucket, self.param_groups, self._STATE_KEYS,
+        return StateSource(self._state, self._partition, self.param_groups, self._STATE_KEYS,
                            self._extras, self._noise_ema_init, self._raise_counter)
 
     def _raise_counter(self, step: int) -> None:
@@ -161,57 +162,73 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                 names.append(f"{label} {describe_shape(p)}")
         return params, names
 
-    def _rebuild(self, restore: dict | None = None, *, unpickled: bool = False) -> None:
-        """(Re)build the flat layout, state record and bucket for the current param groups.
+    def _rebuild(self, restore: dict | None = None, *, rehomed=None) -> None:
+        """(Re)build the partition (one flat buffer per dtype), state record and layout for the
+        current param groups.
 
-        State carries over by parameter identity (or comes from ``restore``, a core-format
-        state dict for exactly these parameters). Everything that can fail runs before the
-        parameters are re-homed. ``unpickled``: the parameters come from unpickling this
-        class, so they are views of the one storage their pickled flat buffer became.
+        State carries over by parameter identity, converted to the state dtype of the
+        parameter's dtype now (``model.to(...)``: ``specs/adapters-torch.md`` §2.4), or comes
+        from ``restore``, a core-format state dict for exactly these parameters. Everything that
+        can fail runs before the parameters are re-homed. ``rehomed``: which parameters are
+        re-homed (else gathered), given when unpickling (their storages are then the pickled
+        flat buffers'); None: decided from their storages.
         """
         params, names = self._flat_params()
-        dtype = check_tensors(params, names, what=type(self).__name__, rehome=not unpickled)
         group_ids = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
-        layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[dtype], groups=group_ids)
+        partition = Partition(params, names, group_ids, what=type(self).__name__, rehomed=rehomed)
+        layout = partition.layout
         group_hypers = self._group_hypers(self.param_groups, self._noise_ema_init)
         sharded = getattr(self, "_process_group", None) is not None
-        if sharded and self._state is not None:
-            raise ValueError(f"{type(self).__name__} with a process_group: the parameters cannot change after "
-                             "construction (the partition is fixed); build a new optimizer")
+        if sharded and (self._state is not None or partition.multi):
+            raise ValueError(f"{type(self).__name__} with a process_group: the parameters must be of one dtype and "
+                             "cannot change after construction (the partition is fixed); build a new optimizer")
         if restore is not None:
-            state = self._restored_state(restore, layout)
+            state = self._restored_state(restore, partition)
         elif self._state is not None:
-            saved, old = self._state.to_state(self._layout), self._bucket.segment_by_id
-            segments = [segment_snapshot(saved, self._layout, old[id(p)]) if id(p) in old else None for p in params]
-            state = FlatUPGDState.from_state_dict(core_state_dict(
-                layout, step=self._state.step, noise_ema_init=self._noise_ema_init, segments=segments), layout)
+            old = self._partition
+            segments = [old.snapshot(self._state, old.segment_by_id[id(p)]) if id(p) in old.segment_by_id else None
+                        for p in params]
+            state = partition.state_record(step=self._state.step, noise_ema_init=self._noise_ema_init,
+                                           segments=segments, skipped_steps=self._state.skipped_steps)
         else:
             emas = [h["noise_ema_init"] for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
             if sharded:
                 self._sharded = sharded_record(layout, self._process_group, emas, params[0].device)
                 state = self._sharded.state
             else:
-                state = FlatUPGDState.zeros(layout, emas)
-        bucket = Bucket(params, layout, names)
-        bucket.home()
-        self._layout, self._state, self._bucket, self._used_groups = (
-            layout, state, bucket, self._core_groups(group_hypers, self.param_groups))
-        self._extras = {k: v for k, v in self._extras.items() if k in bucket.segment_by_id}
+                state = (MultiUPGDState if partition.multi else FlatUPGDState).zeros(layout, emas)
+        partition.home()
+        self._layout, self._state, self._partition, self._used_groups = (
+            layout, state, partition, self._core_groups(group_hypers, self.param_groups))
+        self._extras = {k: v for k, v in self._extras.items() if k in partition.segment_by_id}
 
-    def _restored_state(self, saved: Mapping, layout: FlatLayout) -> FlatUPGDState:
+    def _restored_state(self, saved: Mapping, partition: Partition):
         """The state record of a core-format state dict (a pickle's), checked against this
         optimizer's variant."""
-        variant = check_variant(saved.get("variant", self._variant))  # absent: written before the family
+        self._check_variant(saved.get("variant", self._variant))  # absent: written before the family
+        if partition.multi:
+            return MultiUPGDState.from_state(saved["state"], partition.layout)
+        return FlatUPGDState.from_state_dict(saved, partition.layout)
+
+    def _check_variant(self, variant) -> None:
+        variant = check_variant(variant)
         if variant != self._variant:
             raise ValueError(f"state dict is for UPGD variant {dict(variant._asdict())}, "
                              f"this optimizer computes {dict(self._variant._asdict())}")
-        return FlatUPGDState.from_state_dict(saved, layout)
+
+    def _single_layout(self, what: str) -> None:
+        """Refuse what the core classes' format cannot hold: several flat buffers."""
+        if self._partition.multi:
+            dtypes = sorted({d.name for d in self._layout.dtypes})
+            raise ValueError(f"{what} needs parameters of one dtype (the core classes step one flat buffer); "
+                             f"this optimizer's are {dtypes}")
 
     def core_format(self) -> dict:
         """This optimizer's state in the core's state-dict format (``specs/layout.md`` §4): what
         :meth:`upgd_ref.AdaptiveUPGD.load_state_dict` (of this member's core class) takes. Its
         ``param_groups`` hold the hyper-parameters of the last step (or build, or load)."""
         refuse_sharded(self._sharded, "core_format() and core")
+        self._single_layout("core_format() and core")
         return {
             "format": UPGD_FORMAT, "version": UPGD_VERSION, "member": self._MEMBER.name,
             "profile": self._profile or "production", "layout": self._layout.to_dict(), "seed": self._seed,
@@ -220,13 +237,14 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         }
 
     def _sync_structure(self) -> None:
-        """Rebuild if ``param_groups`` now hold other tensors; re-home replaced ``.data``."""
-        bucket = self._bucket
+        """Rebuild if ``param_groups`` now hold other tensors or a parameter changed dtype or
+        device (``model.to(...)``); re-home replaced ``.data``, gather the gathered parameters."""
+        partition = self._partition
         params = [p for group in self.param_groups for p in group["params"]]
-        if len(params) != len(bucket.params) or any(a is not b for a, b in zip(params, bucket.params)):
+        if (len(params) != len(partition.params) or any(a is not b for a, b in zip(params, partition.params))
+                or partition.moved()):
             self._rebuild()
-        else:
-            bucket.ensure_homed()
+        self._partition.ensure_homed()
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group`` (a parameter listed twice: torch's warning,
@@ -250,8 +268,9 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return self._seed
 
     @property
-    def layout(self) -> FlatLayout:
-        """The core layout: one segment per parameter, in ``param_groups`` order."""
+    def layout(self):
+        """The core layout: one segment per parameter, in ``param_groups`` order; a
+        :class:`~upgd_ref.multi.MultiLayout` when the parameters have several dtypes."""
         return self._layout
 
     @property
@@ -261,9 +280,9 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return self._sharded
 
     @property
-    def flat_state(self) -> FlatUPGDState:
+    def flat_state(self):
         """The optimizer's state record (live: the buffers the steps update; on the
-        parameters' device)."""
+        parameters' device): a :class:`~upgd_ref.multi.MultiUPGDState` for several dtypes."""
         return self._state
 
     @property
@@ -282,8 +301,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     def noise(self, step: int | None = None) -> list[torch.Tensor]:
         """Step ``step``'s standard normals (default: the next step's), one tensor per parameter."""
         step = self._state.step + 1 if step is None else step
-        flat = step_noise(self._layout, self._seed, step, backend=self._backend)
-        return segment_views(torch.from_numpy(flat).to(self._bucket.device), self._layout)
+        return self._partition.noise(self._seed, step, self._backend)
 
     # --- the step -----------------------------------------------------------------------
 
@@ -296,7 +314,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                 loss = closure()
         with torch.no_grad():
             self._sync_structure()
-            bucket = self._bucket
+            bucket = self._partition
             with named_errors(f"{type(self).__name__}.step", bucket.names):
                 group_hypers = self._group_hypers(self.param_groups, self._noise_ema_init)
             hypers = [h for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
@@ -315,6 +333,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                         stats = self._sharded.run_step(bucket.param_flat, bucket.grad_flat, request, self._backend)
             finally:
                 bucket.negate_grads(flipped)
+            if not stats.skipped:
+                bucket.scatter(present)
             bucket.adopt_grads(copied)
         self._used_groups = self._core_groups(group_hypers, self.param_groups)
         self.last_step_info = StepInfo.from_stats(stats, self._state.step,
@@ -365,7 +385,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             return self.state_dict()
         full = FlatUPGDState.from_state_dict({"format": UPGD_FORMAT, "version": UPGD_VERSION,
                                               "state": self._sharded.consolidated()}, self._layout)
-        source = StateSource(full, self._layout, self._bucket, self.param_groups, self._STATE_KEYS, self._extras,
+        source = StateSource(full, self._partition, self.param_groups, self._STATE_KEYS, self._extras,
                              self._noise_ema_init, self._raise_counter)
         return self._production_state_dict(StateView(lambda: source).read, {})
 
@@ -389,17 +409,17 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             if key not in state_dict:
                 raise ValueError(f"optimizer state dict has no {key!r} entry")
         self._sync_structure()
-        layout, bucket = self._layout, self._bucket
+        layout, bucket = self._layout, self._partition
         current = {"seed": self._seed, "noise_norm": self._noise_norm, "noise_ema_init": self._noise_ema_init,
                    "variant": dict(self._variant._asdict())}
-        loaded = read_state_dict(state_dict, self.param_groups, bucket, layout, self._STATE_KEYS, current=current)
+        loaded = read_state_dict(state_dict, self.param_groups, bucket, self._STATE_KEYS, current=current)
         with named_errors(f"{type(self).__name__}.load_state_dict", bucket.names):
             seed = check_seed(loaded.seed, "state dict ")
             noise_norm = check_noise_norm(loaded.noise_norm, "state dict ")
             groups = self._core_groups(self._group_hypers(loaded.param_groups, loaded.noise_ema_init),
                                        loaded.param_groups)
-            state = self._restored_state(core_state_dict(layout, step=loaded.step, noise_ema_init=loaded.noise_ema_init,
-                                                         segments=loaded.segments) | {"variant": loaded.variant}, layout)
+            self._check_variant(loaded.variant)
+            state = bucket.state_record(step=loaded.step, noise_ema_init=loaded.noise_ema_init, segments=loaded.segments)
             if self._sharded is not None:  # this rank's part of the whole state, or its own per-rank part
                 state = self._sharded.adopt(state_dict.get(SHARD_KEY), state.to_state(layout))
         self._noise_ema_init, self.param_groups = loaded.noise_ema_init, loaded.param_groups
@@ -414,17 +434,19 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         refuse_sharded(self._sharded, "pickling and deepcopy (a process group does not pickle)")
-        extras = {self._bucket.segment_by_id[k]: deepcopy(v[1]) for k, v in self._extras.items()}
+        extras = {self._partition.segment_by_id[k]: deepcopy(v[1]) for k, v in self._extras.items()}
         core_state = {"format": UPGD_FORMAT, "version": UPGD_VERSION, "member": self._MEMBER.name,
-                      "profile": self._profile or "production", "layout": self._layout.to_dict(),
-                      "seed": self._seed, "noise_norm": self._noise_norm, "variant": dict(self._variant._asdict()),
-                      "state": self._state.to_state(self._layout)}
+                      "profile": self._profile or "production", "seed": self._seed, "noise_norm": self._noise_norm,
+                      "variant": dict(self._variant._asdict()), "state": self._state.to_state(self._layout)}
+        if not self._partition.multi:
+            core_state["layout"] = self._layout.to_dict()
         return {
             "defaults": self.defaults,
             "param_groups": self.param_groups,
             "_upgd_ref": {
                 "backend": self._backend, "noise_ema_init": self._noise_ema_init, "profile": self._profile,
                 "nonfinite": self._nonfinite, "core_state": core_state, "extras": extras, "other": self.state.unmanaged,
+                "rehomed": self._partition.rehomed,
             },
         }
 
@@ -444,13 +466,14 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         self._variant = self._MEMBER.variant(self._profile or "production")
         self._seed = check_seed(core_state["seed"]) if core_state else _draw_seed()
         self._noise_norm = check_noise_norm(core_state["noise_norm"]) if core_state else "segment"
-        self._layout = self._state = self._bucket = None
+        self._layout = self._state = self._partition = None
         self._process_group = self._sharded = None  # a sharded optimizer does not pickle
         self._extras = {}
         self.last_step_info = None
         self._built = False
-        self._rebuild(restore=core_state, unpickled=True)
-        params = self._bucket.params
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._rebuild(restore=core_state, rehomed=upgd.get("rehomed", [True] * len(params)))  # older: all re-homed
+        params = self._partition.params
         self._extras = {id(params[i]): (params[i], v) for i, v in upgd.get("extras", {}).items()}
         self.state = StateView(self._state_source)
         self.state.unmanaged = upgd.get("other", {})

@@ -17,8 +17,10 @@ from upgd_ref.state import VGS_VERSION as CORE_VGS_VERSION  # checkpoint.VGS_VER
 from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .buffers import bucket_run, check_grad, check_tensors, flat_buffer, on_stream
+from .gather import as_real, segment_shape
 from .checkpoint import VGS_VERSION, read_vgs_state_dict, vgs_state_dict
 from .conversions import DTYPE_NAMES, describe_shape, named_errors, step_count
+from . import scaler_parts
 from .spatial import SpatialAverages, finite_values, gradient_statistics, stochastic_variance_metrics
 
 
@@ -78,6 +80,7 @@ class VarianceGradientScaler:
         self._parameters = None
         self._names = []
         self._layout = None  # the parameters' FlatLayout, while there are parameters
+        self._parts = None
         self._stats = FlatVGSState.zeros(0)  # k and (a_i, b_i): one pair per tracked (or loaded) parameter
         self._spatial = SpatialAverages()  # production's deprecated averages, logging only
         self._scratch = None
@@ -174,12 +177,15 @@ class VarianceGradientScaler:
 
     def _attach(self, params, step: int) -> None:
         names = [f"parameters[{k}] {describe_shape(p)}" for k, p in enumerate(params)]
-        layout = None
+        layout = parts = None
         if params:
-            dtype = check_tensors(params, names, what="VarianceGradientScaler", rehome=False)
-            layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[dtype])
+            dtypes = check_tensors(params, names, what="VarianceGradientScaler")
+            parts = scaler_parts.dtype_parts(params, dtypes)  # None: one dtype
+            dtype = DTYPE_NAMES[dtypes[0]] if parts is None else "float64"  # several: the layout gives the sizes
+            layout = FlatLayout([segment_shape(p) for p in params], dtype)
         stats = FlatVGSState(step, np.zeros(len(params)), np.zeros(len(params)))
         self._parameters, self._names, self._layout, self._stats, self._scratch = params, names, layout, stats, None
+        self._parts = parts  # several dtypes: one door call per dtype (.scaler_parts)
 
     def _log(self, key: str, value: float) -> None:
         if self._logger is None:
@@ -216,16 +222,16 @@ class VarianceGradientScaler:
                 if g is None:
                     present.append(False)
                     continue
-                check_grad(f"VarianceGradientScaler: {name}", g)
+                check_grad(f"VarianceGradientScaler: {name}", g, p)
                 present.append(True)
-                view.copy_(g)
+                view.copy_(as_real(g))
 
         def finish(factor):
             if factor != 1.0:
                 with torch.no_grad():
                     for p, view, is_present in zip(params, views, present):
                         if is_present:
-                            p.grad.copy_(view)
+                            as_real(p.grad).copy_(view)
 
         return buffer, present, finish
 
@@ -236,7 +242,7 @@ class VarianceGradientScaler:
         self._attach(list(parameters), self._step_count)
 
     def _present_grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self._parameters or () if p.grad is not None]
+        return [as_real(p.grad) for p in self._parameters or () if p.grad is not None]  # complex: real pairs
 
     def _nonfinite(self) -> bool:
         """Whether a present gradient holds NaN or an infinity (checked only after the door
@@ -254,8 +260,13 @@ class VarianceGradientScaler:
         factor = self.get_scaling_factor()
         if not self._parameters:
             return factor
-        buffer, present, finish = self._grads()
         try:
+            if self._parts is not None:
+                scaler_parts.scale(self._parts, self._parameters, self._names, factor, backend=self._backend,
+                                   nonfinite="skip" if self._nonfinite_policy == "skip" else "raise",
+                                   what="VarianceGradientScaler.scale_gradients")
+                return factor
+            buffer, present, finish = self._grads()
             with named_errors("VarianceGradientScaler.scale_gradients", self._names), \
                     on_stream(self._parameters[0].device):
                 scaled = vgs_scale_step(self._layout, buffer, factor, present, backend=self._backend,
@@ -276,6 +287,17 @@ class VarianceGradientScaler:
         """The door's statistics update (``k += 1``, ``a_i``, ``b_i``) from the present gradients;
         non-finite values count as 0 (production's NaN handling, ``specs/adapters-torch.md`` §3.6),
         or, under ``nonfinite="skip"``, nothing changes and the result is False."""
+        if self._parts is not None:
+            rows = scaler_parts.update(self._parts, self._parameters, self._names, self._stats, beta,
+                                       backend=self._backend, policy=self._nonfinite_policy, what=what)
+            if rows is None:
+                self._stats.skipped_steps += 1
+                return False
+            for index, record in rows:
+                self._stats.grad_mean_avg[index] = record.grad_mean_avg
+                self._stats.grad_sq_avg[index] = record.grad_sq_avg
+            self._stats.step += 1
+            return True
         buffer, present, finish = self._grads()
         device = self._parameters[0].device
         if self._nonfinite_policy == "skip":
@@ -297,7 +319,7 @@ class VarianceGradientScaler:
             with torch.no_grad():
                 for p, view, is_present in zip(self._parameters, views, present):
                     if is_present:
-                        view.copy_(finite_values(p.grad))
+                        view.copy_(finite_values(as_real(p.grad)))
             with named_errors(what, self._names), on_stream(device):
                 vgs_update_step(self._layout, finite, self._stats, beta, present, backend=self._backend)
         finish(1.0)
@@ -432,6 +454,7 @@ class VarianceGradientScaler:
             state["_layout"] = core.layout if core is not None and core.layout.size else None
         state.setdefault("_spatial", SpatialAverages())
         state.setdefault("_nonfinite_policy", "zero")
+        state.setdefault("_parts", None)
         self.__dict__.update(state)
         self._logger = None
         self._parameters = None

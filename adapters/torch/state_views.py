@@ -17,22 +17,21 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from upgd_ref.layout import FlatLayout
-from upgd_ref.state import FlatUPGDState
-
-from .buffers import Bucket, tensor_view
+from .gather import real_value, segment_shape
+from .partition import Partition
 from .conversions import CORE_FIELD_OF_KEY, CORE_TENSOR_FIELDS, float_value, state_array, step_count
 
 
 class StateSource(NamedTuple):
     """What the views read, current at the time of the access."""
 
-    #: The optimizer's state record (a :class:`~upgd_ref.state.FlatUPGDState`): ``step``,
+    #: The optimizer's state record (a :class:`~upgd_ref.state.FlatUPGDState`, or a
+    #: :class:`~upgd_ref.multi.MultiUPGDState` for several dtypes): ``step``,
     #: ``segment_step``, ``grad_norm_ema`` and the per-element buffers (``utility``, ...).
-    flat_state: FlatUPGDState
-    layout: FlatLayout
-    #: The parameters (segment order), their names, shapes and ``segment_by_id``.
-    bucket: Bucket
+    flat_state: object
+    #: The parameters (segment order), their names, shapes, ``segment_by_id`` and where
+    #: each segment's state lives.
+    bucket: Partition
     #: The optimizer's param groups (a segment's ``adaptive_noise`` flag).
     param_groups: list
     #: The member's per-parameter state keys, ``grad_norm_ema`` last.
@@ -60,13 +59,12 @@ class StateSource(NamedTuple):
         raise IndexError(segment)
 
 
-def reset_segment(flat_state, layout: FlatLayout, i: int, noise_ema_init: float) -> None:
+def reset_segment(flat_state, partition: Partition, i: int, noise_ema_init: float) -> None:
     """Segment ``i`` of the optimizer's state record as before its first step."""
-    sl = layout.segment_slice(i)
     flat_state.segment_step[i] = 0
     flat_state.grad_norm_ema[i] = noise_ema_init
     for name in CORE_TENSOR_FIELDS:
-        getattr(flat_state, name)[sl] = 0
+        partition.state_array(flat_state, name, i)[...] = 0
 
 
 class ParamState(MutableMapping):
@@ -109,8 +107,7 @@ class ParamState(MutableMapping):
                 return int(state.segment_step[i])
             if key == "grad_norm_ema":
                 return float(state.grad_norm_ema[i])
-            flat = tensor_view(getattr(state, CORE_FIELD_OF_KEY[key]))
-            return flat[source.layout.segment_slice(i)].view(source.bucket.shapes[i])
+            return source.bucket.state_tensor(state, CORE_FIELD_OF_KEY[key], i)
         return self._extras(source)[key]
 
     def __setitem__(self, key, value):
@@ -131,8 +128,9 @@ class ParamState(MutableMapping):
                 raise ValueError(f"{where} must be finite and >= 0, got {ema}")
             state.grad_norm_ema[i] = ema
         else:
-            values = state_array(where, value, source.bucket.shapes[i], getattr(state, CORE_FIELD_OF_KEY[key]).dtype)
-            getattr(state, CORE_FIELD_OF_KEY[key])[source.layout.segment_slice(i)] = values
+            target = source.bucket.state_array(state, CORE_FIELD_OF_KEY[key], i)
+            values = state_array(where, real_value(value), segment_shape(self._param), target.dtype)
+            target[...] = values
 
     def __delitem__(self, key):
         source = self._source()
@@ -195,7 +193,7 @@ class StateView(MutableMapping):
             del self.unmanaged[key]
             return
         source = self._source()
-        reset_segment(source.flat_state, source.layout, source.segment_of(key), source.noise_ema_init)
+        reset_segment(source.flat_state, source.bucket, source.segment_of(key), source.noise_ema_init)
         source.extras.pop(id(key), None)
 
     def __contains__(self, key):

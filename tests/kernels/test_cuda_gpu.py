@@ -151,7 +151,7 @@ def test_torch_cuda_tensors_run_on_the_gpu_without_host_copies():
     model = torch.nn.Linear(300, 7).cuda()
     opt = AdaptiveUPGD(model.parameters(), lr=1e-2, adaptive_noise=True, seed=1)
     pointers = [p.data_ptr() for p in model.parameters()]
-    bucket = opt._bucket
+    bucket = opt._partition.buckets[0]
     assert bucket.param_flat.data.ptr == bucket.param_views[0].data_ptr()  # a CuPy view of the torch buffer
     for _ in range(3):
         opt.zero_grad()

@@ -89,10 +89,8 @@ def test_sparse_gradients(trained):
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda: [torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))], TypeError, "complex"),
+    (lambda: [torch.nn.Parameter(torch.zeros(3, dtype=torch.complex32))], TypeError, "complex32"),
     (lambda: [torch.nn.Parameter(torch.zeros(3, dtype=torch.float8_e4m3fn))], TypeError, "float8_e4m3fn"),
-    (lambda: [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))],
-     TypeError, "several dtypes"),
     (lambda: [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))],
      ValueError, "several devices"),
     (lambda: [torch.nn.Parameter(torch.zeros(3, device="meta"))], ValueError, "CPU"),
@@ -115,34 +113,12 @@ def test_several_devices_across_groups_leave_parameters_in_place():
     assert everything(params=cpu) == before
 
 
-@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
-@pytest.mark.parametrize("make, message", [
-    (lambda base: [torch.nn.Parameter(base[1])], "view into a larger storage"),
-    (lambda base: [torch.nn.Parameter(base.t())], None),  # a transpose is dense: it can be re-homed
-    (lambda base: [torch.nn.Parameter(base[0].expand(4, 3))], "view into a larger storage"),
-    (lambda base: [torch.nn.Parameter(base), torch.nn.Parameter(base)], "shares its storage"),
-    # the same tensor twice: torch's warning, then kept once (tests/adapters/torch/test_torch_conventions.py)
-])
-def test_parameters_whose_storage_cannot_be_rehomed(make, message):
-    base = torch.arange(12.0).reshape(4, 3)
-    params = make(base)
-    before = (base.clone(), [p.data_ptr() for p in params])
-    if message is None:
-        opt = AdaptiveUPGD(params, seed=0)
-        assert torch.equal(params[0].detach(), base.t()) and params[0].is_contiguous()
-        assert params[0].data_ptr() == opt._bucket.param_ptrs[0]
-        return
-    with pytest.raises(ValueError, match=message):
-        AdaptiveUPGD(params)
-    assert torch.equal(base, before[0]) and [p.data_ptr() for p in params] == before[1]
-
-
-def test_model_converted_after_construction(trained):
+def test_model_reshaped_after_construction(trained):
     params, opt, vgs = trained
-    params[0].data = params[0].data.double()
+    params[0].data = params[0].data.reshape(-1)[:1].clone()
     params[0].grad = None
     before = everything(opt, params=params[1:])
-    with pytest.raises(ValueError, match="changed to torch.float64"):
+    with pytest.raises(ValueError, match="changed to shape"):
         opt.step()
     assert everything(opt, params=params[1:]) == before
 

@@ -241,7 +241,7 @@ def test_member_is_bit_identical_to_the_core_class(name, noise):
         flat_g = opt.layout.pack([np.zeros(s) if g is None else g.numpy() for s, g in zip(SHAPES, grads)])
         opt.step()
         core.step(flat_p, flat_g, present)
-        assert opt._bucket.param_flat.tobytes() == flat_p.tobytes(), (name, k)
+        assert opt._partition.buckets[0].param_flat.tobytes() == flat_p.tobytes(), (name, k)
         for field in ("utility", "first_moment", "second_moment", "segment_step", "grad_norm_ema"):
             assert getattr(opt.core.state, field).tobytes() == getattr(core.state, field).tobytes(), (name, k, field)
 
@@ -263,11 +263,11 @@ def test_state_keys_and_param_group_keys(adaptive):
     assert upgdw.defaults["amsgrad"] is False
     for opt, keys in ((upgd, ["step", "avg_utility"]), (upgdw, ["step", "avg_utility", "first_moment", "sec_moment"])):
         assert len(opt.state) == 0
-        for p in opt._bucket.params:
+        for p in opt._partition.buckets[0].params:
             p.grad = torch.full_like(p, 0.1)
         opt.step()
         expected = keys + (["grad_norm_ema"] if adaptive else [])
-        for p in opt._bucket.params:
+        for p in opt._partition.buckets[0].params:
             assert list(opt.state[p]) == expected
             assert opt.state[p]["step"] == 1
         sd = opt.state_dict()
@@ -303,12 +303,12 @@ def test_state_dict_round_trip_in_lockstep(name):
                 p.grad = g
         a.step()
         b.step()
-        assert a._bucket.param_flat.tobytes() == b._bucket.param_flat.tobytes(), (name, k)
+        assert a._partition.buckets[0].param_flat.tobytes() == b._partition.buckets[0].param_flat.tobytes(), (name, k)
         for field in ("utility", "first_moment", "second_moment", "segment_step", "grad_norm_ema"):
             assert getattr(a.core.state, field).tobytes() == getattr(b.core.state, field).tobytes(), (name, k, field)
     c = pickle.loads(pickle.dumps(a))
     assert c.core.variant == a.core.variant and c.profile == a.profile
-    assert c._bucket.param_flat.tobytes() == a._bucket.param_flat.tobytes()
+    assert c._partition.buckets[0].param_flat.tobytes() == a._partition.buckets[0].param_flat.tobytes()
     d = copy.deepcopy(a)
     assert d.core.state.utility.tobytes() == a.core.state.utility.tobytes() and type(d) is type(a)
 

@@ -24,6 +24,7 @@ from torch.testing._internal.common_optimizers import (ErrorOptimizerInput, Opti
                                                        OptimizerInput, get_error_inputs_for_all_optims)
 
 from upgd_ref.adapters.torch import UPGD, UPGDW, AdaptiveUPGD
+from upgd_ref.checks import NonFiniteStepError
 
 DEVICE, DTYPE = "cpu", torch.float32
 
@@ -60,7 +61,7 @@ def _errors(*extra):
             (None, {"sigma": -1.0}, ValueError, "Invalid sigma value: -1.0"),
             (None, {"capturable": True}, ValueError, "does not support capturable=True"),
             (None, {"differentiable": True}, ValueError, "does not support differentiable=True"),
-            ([Parameter(torch.zeros(2, dtype=torch.complex64))], {}, TypeError, "complex"),
+            ([Parameter(torch.zeros(2, dtype=torch.complex32))], {}, TypeError, "complex32"),
             *extra,
         ]
         out = get_error_inputs_for_all_optims(device, dtype)
@@ -77,7 +78,7 @@ def _errors(*extra):
 _FLAGS = dict(
     supported_impls=(),  # foreach/fused are accepted and mean nothing: one flat-buffer implementation
     not_og_supported_flags=("maximize", "foreach", "fused", "capturable", "differentiable"),
-    supports_sparse=False, has_capturable_arg=False, supports_complex=False, supports_multiple_devices=False,
+    supports_sparse=False, has_capturable_arg=False, supports_complex=True, supports_multiple_devices=False,
     step_requires_closure=False, supports_param_groups=True,
     scheduler_inputs=([lambda opt: StepLR(opt, gamma=0.9, step_size=10), lambda opt: ReduceLROnPlateau(opt)],),
 )
@@ -122,11 +123,16 @@ def build(info, params, kwargs, seed=0):
     return info.optim_cls(params, **kwargs, seed=seed)
 
 
-def problem(seed=0):
-    """test_optim's problem: ``loss = |W x + b|^2``."""
+def problem(seed=0, contiguous=True):
+    """test_optim's problem: ``loss = |W x + b|^2`` (``contiguous=False``: ``W`` and ``b`` are
+    every other element of a larger tensor, as test_optim's non-contiguous variant)."""
     gen = torch.Generator().manual_seed(seed)
-    weight = Parameter(torch.randn((10, 5), generator=gen, dtype=DTYPE))
-    bias = Parameter(torch.randn((10,), generator=gen, dtype=DTYPE))
+    if contiguous:
+        weight = Parameter(torch.randn((10, 5), generator=gen, dtype=DTYPE))
+        bias = Parameter(torch.randn((10,), generator=gen, dtype=DTYPE))
+    else:
+        weight = Parameter(torch.randn((10, 5, 2), generator=gen, dtype=DTYPE)[..., 0])
+        bias = Parameter(torch.randn((10, 2), generator=gen, dtype=DTYPE)[..., 0])
     x = torch.randn(5, generator=gen, dtype=DTYPE)
     return weight, bias, x
 
@@ -159,10 +165,12 @@ def test_errors(info):
 
 # --- test_forloop_goes_right_direction (with and without schedulers) ---------------------------
 
+@pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("with_schedulers", [False, True])
 @pytest.mark.parametrize("info, optim_input", CASES)
-def test_forloop_goes_right_direction(info, optim_input, with_schedulers):
-    weight, bias, x = problem()
+def test_forloop_goes_right_direction(info, optim_input, with_schedulers, contiguous):
+    """Also torch's non-contiguous variant: ``Parameter(randn(10, 5, 2)[..., 0])`` (gathered)."""
+    weight, bias, x = problem(contiguous=contiguous)
     optimizer = build(info, [weight, bias], optim_input.kwargs)
     for constructors in info.scheduler_inputs if with_schedulers else ([],):
         schedulers = [make(optimizer) for make in constructors]
@@ -180,6 +188,96 @@ def test_forloop_goes_right_direction(info, optim_input, with_schedulers):
             for scheduler in schedulers:
                 scheduler.step(loss.item()) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
         assert goes_right_direction(optim_input.kwargs, closure().item(), initial)
+
+
+# --- test_complex, test_complex_2d ---------------------------------------------------------------
+
+@pytest.mark.parametrize("info, optim_input", CASES)
+def test_complex(info, optim_input):
+    """Complex parameters (and a real one) step as their ``view_as_real`` twins, every step."""
+    gen = torch.Generator().manual_seed(0)
+    complex_params = [torch.randn(10, 5, dtype=torch.complex64, generator=gen).requires_grad_(),
+                      torch.randn(10, dtype=torch.complex64, generator=gen).requires_grad_(),
+                      torch.randn(10, 5, dtype=torch.float32, generator=gen).requires_grad_()]
+    real_params = [(torch.view_as_real(p) if p.is_complex() else p).detach().clone().requires_grad_()
+                   for p in complex_params]
+    complex_optimizer = build(info, complex_params, optim_input.kwargs)
+    real_optimizer = build(info, real_params, optim_input.kwargs)
+    real_steps, complex_steps = [], []
+    for _ in range(3):
+        for real, param in zip(real_params, complex_params):
+            grad = torch.randn(real.shape, generator=gen)
+            real.grad = grad
+            param.grad = torch.view_as_complex(grad.clone()) if param.is_complex() else grad.clone()
+            real_steps.append(real.detach().clone())
+            complex_steps.append(torch.view_as_real_copy(param.detach()) if param.is_complex() else param.detach().clone())
+        real_optimizer.step()
+        complex_optimizer.step()
+    as_real = [torch.view_as_real(p) if p.is_complex() else p for p in complex_params]
+    assert all(torch.equal(a, b) for a, b in zip(real_params, as_real))
+    assert all(torch.equal(a, b) for a, b in zip(complex_steps, real_steps))
+
+
+_SEGMENT_FREE = [pytest.param(info, optim_input, id=f"{info.optim_cls.__name__}-{optim_input.desc}")
+                 for info in OPTIM_DB for optim_input in info.optim_inputs_func(DEVICE)
+                 if not optim_input.kwargs.get("adaptive_noise", False)]
+
+
+def _rosenbrock(tensor):
+    x, y = tensor
+    return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+
+@pytest.mark.parametrize("info, optim_input", _SEGMENT_FREE)
+def test_complex_2d(info, optim_input):
+    """A complex parameter against its real and imaginary parts as two parameters, with the
+    noise off (``sigma=0``): the noise's indices and adaptive scale belong to segments, and
+    one ``(2,)`` complex segment and two ``(2,)`` real ones draw different noise by
+    definition (``specs/adapters-torch.md`` §7); the rest is element-wise."""
+    kwargs = {**optim_input.kwargs, "sigma": 0.0}
+    torch.manual_seed(2024)
+    a1 = torch.randn(2, dtype=torch.complex64, requires_grad=True)
+    a1_real = a1.real.detach().clone().requires_grad_()
+    a1_imag = a1.imag.detach().clone().requires_grad_()
+    optim1 = build(info, [a1], kwargs)
+    optim2 = build(info, [a1_real, a1_imag], kwargs)
+    for _ in range(10):
+        optim1.zero_grad()
+        optim2.zero_grad()
+        a2 = torch.complex(a1_real, a1_imag)
+        _rosenbrock(a1).abs().backward()
+        _rosenbrock(a2).abs().backward()
+        assert _equal_nan(a1.grad.real, a1_real.grad) and _equal_nan(a1.grad.imag, a1_imag.grad)
+        if not torch.isfinite(a1.grad).all():  # diverged (e.g. UPGD at lr 0.01): both refuse the step
+            for optimizer in (optim1, optim2):
+                with pytest.raises(NonFiniteStepError):
+                    optimizer.step()
+            return
+        optim1.step()
+        optim2.step()
+        assert torch.equal(a1.real, a1_real) and torch.equal(a1.imag, a1_imag)
+
+
+def _equal_nan(a, b) -> bool:
+    """test_optim's ``assertEqual`` (NaN equals NaN), exactly."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+# --- test_step_is_noop_for_zero_grads ------------------------------------------------------------
+
+@pytest.mark.parametrize("info, optim_input", [case for case in _SEGMENT_FREE
+                                               if case.values[1].kwargs.get("profile") != "paper"])
+def test_step_is_noop_for_zero_grads(info, optim_input):
+    """As torch, which skips inputs with weight decay: here weight decay and the noise are set
+    to 0 (the production defaults, ``weight_decay=0.001`` and ``sigma=0.001``, move parameters
+    whose gradient is zero: the algorithm's, not a bug). The paper profile refuses an
+    all-zero utility (``U_hi = 0``, ``specs/algorithm.md`` §7.3), so it is left out."""
+    param = torch.randn((5, 1), dtype=DTYPE, requires_grad=True)
+    old_param = param.detach().clone()
+    optimizer = build(info, [param], {**optim_input.kwargs, "weight_decay": 0.0, "sigma": 0.0})
+    param.grad = torch.zeros_like(param)
+    optimizer.step(lambda: torch.tensor([1], dtype=DTYPE))
+    assert torch.equal(old_param, param)
 
 
 # --- test_param_groups_weight_decay / test_param_groups_lr -------------------------------------

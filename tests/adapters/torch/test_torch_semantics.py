@@ -204,7 +204,7 @@ def pre_step_inputs(opt):
     """The adapter's pre-step parameters and state as per-segment NumPy arrays (copies)."""
     layout, state = opt.layout, opt.core.state
     views = layout.unpack
-    params = [np.array(v) for v in views(opt._bucket.param_flat)]
+    params = [np.array(v) for v in views(opt._partition.buckets[0].param_flat)]
     start = ref.UPGDState(
         step=np.int64(state.step), segment_step=state.segment_step.copy(),
         utility=[np.array(v) for v in views(state.utility)],

@@ -129,7 +129,7 @@ def test_uses_the_optimizer_flat_gradient_buffer_without_copies():
     vgs = VarianceGradientScaler(params[1:4], warmup_steps=0)  # consecutive: a slice of the buffer
     clones = [torch.nn.Parameter(p.detach().clone()) for p in params[1:4]]
     plain = VarianceGradientScaler(clones, warmup_steps=0)  # private buffer
-    bucket = opt._bucket
+    bucket = opt._partition.buckets[0]
     for k in range(4):
         grads = grads_for(k, params)
         set_grads(params, grads)
