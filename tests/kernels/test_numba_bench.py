@@ -19,7 +19,8 @@ from upgd_ref.hyperparams import UPGD_DEFAULTS
 (PRODUCTION_FILE,) = bench.default_baselines()
 production = bench.load_baseline(PRODUCTION_FILE)
 
-NUMPY_ROWS = ["numba full step (VGS + adaptive noise)", "numba noise-free step", "numba noise alone",
+NUMPY_ROWS = ["numba full step (VGS + adaptive noise)", "numba noise-free step",
+              "numba noisy step (fixed noise, no VGS)", "numba noise alone", "copy (the full step's bytes)",
               "NumPy reference step (VGS + adaptive noise)"]
 TORCH_ROWS = ["torch fused Adam", "torch.randn (same count)",
               "torch per-tensor loop (production: VGS + adaptive noise)"]
@@ -43,7 +44,7 @@ def test_bench_measures_every_row_and_ratio():
 def test_bench_command_writes_json_and_can_leave_torch_out(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert cli.main(["bench", "--sizes", "2k", "--dtypes", "float64", "--repeats", "1", "--no-torch",
-                     "--json", str(path), "--quiet"]) == 0
+                     "--scaling", "", "--json", str(path), "--quiet"]) == 0
     printed = capsys.readouterr().out
     result = json.loads(path.read_text())
     assert [r["name"] for r in result["rows"]] == NUMPY_ROWS

@@ -418,16 +418,20 @@ def scale_in_place(g, factor):
         g[j] = g[j] * factor
 
 
-def scale_if_writable(g, factor):
-    """``g <- factor g`` when ``g`` is writable; nothing for a read-only ``g`` (pass 2 gets a
+def store_if_writable(g, j, value):
+    """``g[j] <- value`` when ``g`` is writable; nothing for a read-only ``g`` (pass 2 gets a
     read-only gradient exactly when it does not scale), chosen when the kernel is typed."""
 
 
-@overload(scale_if_writable)
-def _scale_if_writable(g, factor):
+@overload(store_if_writable, inline="always")
+def _store_if_writable(g, j, value):
     if not g.mutable:
-        return lambda g, factor: None
-    return lambda g, factor: scale_in_place(g, factor)
+        return lambda g, j, value: None
+
+    def store(g, j, value):
+        g[j] = value
+
+    return store
 
 
 @njit(inline="always")
@@ -484,6 +488,33 @@ def utility_check(g, factor, p, u, k, gt, ut, pt, dt):
 
 
 @njit(error_model="numpy")
+def add_lane_sums(x, sums, squares):
+    """Adds ``x``, one block of ``_BLOCK`` elements or a chunk's shorter tail (starting at a
+    multiple of ``_BLOCK``), to the float64 lane accumulators of :func:`lane_sums`."""
+    if x.size == _BLOCK:
+        for lane in range(LANES):
+            w0, w1 = np.float64(x[lane]), np.float64(x[lane + LANES])
+            w2, w3 = np.float64(x[lane + 2 * LANES]), np.float64(x[lane + 3 * LANES])
+            sums[lane] += (w0 + w1) + (w2 + w3)
+            squares[lane] += (w0 * w0 + w1 * w1) + (w2 * w2 + w3 * w3)
+    else:
+        for j in range(x.size):
+            w = np.float64(x[j])
+            sums[j % LANES] += w
+            squares[j % LANES] += w * w
+
+
+@njit(error_model="numpy")
+def lane_totals(sums, squares):
+    """The lanes of :func:`add_lane_sums` added in lane order: ``(sum x, sum x^2)``."""
+    total, total_sq = 0.0, 0.0
+    for lane in range(LANES):
+        total += sums[lane]
+        total_sq += squares[lane]
+    return total, total_sq
+
+
+@njit(error_model="numpy")
 def lane_sums(x):
     """``(sum x, sum x^2)`` in float64, in a fixed order that SIMD can run.
 
@@ -493,46 +524,28 @@ def lane_sums(x):
     """
     sums = np.zeros(LANES)
     squares = np.zeros(LANES)
-    blocks = x.size // _BLOCK
-    for r in range(blocks):
-        rows = x[r * _BLOCK : (r + 1) * _BLOCK]
-        for lane in range(LANES):
-            w0, w1 = np.float64(rows[lane]), np.float64(rows[lane + LANES])
-            w2, w3 = np.float64(rows[lane + 2 * LANES]), np.float64(rows[lane + 3 * LANES])
-            sums[lane] += (w0 + w1) + (w2 + w3)
-            squares[lane] += (w0 * w0 + w1 * w1) + (w2 * w2 + w3 * w3)
-    tail = x[blocks * _BLOCK :]
-    for j in range(tail.size):
-        w = np.float64(tail[j])
-        sums[j % LANES] += w
-        squares[j % LANES] += w * w
-    total, total_sq = 0.0, 0.0
-    for lane in range(LANES):
-        total += sums[lane]
-        total_sq += squares[lane]
-    return total, total_sq
+    for start in range(0, x.size, _BLOCK):
+        add_lane_sums(x[start : start + _BLOCK], sums, squares)
+    return lane_totals(sums, squares)
 
 
 @njit(error_model="numpy")
-def lane_extrema(x):
-    """``(min x, max x)`` (exact) as float64, lane-wise like :func:`lane_sums`, in ``x``'s dtype."""
-    lows = np.full(LANES, x[0])
-    highs = np.full(LANES, x[0])
-    blocks = x.size // _BLOCK
-    for r in range(blocks):
-        rows = x[r * _BLOCK : (r + 1) * _BLOCK]
+def fold_lane_extrema(x, lows, highs):
+    """Folds ``x`` (a block or a tail, as in :func:`add_lane_sums`) into the lane minima
+    ``lows`` and maxima ``highs`` (element ``j`` of the block in lane ``j % LANES``; exact, so
+    only NaN could tell orders apart, and the order is fixed)."""
+    if x.size == _BLOCK:
         for lane in range(LANES):
-            w0, w1, w2, w3 = rows[lane], rows[lane + LANES], rows[lane + 2 * LANES], rows[lane + 3 * LANES]
+            w0, w1, w2, w3 = x[lane], x[lane + LANES], x[lane + 2 * LANES], x[lane + 3 * LANES]
             low = min(min(w0, w1), min(w2, w3))
             high = max(max(w0, w1), max(w2, w3))
             lows[lane] = low if low < lows[lane] else lows[lane]
             highs[lane] = high if high > highs[lane] else highs[lane]
-    tail = x[blocks * _BLOCK :]
-    for j in range(tail.size):
-        w = tail[j]
-        lows[j % LANES] = min(lows[j % LANES], w)
-        highs[j % LANES] = max(highs[j % LANES], w)
-    return np.float64(lows.min()), np.float64(highs.max())
+    else:
+        for j in range(x.size):
+            w = x[j]
+            lows[j % LANES] = min(lows[j % LANES], w)
+            highs[j % LANES] = max(highs[j % LANES], w)
 
 
 @njit(error_model="numpy")
@@ -546,17 +559,21 @@ def count_nonfinite(x):
 
 
 @njit(error_model="numpy")
-def traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range):
-    """Pass 2 of one chunk (production): pass 1's ``u``, ``m``, ``v`` of ``g`` (already ``f g``)
-    again — the same operations, so the same bits — written once, then ``p`` from them with
-    ``std * noise`` (``noise``: the chunk's normals, or zeros when nothing is drawn). One
-    branch-free loop, so LLVM vectorises it."""
+def traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range):
+    """Pass 2 of one chunk (production): ``f g`` formed as it is read (and written back when
+    ``g`` is writable, i.e. when scaled: ``g * 1`` is ``g``, bit for bit), pass 1's ``u``,
+    ``m``, ``v`` of it again — the same operations, so the same bits — written once, then
+    ``p`` from them with ``std * noise`` (``noise``: the chunk's normals, or zeros when
+    nothing is drawn). One branch-free loop, so LLVM vectorises it: every buffer is read
+    once and written once."""
     beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
     beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
     decay, lr, eps, std = k[DECAY], k[LR], k[EPS], k[STD]
     inv_cu, inv_bc1, inv_bc2 = k[INV_CU], k[INV_BC1], k[INV_BC2]
     for j in range(p.size):
-        u1, m1, v1 = traces(g[j], p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
+        gs = g[j] * factor
+        store_if_writable(g, j, gs)
+        u1, m1, v1 = traces(gs, p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
                             one_minus_beta2)
         u[j] = u1
         m[j] = m1
@@ -566,8 +583,8 @@ def traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range):
 
 
 @njit(error_model="numpy")
-def family_traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range, u_hi, moments_none, protection_max,
-                             noise_terms):
+def family_traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range, u_hi, moments_none,
+                             protection_max, noise_terms):
     """:func:`traces_and_update` of any family member (``m``, ``v`` neither read nor written
     without moments)."""
     beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
@@ -576,7 +593,8 @@ def family_traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range, u_hi, mom
     inv_cu, inv_bc1, inv_bc2 = k[INV_CU], k[INV_BC1], k[INV_BC2]
     zero = like(0.0, step)
     for j in range(p.size):
-        gs = g[j]
+        gs = g[j] * factor
+        store_if_writable(g, j, gs)
         pj = p[j]
         if moments_none:
             u1 = ema(beta_u, u[j], one_minus_beta_u, -gs * pj)
@@ -596,40 +614,53 @@ def family_traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range, u_hi, mom
 
 
 @njit(error_model="numpy")
-def _check_reductions(c, gt, ut, pt, dt, partial):
-    partial[c, SUM], partial[c, SUM_SQ] = lane_sums(gt)
-    partial[c, MIN_U], partial[c, MAX_U] = lane_extrema(ut)
-    partial[c, MAX_P] = lane_extrema(pt)[1]
-    partial[c, MAX_D] = lane_extrema(dt)[1]
-    partial[c, BAD] = count_nonfinite(dt)
-
-
-@njit(error_model="numpy")
 def _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
+    """Pass 1 of chunk ``c``, one block of ``_BLOCK`` elements at a time: the block's ``f g``,
+    new ``u``, ``|p|`` and marked ``|d|`` into four block-sized tiles (L1-resident), folded at
+    once into the chunk's lane accumulators (the lane orders of :func:`lane_sums` and
+    :func:`fold_lane_extrema`, so the chunk's partials are the same bits as from chunk-sized
+    tiles); every input is read once."""
     if present[chunks[c, SEGMENT]]:
         a = chunks[c, START]
         n = chunks[c, LENGTH]
-        b = a + n
         k = coefficients[chunks[c, SEGMENT]]
-        gt, ut, pt, dt = np.empty(n, p.dtype), np.empty(n, p.dtype), np.empty(n, p.dtype), np.empty(n, p.dtype)
-        if moments_none:
-            utility_check(g[a:b], factor, p[a:b], u[a:b], k, gt, ut, pt, dt)
-        else:
-            traces_check(g[a:b], factor, p[a:b], u[a:b], m[a:b], v[a:b], k, gt, ut, pt, dt)
-        _check_reductions(c, gt, ut, pt, dt, partial)
+        tiles = np.empty((4, min(n, _BLOCK)), p.dtype)
+        gt, ut, pt, dt = tiles[0], tiles[1], tiles[2], tiles[3]
+        sums, squares = np.zeros(LANES), np.zeros(LANES)
+        lanes = np.empty((6, LANES), p.dtype)  # low, high of u, |p|, |d|, from each's first element
+        bad = 0
+        for start in range(0, n, _BLOCK):
+            size = min(_BLOCK, n - start)
+            i, j = a + start, a + start + size
+            if moments_none:
+                utility_check(g[i:j], factor, p[i:j], u[i:j], k, gt[:size], ut[:size], pt[:size], dt[:size])
+            else:
+                traces_check(g[i:j], factor, p[i:j], u[i:j], m[i:j], v[i:j], k, gt[:size], ut[:size], pt[:size],
+                             dt[:size])
+            if start == 0:
+                for row in range(3):
+                    lanes[2 * row, :] = tiles[row + 1, 0]
+                    lanes[2 * row + 1, :] = tiles[row + 1, 0]
+            add_lane_sums(gt[:size], sums, squares)
+            fold_lane_extrema(ut[:size], lanes[0], lanes[1])
+            fold_lane_extrema(pt[:size], lanes[2], lanes[3])
+            fold_lane_extrema(dt[:size], lanes[4], lanes[5])
+            bad += count_nonfinite(dt[:size])
+        partial[c, SUM], partial[c, SUM_SQ] = lane_totals(sums, squares)
+        partial[c, MIN_U], partial[c, MAX_U] = np.float64(lanes[0].min()), np.float64(lanes[1].max())
+        partial[c, MAX_P] = np.float64(lanes[3].max())
+        partial[c, MAX_D] = np.float64(lanes[5].max())
+        partial[c, BAD] = bad
 
 
 @njit(error_model="numpy")
-def _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1):
-    """``(a, b, k, noise)`` of chunk ``c`` of a present segment, with ``g <- f g`` written (when
-    ``scaled``) before the update reads it back: ``noise`` holds the chunk's normals, or zeros
-    (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the ``+0`` the update
-    without noise adds)."""
+def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1):
+    """``(a, b, k, noise)`` of chunk ``c`` of a present segment: ``noise`` holds the chunk's
+    normals, or zeros (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the
+    ``+0`` the update without noise adds)."""
     a = chunks[c, START]
     n = chunks[c, LENGTH]
     k = coefficients[chunks[c, SEGMENT]]
-    if scaled:
-        scale_if_writable(g[a : a + n], factor)
     if k[STD] != like(0.0, k[STD]):
         tile, skip = chunk_normals(chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
         return a, a + n, k, tile[skip : skip + n]
@@ -637,21 +668,21 @@ def _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_h
 
 
 @njit(error_model="numpy")
-def _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                  step_lo, step_hi, key0, key1):
     if present[chunks[c, SEGMENT]]:
-        a, b, k, noise = _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1)
-        traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, u_lo, inv_range)
+        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1)
+        traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, factor, u_lo, inv_range)
 
 
 @njit(error_model="numpy")
-def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                         u_hi, mode, step_lo, step_hi, key0, key1):
     if present[chunks[c, SEGMENT]]:
-        a, b, k, noise = _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1)
+        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1)
         moments_none = (mode & MOMENTS_NONE) != 0
         family_traces_and_update(p[a:b], g[a:b], u[a:b], m if moments_none else m[a:b],
-                                 v if moments_none else v[a:b], noise, k, u_lo, inv_range, u_hi, moments_none,
+                                 v if moments_none else v[a:b], noise, k, factor, u_lo, inv_range, u_hi, moments_none,
                                  (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
 
 
@@ -708,48 +739,49 @@ def pass1_parallel(g, p, u, m, v, chunks, present, coefficients, factor, moments
 
 
 @njit(cache=True, error_model="numpy")
-def pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                  step_lo, step_hi, key0, key1):
-    """Pass 2 over every chunk of a present segment (production member): ``g <- f g`` (when
-    ``scaled``), pass 1's traces again, written, and the update with the normals generated
-    per chunk; one thread. Segments with ``std == 0`` draw nothing.
+    """Pass 2 over every chunk of a present segment (production member): ``f g`` (written back
+    when ``g`` is writable: the kernel is handed a read-only ``g`` when ``f = 1``), pass 1's
+    traces again, written, and the update with the normals generated per chunk; one thread.
+    Segments with ``std == 0`` draw nothing.
 
-    Bytes per element: reads g, p, u, m, v; writes u, m, v, p (+ g when scaled).
+    Bytes per element: reads g, p, u, m, v; writes u, m, v, p (+ g when f != 1).
     """
     for c in range(chunks.shape[0]):
-        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                    step_lo, step_hi, key0, key1):
     """:func:`pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, error_model="numpy")
-def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                         u_hi, mode, step_lo, step_hi, key0, key1):
     """Pass 2 of any family member (``mode``: OR of :data:`MOMENTS_NONE`,
     :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`; the ``LR`` column holds ``update_factor lr``,
     ``DECAY`` ``1 - lr wd``); one thread. The production member runs :func:`pass2_serial`.
 
-    Bytes per element: reads g, p, u (+ m, v); writes u (+ m, v), p (+ g when scaled).
+    Bytes per element: reads g, p, u (+ m, v); writes u (+ m, v), p (+ g when f != 1).
     """
     for c in range(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
+        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
                             inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                           u_hi, mode, step_lo, step_hi, key0, key1):
     """:func:`family_pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
+        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
                             inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
