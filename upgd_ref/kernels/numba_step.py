@@ -98,6 +98,7 @@ __all__ = [
 
 LANES = 64  # independent accumulators per reduction (SIMD-friendly, fixed summation order)
 _BLOCK = 4 * LANES  # elements combined in registers per update of the lane accumulators
+_TILE = 4 * _BLOCK  # pass 1's tiles: 4 KiB each in float32 (all four in L1), whole blocks
 
 @intrinsic
 def like(typingctx, value, example):
@@ -489,19 +490,21 @@ def utility_check(g, factor, p, u, k, gt, ut, pt, dt):
 
 @njit(error_model="numpy")
 def add_lane_sums(x, sums, squares):
-    """Adds ``x``, one block of ``_BLOCK`` elements or a chunk's shorter tail (starting at a
-    multiple of ``_BLOCK``), to the float64 lane accumulators of :func:`lane_sums`."""
-    if x.size == _BLOCK:
+    """Adds ``x`` (whole blocks of ``_BLOCK`` elements, then a tail; its first element at a
+    multiple of ``_BLOCK`` of the chunk) to the float64 lane accumulators of :func:`lane_sums`."""
+    blocks = x.size // _BLOCK
+    for r in range(blocks):
+        rows = x[r * _BLOCK : (r + 1) * _BLOCK]
         for lane in range(LANES):
-            w0, w1 = np.float64(x[lane]), np.float64(x[lane + LANES])
-            w2, w3 = np.float64(x[lane + 2 * LANES]), np.float64(x[lane + 3 * LANES])
+            w0, w1 = np.float64(rows[lane]), np.float64(rows[lane + LANES])
+            w2, w3 = np.float64(rows[lane + 2 * LANES]), np.float64(rows[lane + 3 * LANES])
             sums[lane] += (w0 + w1) + (w2 + w3)
             squares[lane] += (w0 * w0 + w1 * w1) + (w2 * w2 + w3 * w3)
-    else:
-        for j in range(x.size):
-            w = np.float64(x[j])
-            sums[j % LANES] += w
-            squares[j % LANES] += w * w
+    tail = x[blocks * _BLOCK :]
+    for j in range(tail.size):
+        w = np.float64(tail[j])
+        sums[j % LANES] += w
+        squares[j % LANES] += w * w
 
 
 @njit(error_model="numpy")
@@ -524,28 +527,29 @@ def lane_sums(x):
     """
     sums = np.zeros(LANES)
     squares = np.zeros(LANES)
-    for start in range(0, x.size, _BLOCK):
-        add_lane_sums(x[start : start + _BLOCK], sums, squares)
+    add_lane_sums(x, sums, squares)
     return lane_totals(sums, squares)
 
 
 @njit(error_model="numpy")
 def fold_lane_extrema(x, lows, highs):
-    """Folds ``x`` (a block or a tail, as in :func:`add_lane_sums`) into the lane minima
-    ``lows`` and maxima ``highs`` (element ``j`` of the block in lane ``j % LANES``; exact, so
+    """Folds ``x`` (blocks then a tail, as in :func:`add_lane_sums`) into the lane minima
+    ``lows`` and maxima ``highs`` (element ``j`` of a block in lane ``j % LANES``; exact, so
     only NaN could tell orders apart, and the order is fixed)."""
-    if x.size == _BLOCK:
+    blocks = x.size // _BLOCK
+    for r in range(blocks):
+        rows = x[r * _BLOCK : (r + 1) * _BLOCK]
         for lane in range(LANES):
-            w0, w1, w2, w3 = x[lane], x[lane + LANES], x[lane + 2 * LANES], x[lane + 3 * LANES]
+            w0, w1, w2, w3 = rows[lane], rows[lane + LANES], rows[lane + 2 * LANES], rows[lane + 3 * LANES]
             low = min(min(w0, w1), min(w2, w3))
             high = max(max(w0, w1), max(w2, w3))
             lows[lane] = low if low < lows[lane] else lows[lane]
             highs[lane] = high if high > highs[lane] else highs[lane]
-    else:
-        for j in range(x.size):
-            w = x[j]
-            lows[j % LANES] = min(lows[j % LANES], w)
-            highs[j % LANES] = max(highs[j % LANES], w)
+    tail = x[blocks * _BLOCK :]
+    for j in range(tail.size):
+        w = tail[j]
+        lows[j % LANES] = min(lows[j % LANES], w)
+        highs[j % LANES] = max(highs[j % LANES], w)
 
 
 @njit(error_model="numpy")
@@ -615,22 +619,22 @@ def family_traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range, u
 
 @njit(error_model="numpy")
 def _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
-    """Pass 1 of chunk ``c``, one block of ``_BLOCK`` elements at a time: the block's ``f g``,
-    new ``u``, ``|p|`` and marked ``|d|`` into four block-sized tiles (L1-resident), folded at
-    once into the chunk's lane accumulators (the lane orders of :func:`lane_sums` and
+    """Pass 1 of chunk ``c``, one tile of ``_TILE`` elements at a time: the tile's ``f g``, new
+    ``u``, ``|p|`` and marked ``|d|`` into four tiles (16 KiB in float32: L1-resident), folded
+    at once into the chunk's lane accumulators (the lane orders of :func:`lane_sums` and
     :func:`fold_lane_extrema`, so the chunk's partials are the same bits as from chunk-sized
     tiles); every input is read once."""
     if present[chunks[c, SEGMENT]]:
         a = chunks[c, START]
         n = chunks[c, LENGTH]
         k = coefficients[chunks[c, SEGMENT]]
-        tiles = np.empty((4, min(n, _BLOCK)), p.dtype)
+        tiles = np.empty((4, min(n, _TILE)), p.dtype)
         gt, ut, pt, dt = tiles[0], tiles[1], tiles[2], tiles[3]
         sums, squares = np.zeros(LANES), np.zeros(LANES)
         lanes = np.empty((6, LANES), p.dtype)  # low, high of u, |p|, |d|, from each's first element
         bad = 0
-        for start in range(0, n, _BLOCK):
-            size = min(_BLOCK, n - start)
+        for start in range(0, n, _TILE):
+            size = min(_TILE, n - start)
             i, j = a + start, a + start + size
             if moments_none:
                 utility_check(g[i:j], factor, p[i:j], u[i:j], k, gt[:size], ut[:size], pt[:size], dt[:size])
