@@ -29,7 +29,9 @@ TORCH_ROWS = ["torch fused Adam", "torch.randn (same count)",
 def test_bench_measures_every_row_and_ratio():
     result = bench.run_benchmark(sizes=[3000], dtypes=["float32", "float64"], repeats=2, baselines=[production])
     assert [r["name"] for r in result["rows"]] == (NUMPY_ROWS + TORCH_ROWS) * 2
-    assert all(r["seconds"] > 0 and math.isfinite(r["ns_per_param"]) and r["repeats"] == 2 for r in result["rows"])
+    # a row whose warm-up call took longer than SLOW_CALL_SECONDS (a loaded machine) gets MIN_SLOW_REPEATS
+    assert all(r["seconds"] > 0 and math.isfinite(r["ns_per_param"]) and r["repeats"] in (2, bench.MIN_SLOW_REPEATS)
+               for r in result["rows"])
     assert result["config"]["torch"] == torch.__version__
     assert result["baselines"] == [{"name": production.NAME, "file": str(PRODUCTION_FILE),
                                      "versions": {"torch": torch.__version__}, "available": True, "reason": None}]
