@@ -18,6 +18,7 @@ import numpy as np
 
 from upgd_ref.bench import Case
 from upgd_ref.hyperparams import UPGD_DEFAULTS, VGS_DEFAULTS
+from upgd_ref.traffic import fused_adam_bytes
 
 NAME = "PyTorch (fused Adam, torch.randn, the production per-tensor loop)"
 
@@ -124,8 +125,9 @@ def cases(layout, rng: np.random.Generator, step_hyper: dict, vgs_hyper: dict) -
 
     normals = torch.empty(n, dtype=dtype)
     return [
-        Case("torch fused Adam", adam.step),
-        Case("torch.randn (same count)", lambda: torch.randn(n, dtype=dtype, out=normals)),
+        Case("torch fused Adam", adam.step, bytes_per_param=fused_adam_bytes(layout.dtype)),
+        Case("torch.randn (same count)", lambda: torch.randn(n, dtype=dtype, out=normals),
+             bytes_per_param=layout.dtype.itemsize),
         Case("torch per-tensor loop (production: VGS + adaptive noise)",
              lambda: torch_production_step(torch, prod_params, states, vgs, hyper), restore),
     ]

@@ -10,10 +10,10 @@ after one untimed warm-up call, all in one process:
 * cupy full step: VGS + adaptive noise, ``opt.step(..., vgs=scaler)``;
 * cupy noise alone: ``upgd_ref.noise(..., out=buffer)``.
 
-A step's bandwidth is its compulsory traffic over its time: 56 B per float32 parameter
-without VGS scaling (pass 1 reads ``g, p, u, m, v`` and writes nothing; pass 2 reads ``g,
-p, u, m, v`` and writes ``u, m, v, p``), 60 B with it (pass 2 writes ``g`` back); twice that
-in float64.
+A step's bandwidth is its compulsory traffic over its time (``upgd_ref.traffic``, the table
+of ``specs/kernels.md`` §5): 56 B per float32 parameter without VGS scaling (pass 1 reads
+``g, p, u, m, v`` and writes nothing; pass 2 reads ``g, p, u, m, v`` and writes ``u, m, v,
+p``), 60 B with it (pass 2 writes ``g`` back); twice that in float64.
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from __future__ import annotations
 import statistics
 
 from .layout import FlatLayout
+from .traffic import copy_bytes, step_traffic
 
-__all__ = ["run_cuda_benchmark", "format_cuda_report", "STEP_BYTES", "CUDA_TARGETS", "DEFAULT_CUDA_SIZES"]
+__all__ = ["run_cuda_benchmark", "format_cuda_report", "CUDA_TARGETS", "DEFAULT_CUDA_SIZES"]
 
 DEFAULT_CUDA_SIZES = (1_000_000, 100_000_000, 1_000_000_000)
-#: Bytes per parameter (in units of the dtype's size): pass 1 5 (read-only, the finiteness
-#: checks included), pass 2 9 (10 when VGS scales, writing g back).
-STEP_BYTES = {"noise-free step": 14, "full step": 15, "noise alone": 1}
 #: Targets at >= 100M float32 parameters: noise-free step bandwidth / copy bandwidth, full /
 #: noise-free time.
 CUDA_TARGETS = {"noise_free_bandwidth_over_copy": (">=", 0.70), "full_over_noise_free": ("<=", 1.3)}
@@ -66,23 +64,24 @@ def _rows_for(cupy, size: int, dtype: str, segments: int, repeats: int, progress
 
     progress(f"bench cupy: {size:,} {dtype}: copy")
     source = cupy.empty_like(params)
-    add("device-to-device copy", _timer(cupy, lambda: cupy.copyto(source, params), repeats), 2 * size * itemsize)
+    add("device-to-device copy", _timer(cupy, lambda: cupy.copyto(source, params), repeats),
+        copy_bytes(size * itemsize))
 
     progress(f"bench cupy: {size:,} {dtype}: noise-free step")
     quiet = upgd_ref.AdaptiveUPGD(layout, lr=1e-3, sigma=0.0, backend="cupy")
     add("noise-free step", _timer(cupy, lambda: quiet.step(params, grads), repeats),
-        STEP_BYTES["noise-free step"] * size * itemsize)
+        step_traffic("AdaptiveUPGD", dtype).total * size)
 
     progress(f"bench cupy: {size:,} {dtype}: full step")
     full = upgd_ref.AdaptiveUPGD(layout, lr=1e-3, sigma=0.01, adaptive_noise=True, backend="cupy")
     scaler = upgd_ref.VarianceGradientScaler(layout, warmup_steps=0, backend="cupy")
     add("full step", _timer(cupy, lambda: full.step(params, grads, vgs=scaler), repeats),
-        STEP_BYTES["full step"] * size * itemsize)
+        step_traffic("AdaptiveUPGD", dtype, vgs=True).total * size)
 
     progress(f"bench cupy: {size:,} {dtype}: noise alone")
     out = cupy.empty(layout.size, dtype=layout.dtype)
     add("noise alone", _timer(cupy, lambda: upgd_ref.noise(layout, 1, 1, out=out), repeats),
-        STEP_BYTES["noise alone"] * size * itemsize)
+        size * itemsize)
     return rows
 
 

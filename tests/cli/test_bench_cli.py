@@ -10,6 +10,7 @@ import pytest
 
 from upgd_ref import bench
 from upgd_ref.cli import main
+from upgd_ref.traffic import step_traffic
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = '''
@@ -36,7 +37,7 @@ def test_a_checkout_finds_the_production_torch_baseline():
 
 def test_bench_times_a_baseline_file(tmp_path, capsys):
     path, out = _baseline(tmp_path), tmp_path / "bench.json"
-    assert main(["bench", "--sizes", "1k", "--dtypes", "float64", "--repeats", "1", "--quiet",
+    assert main(["bench", "--sizes", "1k", "--dtypes", "float64", "--repeats", "1", "--quiet", "--scaling", "",
                  "--baseline", str(path), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r["name"] for r in result["rows"]][-1] == "fake copy"
@@ -46,7 +47,7 @@ def test_bench_times_a_baseline_file(tmp_path, capsys):
 
 def test_a_missing_framework_is_reported_not_run(tmp_path, capsys):
     path = _baseline(tmp_path, "no_such_framework_xyz")
-    assert main(["bench", "--sizes", "1k", "--dtypes", "float64", "--repeats", "1", "--quiet",
+    assert main(["bench", "--sizes", "1k", "--dtypes", "float64", "--repeats", "1", "--quiet", "--scaling", "",
                  "--baseline", str(path)]) == 0
     text = capsys.readouterr().out
     assert "baseline fake framework: unavailable, no_such_framework_xyz is not installed" in text
@@ -66,7 +67,7 @@ def test_bad_baseline_files(tmp_path, capsys):
     incomplete.write_text("NAME = 'x'\n")
     with pytest.raises(ValueError, match="lacks setup, cases"):
         bench.load_baseline(incomplete)
-    assert main(["bench", "--sizes", "1k", "--baseline", str(tmp_path / "none.py")]) == 2
+    assert main(["bench", "--sizes", "1k", "--scaling", "", "--baseline", str(tmp_path / "none.py")]) == 2
     assert "no such baseline file" in capsys.readouterr().err
 
 
@@ -74,8 +75,48 @@ def test_16bit_rows(capsys):
     """``--dtypes float16,bfloat16``: the numba rows of a 16-bit step (widened to float32,
     rounded back) and the stochastic-rounding row; no framework baselines for them."""
     assert main(["bench", "--sizes", "4096", "--dtypes", "float16,bfloat16", "--repeats", "1", "--quiet",
-                 "--no-torch"]) == 0
+                 "--scaling", "", "--no-torch"]) == 0
     text = capsys.readouterr().out
     for dtype in ("float16", "bfloat16"):
         rows = [line for line in text.splitlines() if f" {dtype} " in line]
         assert any("numba full step" in r for r in rows) and any("stochastic rounding" in r for r in rows)
+
+
+def test_rows_carry_bytes_bandwidth_and_the_copy_share(tmp_path, capsys):
+    """Bytes per parameter from ``upgd_ref.traffic`` (the spec's table), GB/s = bytes / time,
+    % copy = GB/s over the copy's GB/s at the same size; the scaling table likewise."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "4k", "--dtypes", "float32,float64", "--repeats", "1", "--quiet", "--no-torch",
+                 "--scaling", "4k,8k", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    expected = {bench.FULL_STEP: lambda d: step_traffic("AdaptiveUPGD", d, vgs=True).total,
+                bench.NOISE_FREE: lambda d: step_traffic("AdaptiveUPGD", d).total,
+                bench.NOISY: lambda d: step_traffic("AdaptiveUPGD", d).total,
+                bench.NOISE: lambda d: {"float32": 4, "float64": 8}[d],
+                bench.COPY: lambda d: step_traffic("AdaptiveUPGD", d, vgs=True).total}
+    for rows in (result["rows"], result["scaling"]):
+        copies = {(r["size"], r["dtype"]): r["gb_per_second"] for r in rows if r["name"] == bench.COPY}
+        for r in rows:
+            if r["name"] not in expected:  # the NumPy reference: bytes not modelled
+                assert r["bytes_per_param"] is None and r["gb_per_second"] is None and r["percent_of_copy"] is None
+                continue
+            assert r["bytes_per_param"] == expected[r["name"]](r["dtype"])
+            assert r["gb_per_second"] == pytest.approx(r["bytes_per_param"] * r["size"] / r["seconds"] / 1e9)
+            assert r["percent_of_copy"] == pytest.approx(100 * r["gb_per_second"] / copies[r["size"], r["dtype"]])
+    assert [(r["size"], r["name"]) for r in result["scaling"]] == [
+        (size, name) for size in (4000, 8000) for name in (bench.FULL_STEP, bench.NOISE_FREE, bench.COPY)]
+    ratios = {(e["size"], e["dtype"]): e for e in result["ratios"]}
+    seconds = {(r["dtype"], r["name"]): r["seconds"] for r in result["rows"]}
+    for dtype in ("float32", "float64"):
+        entry = ratios[4000, dtype]
+        assert entry["full_step_over_noise_free_step"] == pytest.approx(
+            seconds[dtype, bench.FULL_STEP] / seconds[dtype, bench.NOISE_FREE])
+        assert entry["noise_in_step_over_noise_alone"] == pytest.approx(
+            (seconds[dtype, bench.NOISY] - seconds[dtype, bench.NOISE_FREE]) / seconds[dtype, bench.NOISE])
+    header = next(line for line in text.splitlines() if "ns/param" in line)
+    assert all(column in header for column in ("B/param", "GB/s", "% copy"))
+    assert "scaling (float32" in text
+    full = next(r for r in result["rows"] if r["name"] == bench.FULL_STEP and r["dtype"] == "float32")
+    line = next(line for line in text.splitlines() if bench.FULL_STEP in line and " float32 " in line)
+    assert f"{full['gb_per_second']:7.1f}" in line and f"{full['percent_of_copy']:7.0f}" in line

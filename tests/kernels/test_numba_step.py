@@ -160,7 +160,7 @@ def test_skipping_the_noise_of_a_zero_std_changes_nothing(dtype):
     results = []
     for normals in (data.standard_normal(n).astype(dtype), np.zeros(n, dtype)):  # drawn, or nothing drawn
         p, state = params.copy(), [x.copy() for x in (u, m, v)]
-        traces_and_update(p, grads, *state, normals, coefficients, dtype(-1.5), dtype(0.4))
+        traces_and_update(p, grads, *state, normals, coefficients, dtype(1), dtype(-1.5), dtype(0.4))
         results.append((p, *state))
     assert all(np.array_equal(a, b) for a, b in zip(*results))
 

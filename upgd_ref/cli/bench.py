@@ -56,7 +56,9 @@ def run(args) -> int:
         else:
             result = bench.run_benchmark(args.sizes or bench.DEFAULT_SIZES, args.dtypes or bench.DEFAULT_DTYPES,
                                          args.threads, args.segments, args.repeats, baselines=_baselines(args),
-                                         cold_jit=args.cold_jit, progress=progress)
+                                         cold_jit=args.cold_jit, progress=progress,
+                                         scaling_sizes=bench.DEFAULT_SCALING_SIZES if args.scaling is None
+                                         else args.scaling)
             report = bench.format_report(result)
     except (ImportError, RuntimeError, ValueError, FileNotFoundError) as exc:
         progress.done()
@@ -83,6 +85,10 @@ def register(subparsers) -> None:
     parser.add_argument("--sizes", type=sizes, default=None,
                         help="comma-separated parameter counts, e.g. 1M,10M (default; 1M,100M,1B with "
                              "--backend cupy) or 4096")
+    parser.add_argument("--scaling", type=sizes, default=None, metavar="SIZES",
+                        help="sizes of the scaling table (float32 full and noise-free steps and a copy; default "
+                             + ",".join(bench.size_label(n) for n in bench.DEFAULT_SCALING_SIZES)
+                             + "; an empty string for none)")
     parser.add_argument("--dtypes", type=dtypes, default=None,
                         help="comma-separated, from float32,float64,float16,bfloat16 (default float32,float64; float32 "
                              "with --backend cupy; 16-bit: specs/precision.md)")

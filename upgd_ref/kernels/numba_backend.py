@@ -150,11 +150,11 @@ class NumbaBackend:
         coefficients, inv_range = update_tables(plan, hyper, layout.dtype, variant)
         words = (*_split_u64(plan.step), *_split_u64(seed))
         factor = layout.dtype.type(vgs_factor)
-        scaled = bool(factor != 1)
-        # g <- f g is written only when scaled (then grads is writable, and the kernels write it)
-        g = grads if scaled else _read_only(grads)
+        # g <- f g is written, in the read of pass 2, only when f != 1 (then grads is writable);
+        # a read-only view selects the kernel version that never writes g
+        g = grads if factor != 1 else _read_only(grads)
         common = (params, g, state.utility, state.first_moment, state.second_moment, table, flags,
-                  coefficients, factor, scaled, plan.utility_min, inv_range)
+                  coefficients, factor, plan.utility_min, inv_range)
         if variant == ref.PRODUCTION:
             self._pick(layout, k.pass2_serial, k.pass2_parallel)(*common, *words)
         else:

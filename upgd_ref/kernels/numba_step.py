@@ -90,6 +90,7 @@ __all__ = [
 
 LANES = 64  # independent accumulators per reduction (SIMD-friendly, fixed summation order)
 _BLOCK = 4 * LANES  # elements combined in registers per update of the lane accumulators
+_TILE = 4 * _BLOCK  # pass 1's tiles: 4 KiB each in float32 (all four in L1), whole blocks
 
 @intrinsic
 def like(typingctx, value, example):
@@ -228,16 +229,20 @@ def scale_in_place(g, factor):
         g[j] = g[j] * factor
 
 
-def scale_if_writable(g, factor):
-    """``g <- factor g`` when ``g`` is writable; nothing for a read-only ``g`` (pass 2 gets a
+def store_if_writable(g, j, value):
+    """``g[j] <- value`` when ``g`` is writable; nothing for a read-only ``g`` (pass 2 gets a
     read-only gradient exactly when it does not scale), chosen when the kernel is typed."""
 
 
-@overload(scale_if_writable)
-def _scale_if_writable(g, factor):
+@overload(store_if_writable, inline="always")
+def _store_if_writable(g, j, value):
     if not g.mutable:
-        return lambda g, factor: None
-    return lambda g, factor: scale_in_place(g, factor)
+        return lambda g, j, value: None
+
+    def store(g, j, value):
+        g[j] = value
+
+    return store
 
 
 @njit(inline="always")
@@ -294,15 +299,9 @@ def utility_check(g, factor, p, u, k, gt, ut, pt, dt):
 
 
 @njit(error_model="numpy")
-def lane_sums(x):
-    """``(sum x, sum x^2)`` in float64, in a fixed order that SIMD can run.
-
-    Element ``j`` goes to lane ``j % LANES``; four rows of ``LANES`` elements are added in
-    registers before they meet the lane accumulators; at the end the lanes are added in
-    order. (A plain running sum cannot be vectorised without reassociation, i.e. fastmath.)
-    """
-    sums = np.zeros(LANES)
-    squares = np.zeros(LANES)
+def add_lane_sums(x, sums, squares):
+    """Adds ``x`` (whole blocks of ``_BLOCK`` elements, then a tail; its first element at a
+    multiple of ``_BLOCK`` of the chunk) to the float64 lane accumulators of :func:`lane_sums`."""
     blocks = x.size // _BLOCK
     for r in range(blocks):
         rows = x[r * _BLOCK : (r + 1) * _BLOCK]
@@ -316,6 +315,11 @@ def lane_sums(x):
         w = np.float64(tail[j])
         sums[j % LANES] += w
         squares[j % LANES] += w * w
+
+
+@njit(error_model="numpy")
+def lane_totals(sums, squares):
+    """The lanes of :func:`add_lane_sums` added in lane order: ``(sum x, sum x^2)``."""
     total, total_sq = 0.0, 0.0
     for lane in range(LANES):
         total += sums[lane]
@@ -324,10 +328,24 @@ def lane_sums(x):
 
 
 @njit(error_model="numpy")
-def lane_extrema(x):
-    """``(min x, max x)`` (exact) as float64, lane-wise like :func:`lane_sums`, in ``x``'s dtype."""
-    lows = np.full(LANES, x[0])
-    highs = np.full(LANES, x[0])
+def lane_sums(x):
+    """``(sum x, sum x^2)`` in float64, in a fixed order that SIMD can run.
+
+    Element ``j`` goes to lane ``j % LANES``; four rows of ``LANES`` elements are added in
+    registers before they meet the lane accumulators; at the end the lanes are added in
+    order. (A plain running sum cannot be vectorised without reassociation, i.e. fastmath.)
+    """
+    sums = np.zeros(LANES)
+    squares = np.zeros(LANES)
+    add_lane_sums(x, sums, squares)
+    return lane_totals(sums, squares)
+
+
+@njit(error_model="numpy")
+def fold_lane_extrema(x, lows, highs):
+    """Folds ``x`` (blocks then a tail, as in :func:`add_lane_sums`) into the lane minima
+    ``lows`` and maxima ``highs`` (element ``j`` of a block in lane ``j % LANES``; exact, so
+    only NaN could tell orders apart, and the order is fixed)."""
     blocks = x.size // _BLOCK
     for r in range(blocks):
         rows = x[r * _BLOCK : (r + 1) * _BLOCK]
@@ -342,7 +360,6 @@ def lane_extrema(x):
         w = tail[j]
         lows[j % LANES] = min(lows[j % LANES], w)
         highs[j % LANES] = max(highs[j % LANES], w)
-    return np.float64(lows.min()), np.float64(highs.max())
 
 
 @njit(error_model="numpy")
@@ -356,17 +373,21 @@ def count_nonfinite(x):
 
 
 @njit(error_model="numpy")
-def traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range):
-    """Pass 2 of one chunk (production): pass 1's ``u``, ``m``, ``v`` of ``g`` (already ``f g``)
-    again — the same operations, so the same bits — written once, then ``p`` from them with
-    ``std * noise`` (``noise``: the chunk's normals, or zeros when nothing is drawn). One
-    branch-free loop, so LLVM vectorises it."""
+def traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range):
+    """Pass 2 of one chunk (production): ``f g`` formed as it is read (and written back when
+    ``g`` is writable, i.e. when scaled: ``g * 1`` is ``g``, bit for bit), pass 1's ``u``,
+    ``m``, ``v`` of it again — the same operations, so the same bits — written once, then
+    ``p`` from them with ``std * noise`` (``noise``: the chunk's normals, or zeros when
+    nothing is drawn). One branch-free loop, so LLVM vectorises it: every buffer is read
+    once and written once."""
     beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
     beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
     decay, lr, eps, std = k[DECAY], k[LR], k[EPS], k[STD]
     inv_cu, inv_bc1, inv_bc2 = k[INV_CU], k[INV_BC1], k[INV_BC2]
     for j in range(p.size):
-        u1, m1, v1 = traces(g[j], p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
+        gs = g[j] * factor
+        store_if_writable(g, j, gs)
+        u1, m1, v1 = traces(gs, p[j], u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
                             one_minus_beta2)
         u[j] = u1
         m[j] = m1
@@ -376,8 +397,8 @@ def traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range):
 
 
 @njit(error_model="numpy")
-def family_traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range, u_hi, moments_none, protection_max,
-                             noise_terms):
+def family_traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range, u_hi, moments_none,
+                             protection_max, noise_terms):
     """:func:`traces_and_update` of any family member (``m``, ``v`` neither read nor written
     without moments)."""
     beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
@@ -386,7 +407,8 @@ def family_traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range, u_hi, mom
     inv_cu, inv_bc1, inv_bc2 = k[INV_CU], k[INV_BC1], k[INV_BC2]
     zero = like(0.0, step)
     for j in range(p.size):
-        gs = g[j]
+        gs = g[j] * factor
+        store_if_writable(g, j, gs)
         pj = p[j]
         if moments_none:
             u1 = ema(beta_u, u[j], one_minus_beta_u, -gs * pj)
@@ -406,40 +428,53 @@ def family_traces_and_update(p, g, u, m, v, noise, k, u_lo, inv_range, u_hi, mom
 
 
 @njit(error_model="numpy")
-def _check_reductions(c, gt, ut, pt, dt, partial):
-    partial[c, SUM], partial[c, SUM_SQ] = lane_sums(gt)
-    partial[c, MIN_U], partial[c, MAX_U] = lane_extrema(ut)
-    partial[c, MAX_P] = lane_extrema(pt)[1]
-    partial[c, MAX_D] = lane_extrema(dt)[1]
-    partial[c, BAD] = count_nonfinite(dt)
-
-
-@njit(error_model="numpy")
 def _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
+    """Pass 1 of chunk ``c``, one tile of ``_TILE`` elements at a time: the tile's ``f g``, new
+    ``u``, ``|p|`` and marked ``|d|`` into four tiles (16 KiB in float32: L1-resident), folded
+    at once into the chunk's lane accumulators (the lane orders of :func:`lane_sums` and
+    :func:`fold_lane_extrema`, so the chunk's partials are the same bits as from chunk-sized
+    tiles); every input is read once."""
     if present[chunks[c, SEGMENT]]:
         a = chunks[c, START]
         n = chunks[c, LENGTH]
-        b = a + n
         k = coefficients[chunks[c, SEGMENT]]
-        gt, ut, pt, dt = np.empty(n, p.dtype), np.empty(n, p.dtype), np.empty(n, p.dtype), np.empty(n, p.dtype)
-        if moments_none:
-            utility_check(g[a:b], factor, p[a:b], u[a:b], k, gt, ut, pt, dt)
-        else:
-            traces_check(g[a:b], factor, p[a:b], u[a:b], m[a:b], v[a:b], k, gt, ut, pt, dt)
-        _check_reductions(c, gt, ut, pt, dt, partial)
+        tiles = np.empty((4, min(n, _TILE)), p.dtype)
+        gt, ut, pt, dt = tiles[0], tiles[1], tiles[2], tiles[3]
+        sums, squares = np.zeros(LANES), np.zeros(LANES)
+        lanes = np.empty((6, LANES), p.dtype)  # low, high of u, |p|, |d|, from each's first element
+        bad = 0
+        for start in range(0, n, _TILE):
+            size = min(_TILE, n - start)
+            i, j = a + start, a + start + size
+            if moments_none:
+                utility_check(g[i:j], factor, p[i:j], u[i:j], k, gt[:size], ut[:size], pt[:size], dt[:size])
+            else:
+                traces_check(g[i:j], factor, p[i:j], u[i:j], m[i:j], v[i:j], k, gt[:size], ut[:size], pt[:size],
+                             dt[:size])
+            if start == 0:
+                for row in range(3):
+                    lanes[2 * row, :] = tiles[row + 1, 0]
+                    lanes[2 * row + 1, :] = tiles[row + 1, 0]
+            add_lane_sums(gt[:size], sums, squares)
+            fold_lane_extrema(ut[:size], lanes[0], lanes[1])
+            fold_lane_extrema(pt[:size], lanes[2], lanes[3])
+            fold_lane_extrema(dt[:size], lanes[4], lanes[5])
+            bad += count_nonfinite(dt[:size])
+        partial[c, SUM], partial[c, SUM_SQ] = lane_totals(sums, squares)
+        partial[c, MIN_U], partial[c, MAX_U] = np.float64(lanes[0].min()), np.float64(lanes[1].max())
+        partial[c, MAX_P] = np.float64(lanes[3].max())
+        partial[c, MAX_D] = np.float64(lanes[5].max())
+        partial[c, BAD] = bad
 
 
 @njit(error_model="numpy")
-def _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1):
-    """``(a, b, k, noise)`` of chunk ``c`` of a present segment, with ``g <- f g`` written (when
-    ``scaled``) before the update reads it back: ``noise`` holds the chunk's normals, or zeros
-    (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the ``+0`` the update
-    without noise adds)."""
+def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1):
+    """``(a, b, k, noise)`` of chunk ``c`` of a present segment: ``noise`` holds the chunk's
+    normals, or zeros (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the
+    ``+0`` the update without noise adds)."""
     a = chunks[c, START]
     n = chunks[c, LENGTH]
     k = coefficients[chunks[c, SEGMENT]]
-    if scaled:
-        scale_if_writable(g[a : a + n], factor)
     if k[STD] != like(0.0, k[STD]):
         tile, skip = chunk_normals(chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
         return a, a + n, k, tile[skip : skip + n]
@@ -447,21 +482,21 @@ def _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_h
 
 
 @njit(error_model="numpy")
-def _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                  step_lo, step_hi, key0, key1):
     if present[chunks[c, SEGMENT]]:
-        a, b, k, noise = _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1)
-        traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, u_lo, inv_range)
+        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1)
+        traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, factor, u_lo, inv_range)
 
 
 @njit(error_model="numpy")
-def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                         u_hi, mode, step_lo, step_hi, key0, key1):
     if present[chunks[c, SEGMENT]]:
-        a, b, k, noise = _pass2_inputs(c, chunks, p, g, coefficients, factor, scaled, step_lo, step_hi, key0, key1)
+        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1)
         moments_none = (mode & MOMENTS_NONE) != 0
         family_traces_and_update(p[a:b], g[a:b], u[a:b], m if moments_none else m[a:b],
-                                 v if moments_none else v[a:b], noise, k, u_lo, inv_range, u_hi, moments_none,
+                                 v if moments_none else v[a:b], noise, k, factor, u_lo, inv_range, u_hi, moments_none,
                                  (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
 
 
@@ -521,48 +556,49 @@ def pass1_parallel(g, p, u, m, v, chunks, present, coefficients, factor, moments
 
 
 @njit(cache=True, error_model="numpy")
-def pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                  step_lo, step_hi, key0, key1):
-    """Pass 2 over every chunk of a present segment (production member): ``g <- f g`` (when
-    ``scaled``), pass 1's traces again, written, and the update with the normals generated
-    per chunk; one thread. Segments with ``std == 0`` draw nothing.
+    """Pass 2 over every chunk of a present segment (production member): ``f g`` (written back
+    when ``g`` is writable: the kernel is handed a read-only ``g`` when ``f = 1``), pass 1's
+    traces again, written, and the update with the normals generated per chunk; one thread.
+    Segments with ``std == 0`` draw nothing.
 
-    Bytes per element: reads g, p, u, m, v; writes u, m, v, p (+ g when scaled).
+    Bytes per element: reads g, p, u, m, v; writes u, m, v, p (+ g when f != 1).
     """
     for c in range(chunks.shape[0]):
-        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                    step_lo, step_hi, key0, key1):
     """:func:`pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, error_model="numpy")
-def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                         u_hi, mode, step_lo, step_hi, key0, key1):
     """Pass 2 of any family member (``mode``: OR of :data:`MOMENTS_NONE`,
     :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`; the ``LR`` column holds ``update_factor lr``,
     ``DECAY`` ``1 - lr wd``); one thread. The production member runs :func:`pass2_serial`.
 
-    Bytes per element: reads g, p, u (+ m, v); writes u (+ m, v), p (+ g when scaled).
+    Bytes per element: reads g, p, u (+ m, v); writes u (+ m, v), p (+ g when f != 1).
     """
     for c in range(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
+        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
                             inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo, inv_range,
+def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                           u_hi, mode, step_lo, step_hi, key0, key1):
     """:func:`family_pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, scaled, u_lo,
+        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
                             inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
