@@ -161,6 +161,9 @@ class Partition:
         self.layout, self.world_size, self.bounds = layout, world_size, tuple(bounds)
         self.shards = tuple(Shard.of(layout, r, a, b) for r, (a, b) in enumerate(itertools.pairwise(bounds)))
 
+    #: Shards on chunk boundaries share no chunk (:class:`~upgd_ref.sharding_rows.RowPartition`'s may).
+    has_cuts = False
+
     def __repr__(self) -> str:
         return f"Partition({self.layout!r}, world_size={self.world_size}, bounds={list(self.bounds)})"
 
@@ -261,6 +264,18 @@ def _on_pieces(plan: StepPlan, shard: Shard) -> StepPlan:
     return plan._replace(segment_step=plan.segment_step[p], grad_norm_ema=plan.grad_norm_ema[p], std=plan.std[p])
 
 
+def _cut_chunk_sums(partition, fragments, impl, request: StepRequest, factor: float) -> np.ndarray:
+    """The partials rows of the chunks that several ranks share (a row partition's cut chunks),
+    assembled whole from every rank's gradient values: pass 1 on them (the lane order of an
+    unsharded chunk); only the two sums are used."""
+    cut, parents = partition.cut_layout, partition.cut_parents
+    present = np.asarray(request.present, dtype=np.bool_)[parents].tolist()
+    reductions = impl.first_pass(layout=cut, params=cut.zeros(), grads=partition.assemble_cut_chunks(fragments),
+                                 state=FlatUPGDState.zeros(cut, 0.0), present=present,
+                                 hyper=[request.hyper[i] for i in parents], vgs_factor=factor, variant=request.variant)
+    return np.stack(reductions, axis=1)
+
+
 def sharded_step(partition: Partition, rank: int, params, grads, state: ShardState, request: StepRequest, *,
                  all_gather: Callable[[np.ndarray], Sequence[np.ndarray]], vgs: VGSRequest | None = None,
                  backend="auto") -> StepStats:
@@ -271,7 +286,9 @@ def sharded_step(partition: Partition, rank: int, params, grads, state: ShardSta
     ones); ``request``: the full layout's :class:`~upgd_ref.step.StepRequest` (the same on
     every rank); ``vgs``: the full layout's :class:`~upgd_ref.step.VGSRequest` (replicated
     statistics). ``all_gather(rows)`` returns every rank's ``(P_r, 7)`` partials in rank
-    order (every rank calls it exactly once per step, also when the step is refused).
+    order (every rank calls it exactly once per step, also when the step is refused; twice for
+    a :class:`~upgd_ref.sharding_rows.RowPartition` with cut chunks: then also for the
+    gradient values of its cut pieces).
     """
     shard, layout = partition.shards[rank], partition.layout
     request = request.checked(layout.num_segments)
@@ -300,7 +317,13 @@ def sharded_step(partition: Partition, rank: int, params, grads, state: ShardSta
                                      variant=request.variant)
         rows = np.stack(reductions, axis=1)
     gathered = all_gather(rows)
-    reductions = combine_chunk_partials(layout, [s.parents for s in partition.shards], gathered)
+    if partition.has_cuts:  # the shared chunks' sums from their whole gradient, in global chunk order
+        fragments = all_gather(shard.cut_values(grads))
+        cut_rows = _cut_chunk_sums(partition, fragments, select_backend(backend, params), request, factor)
+        folded = partition.fold_rows(gathered, cut_rows)
+        reductions = combine_chunk_partials(layout, [folded[0]], [folded[1]])
+    else:
+        reductions = combine_chunk_partials(layout, [s.parents for s in partition.shards], gathered)
     plan = plan_step(layout.dtype, state, request.present, request.hyper, reductions, request.noise_norm)
     vgs_new = None if vgs is None else vgs_next(vgs.state, reductions, layout.sizes, request.present, vgs.beta)
     refused = refusal(layout.dtype, plan, reductions, request.hyper, request.present, request.variant, vgs_new)

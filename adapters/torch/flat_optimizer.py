@@ -22,7 +22,7 @@ from upgd_ref.step import noise as step_noise
 from .buffers import Bucket, check_tensors, deduplicate, on_stream, segment_views
 from .checkpoint import (core_state_dict, fill_adaptive_noise_defaults, production_state_dict, read_state_dict,
                          segment_snapshot)
-from .distributed import SHARD_KEY, refuse_sharded, sharded_record
+from .distributed import SHARD_KEY, check_shard_mode, fused_vgs, refuse_sharded, sharded_record
 from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
                           pair_value, split_pair, unsupported_options)
 from .state_views import StateSource, StateView
@@ -103,7 +103,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return groups
 
     def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile,
-               torch_options, nonfinite="raise", process_group=None) -> None:
+               torch_options, nonfinite="raise", process_group=None, shard_mode="zero1") -> None:
         """The constructor's common tail: torch.optim's options (:func:`~.conversions.torch_options`),
         the core's checks (types, finiteness) on the hyper-parameters, seed, noise norm and
         backend, then param groups and flat buffer."""
@@ -116,6 +116,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         seed = _draw_seed() if seed is None else check_seed(seed)
         check_noise_norm(noise_norm)
         nonfinite = check_nonfinite_policy(nonfinite)
+        self._shard_mode = check_shard_mode(process_group, shard_mode)
         self._built = False
         super().__init__(params, defaults)
         self._nonfinite = nonfinite
@@ -188,7 +189,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         else:
             emas = [h["noise_ema_init"] for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
             if sharded:
-                self._sharded = sharded_record(layout, self._process_group, emas, params[0].device)
+                self._sharded = sharded_record(layout, self._process_group, emas, params[0].device, self._shard_mode)
                 state = self._sharded.state
             else:
                 state = FlatUPGDState.zeros(layout, emas)
@@ -261,6 +262,22 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return self._sharded
 
     @property
+    def grad_shard(self) -> torch.Tensor:
+        """``shard_mode="zero2"``: this rank's range of the flat gradient (logical order, the
+        parameters in ``param_groups`` order), which the caller fills before each step, e.g.
+        ``dist.reduce_scatter(optimizer.grad_shard, list(flat.split(optimizer.sharding.sizes)))``."""
+        if self._sharded is None or self._sharded.grad_shard is None:
+            raise RuntimeError("grad_shard: only with process_group= and shard_mode='zero2'")
+        return self._sharded.grad_shard
+
+    def gather_params(self) -> None:
+        """``shard_mode="zero2"``: every rank's updated range all-gathered into the parameters
+        (a collective: every rank calls it), e.g. before the next forward pass."""
+        if self._sharded is None or self._sharded.grad_shard is None:
+            raise RuntimeError("gather_params(): only with process_group= and shard_mode='zero2'")
+        self._sharded.gather_params(self._bucket.param_flat)
+
+    @property
     def flat_state(self) -> FlatUPGDState:
         """The optimizer's state record (live: the buffers the steps update; on the
         parameters' device)."""
@@ -288,8 +305,10 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     # --- the step -----------------------------------------------------------------------
 
     @torch.compiler.disable  # the step runs outside autograd on NumPy buffers: a graph break
-    def step(self, closure=None):
-        """One step (``p.grad is None``: the parameter is skipped); returns the closure's loss."""
+    def step(self, closure=None, *, vgs=None):
+        """One step (``p.grad is None``: the parameter is skipped); returns the closure's loss.
+        ``vgs``: a ``VarianceGradientScaler`` over these parameters, fused into the step
+        (``shard_mode="zero2"`` only: in place of its ``scale_gradients()`` and ``step()``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -305,6 +324,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                                   variant=self._variant, nonfinite=self._nonfinite)
             flipped = [i for i, group in enumerate(g for g in self.param_groups for _ in g["params"])
                        if present[i] and maximize_flag(group)]
+            vgs_request = fused_vgs(vgs, self._layout, self._sharded, flipped)
             try:  # maximize: the step sees -g; negation is exact, so flipping back restores g bit for bit
                 bucket.negate_grads(flipped)
                 with named_errors(f"{type(self).__name__}.step", bucket.names), on_stream(bucket.device):
@@ -312,7 +332,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                         stats = upgd_step(self._layout, bucket.param_flat, bucket.grad_flat, self._state, request,
                                           backend=self._backend)
                     else:
-                        stats = self._sharded.run_step(bucket.param_flat, bucket.grad_flat, request, self._backend)
+                        stats = self._sharded.run_step(bucket.param_flat, bucket.grad_flat, request, self._backend,
+                                                       flipped=flipped, vgs=vgs_request)
             finally:
                 bucket.negate_grads(flipped)
             bucket.adopt_grads(copied)
