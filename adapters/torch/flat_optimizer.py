@@ -23,6 +23,7 @@ from .buffers import Bucket, check_tensors, deduplicate, on_stream, segment_view
 from .checkpoint import (core_state_dict, fill_adaptive_noise_defaults, production_state_dict, read_state_dict,
                          segment_snapshot)
 from .distributed import SHARD_KEY, check_shard_mode, fused_vgs, refuse_sharded, sharded_record
+from .dtensor import DTensorRecord, check_dtensors, has_dtensors
 from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
                           pair_value, split_pair, unsupported_options)
 from .state_views import StateSource, StateView
@@ -171,11 +172,13 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         class, so they are views of the one storage their pickled flat buffer became.
         """
         params, names = self._flat_params()
-        dtype = check_tensors(params, names, what=type(self).__name__, rehome=not unpickled)
+        dtensors = has_dtensors(params)  # FSDP2: each rank steps its rows (specs/distributed.md §2a)
+        dtype = (check_dtensors(params, names) if dtensors
+                 else check_tensors(params, names, what=type(self).__name__, rehome=not unpickled))
         group_ids = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
         layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[dtype], groups=group_ids)
         group_hypers = self._group_hypers(self.param_groups, self._noise_ema_init)
-        sharded = getattr(self, "_process_group", None) is not None
+        sharded = getattr(self, "_process_group", None) is not None or dtensors
         if sharded and self._state is not None:
             raise ValueError(f"{type(self).__name__} with a process_group: the parameters cannot change after "
                              "construction (the partition is fixed); build a new optimizer")
@@ -188,12 +191,15 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                 layout, step=self._state.step, noise_ema_init=self._noise_ema_init, segments=segments), layout)
         else:
             emas = [h["noise_ema_init"] for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
-            if sharded:
+            if dtensors:
+                self._sharded = DTensorRecord(layout, params, names, emas)
+                state = self._sharded.state
+            elif sharded:
                 self._sharded = sharded_record(layout, self._process_group, emas, params[0].device, self._shard_mode)
                 state = self._sharded.state
             else:
                 state = FlatUPGDState.zeros(layout, emas)
-        bucket = Bucket(params, layout, names)
+        bucket = self._sharded.bucket if dtensors else Bucket(params, layout, names)
         bucket.home()
         self._layout, self._state, self._bucket, self._used_groups = (
             layout, state, bucket, self._core_groups(group_hypers, self.param_groups))

@@ -11,17 +11,29 @@ CONFIGS = [(dtype, member, vgs) for dtype in ("float32", "float64") for member i
            for vgs in (False, True)]
 
 
+def make_params(dtype):
+    """The model's parameters (:data:`SHAPES`), the same on every rank."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=getattr(torch, dtype))) for s in SHAPES]
+
+
+def make_optimizer(member, params, **options):
+    """``member``'s torch optimizer over ``params`` with the tests' hyper-parameters."""
+    from upgd_ref.adapters import torch as upgd_torch
+
+    return getattr(upgd_torch, member)(params, lr=1e-2, sigma=1e-2, adaptive_noise=True, seed=2024,
+                                       backend="numba", **options)
+
+
 def build(config, group, **options):
     """``(params, optimizer, scaler or None)`` of ``config = (dtype, member, vgs)``, the same
     on every rank (``group``: the optimizer's process group, None for one process)."""
     from upgd_ref.adapters import torch as upgd_torch
 
     dtype, member, use_vgs = config
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=getattr(torch, dtype))) for s in SHAPES]
+    params = make_params(dtype)
     extra = {"process_group": group} if group is not None else {}
-    optimizer = getattr(upgd_torch, member)(params, lr=1e-2, sigma=1e-2, adaptive_noise=True, seed=2024,
-                                            backend="numba", **extra, **options)
+    optimizer = make_optimizer(member, params, **extra, **options)
     vgs = upgd_torch.VarianceGradientScaler(params, warmup_steps=2, beta=0.9) if use_vgs else None
     return params, optimizer, vgs
 
