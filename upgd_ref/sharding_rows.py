@@ -28,7 +28,7 @@ import numpy as np
 from .kernels.chunk_abi import CHUNK
 from .layout import FlatLayout
 
-__all__ = ["RowShard", "RowPartition", "dim0_ranges"]
+__all__ = ["RowPartition", "RowShard", "dim0_ranges"]
 
 #: The columns of a partials row that depend on the order of the elements (the two sums).
 SUM_COLUMNS = (0, 1)
@@ -81,7 +81,7 @@ class RowShard:
         local = None if not parents else FlatLayout(
             [(n,) for n in lengths], layout.dtype, groups=[layout.groups[i] for i in parents],
             noise_offsets=[layout.logical_offsets[i] + w for i, w in zip(parents, within)])
-        as_array = lambda values, dtype=np.int64: np.asarray(values, dtype=dtype)  # noqa: E731
+        as_array = lambda values, dtype=np.int64: np.asarray(values, dtype=dtype)
         return cls(layout, rank, as_array(parents), as_array(within), as_array(cut, np.bool_), local)
 
     @property

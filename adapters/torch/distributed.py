@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from upgd_ref.step import VGSRequest
 from upgd_ref.sharding import (
     PARTIAL_COLUMNS,
     Partition,
@@ -26,6 +25,7 @@ from upgd_ref.sharding import (
     consolidate_states,
     sharded_step,
 )
+from upgd_ref.step import VGSRequest
 
 #: The per-rank state dict's extra top-level key, and the version of its entry.
 SHARD_KEY = "upgd_ref_shard"
@@ -51,11 +51,11 @@ def check_shard_mode(process_group, shard_mode) -> str:
     return shard_mode
 
 
-def sharded_record(layout, group, noise_ema_init, device, shard_mode="zero1") -> ShardedRecord:
-    """The record of an optimizer built with ``process_group=group`` (CPU tensors, gloo)."""
-    if device.type != "cpu":
-        raise ValueError(f"process_group: sharded steps run on CPU tensors (gloo) for now, got {device}")
-    return ShardedRecord(layout, group, noise_ema_init, shard_mode=shard_mode)
+def zero2_record(sharded, what: str) -> ShardedRecord:
+    """``sharded`` when it is a ``shard_mode="zero2"`` record, else a ``RuntimeError`` naming ``what``."""
+    if sharded is None or sharded.grad_shard is None:
+        raise RuntimeError(f"{what}: only with process_group= and shard_mode='zero2'")
+    return sharded
 
 
 def fused_vgs(scaler, layout, sharded, flipped) -> VGSRequest | None:

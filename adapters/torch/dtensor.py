@@ -31,6 +31,18 @@ def _dtensor_type():
     return DTensor
 
 
+def sharded_record(layout, params, names, group, noise_ema_init, shard_mode) -> ShardedRecord:
+    """The record of a sharded optimizer: over DTensor parameters (the mesh's group), or built
+    with ``process_group=group`` (CPU tensors, gloo)."""
+    if has_dtensors(params):
+        if group is not None:  # the mesh's group is the one, and the gradients are already the rows
+            raise ValueError("DTensor parameters: pass no process_group (the device mesh's group is used)")
+        return DTensorRecord(layout, params, names, noise_ema_init)
+    if params[0].device.type != "cpu":
+        raise ValueError(f"process_group: sharded steps run on CPU tensors (gloo) for now, got {params[0].device}")
+    return ShardedRecord(layout, group, noise_ema_init, shard_mode=shard_mode)
+
+
 def has_dtensors(params) -> bool:
     """Whether any parameter is a ``DTensor`` (then every one must be, :func:`check_dtensors`)."""
     kind = _dtensor_type()
@@ -38,8 +50,8 @@ def has_dtensors(params) -> bool:
 
 
 def check_dtensors(params, names) -> torch.dtype:
-    """The parameters' dtype after checking they are CPU DTensors of one 1-D mesh, placed
-    ``Shard(0)`` with torch's ``chunk`` split, their local rows contiguous."""
+    """The parameters' dtype after checking they are CPU DTensors of one 1-D mesh and one
+    dtype, placed ``Shard(0)``, their local rows contiguous (the split: :func:`check_split`)."""
     from torch.distributed.tensor import DTensor, Shard
 
     meshes, dtypes = set(), set()

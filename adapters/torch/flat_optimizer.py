@@ -22,8 +22,8 @@ from upgd_ref.step import noise as step_noise
 from .buffers import Bucket, check_tensors, deduplicate, on_stream, segment_views
 from .checkpoint import (core_state_dict, fill_adaptive_noise_defaults, production_state_dict, read_state_dict,
                          segment_snapshot)
-from .distributed import SHARD_KEY, check_shard_mode, fused_vgs, refuse_sharded, sharded_record
-from .dtensor import DTensorRecord, check_dtensors, has_dtensors
+from .distributed import SHARD_KEY, check_shard_mode, fused_vgs, refuse_sharded, zero2_record
+from .dtensor import check_dtensors, has_dtensors, sharded_record
 from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
                           pair_value, split_pair, unsupported_options)
 from .state_views import StateSource, StateView
@@ -191,11 +191,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                 layout, step=self._state.step, noise_ema_init=self._noise_ema_init, segments=segments), layout)
         else:
             emas = [h["noise_ema_init"] for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
-            if dtensors:
-                self._sharded = DTensorRecord(layout, params, names, emas)
-                state = self._sharded.state
-            elif sharded:
-                self._sharded = sharded_record(layout, self._process_group, emas, params[0].device, self._shard_mode)
+            if sharded:
+                self._sharded = sharded_record(layout, params, names, self._process_group, emas, self._shard_mode)
                 state = self._sharded.state
             else:
                 state = FlatUPGDState.zeros(layout, emas)
@@ -269,19 +266,13 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
 
     @property
     def grad_shard(self) -> torch.Tensor:
-        """``shard_mode="zero2"``: this rank's range of the flat gradient (logical order, the
-        parameters in ``param_groups`` order), which the caller fills before each step, e.g.
-        ``dist.reduce_scatter(optimizer.grad_shard, list(flat.split(optimizer.sharding.sizes)))``."""
-        if self._sharded is None or self._sharded.grad_shard is None:
-            raise RuntimeError("grad_shard: only with process_group= and shard_mode='zero2'")
-        return self._sharded.grad_shard
+        """``shard_mode="zero2"``: this rank's range of the flat gradient (logical order), which
+        the caller fills before each step (``specs/adapters-torch.md`` §4.1)."""
+        return zero2_record(self._sharded, "grad_shard").grad_shard
 
     def gather_params(self) -> None:
-        """``shard_mode="zero2"``: every rank's updated range all-gathered into the parameters
-        (a collective: every rank calls it), e.g. before the next forward pass."""
-        if self._sharded is None or self._sharded.grad_shard is None:
-            raise RuntimeError("gather_params(): only with process_group= and shard_mode='zero2'")
-        self._sharded.gather_params(self._bucket.param_flat)
+        """``shard_mode="zero2"``: every rank's updated range all-gathered into the parameters (a collective)."""
+        zero2_record(self._sharded, "gather_params()").gather_params(self._bucket.param_flat)
 
     @property
     def flat_state(self) -> FlatUPGDState:

@@ -14,7 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .torch_runs import CONFIGS, bits, build, flat, make_optimizer, make_params, step_grads
+from .torch_runs import (
+    CONFIGS,
+    bits,
+    build,
+    flat,
+    make_optimizer,
+    make_params,
+    run_steps,
+    step_grads,
+)
 from .world import run_world
 
 pytest.importorskip("numba")  # the chunked kernels: sharded == single-process bit for bit
@@ -81,10 +90,7 @@ def _refusals(mesh):
 
 def _single(dtype, member):
     params, optimizer, _ = build((dtype, member, False), None)
-    for k in range(1, STEPS + 1):
-        for p, g in zip(params, step_grads(params, k)):
-            p.grad = g
-        optimizer.step()
+    run_steps(params, optimizer, None, 1, STEPS)
     return flat(params), bits(optimizer.state_dict())
 
 

@@ -16,7 +16,13 @@ import pytest
 from upgd_ref.kernels.chunk_abi import CHUNK
 from upgd_ref.sharding_rows import RowPartition, dim0_ranges
 
-from .sharded_runs import MEMBER_PROFILES, layout_of, shard_run, single_run, thread_world
+from .sharded_runs import (
+    MEMBER_PROFILES,
+    layout_of,
+    shard_run,
+    single_run,
+    thread_world,
+)
 
 pytest.importorskip("numba")
 STEPS = 30
@@ -46,8 +52,8 @@ def test_row_shards_give_the_single_process_bits(world, dtype, use_vgs):
     partition = RowPartition(layout, world)
     for member in MEMBER_PROFILES:
         want_params, want_state, want_vgs = single_run(layout, member, STEPS, use_vgs, "numba")
-        ranks = thread_world(partition, lambda r, gather: shard_run(partition, r, member, STEPS, use_vgs, "numba",
-                                                                    gather))
+        ranks = thread_world(partition, lambda r, gather, member=member: shard_run(partition, r, member, STEPS, use_vgs,
+                                                                                  "numba", gather))
         params = layout.zeros()
         buffers = {name: layout.zeros() for name in ("utility", "first_moment", "second_moment")}
         for shard, (values, part, vgs) in zip(partition.shards, ranks):

@@ -12,23 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from .torch_runs import CONFIGS, SHAPES, bits, build, flat, step_grads
+from .torch_runs import CONFIGS, SHAPES, bits, build, flat, run_steps
 from .world import run_world
 
 pytest.importorskip("numba")  # the chunked kernels: sharded == single-process bit for bit
 
 STEPS, SAVE_AT = 30, 10
-
-
-def _steps(params, optimizer, vgs, first, last):
-    for k in range(first, last + 1):
-        for p, g in zip(params, step_grads(params, k)):  # the same (averaged) gradients on every rank
-            p.grad = g
-        if vgs is not None:
-            vgs.scale_gradients()
-        optimizer.step()
-        if vgs is not None:
-            vgs.step()
 
 
 def _sharded_rank(rank, world_size, resume):
@@ -52,7 +41,7 @@ def _sharded_rank(rank, world_size, resume):
             first = SAVE_AT + 1
         checkpoint = None
         for last in (SAVE_AT, STEPS) if first == 1 else (STEPS,):
-            _steps(params, optimizer, vgs, first, last)
+            run_steps(params, optimizer, vgs, first, last)
             first = last + 1
             if last == SAVE_AT:
                 checkpoint = ([p.detach().clone() for p in params], optimizer.consolidated_state_dict(),
@@ -81,7 +70,7 @@ def _single(config, resume=None):
         if vgs is not None:
             vgs.load_state_dict(resume[2])
         first = SAVE_AT + 1
-    _steps(params, optimizer, vgs, first, STEPS)
+    run_steps(params, optimizer, vgs, first, STEPS)
     return flat(params), bits(optimizer.state_dict())
 
 
@@ -126,15 +115,15 @@ def _per_rank(rank, world_size):
 
     config = ("float32", "AdaptiveUPGD", False)
     params, optimizer, _ = build(config, dist.group.WORLD)
-    _steps(params, optimizer, None, 1, 3)
+    run_steps(params, optimizer, None, 1, 3)
     saved_params, saved = [p.detach().clone() for p in params], optimizer.state_dict()
-    _steps(params, optimizer, None, 4, 6)
+    run_steps(params, optimizer, None, 4, 6)
     other_params, other, _ = build(config, dist.group.WORLD)
     with torch.no_grad():
         for p, values in zip(other_params, saved_params):
             p.copy_(values)
     other.load_state_dict(saved)
-    _steps(other_params, other, None, 4, 6)
+    run_steps(other_params, other, None, 4, 6)
     seen = []
     if flat(other_params).tobytes() == flat(params).tobytes():
         seen.append("per-rank round trip")

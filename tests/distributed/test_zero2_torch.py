@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from .torch_runs import CONFIGS, bits, build, flat, step_grads
+from .torch_runs import CONFIGS, bits, build, flat, run_steps, step_grads, vgs_bits
 from .world import run_world
 
 pytest.importorskip("numba")  # the chunked kernels: sharded == single-process bit for bit
@@ -74,9 +74,7 @@ def _zero2_rank(rank, world_size):
         gathers = 2 * (world_size - 1) * max(record.sizes) * itemsize
         assert record.bytes_received == STEPS * rows + gathers
         assert record.minimum_bytes() <= rows and (world_size == 1) == (record.minimum_bytes() == 0)
-        statistics = None if vgs is None else (vgs.stats.step, vgs.stats.grad_mean_avg.tobytes(),
-                                                vgs.stats.grad_sq_avg.tobytes())
-        out[config, maximize] = (flat(params), bits(optimizer.consolidated_state_dict()), statistics)
+        out[config, maximize] = (flat(params), bits(optimizer.consolidated_state_dict()), vgs_bits(vgs))
     out["refusals"] = _refusals()
     return out
 
@@ -84,7 +82,6 @@ def _zero2_rank(rank, world_size):
 def _refusals():
     """What step(vgs=...) refuses under zero2, before anything changes."""
     import torch.distributed as dist
-
     from upgd_ref.adapters.torch import VarianceGradientScaler
 
     seen = []
@@ -111,7 +108,7 @@ def test_zero2_refusals_without_a_group():
     with pytest.raises(ValueError, match="shard_mode must be one of"):
         build(("float32", "UPGD", False), None, shard_mode="zero3")
     with pytest.raises(RuntimeError, match="grad_shard"):
-        optimizer.grad_shard  # noqa: B018 - the property raises
+        _ = optimizer.grad_shard  # the property raises
     with pytest.raises(RuntimeError, match="gather_params"):
         optimizer.gather_params()
     for p, g in zip(params, step_grads(params, 1)):
@@ -123,17 +120,8 @@ def test_zero2_refusals_without_a_group():
 
 def _single(config, maximize):
     params, optimizer, vgs = build(config, None, maximize=maximize)
-    for k in range(1, STEPS + 1):
-        for p, g in zip(params, step_grads(params, k)):
-            p.grad = g
-        if vgs is not None:
-            vgs.scale_gradients()
-        optimizer.step()
-        if vgs is not None:
-            vgs.step()
-    statistics = None if vgs is None else (vgs.stats.step, vgs.stats.grad_mean_avg.tobytes(),
-                                            vgs.stats.grad_sq_avg.tobytes())
-    return flat(params), bits(optimizer.state_dict()), statistics
+    run_steps(params, optimizer, vgs, 1, STEPS)
+    return flat(params), bits(optimizer.state_dict()), vgs_bits(vgs)
 
 
 @pytest.fixture(scope="module")

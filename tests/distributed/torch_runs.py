@@ -47,6 +47,24 @@ def step_grads(params, k):
             for i, p in enumerate(params)]
 
 
+def run_steps(params, optimizer, vgs, first, last):
+    """Steps ``first..last`` with the same (averaged) gradients on every rank; the scaler's
+    separate calls around each step."""
+    for k in range(first, last + 1):
+        for p, g in zip(params, step_grads(params, k)):
+            p.grad = g
+        if vgs is not None:
+            vgs.scale_gradients()
+        optimizer.step()
+        if vgs is not None:
+            vgs.step()
+
+
+def vgs_bits(vgs):
+    """The scaler's ``k``, ``a_i``, ``b_i`` as comparable bits (None without a scaler)."""
+    return None if vgs is None else (vgs.stats.step, vgs.stats.grad_mean_avg.tobytes(), vgs.stats.grad_sq_avg.tobytes())
+
+
 def flat(tensors):
     """The tensors' values in logical order, as one NumPy copy."""
     return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().copy()
