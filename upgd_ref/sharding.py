@@ -45,7 +45,7 @@ from .stages import SegmentReductions, StepPlan, commit, plan_step, refusal, vgs
 from .state import UPGD_FORMAT, UPGD_VERSION, FlatUPGDState
 from .step import StepRequest, VGSRequest, check_vgs_request
 
-__all__ = ["Partition", "Shard", "ShardState", "chunk_boundaries", "combine_chunk_partials", "sharded_step",
+__all__ = ["Partition", "PieceBuffers", "Shard", "ShardState", "chunk_boundaries", "combine_chunk_partials", "sharded_step",
            "consolidate_states", "PARTIAL_COLUMNS"]
 
 #: The columns of a shard's partials table, one row per chunk (the fields of SegmentReductions).
@@ -58,8 +58,59 @@ def chunk_boundaries(layout: FlatLayout) -> np.ndarray:
     return np.unique(np.concatenate([*starts, [layout.num_logical]]))
 
 
+class PieceBuffers:
+    """Moving values between a flat buffer of the full ``layout`` and a buffer of a shard's
+    pieces (``local``; piece ``k`` is elements ``within[k] ..`` of segment ``parents[k]``);
+    the values of a shard are its pieces' elements in piece order."""
+
+    layout: FlatLayout
+    parents: np.ndarray
+    within: np.ndarray
+    local: FlatLayout | None
+
+    @property
+    def num_pieces(self) -> int:
+        return int(self.parents.size)
+
+    def local_zeros(self, dtype=None) -> np.ndarray:
+        """A zero flat buffer of the pieces (length 0 for an empty shard)."""
+        return np.zeros(0, dtype=self.layout.dtype) if self.local is None else self.local.zeros(dtype)
+
+    def take(self, full) -> np.ndarray:
+        """This rank's elements of a flat buffer of the full layout, as a buffer of the pieces."""
+        out = self.local_zeros()
+        for k in range(self.num_pieces):
+            source = self.layout.offsets[self.parents[k]] + self.within[k]
+            out[self.local.segment_slice(k)] = full[source : source + self.local.sizes[k]]
+        return out
+
+    def logical(self, local) -> np.ndarray:
+        """The pieces' elements in piece order (padding removed; a Shard's are in logical order)."""
+        if self.local is None:
+            return np.zeros(0, dtype=self.layout.dtype)
+        return np.concatenate([local[self.local.segment_slice(k)] for k in range(self.num_pieces)])
+
+    def pieces(self, logical_values) -> np.ndarray:
+        """A buffer of the pieces holding this rank's logical values (inverse of :meth:`logical`)."""
+        out = self.local_zeros()
+        position = 0
+        for k in range(self.num_pieces):
+            n = int(self.local.sizes[k])
+            out[self.local.segment_slice(k)] = logical_values[position : position + n]
+            position += n
+        return out
+
+    def put(self, logical_values, full) -> None:
+        """Write this rank's logical values into a flat buffer of the full layout."""
+        position = 0
+        for k in range(self.num_pieces):
+            n, target = int(self.local.sizes[k]), self.layout.offsets[self.parents[k]] + self.within[k]
+            full[target : target + n] = logical_values[position : position + n]
+            position += n
+
+
 @dataclass(frozen=True)
-class Shard:
+class Shard(PieceBuffers):
     """Rank ``rank``'s part of ``layout``: logical elements ``[start, end)`` as chunk-sized pieces.
 
     ``parents[k]`` is the segment of piece ``k``, ``within[k]`` its first element inside that
@@ -94,47 +145,6 @@ class Shard:
             [(int(n),) for n in ends - firsts], layout.dtype, groups=[layout.groups[int(i)] for i in parents],
             logical_start=int(start))
         return cls(layout, rank, int(start), int(end), parents.astype(np.int64), within.astype(np.int64), local)
-
-    @property
-    def num_pieces(self) -> int:
-        return int(self.parents.size)
-
-    def local_zeros(self, dtype=None) -> np.ndarray:
-        """A zero flat buffer of the pieces (length 0 for an empty shard)."""
-        return np.zeros(0, dtype=self.layout.dtype) if self.local is None else self.local.zeros(dtype)
-
-    def take(self, full) -> np.ndarray:
-        """This rank's elements of a flat buffer of the full layout, as a buffer of the pieces."""
-        out = self.local_zeros()
-        for k in range(self.num_pieces):
-            source = self.layout.offsets[self.parents[k]] + self.within[k]
-            out[self.local.segment_slice(k)] = full[source : source + self.local.sizes[k]]
-        return out
-
-    def logical(self, local) -> np.ndarray:
-        """The pieces' elements in logical order (padding removed): ``end - start`` values."""
-        if self.local is None:
-            return np.zeros(0, dtype=self.layout.dtype)
-        return np.concatenate([local[self.local.segment_slice(k)] for k in range(self.num_pieces)])
-
-    def pieces(self, logical_values) -> np.ndarray:
-        """A buffer of the pieces holding this rank's logical values (inverse of :meth:`logical`)."""
-        out = self.local_zeros()
-        position = 0
-        for k in range(self.num_pieces):
-            n = int(self.local.sizes[k])
-            out[self.local.segment_slice(k)] = logical_values[position : position + n]
-            position += n
-        return out
-
-    def put(self, logical_values, full) -> None:
-        """Write this rank's logical values into a flat buffer of the full layout."""
-        position = 0
-        for k in range(self.num_pieces):
-            n, target = int(self.local.sizes[k]), self.layout.offsets[self.parents[k]] + self.within[k]
-            full[target : target + n] = logical_values[position : position + n]
-            position += n
-
 
 class Partition:
     """``world_size`` contiguous shards of ``layout`` on chunk boundaries, in rank order.

@@ -27,6 +27,7 @@ import numpy as np
 
 from .kernels.chunk_abi import CHUNK
 from .layout import FlatLayout
+from .sharding import PieceBuffers
 
 __all__ = ["RowPartition", "RowShard", "dim0_ranges"]
 
@@ -50,10 +51,10 @@ def dim0_ranges(layout: FlatLayout, world_size: int) -> list[list[tuple[int, int
 
 
 @dataclass(frozen=True)
-class RowShard:
+class RowShard(PieceBuffers):
     """Rank ``rank``'s pieces: ``parents[k]`` the segment, ``within[k]`` the first element inside
     it; ``cut[k]``: the piece is part of a chunk shared with other ranks; ``local``: the
-    pieces' layout (None without pieces). The interface of :class:`~upgd_ref.sharding.Shard`."""
+    pieces' layout (None without pieces). Values in piece order (:class:`~upgd_ref.sharding.PieceBuffers`)."""
 
     layout: FlatLayout
     rank: int
@@ -85,37 +86,8 @@ class RowShard:
         return cls(layout, rank, as_array(parents), as_array(within), as_array(cut, np.bool_), local)
 
     @property
-    def num_pieces(self) -> int:
-        return int(self.parents.size)
-
-    @property
     def num_elements(self) -> int:
         return 0 if self.local is None else int(sum(self.local.sizes))
-
-    def local_zeros(self, dtype=None) -> np.ndarray:
-        return np.zeros(0, dtype=self.layout.dtype) if self.local is None else self.local.zeros(dtype)
-
-    def take(self, full) -> np.ndarray:
-        """This rank's elements of a flat buffer of the full layout, as a buffer of the pieces."""
-        out = self.local_zeros()
-        for k in range(self.num_pieces):
-            source = self.layout.offsets[self.parents[k]] + self.within[k]
-            out[self.local.segment_slice(k)] = full[source : source + self.local.sizes[k]]
-        return out
-
-    def logical(self, local) -> np.ndarray:
-        """The pieces' elements, in piece order (padding removed)."""
-        if self.local is None:
-            return np.zeros(0, dtype=self.layout.dtype)
-        return np.concatenate([local[self.local.segment_slice(k)] for k in range(self.num_pieces)])
-
-    def put(self, values, full) -> None:
-        """Write this rank's values (piece order, :meth:`logical`) into a flat buffer of the full layout."""
-        position = 0
-        for k in range(self.num_pieces):
-            n, target = int(self.local.sizes[k]), self.layout.offsets[self.parents[k]] + self.within[k]
-            full[target : target + n] = values[position : position + n]
-            position += n
 
     def cut_values(self, local) -> np.ndarray:
         """The values of the cut pieces of a buffer of the pieces, in piece order."""
