@@ -45,7 +45,7 @@ from .stages import SegmentReductions, StepPlan, commit, plan_step, refusal, vgs
 from .state import UPGD_FORMAT, UPGD_VERSION, FlatUPGDState
 from .step import StepRequest, VGSRequest, check_vgs_request
 
-__all__ = ["Partition", "Shard", "ShardState", "chunk_boundaries", "combine_chunk_partials", "sharded_step",
+__all__ = ["Partition", "PieceBuffers", "Shard", "ShardState", "chunk_boundaries", "combine_chunk_partials", "sharded_step",
            "consolidate_states", "PARTIAL_COLUMNS"]
 
 #: The columns of a shard's partials table, one row per chunk (the fields of SegmentReductions).
@@ -58,8 +58,59 @@ def chunk_boundaries(layout: FlatLayout) -> np.ndarray:
     return np.unique(np.concatenate([*starts, [layout.num_logical]]))
 
 
+class PieceBuffers:
+    """Moving values between a flat buffer of the full ``layout`` and a buffer of a shard's
+    pieces (``local``; piece ``k`` is elements ``within[k] ..`` of segment ``parents[k]``);
+    the values of a shard are its pieces' elements in piece order."""
+
+    layout: FlatLayout
+    parents: np.ndarray
+    within: np.ndarray
+    local: FlatLayout | None
+
+    @property
+    def num_pieces(self) -> int:
+        return int(self.parents.size)
+
+    def local_zeros(self, dtype=None) -> np.ndarray:
+        """A zero flat buffer of the pieces (length 0 for an empty shard)."""
+        return np.zeros(0, dtype=self.layout.dtype) if self.local is None else self.local.zeros(dtype)
+
+    def take(self, full) -> np.ndarray:
+        """This rank's elements of a flat buffer of the full layout, as a buffer of the pieces."""
+        out = self.local_zeros()
+        for k in range(self.num_pieces):
+            source = self.layout.offsets[self.parents[k]] + self.within[k]
+            out[self.local.segment_slice(k)] = full[source : source + self.local.sizes[k]]
+        return out
+
+    def logical(self, local) -> np.ndarray:
+        """The pieces' elements in piece order (padding removed; a Shard's are in logical order)."""
+        if self.local is None:
+            return np.zeros(0, dtype=self.layout.dtype)
+        return np.concatenate([local[self.local.segment_slice(k)] for k in range(self.num_pieces)])
+
+    def pieces(self, logical_values) -> np.ndarray:
+        """A buffer of the pieces holding this rank's logical values (inverse of :meth:`logical`)."""
+        out = self.local_zeros()
+        position = 0
+        for k in range(self.num_pieces):
+            n = int(self.local.sizes[k])
+            out[self.local.segment_slice(k)] = logical_values[position : position + n]
+            position += n
+        return out
+
+    def put(self, logical_values, full) -> None:
+        """Write this rank's logical values into a flat buffer of the full layout."""
+        position = 0
+        for k in range(self.num_pieces):
+            n, target = int(self.local.sizes[k]), self.layout.offsets[self.parents[k]] + self.within[k]
+            full[target : target + n] = logical_values[position : position + n]
+            position += n
+
+
 @dataclass(frozen=True)
-class Shard:
+class Shard(PieceBuffers):
     """Rank ``rank``'s part of ``layout``: logical elements ``[start, end)`` as chunk-sized pieces.
 
     ``parents[k]`` is the segment of piece ``k``, ``within[k]`` its first element inside that
@@ -95,47 +146,6 @@ class Shard:
             logical_start=int(start))
         return cls(layout, rank, int(start), int(end), parents.astype(np.int64), within.astype(np.int64), local)
 
-    @property
-    def num_pieces(self) -> int:
-        return int(self.parents.size)
-
-    def local_zeros(self, dtype=None) -> np.ndarray:
-        """A zero flat buffer of the pieces (length 0 for an empty shard)."""
-        return np.zeros(0, dtype=self.layout.dtype) if self.local is None else self.local.zeros(dtype)
-
-    def take(self, full) -> np.ndarray:
-        """This rank's elements of a flat buffer of the full layout, as a buffer of the pieces."""
-        out = self.local_zeros()
-        for k in range(self.num_pieces):
-            source = self.layout.offsets[self.parents[k]] + self.within[k]
-            out[self.local.segment_slice(k)] = full[source : source + self.local.sizes[k]]
-        return out
-
-    def logical(self, local) -> np.ndarray:
-        """The pieces' elements in logical order (padding removed): ``end - start`` values."""
-        if self.local is None:
-            return np.zeros(0, dtype=self.layout.dtype)
-        return np.concatenate([local[self.local.segment_slice(k)] for k in range(self.num_pieces)])
-
-    def pieces(self, logical_values) -> np.ndarray:
-        """A buffer of the pieces holding this rank's logical values (inverse of :meth:`logical`)."""
-        out = self.local_zeros()
-        position = 0
-        for k in range(self.num_pieces):
-            n = int(self.local.sizes[k])
-            out[self.local.segment_slice(k)] = logical_values[position : position + n]
-            position += n
-        return out
-
-    def put(self, logical_values, full) -> None:
-        """Write this rank's logical values into a flat buffer of the full layout."""
-        position = 0
-        for k in range(self.num_pieces):
-            n, target = int(self.local.sizes[k]), self.layout.offsets[self.parents[k]] + self.within[k]
-            full[target : target + n] = logical_values[position : position + n]
-            position += n
-
-
 class Partition:
     """``world_size`` contiguous shards of ``layout`` on chunk boundaries, in rank order.
 
@@ -160,6 +170,9 @@ class Partition:
             raise ValueError(f"bounds must not decrease, got {bounds}")
         self.layout, self.world_size, self.bounds = layout, world_size, tuple(bounds)
         self.shards = tuple(Shard.of(layout, r, a, b) for r, (a, b) in enumerate(itertools.pairwise(bounds)))
+
+    #: Shards on chunk boundaries share no chunk (:class:`~upgd_ref.sharding_rows.RowPartition`'s may).
+    has_cuts = False
 
     def __repr__(self) -> str:
         return f"Partition({self.layout!r}, world_size={self.world_size}, bounds={list(self.bounds)})"
@@ -261,6 +274,18 @@ def _on_pieces(plan: StepPlan, shard: Shard) -> StepPlan:
     return plan._replace(segment_step=plan.segment_step[p], grad_norm_ema=plan.grad_norm_ema[p], std=plan.std[p])
 
 
+def _cut_chunk_sums(partition, fragments, impl, request: StepRequest, factor: float) -> np.ndarray:
+    """The partials rows of the chunks that several ranks share (a row partition's cut chunks),
+    assembled whole from every rank's gradient values: pass 1 on them (the lane order of an
+    unsharded chunk); only the two sums are used."""
+    cut, parents = partition.cut_layout, partition.cut_parents
+    present = np.asarray(request.present, dtype=np.bool_)[parents].tolist()
+    reductions = impl.first_pass(layout=cut, params=cut.zeros(), grads=partition.assemble_cut_chunks(fragments),
+                                 state=FlatUPGDState.zeros(cut, 0.0), present=present,
+                                 hyper=[request.hyper[i] for i in parents], vgs_factor=factor, variant=request.variant)
+    return np.stack(reductions, axis=1)
+
+
 def sharded_step(partition: Partition, rank: int, params, grads, state: ShardState, request: StepRequest, *,
                  all_gather: Callable[[np.ndarray], Sequence[np.ndarray]], vgs: VGSRequest | None = None,
                  backend="auto") -> StepStats:
@@ -271,7 +296,9 @@ def sharded_step(partition: Partition, rank: int, params, grads, state: ShardSta
     ones); ``request``: the full layout's :class:`~upgd_ref.step.StepRequest` (the same on
     every rank); ``vgs``: the full layout's :class:`~upgd_ref.step.VGSRequest` (replicated
     statistics). ``all_gather(rows)`` returns every rank's ``(P_r, 7)`` partials in rank
-    order (every rank calls it exactly once per step, also when the step is refused).
+    order (every rank calls it exactly once per step, also when the step is refused; twice for
+    a :class:`~upgd_ref.sharding_rows.RowPartition` with cut chunks: then also for the
+    gradient values of its cut pieces).
     """
     shard, layout = partition.shards[rank], partition.layout
     request = request.checked(layout.num_segments)
@@ -300,7 +327,13 @@ def sharded_step(partition: Partition, rank: int, params, grads, state: ShardSta
                                      variant=request.variant)
         rows = np.stack(reductions, axis=1)
     gathered = all_gather(rows)
-    reductions = combine_chunk_partials(layout, [s.parents for s in partition.shards], gathered)
+    if partition.has_cuts:  # the shared chunks' sums from their whole gradient, in global chunk order
+        fragments = all_gather(shard.cut_values(grads))
+        cut_rows = _cut_chunk_sums(partition, fragments, select_backend(backend, params), request, factor)
+        folded = partition.fold_rows(gathered, cut_rows)
+        reductions = combine_chunk_partials(layout, [folded[0]], [folded[1]])
+    else:
+        reductions = combine_chunk_partials(layout, [s.parents for s in partition.shards], gathered)
     plan = plan_step(layout.dtype, state, request.present, request.hyper, reductions, request.noise_norm)
     vgs_new = None if vgs is None else vgs_next(vgs.state, reductions, layout.sizes, request.present, vgs.beta)
     refused = refusal(layout.dtype, plan, reductions, request.hyper, request.present, request.variant, vgs_new)

@@ -1,12 +1,15 @@
-"""State sharding on ``torch.distributed`` (ZeRO-1): what an optimizer built with
-``process_group=`` runs instead of the single-process door (``specs/distributed.md``).
+"""State sharding on ``torch.distributed``: what an optimizer built with ``process_group=``
+runs instead of the single-process door (``specs/distributed.md``, ``adapters-torch.md`` §4.1).
 
-Every rank holds the full parameters and the full (averaged) gradients in its flat buffers,
-and only its range of ``u``, ``m``, ``v`` (:class:`upgd_ref.sharding.ShardState`). A step
-takes the rank's range of both buffers, runs :func:`upgd_ref.sharding.sharded_step` with
-an all-gather of the chunk partials over the group, and all-gathers the updated ranges into
-every rank's parameter buffer. No math here: the partition, the combination order and the
-stages are the core's.
+Every rank holds the full parameters in its flat buffer and only its range of ``u``, ``m``,
+``v`` (:class:`upgd_ref.sharding.ShardState`). A step runs
+:func:`upgd_ref.sharding.sharded_step` on the rank's range with an all-gather of the chunk
+partials over the group. ``shard_mode="zero1"``: the gradients are the full averaged ones
+(DDP), and the updated ranges are all-gathered into every rank's parameters.
+``shard_mode="zero2"``: the caller reduce-scatters the gradients into :attr:`grad_shard`
+(this rank's range, logical order), the step updates the rank's range of the parameters
+only, and :meth:`ShardedRecord.gather_params` all-gathers them when the caller needs them.
+No math here: the partition, the combination order and the stages are the core's.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from upgd_ref.sharding import (
     consolidate_states,
     sharded_step,
 )
+from upgd_ref.step import VGSRequest
 
 #: The per-rank state dict's extra top-level key, and the version of its entry.
 SHARD_KEY = "upgd_ref_shard"
 SHARD_FORMAT_VERSION = 1
+#: ``"zero1"``: averaged full gradients in, full parameters out; ``"zero2"``: the rank's
+#: gradient range in (:attr:`ShardedRecord.grad_shard`), its parameter range updated.
+SHARD_MODES = ("zero1", "zero2")
 
 
 def refuse_sharded(sharded, what: str) -> None:
@@ -35,18 +42,48 @@ def refuse_sharded(sharded, what: str) -> None:
                            "state); use consolidated_state_dict(), a collective")
 
 
-def sharded_record(layout, group, noise_ema_init, device) -> ShardedRecord:
-    """The record of an optimizer built with ``process_group=group`` (CPU tensors, gloo)."""
-    if device.type != "cpu":
-        raise ValueError(f"process_group: sharded steps run on CPU tensors (gloo) for now, got {device}")
-    return ShardedRecord(layout, group, noise_ema_init)
+def check_shard_mode(process_group, shard_mode) -> str:
+    """``shard_mode`` checked: one of :data:`SHARD_MODES`, and ``"zero2"`` only with a group."""
+    if shard_mode not in SHARD_MODES:
+        raise ValueError(f"shard_mode must be one of {SHARD_MODES}, got {shard_mode!r}")
+    if shard_mode != "zero1" and process_group is None:
+        raise ValueError(f"shard_mode={shard_mode!r} needs a process_group")
+    return shard_mode
+
+
+def zero2_record(sharded, what: str) -> ShardedRecord:
+    """``sharded`` when it is a ``shard_mode="zero2"`` record, else a ``RuntimeError`` naming ``what``."""
+    if sharded is None or sharded.grad_shard is None:
+        raise RuntimeError(f"{what}: only with process_group= and shard_mode='zero2'")
+    return sharded
+
+
+def fused_vgs(scaler, layout, sharded, flipped) -> VGSRequest | None:
+    """The core's fused VGS request of a ``VarianceGradientScaler`` over the optimizer's
+    parameters (``optimizer.step(vgs=scaler)`` under ``shard_mode="zero2"``, the optimizer's
+    record ``sharded``): its statistics (advanced in place by the step), factor and ``beta``.
+    Refused with maximized segments (``flipped``): the fused sums are of the step's ``-g``,
+    where the scaler's own step sums ``g``."""
+    if scaler is None:
+        return None
+    if sharded is None or sharded.shard_mode != "zero2":
+        raise ValueError("step(vgs=scaler) is for shard_mode='zero2' (each rank holds its range of the gradient); "
+                         "otherwise call the scaler's scale_gradients() and step() around optimizer.step()")
+    stats = scaler.stats
+    if stats.grad_mean_avg.shape != (layout.num_segments,) or scaler._layout is None \
+            or scaler._layout.sizes != layout.sizes:
+        raise ValueError("step(vgs=scaler): the scaler must track exactly the optimizer's parameters, in its order")
+    if flipped:
+        raise ValueError("step(vgs=scaler) with maximize=True: the fused statistics would be those of -g; "
+                         "not supported")
+    return VGSRequest(stats, scaler.get_scaling_factor(), scaler.beta)
 
 
 class ShardedRecord:
     """A sharded optimizer's partition, this rank's shard and state, its process group, and
     the bytes its collectives moved (``bytes_received``: what this rank received, summed)."""
 
-    def __init__(self, layout, group, noise_ema_init, state: dict | None = None):
+    def __init__(self, layout, group, noise_ema_init, state: dict | None = None, shard_mode: str = "zero1"):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("process_group given but torch.distributed is not initialised "
                                "(call torch.distributed.init_process_group first)")
@@ -57,6 +94,17 @@ class ShardedRecord:
         self.state = (ShardState.zeros(self.shard, noise_ema_init) if state is None
                       else ShardState.from_state(state, self.shard))
         self.bytes_received = 0
+        self.shard_mode = shard_mode
+        #: ``"zero2"``: this rank's range of the (reduced) gradient, in logical order, which the
+        #: caller writes (e.g. the output of ``dist.reduce_scatter``) before each step.
+        self.grad_shard = (torch.zeros(self.shard.end - self.shard.start, dtype=getattr(torch, layout.dtype.name))
+                           if shard_mode == "zero2" else None)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Every rank's element count, in rank order: how to split a flat logical gradient
+        (``flat.split(sizes)``) into the inputs of ``dist.reduce_scatter``."""
+        return [s.end - s.start for s in self.partition.shards]
 
     def _all_gather(self, local: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
         """Every rank's ``local`` (its first axis ``lengths[r]`` long), in rank order; padded to
@@ -73,19 +121,46 @@ class ShardedRecord:
         return self._all_gather(np.ascontiguousarray(rows.reshape(-1, len(PARTIAL_COLUMNS))),
                                 [s.num_pieces for s in self.partition.shards])
 
-    def run_step(self, param_flat, grad_flat, request, backend):
-        """One sharded step on the full flat buffers (NumPy): the rank's range stepped, then
-        every range all-gathered into ``param_flat``."""
+    def run_step(self, param_flat, grad_flat, request, backend, *, flipped=(), vgs=None):
+        """One sharded step on the full flat buffers (NumPy). ``"zero1"``: the rank's range of
+        ``grad_flat`` stepped, then every range all-gathered into ``param_flat``. ``"zero2"``:
+        the gradients are :attr:`grad_shard` (negated for the ``flipped`` segments: maximize;
+        scaled in place by ``vgs``, the fused scaler), and only this rank's range of
+        ``param_flat`` is written."""
         shard = self.shard
-        params, grads = shard.take(param_flat), shard.take(grad_flat)
+        params = shard.take(param_flat)
+        if self.shard_mode == "zero1":
+            grads = shard.take(grad_flat)
+        else:
+            grads = shard.pieces(self._signed(self.grad_shard.numpy(), flipped))
         stats = sharded_step(self.partition, self.rank, params, grads, self.state, request,
-                             all_gather=self._gather_rows, backend=backend)
+                             all_gather=self._gather_rows, vgs=vgs, backend=backend)
         if stats.skipped:
             return stats
-        ranges = self._all_gather(shard.logical(params), [s.end - s.start for s in self.partition.shards])
-        for other, values in zip(self.partition.shards, ranges):
-            other.put(values, param_flat)
+        if self.shard_mode == "zero1":
+            self.gather_params(param_flat, params)
+        else:
+            shard.put(shard.logical(params), param_flat)
+            if vgs is not None:  # the scaled gradients, as scale_gradients() leaves them
+                self.grad_shard.copy_(torch.from_numpy(self._signed(shard.logical(grads), flipped)))
         return stats
+
+    def _signed(self, logical_values: np.ndarray, flipped) -> np.ndarray:
+        """``logical_values`` (this rank's range) with the ``flipped`` segments negated (exact)."""
+        out, local = logical_values.copy(), self.shard.local
+        for piece, parent in enumerate(self.shard.parents):
+            if parent in flipped:
+                first = local.logical_offsets[piece] - self.shard.start
+                out[first : first + local.sizes[piece]] *= -1
+        return out
+
+    def gather_params(self, param_flat, local_params=None) -> None:
+        """Every rank's range of the parameters (this rank's: ``local_params``, a buffer of its
+        pieces, or its range of ``param_flat``) all-gathered into ``param_flat``: a collective."""
+        shard = self.shard
+        mine = shard.logical(shard.take(param_flat) if local_params is None else local_params)
+        for other, values in zip(self.partition.shards, self._all_gather(mine, self.sizes)):
+            other.put(values, param_flat)
 
     def state_bytes(self) -> int:
         """Bytes of this rank's optimizer state: its ``u``, ``m``, ``v`` and the replicated records."""
@@ -93,10 +168,11 @@ class ShardedRecord:
         return sum(getattr(state, n).nbytes for n in (*ShardState.BUFFERS, "segment_step", "grad_norm_ema"))
 
     def minimum_bytes(self) -> int:
-        """The bytes per step this rank must receive at least (``specs/distributed.md`` §4): the
-        other ranks' parameters, two sums per chunk of theirs, five values per segment piece."""
+        """The bytes per step this rank must receive at least (``specs/distributed.md`` §4): two
+        sums per chunk of the other ranks, five values per segment piece of theirs, and
+        (``"zero1"``) their parameters."""
         others = [s for s in self.partition.shards if s is not self.shard]
-        itemsize = self.partition.layout.dtype.itemsize
+        itemsize = self.partition.layout.dtype.itemsize if self.shard_mode == "zero1" else 0
         return sum((s.end - s.start) * itemsize + s.num_pieces * 16 + np.unique(s.parents).size * 5 * 8
                    for s in others)
 

@@ -12,6 +12,7 @@ import torch
 from upgd_ref.backends import check_backend_name
 from upgd_ref.checks import check_nonfinite_policy, check_present
 from upgd_ref.family import Member
+from upgd_ref.layout import FlatLayout
 from upgd_ref.optimizer import StepInfo
 from upgd_ref.reference import UPGDVariant, check_variant
 from upgd_ref.multi import MultiUPGDState
@@ -21,8 +22,9 @@ from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
 from .buffers import deduplicate, on_stream
 from .checkpoint import fill_adaptive_noise_defaults, production_state_dict, read_state_dict
 from .partition import Partition
-from .distributed import SHARD_KEY, refuse_sharded, sharded_record
-from .conversions import (check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
+from .distributed import SHARD_KEY, check_shard_mode, fused_vgs, refuse_sharded, zero2_record
+from .dtensor import check_dtensors, has_dtensors, sharded_record
+from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
                           pair_value, split_pair, unsupported_options)
 from .state_views import StateSource, StateView
 
@@ -104,7 +106,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return groups
 
     def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile,
-               torch_options, nonfinite="raise", process_group=None) -> None:
+               torch_options, nonfinite="raise", process_group=None, shard_mode="zero1") -> None:
         """The constructor's common tail: torch.optim's options (:func:`~.conversions.torch_options`),
         the core's checks (types, finiteness) on the hyper-parameters, seed, noise norm and
         backend, then param groups and flat buffer."""
@@ -117,6 +119,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         seed = _draw_seed() if seed is None else check_seed(seed)
         check_noise_norm(noise_norm)
         nonfinite = check_nonfinite_policy(nonfinite)
+        self._shard_mode = check_shard_mode(process_group, shard_mode)
         self._built = False
         super().__init__(params, defaults)
         self._nonfinite = nonfinite
@@ -175,13 +178,20 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         """
         params, names = self._flat_params()
         group_ids = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
-        partition = Partition(params, names, group_ids, what=type(self).__name__, rehomed=rehomed)
-        layout = partition.layout
+        dtensors = has_dtensors(params)  # FSDP2: each rank steps its rows (specs/distributed.md §2a)
+        if dtensors:
+            layout = FlatLayout([tuple(p.shape) for p in params], DTYPE_NAMES[check_dtensors(params, names)],
+                                groups=group_ids)
+            partition = None  # the sharded record's DTensorBucket, below
+        else:
+            partition = Partition(params, names, group_ids, what=type(self).__name__, rehomed=rehomed)
+            layout = partition.layout
         group_hypers = self._group_hypers(self.param_groups, self._noise_ema_init)
-        sharded = getattr(self, "_process_group", None) is not None
-        if sharded and (self._state is not None or partition.multi):
-            raise ValueError(f"{type(self).__name__} with a process_group: the parameters must be of one dtype and "
-                             "cannot change after construction (the partition is fixed); build a new optimizer")
+        sharded = getattr(self, "_process_group", None) is not None or dtensors
+        if sharded and (self._state is not None or (partition is not None and partition.multi)):
+            raise ValueError(f"{type(self).__name__} with a process_group or DTensor parameters: the parameters must "
+                             "be of one dtype and cannot change after construction (the partition is fixed); build "
+                             "a new optimizer")
         if restore is not None:
             state = self._restored_state(restore, partition)
         elif self._state is not None:
@@ -193,10 +203,12 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         else:
             emas = [h["noise_ema_init"] for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
             if sharded:
-                self._sharded = sharded_record(layout, self._process_group, emas, params[0].device)
+                self._sharded = sharded_record(layout, params, names, self._process_group, emas, self._shard_mode)
                 state = self._sharded.state
             else:
                 state = (MultiUPGDState if partition.multi else FlatUPGDState).zeros(layout, emas)
+        if dtensors:
+            partition = self._sharded.bucket
         partition.home()
         self._layout, self._state, self._partition, self._used_groups = (
             layout, state, partition, self._core_groups(group_hypers, self.param_groups))
@@ -280,6 +292,16 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return self._sharded
 
     @property
+    def grad_shard(self) -> torch.Tensor:
+        """``shard_mode="zero2"``: this rank's range of the flat gradient (logical order), which
+        the caller fills before each step (``specs/adapters-torch.md`` §4.1)."""
+        return zero2_record(self._sharded, "grad_shard").grad_shard
+
+    def gather_params(self) -> None:
+        """``shard_mode="zero2"``: every rank's updated range all-gathered into the parameters (a collective)."""
+        zero2_record(self._sharded, "gather_params()").gather_params(self._partition.param_flat)
+
+    @property
     def flat_state(self):
         """The optimizer's state record (live: the buffers the steps update; on the
         parameters' device): a :class:`~upgd_ref.multi.MultiUPGDState` for several dtypes."""
@@ -306,8 +328,10 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
     # --- the step -----------------------------------------------------------------------
 
     @torch.compiler.disable  # the step runs outside autograd on NumPy buffers: a graph break
-    def step(self, closure=None):
-        """One step (``p.grad is None``: the parameter is skipped); returns the closure's loss."""
+    def step(self, closure=None, *, vgs=None):
+        """One step (``p.grad is None``: the parameter is skipped); returns the closure's loss.
+        ``vgs``: a ``VarianceGradientScaler`` over these parameters, fused into the step
+        (``shard_mode="zero2"`` only: in place of its ``scale_gradients()`` and ``step()``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -323,6 +347,7 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                                   variant=self._variant, nonfinite=self._nonfinite)
             flipped = [i for i, group in enumerate(g for g in self.param_groups for _ in g["params"])
                        if present[i] and maximize_flag(group)]
+            vgs_request = fused_vgs(vgs, self._layout, self._sharded, flipped)
             try:  # maximize: the step sees -g; negation is exact, so flipping back restores g bit for bit
                 bucket.negate_grads(flipped)
                 with named_errors(f"{type(self).__name__}.step", bucket.names), on_stream(bucket.device):
@@ -330,7 +355,8 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
                         stats = upgd_step(self._layout, bucket.param_flat, bucket.grad_flat, self._state, request,
                                           backend=self._backend)
                     else:
-                        stats = self._sharded.run_step(bucket.param_flat, bucket.grad_flat, request, self._backend)
+                        stats = self._sharded.run_step(bucket.param_flat, bucket.grad_flat, request, self._backend,
+                                                       flipped=flipped, vgs=vgs_request)
             finally:
                 bucket.negate_grads(flipped)
             if not stats.skipped:

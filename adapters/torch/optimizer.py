@@ -96,7 +96,7 @@ class AdaptiveUPGD(FlatBufferOptimizer):
                  instant_noise_scale=_A["instant_noise_scale"], *, seed=None, backend="auto",
                  noise_ema_init=_A["noise_ema_init"], noise_norm="segment", profile="production", betas=None,
                  maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
-                 nonfinite="raise", process_group=None):
+                 nonfinite="raise", process_group=None, shard_mode="zero1"):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         if betas is not None:  # torch's pair instead of beta1, beta2 (momentum-cycling schedulers)
             if (beta1, beta2) != (_A["beta1"], _A["beta2"]):
@@ -119,7 +119,7 @@ class AdaptiveUPGD(FlatBufferOptimizer):
                     noise_norm=noise_norm, profile=profile,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
                                        differentiable=differentiable), nonfinite=nonfinite,
-                    process_group=process_group)
+                    process_group=process_group, shard_mode=shard_mode)
 
 
 class UPGD(FlatBufferOptimizer):
@@ -143,7 +143,7 @@ class UPGD(FlatBufferOptimizer):
                  min_noise_std=_U["min_noise_std"], instant_noise_scale=_U["instant_noise_scale"], seed=None,
                  backend="auto", noise_ema_init=_U["noise_ema_init"], noise_norm="segment", profile="production",
                  maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
-                 nonfinite="raise", process_group=None):
+                 nonfinite="raise", process_group=None, shard_mode="zero1"):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         _check_production(dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                                noise_beta=noise_beta, min_noise_std=min_noise_std))
@@ -154,7 +154,7 @@ class UPGD(FlatBufferOptimizer):
                     noise_norm=noise_norm, profile=profile,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
                                        differentiable=differentiable), nonfinite=nonfinite,
-                    process_group=process_group)
+                    process_group=process_group, shard_mode=shard_mode)
 
 
 class UPGDW(FlatBufferOptimizer):
@@ -180,7 +180,7 @@ class UPGDW(FlatBufferOptimizer):
                  adaptive_noise=_W["adaptive_noise"], noise_beta=_W["noise_beta"], min_noise_std=_W["min_noise_std"],
                  instant_noise_scale=_W["instant_noise_scale"], seed=None, backend="auto",
                  noise_ema_init=_W["noise_ema_init"], noise_norm="segment", maximize=False, foreach=None, fused=None,
-                 capturable=False, differentiable=False, nonfinite="raise", process_group=None):
+                 capturable=False, differentiable=False, nonfinite="raise", process_group=None, shard_mode="zero1"):
         with unsupported_options():
             self._MEMBER.check_refused({"amsgrad": number_from_tensor("amsgrad", amsgrad)})
         beta1, beta2 = self._MEMBER.split_pairs({"betas": pair_value("betas", betas)}).values()
@@ -193,4 +193,4 @@ class UPGDW(FlatBufferOptimizer):
                     noise_norm=noise_norm, profile=None,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
                                        differentiable=differentiable), nonfinite=nonfinite,
-                    process_group=process_group)
+                    process_group=process_group, shard_mode=shard_mode)

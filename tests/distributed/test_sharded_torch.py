@@ -12,56 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from .torch_runs import CONFIGS, SHAPES, bits, build, flat, run_steps
 from .world import run_world
 
 pytest.importorskip("numba")  # the chunked kernels: sharded == single-process bit for bit
 
-SHAPES = [(3000,), (50,), (70, 90), (5,)]  # 8 chunks; 2 and 4 ranks cut tensors 0 and 2
 STEPS, SAVE_AT = 30, 10
-CONFIGS = [(dtype, member, vgs) for dtype in ("float32", "float64") for member in ("AdaptiveUPGD", "UPGD", "UPGDW")
-           for vgs in (False, True)]
-
-
-def _build(config, group):
-    from upgd_ref.adapters import torch as upgd_torch
-
-    dtype, member, use_vgs = config
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=getattr(torch, dtype))) for s in SHAPES]
-    extra = {"process_group": group} if group is not None else {}
-    optimizer = getattr(upgd_torch, member)(params, lr=1e-2, sigma=1e-2, adaptive_noise=True, seed=2024,
-                                            backend="numba", **extra)
-    vgs = upgd_torch.VarianceGradientScaler(params, warmup_steps=2, beta=0.9) if use_vgs else None
-    return params, optimizer, vgs
-
-
-def _steps(params, optimizer, vgs, first, last):
-    for k in range(first, last + 1):
-        gen = torch.Generator().manual_seed(k)
-        for i, p in enumerate(params):  # the same (averaged) gradients on every rank
-            p.grad = None if (i == 1 and k % 3 == 2) else torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if vgs is not None:
-            vgs.scale_gradients()
-        optimizer.step()
-        if vgs is not None:
-            vgs.step()
-
-
-def _flat(params):
-    return torch.cat([p.detach().reshape(-1) for p in params]).numpy().copy()
-
-
-def _bits(state_dict):
-    """A state dict's tensors as bytes, everything else as is (comparable with ==)."""
-    def convert(value):
-        if isinstance(value, torch.Tensor):
-            return (str(value.dtype), tuple(value.shape), value.numpy().tobytes())
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [convert(v) for v in value]
-        return value
-    return convert(state_dict)
 
 
 def _sharded_rank(rank, world_size, resume):
@@ -72,7 +28,7 @@ def _sharded_rank(rank, world_size, resume):
     torch.set_num_threads(1)
     out = {}
     for config in CONFIGS:
-        params, optimizer, vgs = _build(config, dist.group.WORLD)
+        params, optimizer, vgs = build(config, dist.group.WORLD)
         first = 1
         if resume is not None:
             saved_params, saved_optimizer, saved_vgs = resume[config]
@@ -85,7 +41,7 @@ def _sharded_rank(rank, world_size, resume):
             first = SAVE_AT + 1
         checkpoint = None
         for last in (SAVE_AT, STEPS) if first == 1 else (STEPS,):
-            _steps(params, optimizer, vgs, first, last)
+            run_steps(params, optimizer, vgs, first, last)
             first = last + 1
             if last == SAVE_AT:
                 checkpoint = ([p.detach().clone() for p in params], optimizer.consolidated_state_dict(),
@@ -98,13 +54,13 @@ def _sharded_rank(rank, world_size, resume):
         assert 0 < record.minimum_bytes() <= per_step
         per_rank = optimizer.state_dict()
         assert per_rank["state"] == {} and per_rank["upgd_ref_shard"]["rank"] == rank
-        out[config] = (_flat(params), _bits(optimizer.consolidated_state_dict()), checkpoint,
+        out[config] = (flat(params), bits(optimizer.consolidated_state_dict()), checkpoint,
                        per_rank["upgd_ref_shard"]["state"]["utility"].nbytes)
     return out
 
 
 def _single(config, resume=None):
-    params, optimizer, vgs = _build(config, None)
+    params, optimizer, vgs = build(config, None)
     first = 1
     if resume is not None:
         with torch.no_grad():
@@ -114,8 +70,8 @@ def _single(config, resume=None):
         if vgs is not None:
             vgs.load_state_dict(resume[2])
         first = SAVE_AT + 1
-    _steps(params, optimizer, vgs, first, STEPS)
-    return _flat(params), _bits(optimizer.state_dict())
+    run_steps(params, optimizer, vgs, first, STEPS)
+    return flat(params), bits(optimizer.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +114,18 @@ def _per_rank(rank, world_size):
     import torch.distributed as dist
 
     config = ("float32", "AdaptiveUPGD", False)
-    params, optimizer, _ = _build(config, dist.group.WORLD)
-    _steps(params, optimizer, None, 1, 3)
+    params, optimizer, _ = build(config, dist.group.WORLD)
+    run_steps(params, optimizer, None, 1, 3)
     saved_params, saved = [p.detach().clone() for p in params], optimizer.state_dict()
-    _steps(params, optimizer, None, 4, 6)
-    other_params, other, _ = _build(config, dist.group.WORLD)
+    run_steps(params, optimizer, None, 4, 6)
+    other_params, other, _ = build(config, dist.group.WORLD)
     with torch.no_grad():
         for p, values in zip(other_params, saved_params):
             p.copy_(values)
     other.load_state_dict(saved)
-    _steps(other_params, other, None, 4, 6)
+    run_steps(other_params, other, None, 4, 6)
     seen = []
-    if _flat(other_params).tobytes() == _flat(params).tobytes():
+    if flat(other_params).tobytes() == flat(params).tobytes():
         seen.append("per-rank round trip")
     mine = [None, None]
     dist.all_gather_object(mine, saved)
