@@ -16,11 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from upgd_ref.precision import state_dtype
 from upgd_ref.sharding import ShardState, sharded_step
 from upgd_ref.sharding_rows import RowPartition
 
 from .conversions import DTYPE_NAMES
 from .distributed import ShardedRecord
+from .partition import flat_state_record
 
 
 def _dtensor_type():
@@ -151,6 +153,23 @@ class DTensorBucket:
 
     def adopt_grads(self, copied) -> None:
         """Nothing: the gradients stay the caller's DTensors."""
+
+    def state_array(self, state, name: str, i: int) -> np.ndarray:
+        """Segment ``i`` of buffer ``name`` of a full-layout state record (the consolidated
+        state: :meth:`DTensorRecord.consolidated`)."""
+        return getattr(state, name)[self.shard.layout.segment_slice(i)]
+
+    def state_record(self, *, step: int, noise_ema_init: float, segments, skipped_steps: int = 0):
+        """A full-layout state record (what :meth:`DTensorRecord.adopt` takes its part of)."""
+        return flat_state_record(self.shard.layout, step=step, noise_ema_init=noise_ema_init, segments=segments,
+                                 skipped_steps=skipped_steps)
+
+    def state_dtype(self, i: int) -> np.dtype:
+        return state_dtype(self.shard.layout.dtype)
+
+    def state_tensor(self, state, name: str, i: int) -> torch.Tensor:
+        """:meth:`state_array` as a tensor in the parameter's (global) shape."""
+        return torch.from_numpy(self.state_array(state, name, i)).view(self.shapes[i])
 
 
 class DTensorRecord(ShardedRecord):

@@ -27,6 +27,15 @@ from .conversions import DTYPE_NAMES
 from .gather import as_param, rehome_plan, segment_shape
 
 
+def flat_state_record(layout: FlatLayout, *, step: int, noise_ema_init: float, segments,
+                      skipped_steps: int = 0) -> FlatUPGDState:
+    """A :class:`~upgd_ref.state.FlatUPGDState` for ``layout`` from per-segment entries
+    (:meth:`Partition.state_record`)."""
+    saved = core_state_dict(layout, step=step, noise_ema_init=noise_ema_init, segments=segments)
+    saved["state"]["skipped_steps"] = skipped_steps
+    return FlatUPGDState.from_state_dict(saved, layout)
+
+
 class Partition:
     """The buckets of ``params`` (``names`` label them in errors, ``groups`` are their param
     groups' indices), in global segment order: ``where[i] = (bucket, local segment)``.
@@ -144,9 +153,8 @@ class Partition:
         """A state record for this layout; ``segments[i]`` is None (fresh) or ``(t, arrays, n)``
         as :func:`~.checkpoint.core_state_dict` takes it (values converted to the state dtype)."""
         if not self.multi:
-            saved = core_state_dict(self.layout, step=step, noise_ema_init=noise_ema_init, segments=segments)
-            saved["state"]["skipped_steps"] = skipped_steps
-            return FlatUPGDState.from_state_dict(saved, self.layout)
+            return flat_state_record(self.layout, step=step, noise_ema_init=noise_ema_init, segments=segments,
+                                     skipped_steps=skipped_steps)
         parts = [core_state_dict(part, step=step, noise_ema_init=noise_ema_init,
                                  segments=[segments[i] for i in members])["state"]
                  for part, members in zip(self.layout.parts, self.layout.segments)]
