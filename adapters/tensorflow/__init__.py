@@ -41,10 +41,10 @@ if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover - depends on th
     raise ImportError(
         f"upgd_ref.adapters.tensorflow needs Keras 3 (TensorFlow >= 2.16); found keras {keras.__version__}"
     )
-if keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on KERAS_BACKEND
+if keras.backend.backend() not in ("tensorflow", "jax", "torch"):  # pragma: no cover - KERAS_BACKEND
     raise ImportError(
-        "upgd_ref.adapters.tensorflow needs the TensorFlow Keras backend "
-        f"(KERAS_BACKEND=tensorflow); the active backend is {keras.backend.backend()!r}"
+        "upgd_ref.adapters.tensorflow needs the TensorFlow, JAX or torch Keras backend; "
+        f"the active backend is {keras.backend.backend()!r}"
     )
 
 # After the checks: the modules below define Keras 3 classes on the TensorFlow backend.

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import keras
+import numpy as np
+
+from upgd_ref.adapters.jax.words import host_float, host_int, host_words
 
 #: The core also takes float16/bfloat16 buffers (specs/precision.md); this adapter's 16-bit
 #: variables are not wired to them yet, so it takes the core's wide dtypes only.
@@ -59,23 +62,40 @@ class StateVariables(NamedTuple):
 
 
 def add_state_variables(optimizer: keras.optimizers.Optimizer, var_list, *, moments: bool,
-                        noise_ema_init: float) -> StateVariables:
+                        noise_ema_init: float, words: bool = False) -> StateVariables:
     """Create the state variables of ``var_list`` on ``optimizer`` (its public ``add_variable``
-    API); ``moments=False``: no moment variables (UPGD)."""
+    API); ``moments=False``: no moment variables (UPGD). ``words=True`` (the JAX backend, where
+    variables cannot hold 64-bit values): each int64 / float64 value is a trailing axis of its
+    two uint32 words ``[lo, hi]`` (``specs/adapters-jax.md`` §5.1), same names and order."""
     utility, first_moment, second_moment = (
         [optimizer.add_variable_from_reference(v, name=state_name) for v in var_list]
         if state_name == "utility" or moments else []
         for state_name in _STATE_NAMES
     )
     s = len(var_list)
+
+    def scalar(shape, dtype, name, value=0):
+        if words:
+            bits = host_words(np.full(shape, value, dtype=dtype))
+            return optimizer.add_variable(bits.shape, initializer=lambda shape, dtype=None: bits, dtype="uint32",
+                                          name=name)
+        return optimizer.add_variable(shape, initializer=keras.initializers.Constant(value), dtype=dtype, name=name)
+
     return StateVariables(
         utility, first_moment, second_moment,
-        segment_step=optimizer.add_variable((s,), initializer="zeros", dtype="int64", name="segment_step"),
-        grad_norm_ema=optimizer.add_variable(
-            (s,), initializer=keras.initializers.Constant(noise_ema_init), dtype="float64", name="grad_norm_ema"
-        ),
-        upgd_step=optimizer.add_variable((), initializer="zeros", dtype="int64", name="upgd_step"),
-        vgs_step=optimizer.add_variable((), initializer="zeros", dtype="int64", name="vgs_step"),
-        vgs_grad_mean_avg=optimizer.add_variable((s,), initializer="zeros", dtype="float64", name="vgs_grad_mean_avg"),
-        vgs_grad_sq_avg=optimizer.add_variable((s,), initializer="zeros", dtype="float64", name="vgs_grad_sq_avg"),
+        segment_step=scalar((s,), "int64", "segment_step"),
+        grad_norm_ema=scalar((s,), "float64", "grad_norm_ema", noise_ema_init),
+        upgd_step=scalar((), "int64", "upgd_step"),
+        vgs_step=scalar((), "int64", "vgs_step"),
+        vgs_grad_mean_avg=scalar((s,), "float64", "vgs_grad_mean_avg"),
+        vgs_grad_sq_avg=scalar((s,), "float64", "vgs_grad_sq_avg"),
     )
+
+
+def scalar_values(variables, words: bool) -> list:
+    """The six scalar state variables' values as NumPy int64 / float64 (words joined)."""
+    out = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in variables]
+    if words:
+        out = [host_int(x) if np.dtype(kind) == np.int64 else host_float(x)
+               for x, kind in zip(out, ("int64", "float64", "int64", "int64", "float64", "float64"))]
+    return out

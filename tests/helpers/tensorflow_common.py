@@ -24,15 +24,13 @@ STATE_BUFFERS = ("utility", "first_moment", "second_moment")
 
 
 def keras_state(opt) -> dict:
-    """Copies of the Keras optimizer's state variables, by role."""
-    out = {}
-    for name, value in opt.state_variables().items():
-        out[name] = [np.array(v.numpy()) for v in value] if isinstance(value, list) else np.array(value.numpy())
-    return out
+    """Copies of the Keras optimizer's state variables, by role (64-bit values as int64 /
+    float64 on every backend)."""
+    return opt.state_values()
 
 
 def values(variables) -> list:
-    return [np.array(v.numpy()) for v in variables]
+    return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
 
 
 class CoreTwin:

@@ -250,15 +250,6 @@ def test_gradient_accumulation_steps_the_core_with_the_mean_gradient():
     assert int(keras_state(opt)["upgd_step"]) == 3
 
 
-def test_distribution_strategies_are_refused():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    with strategy.scope():
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-        model.compile(optimizer=AdaptiveUPGD(), loss="mse")
-    with pytest.raises(NotImplementedError, match="tf.distribute"):
-        model.fit(np.ones((8, 4), "float32"), np.ones((8, 1), "float32"), verbose=0)
-
-
 # --- sparse, missing and bad gradients ----------------------------------------------------
 
 
