@@ -73,17 +73,23 @@ def native_step(lr, values, grads, utility, first, second, scalars, *, present, 
             rounded = jnp.asarray(exact_lr, dtype=rate.dtype)
             lr = jnp.where(rate == rounded, jnp.asarray(exact_lr, dtype=jnp.float64), lr)
         hyper = [dict(h, lr=lr) for h in hyper]
-        grads = [g if p else jnp.zeros_like(v) for g, v, p in zip(grads, values, present)]
+        # 16-bit parameters step in float32 copies and are rounded once (specs/precision.md §2)
+        dtype = values[0].dtype
+        compute = jnp.float32 if jnp.dtype(dtype).itemsize == 2 else dtype
+        params = [v.astype(compute) for v in values]
+        grads = [g.astype(compute) if p else jnp.zeros_like(v) for g, v, p in zip(grads, params, present)]
         moments = (list(first), list(second)) if first else ([jnp.zeros_like(u) for u in utility],) * 2
         vgs_state = _ref.VGSState(wide["vgs_step"], wide["vgs_grad_mean_avg"], wide["vgs_grad_sq_avg"])
         if vgs is not None:  # scale -> two-pass step -> statistics update (specs/algorithm.md §1)
             factor, _ = _ref.vgs_scaling_factor(vgs_state, **vgs)
-            grads = _ref.vgs_scale(grads, factor, present)
+            # f g rounded to the parameter dtype, as the door does for 16-bit (specs/precision.md §2)
+            grads = [g.astype(dtype).astype(compute) for g in _ref.vgs_scale(grads, factor, present)]
         state = _ref.UPGDState(wide["upgd_step"], wide["segment_step"], list(utility), *moments,
                                wide["grad_norm_ema"])
-        normals = _normals(seed, state.step + 1, [tuple(v.shape) for v in values], values[0].dtype)
-        new_values, new, _ = _ref.adaptive_upgd_step(list(values), grads, state, normals, hyper, present=present,
+        normals = _normals(seed, state.step + 1, [tuple(v.shape) for v in values], compute)
+        new_params, new, _ = _ref.adaptive_upgd_step(params, grads, state, normals, hyper, present=present,
                                                      noise_norm=noise_norm, variant=variant)
+        new_values = [n.astype(dtype) for n in new_params]
         if vgs is not None:
             vgs_state = _ref.vgs_update(vgs_state, grads, beta=vgs["beta"], present=present)
         live = [i for i, p in enumerate(present) if p]
@@ -91,7 +97,7 @@ def native_step(lr, values, grads, utility, first, second, scalars, *, present, 
         def pick(xs):
             return [xs[i] for i in live]
 
-        ok = _all_finite(pick(grads), pick(values), pick(new_values), pick(new.utility),
+        ok = _all_finite(pick(grads), pick(params), pick(new_params), pick(new_values), pick(new.utility),
                          pick(new.first_moment) if first else [], pick(new.second_moment) if first else [],
                          [new.grad_norm_ema])
         keep = functools.partial(jnp.where, ok)  # a refused step leaves every array as it was

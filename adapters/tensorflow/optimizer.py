@@ -46,8 +46,9 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
     ``global_clipnorm``, ``use_ema``, ``loss_scale_factor``, ``gradient_accumulation_steps``,
     ``name``...); they act on the gradients before the core sees them.
 
-    Variables must all be float32 or all float64. Mixed precision (``mixed_float16``:
-    float16 compute, float32 variables) works; float16/bfloat16 *variables* are rejected.
+    Variables must all have one dtype: float32, float64, float16 or bfloat16 (16-bit ones
+    step in float32 with float32 state, ``specs/precision.md``). Mixed precision
+    (``mixed_float16``: float16 compute, float32 variables) works too.
 
     ``profile="paper"`` computes the original paper's Adam-style variant
     (``specs/algorithm.md`` §7; ``eps`` defaults to ``1e-5`` then). :class:`UPGD` and

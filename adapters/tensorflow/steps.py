@@ -49,8 +49,8 @@ def host_graph_step(opt, indices, dense, learning_rate):
     variables, utility, first, second, scalars = _state_lists(opt, indices)
     inputs = [tf.cast(tf.convert_to_tensor(learning_rate), tf.float64)]
     inputs += [tf.convert_to_tensor(v) for v in (*variables, *dense, *utility, *first, *second, *scalars)]
-    dtype = bridge.layout.dtype.name
-    out_types = [dtype] * ((4 if bridge.moments else 2) * len(indices)) + _SCALAR_TYPES
+    dtype, state = bridge.layout.dtype.name, bridge.state_layout.dtype.name
+    out_types = [dtype] * len(indices) + [state] * ((3 if bridge.moments else 1) * len(indices)) + _SCALAR_TYPES
 
     def run(lr, *arrays):
         # Runs at step time (also in graph mode): attribute edits and schedules apply.

@@ -13,11 +13,11 @@ from typing import Any, NamedTuple
 import keras
 import numpy as np
 
+from upgd_ref.precision import state_dtype
 from upgd_ref.adapters.jax.words import host_float, host_int, host_words
 
-#: The core also takes float16/bfloat16 buffers (specs/precision.md); this adapter's 16-bit
-#: variables are not wired to them yet, so it takes the core's wide dtypes only.
-SUPPORTED_VARIABLE_DTYPES = ("float32", "float64")
+#: 16-bit variables step in float32 with float32 ``u``, ``m``, ``v`` (specs/precision.md).
+SUPPORTED_VARIABLE_DTYPES = ("float32", "float64", "float16", "bfloat16")
 _STATE_NAMES = ("utility", "first_moment", "second_moment")
 
 
@@ -27,7 +27,7 @@ def variable_name(variable) -> str:
 
 
 def variables_dtype(owner: str, var_list) -> str:
-    """The one dtype of ``var_list`` (float32 or float64), checked: not empty, one supported
+    """The one dtype of ``var_list`` (one of ``SUPPORTED_VARIABLE_DTYPES``), checked: not empty, one supported
     dtype, fully defined shapes. ``owner``: the optimizer's class name, for messages."""
     if not var_list:
         raise ValueError(f"{owner} needs at least one variable to optimize")
@@ -36,9 +36,8 @@ def variables_dtype(owner: str, var_list) -> str:
     bad = [v for v in var_list if dtype_of[id(v)] not in SUPPORTED_VARIABLE_DTYPES]
     if bad:
         raise TypeError(
-            f"{owner} supports float32 and float64 variables; variable {variable_name(bad[0])!r} is "
-            f"{dtype_of[id(bad[0])]}. For float16 compute use the 'mixed_float16' dtype policy, which keeps "
-            "variables in float32."
+            f"{owner} supports {', '.join(SUPPORTED_VARIABLE_DTYPES)} variables; variable "
+            f"{variable_name(bad[0])!r} is {dtype_of[id(bad[0])]}"
         )
     if len(dtypes) > 1:
         raise TypeError(f"{owner} needs all variables in one dtype (the core runs one flat layout); got {dtypes}")
@@ -61,6 +60,17 @@ class StateVariables(NamedTuple):
     vgs_grad_sq_avg: Any  # float64 (S,): b_i
 
 
+def _state_variable(optimizer, variable, state_name):
+    """``u``, ``m`` or ``v`` of ``variable``: its shape, in ``state_dtype`` of its dtype
+    (float32 for 16-bit variables), named as ``add_variable_from_reference`` names them."""
+    dtype = state_dtype(keras.backend.standardize_dtype(variable.dtype)).name
+    if dtype == keras.backend.standardize_dtype(variable.dtype):
+        return optimizer.add_variable_from_reference(variable, name=state_name)
+    name = str(getattr(variable, "path", None) or variable.name).replace("/", "_").replace(":", "_")
+    name = f"{name}_{state_name}"
+    return optimizer.add_variable(tuple(variable.shape), initializer="zeros", dtype=dtype, name=name)
+
+
 def add_state_variables(optimizer: keras.optimizers.Optimizer, var_list, *, moments: bool,
                         noise_ema_init: float, words: bool = False) -> StateVariables:
     """Create the state variables of ``var_list`` on ``optimizer`` (its public ``add_variable``
@@ -68,8 +78,7 @@ def add_state_variables(optimizer: keras.optimizers.Optimizer, var_list, *, mome
     variables cannot hold 64-bit values): each int64 / float64 value is a trailing axis of its
     two uint32 words ``[lo, hi]`` (``specs/adapters-jax.md`` §5.1), same names and order."""
     utility, first_moment, second_moment = (
-        [optimizer.add_variable_from_reference(v, name=state_name) for v in var_list]
-        if state_name == "utility" or moments else []
+        [_state_variable(optimizer, v, state_name) for v in var_list] if state_name == "utility" or moments else []
         for state_name in _STATE_NAMES
     )
     s = len(var_list)
