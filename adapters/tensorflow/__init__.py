@@ -8,12 +8,12 @@ Normative description: ``specs/adapters-tensorflow.md``. In short:
   :class:`upgd_ref.UPGDW` and
   :class:`upgd_ref.VarianceGradientScaler` on a :class:`upgd_ref.FlatLayout` over the
   optimizer's variables, in their order). This package moves arrays and nothing else.
-- The bridge is a ``tf.numpy_function``: one host call per step receives the present
-  variables' values and gradients plus the optimizer state (all of it held in Keras
-  variables, so ``model.save``, ``keras.saving.load_model`` and ``tf.train.Checkpoint``
-  carry it), runs scale -> two-pass step -> statistics update, and returns the new values,
-  which are assigned to the variables. It works eagerly and inside ``model.fit`` (graph
-  mode); XLA (``jit_compile=True``) cannot compile it and is rejected with a clear error.
+- Two paths run a step (``specs/adapters-tensorflow.md`` §3.3). The *host* path (TensorFlow
+  without XLA, torch): the present variables' arrays go to the core classes (on TensorFlow
+  through one ``tf.numpy_function``), bit-identical to the core API. The *native* path
+  (TensorFlow under XLA or a ``tf.distribute`` strategy, JAX): the reference on
+  ``jax.numpy`` (TensorFlow ops through ``jax2tf``), compiled with the model. All state is
+  held in Keras variables, so ``model.save`` / ``keras.saving.load_model`` carry it.
 - The noise is ``upgd_ref.noise(layout, seed, step)``: the core draws it.
 
 Example::
@@ -28,7 +28,9 @@ Modules, each with one reason to change:
 
 * :mod:`.settings`: :class:`VGSConfig` and the other settings that are not step hyper-parameters;
 * :mod:`.variables`: the variables the optimizer takes and the state variables it creates;
-* :mod:`.bridge`: the host side of the ``tf.numpy_function``, one core step;
+* :mod:`.bridge`: the host side of a step: NumPy in, one core step, NumPy out;
+* :mod:`.native`: the native step, one pure JAX function of the arrays;
+* :mod:`.steps`: each backend's way into the bridge or the native step;
 * :mod:`.optimizer`: :class:`AdaptiveUPGD`, the Keras optimizer the family members share;
 * :mod:`.members`: the constructors of :class:`UPGD` and :class:`UPGDW`.
 """
@@ -41,10 +43,10 @@ if int(keras.__version__.split(".")[0]) < 3:  # pragma: no cover - depends on th
     raise ImportError(
         f"upgd_ref.adapters.tensorflow needs Keras 3 (TensorFlow >= 2.16); found keras {keras.__version__}"
     )
-if keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on KERAS_BACKEND
+if keras.backend.backend() not in ("tensorflow", "jax", "torch"):  # pragma: no cover - KERAS_BACKEND
     raise ImportError(
-        "upgd_ref.adapters.tensorflow needs the TensorFlow Keras backend "
-        f"(KERAS_BACKEND=tensorflow); the active backend is {keras.backend.backend()!r}"
+        "upgd_ref.adapters.tensorflow needs the TensorFlow, JAX or torch Keras backend; "
+        f"the active backend is {keras.backend.backend()!r}"
     )
 
 # After the checks: the modules below define Keras 3 classes on the TensorFlow backend.

@@ -12,6 +12,7 @@ import numpy as np
 from upgd_ref import FlatLayout
 from upgd_ref.hyperparams import segment_hyperparams, validate_vgs
 from upgd_ref.optimizer import StepInfo
+from upgd_ref.precision import state_dtype
 from upgd_ref.state import FlatUPGDState, FlatVGSState
 from upgd_ref.step import StepRequest, VGSRequest, upgd_step, vgs_factor
 
@@ -33,6 +34,8 @@ class CoreBridge:
 
     def __init__(self, shapes, dtype, names, make_core, *, moments=True):
         self.layout = FlatLayout(shapes, dtype=dtype)
+        # u, m, v: float32 for 16-bit parameters (specs/precision.md §3), at the same offsets
+        self.state_layout = self.layout.widened(state_dtype(dtype))
         self.names = tuple(names)
         self.core = make_core(self.layout)  # a core class of the family, with its variant
         self.moments = moments  # False: no moment variables cross the bridge (UPGD)
@@ -41,9 +44,10 @@ class CoreBridge:
         # The only buffer reused between calls: gradients are never handed back to TF.
         self.grad_buffer = self.layout.zeros()
 
-    def _flat(self, indices, arrays):
-        """A fresh aligned flat buffer holding ``arrays`` at segments ``indices`` (0 elsewhere)."""
-        layout = self.layout
+    def _flat(self, indices, arrays, layout=None):
+        """A fresh aligned flat buffer of ``layout`` (default: the parameters') holding
+        ``arrays`` at segments ``indices`` (0 elsewhere)."""
+        layout = self.layout if layout is None else layout
         flat = layout.zeros()
         for i, array in zip(indices, arrays):
             flat[layout.segment_slice(i)] = np.reshape(array, (-1,))
@@ -94,9 +98,9 @@ class CoreBridge:
             state = FlatUPGDState(
                 step=int(step),
                 segment_step=np.array(segment_step, dtype=np.int64),
-                utility=self._flat(indices, utility),
-                first_moment=self._flat(indices, first),
-                second_moment=self._flat(indices, second),
+                utility=self._flat(indices, utility, self.state_layout),
+                first_moment=self._flat(indices, first, self.state_layout),
+                second_moment=self._flat(indices, second, self.state_layout),
                 grad_norm_ema=np.array(grad_norm_ema, dtype=np.float64),
                 skipped_steps=self.skipped_steps,
             )

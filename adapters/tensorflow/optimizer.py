@@ -5,12 +5,8 @@ present gradients to :class:`~.bridge.CoreBridge` in one ``tf.numpy_function``."
 
 from __future__ import annotations
 
-import numpy as np
-
-# Absolute imports: this package is ``upgd_ref.adapters.tensorflow``; these are the real
-# TensorFlow and Keras packages.
-import tensorflow as tf
 import keras
+import numpy as np
 
 from upgd_ref import AdaptiveUPGD as CoreAdaptiveUPGD
 from upgd_ref import FlatLayout
@@ -20,13 +16,13 @@ from upgd_ref.hyperparams import UPGD_DEFAULTS
 from upgd_ref.step import check_noise_norm, check_seed
 
 from .bridge import CoreBridge
+from .steps import host_eager_step, host_graph_step, native_graph_step
 from .settings import validated_vgs
-from .variables import add_state_variables, variable_name, variables_dtype
+from .native import SCALARS as SCALAR_NAMES
+from .variables import add_state_variables, scalar_values, variable_name, variables_dtype
 
-try:  # TensorFlow-internal, stable since TF 1.x; used only to give XLA a clear error.
-    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla_context
-except ImportError:  # pragma: no cover
-    _in_xla_context = None
+STEP_PATHS = ("auto", "host", "native")
+
 
 # The hyper-parameters the core re-reads at every step (specs/algorithm.md §3.1), with the
 # Keras names: Keras calls the learning rate ``learning_rate``.
@@ -50,8 +46,9 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
     ``global_clipnorm``, ``use_ema``, ``loss_scale_factor``, ``gradient_accumulation_steps``,
     ``name``...); they act on the gradients before the core sees them.
 
-    Variables must all be float32 or all float64. Mixed precision (``mixed_float16``:
-    float16 compute, float32 variables) works; float16/bfloat16 *variables* are rejected.
+    Variables must all have one dtype: float32, float64, float16 or bfloat16 (16-bit ones
+    step in float32 with float32 state, ``specs/precision.md``). Mixed precision
+    (``mixed_float16``: float16 compute, float32 variables) works too.
 
     ``profile="paper"`` computes the original paper's Adam-style variant
     (``specs/algorithm.md`` §7; ``eps`` defaults to ``1e-5`` then). :class:`UPGD` and
@@ -92,7 +89,8 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         variant = self._MEMBER.variant(profile)
         core_values = {self._ATTRIBUTES[attr]: value for attr, value in values.items()}
         # A schedule, callable or tensor is Keras' to check; anything else is a number (or not).
-        deferred = callable(learning_rate) or tf.is_tensor(learning_rate) or isinstance(learning_rate, keras.Variable)
+        deferred = (callable(learning_rate) or keras.ops.is_tensor(learning_rate)
+                    or isinstance(learning_rate, keras.Variable))
         hyper = self._MEMBER.hyperparams(dict(
             core_values, lr=UPGD_DEFAULTS["lr"] if deferred else learning_rate,
         ), profile)
@@ -100,6 +98,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         vgs_settings = validated_vgs(vgs)
         seed = check_seed(seed)
         nonfinite = check_nonfinite_policy(nonfinite)
+        step_path = check_step_path(kwargs.pop("step_path", "auto"))
         if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)  # Keras accepts only floats
         # Keras's own decoupled decay stays off: the core applies ``weight_decay``.
@@ -113,6 +112,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         self._seed = seed
         self._vgs = vgs_settings
         self._nonfinite = nonfinite
+        self._step_path = step_path
         self._bridge = None
 
     # --- learning rate --------------------------------------------------------------------
@@ -124,6 +124,11 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
     def _remember_learning_rate(self, learning_rate):
         exact = isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
         self._exact_learning_rate = float(learning_rate) if exact else None
+
+    def _exact_rate(self):
+        """The float the learning rate variable was set from, while it may still hold it
+        (the native path compares in the step), else ``None``."""
+        return self._exact_learning_rate if isinstance(self._learning_rate, keras.Variable) else None
 
     def _exact_if_unchanged(self, value: float) -> float:
         """``value`` (the learning rate tensor's value) or the float it was rounded from."""
@@ -176,6 +181,12 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         return self._nonfinite
 
     @property
+    def step_path(self) -> str:
+        """``"auto"``, ``"host"`` or ``"native"``: which path runs the step
+        (``specs/adapters-tensorflow.md`` §3; fixed for the optimizer's lifetime)."""
+        return self._step_path
+
+    @property
     def layout(self) -> FlatLayout:
         """The core layout of the variables (built optimizers only)."""
         self._require_built("layout")
@@ -194,6 +205,7 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
             config["learning_rate"] = self._exact_if_unchanged(config["learning_rate"])
         config.update({attr: getattr(self, attr) for attr in self._ATTRIBUTES})
         config.update(vgs=self.vgs, seed=self.seed, noise_norm=self.noise_norm, nonfinite=self.nonfinite,
+                      step_path=self.step_path,
                       **self._extra_config())
         return config
 
@@ -230,11 +242,27 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         moments = self._MEMBER.moments == "adam"  # UPGD keeps no moment variables
         (self._utility, self._first_moment, self._second_moment, self._segment_step, self._grad_norm_ema,
          self._upgd_step, self._vgs_step, self._vgs_grad_mean_avg, self._vgs_grad_sq_avg) = add_state_variables(
-            self, var_list, moments=moments, noise_ema_init=self.noise_ema_init)
+            self, var_list, moments=moments, noise_ema_init=self.noise_ema_init,
+            words=keras.backend.backend() == "jax")
         self._bridge = CoreBridge(
             [tuple(int(d) for d in v.shape) for v in var_list], dtype, [variable_name(v) for v in var_list],
             self._make_core, moments=moments,
         )
+
+    def state_values(self) -> dict:
+        """The state by role as NumPy arrays (:meth:`state_variables`' roles; on the JAX
+        backend the uint32 words joined into int64 / float64 values)."""
+        roles = self.state_variables()
+        out = {name: [np.array(keras.ops.convert_to_numpy(v.value)) for v in roles.pop(name)]
+               for name in ("utility", "first_moment", "second_moment") if name in roles}
+        out.update(zip(SCALAR_NAMES, scalar_values(self.scalar_variables(), keras.backend.backend() == "jax")))
+        return out
+
+    def scalar_variables(self) -> tuple:
+        """The six per-segment and global state variables, in their order
+        (``segment_step, grad_norm_ema, upgd_step, vgs_step, vgs_grad_mean_avg, vgs_grad_sq_avg``)."""
+        return (self._segment_step, self._grad_norm_ema, self._upgd_step, self._vgs_step, self._vgs_grad_mean_avg,
+                self._vgs_grad_sq_avg)
 
     def _require_built(self, what):
         if self._bridge is None:
@@ -266,69 +294,71 @@ class AdaptiveUPGD(keras.optimizers.Optimizer):
         )
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        """All present gradients at once -> one core step -> assign the results."""
-        if tf.distribute.has_strategy():
-            raise NotImplementedError(
-                "AdaptiveUPGD (TensorFlow adapter) does not support tf.distribute strategies; "
-                "train on one device without a strategy scope"
-            )
-        in_graph = not tf.executing_eagerly()
-        if in_graph and _in_xla_context is not None and _in_xla_context(tf.compat.v1.get_default_graph()):
-            raise ValueError(
-                "AdaptiveUPGD runs the upgd_ref core through tf.numpy_function, which XLA cannot compile; "
-                "use model.compile(..., jit_compile=False) (jit_compile='auto' turns XLA on when a GPU is visible)"
-            )
-        bridge = self._bridge
+        """All present gradients at once -> one step (host or native path) -> assign the results."""
+        if keras.backend.backend() == "tensorflow":
+            # Under a tf.distribute strategy each replica sums the replicas' gradients (Keras's
+            # own all-reduce) and runs the same deterministic step on its copy of the variables.
+            grads = [g for g, _ in self._all_reduce_sum_gradients(zip(grads, trainable_variables))]
         indices = [self._get_variable_index(v) for v in trainable_variables]
         if len(set(indices)) != len(indices):
             raise ValueError("apply_gradients got the same variable twice")
         order = sorted(range(len(indices)), key=indices.__getitem__)
         indices = [indices[k] for k in order]
         dense = [self._dense_gradient(grads[k], indices[j]) for j, k in enumerate(order)]
-        variables = [self._trainable_variables[i] for i in indices]
-        utility = [self._utility[i] for i in indices]
-        first = [self._first_moment[i] for i in indices] if bridge.moments else []
-        second = [self._second_moment[i] for i in indices] if bridge.moments else []
-        scalars = [self._segment_step, self._grad_norm_ema, self._upgd_step, self._vgs_step,
-                   self._vgs_grad_mean_avg, self._vgs_grad_sq_avg]
-        inputs = [tf.cast(tf.convert_to_tensor(learning_rate), tf.float64)]
-        inputs += [tf.convert_to_tensor(v) for v in (*variables, *dense, *utility, *first, *second, *scalars)]
-        dtype = bridge.layout.dtype.name
-        out_types = [dtype] * ((4 if bridge.moments else 2) * len(indices)) + ["int64", "float64", "int64", "int64", "float64", "float64"]
+        if self._path_now() == "native":
+            native_graph_step(self, indices, dense, learning_rate)
+        elif keras.backend.backend() == "tensorflow":
+            host_graph_step(self, indices, dense, learning_rate)
+        else:
+            host_eager_step(self, indices, dense, learning_rate)
 
-        def run(lr, *arrays):
-            # Runs at step time (also in graph mode): attribute edits and schedules apply.
-            lr = self._exact_if_unchanged(float(lr))
-            return bridge.step(indices, self._param_groups(), self.vgs, lr, *arrays)
+    def _path_now(self) -> str:
+        """The path of this step (``specs/adapters-tensorflow.md`` §3): ``step_path``, or for
+        ``"auto"`` the host path unless the backend or the context needs the native one (JAX;
+        TensorFlow under XLA or a ``tf.distribute`` strategy)."""
+        backend = keras.backend.backend()
+        if self._step_path != "auto":
+            return self._step_path
+        if backend == "jax":
+            return "native"
+        if backend == "tensorflow":
+            import tensorflow as tf
+            # TensorFlow-internal, stable since TF 1.x: is the graph being built compiled by XLA?
+            from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
 
-        outputs = tf.numpy_function(run, inputs, [tf.as_dtype(t) for t in out_types], stateful=True,
-                                    name="upgd_ref_core_step")
-        targets = [*variables, *utility, *first, *second, *scalars]
-        for target, value in zip(targets, outputs):
-            value.set_shape(target.shape)
-            target.assign(value)
-        if in_graph:
-            # In a graph, Keras's ``iterations.assign_add(1)`` (after this method) shares no
-            # data with the step and could run even when the core raised. An op on the same
-            # variable that waits for the step orders it after the step (tf.function keeps
-            # program order per resource), so a failed step leaves ``iterations`` unchanged.
-            with tf.control_dependencies(outputs):
-                self._iterations.assign_add(tf.zeros((), dtype=self._iterations.dtype))
+            in_xla = not tf.executing_eagerly() and GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+            return "native" if in_xla or tf.distribute.has_strategy() else "host"
+        return "host"
 
     def _dense_gradient(self, grad, index):
         """The gradient as a dense tensor of the variable's dtype (IndexedSlices are summed
         into a dense tensor, duplicates added, as TensorFlow's own conversion does)."""
         variable = self._trainable_variables[index]
-        if isinstance(grad, tf.IndexedSlices):
-            grad = tf.convert_to_tensor(grad)
-        elif isinstance(grad, tf.SparseTensor):
-            grad = tf.sparse.to_dense(grad)
-        grad = tf.convert_to_tensor(grad)
-        if tuple(grad.shape) != tuple(variable.shape) and grad.shape.is_fully_defined():
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            if isinstance(grad, tf.IndexedSlices):
+                grad = tf.convert_to_tensor(grad)
+            elif isinstance(grad, tf.SparseTensor):
+                grad = tf.sparse.to_dense(grad)
+        grad = keras.ops.convert_to_tensor(grad)
+        if tuple(grad.shape) != tuple(variable.shape) and None not in tuple(grad.shape):
             raise ValueError(
                 f"gradient for variable {variable_name(variable)!r} has shape {tuple(grad.shape)}, "
                 f"the variable has {tuple(variable.shape)}"
             )
-        if not grad.dtype.is_floating:
-            raise TypeError(f"gradient for variable {variable_name(variable)!r} has dtype {grad.dtype.name}")
-        return tf.cast(grad, variable.dtype)
+        dtype = keras.backend.standardize_dtype(grad.dtype)
+        if not keras.backend.is_float_dtype(dtype):
+            raise TypeError(f"gradient for variable {variable_name(variable)!r} has dtype {dtype}")
+        return keras.ops.cast(grad, variable.dtype)
+
+
+def check_step_path(step_path) -> str:
+    """``step_path`` checked against the backend: the native path needs JAX (TensorFlow or JAX
+    backends), the host path a host array (TensorFlow or torch)."""
+    if step_path not in STEP_PATHS:
+        raise ValueError(f"step_path must be one of {STEP_PATHS}, got {step_path!r}")
+    backend = keras.backend.backend()
+    if (step_path, backend) in (("native", "torch"), ("host", "jax")):
+        raise ValueError(f"step_path={step_path!r} is not available on the Keras {backend} backend")
+    return step_path

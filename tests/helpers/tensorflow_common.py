@@ -18,21 +18,20 @@ import upgd_ref  # noqa: E402
 from upgd_ref import reference as ref  # noqa: E402
 from upgd_ref import tolerances  # noqa: E402
 from upgd_ref.hyperparams import UPGD_DEFAULTS  # noqa: E402
+from upgd_ref.precision import is_low_precision  # noqa: E402
 
 UPGD_KEYS = tuple(k for k in UPGD_DEFAULTS if k != "lr")
 STATE_BUFFERS = ("utility", "first_moment", "second_moment")
 
 
 def keras_state(opt) -> dict:
-    """Copies of the Keras optimizer's state variables, by role."""
-    out = {}
-    for name, value in opt.state_variables().items():
-        out[name] = [np.array(v.numpy()) for v in value] if isinstance(value, list) else np.array(value.numpy())
-    return out
+    """Copies of the Keras optimizer's state variables, by role (64-bit values as int64 /
+    float64 on every backend)."""
+    return opt.state_values()
 
 
 def values(variables) -> list:
-    return [np.array(v.numpy()) for v in variables]
+    return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
 
 
 class CoreTwin:
@@ -99,7 +98,11 @@ def contract_violation(opt, layout, before_params, before_state, grads, present,
         vgs_state = ref.VGSState(np.int64(before_state["vgs_step"]), before_state["vgs_grad_mean_avg"],
                                  before_state["vgs_grad_sq_avg"])
         factor, _ = ref.vgs_scaling_factor(vgs_state, **config["vgs"])
-        grads = ref.vgs_scale(grads, float(factor), present)
+        if is_low_precision(layout.dtype):  # f g in float32, rounded once to the 16-bit dtype (precision.md §2)
+            grads = [g.astype(layout.dtype) for g in ref.vgs_scale([g.astype(np.float32) for g in grads],
+                                                                   float(factor), present)]
+        else:
+            grads = ref.vgs_scale(grads, float(factor), present)
     start = ref.UPGDState(
         step=np.int64(before_state["upgd_step"]), segment_step=before_state["segment_step"],
         utility=before_state["utility"], first_moment=before_state["first_moment"],
@@ -109,13 +112,18 @@ def contract_violation(opt, layout, before_params, before_state, grads, present,
     normals = layout.unpack(upgd_ref.noise(layout, config["seed"], step, dtype="float64"))
     truth, scales = tolerances.upgd_step_scales(before_params, grads, start, normals, hyper, present=present,
                                                 noise_norm=config["noise_norm"])
-    bounds = tolerances.upgd_step_bounds(scales, layout.dtype, layout.sizes)
+    # 16-bit parameters: the float32 step's bounds, then one rounding (specs/tolerances.md §2a)
+    low = is_low_precision(layout.dtype)
+    bounds = tolerances.upgd_step_bounds(scales, "float32" if low else layout.dtype, layout.sizes)
     new_params, new_state, _ = truth
     worst = 0.0
     for i, is_present in enumerate(present):
         if not is_present:
             continue
-        worst = max(worst, tolerances.max_violation(after_params[i], new_params[i], bounds["params"][i]))
+        bound = bounds["params"][i]
+        if low:
+            bound = tolerances.low_precision_bound(after_params[i], new_params[i], bound, layout.dtype)
+        worst = max(worst, tolerances.max_violation(after_params[i], new_params[i], bound))
         for name in STATE_BUFFERS:
             worst = max(worst, tolerances.max_violation(after_state[name][i], getattr(new_state, name)[i],
                                                         bounds[name][i]))
