@@ -82,7 +82,8 @@ def array_module(x):
 
 def rounding_words(seed: int, step: int, start: int, count: int, xp=np):
     """The 32-bit words of the rounding stream at noise indices ``start .. start + count - 1``,
-    step ``T``: uint32 ``(count,)``. One Philox block gives the words of four indices."""
+    step ``T``: uint32 ``(count,)``. One Philox block gives the words of four indices.
+    ``seed`` and ``step`` may also be uint64 scalar arrays of ``xp`` (a traced JAX step)."""
     if count == 0:
         return xp.zeros(0, dtype=xp.uint32)
     first = start // 4
@@ -95,10 +96,11 @@ def rounding_words(seed: int, step: int, start: int, count: int, xp=np):
     return words[skip : skip + count]
 
 
-def round_stochastic(values, dtype, words):
+def round_stochastic(values, dtype, words, xp=None):
     """``values`` (float32, finite) stochastically rounded to ``dtype`` by ``words``
-    (uint32, one per element): the module's definition."""
-    xp = array_module(values)
+    (uint32, one per element): the module's definition. ``xp``: the array namespace (default
+    NumPy, or CuPy for a CuPy array; the JAX adapter passes ``jax.numpy``)."""
+    xp = array_module(values) if xp is None else xp
     dtype = np.dtype(dtype)
     near = values.astype(dtype)
     x = values.astype(np.float64)

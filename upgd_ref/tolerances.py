@@ -46,6 +46,7 @@ __all__ = [
     "max_violation",
     "ROUNDING_ULPS_16",
     "low_precision_bound",
+    "update_convention_bound",
     "ulps",
 ]
 
@@ -187,6 +188,17 @@ def low_precision_bound(candidate, truth, float32_bound, dtype) -> np.ndarray:
     b = np.asarray(float32_bound, dtype=np.float64)
     magnitude = np.maximum(np.abs(np.asarray(candidate, dtype=np.float64)), np.abs(np.asarray(truth, dtype=np.float64)))
     return ROUNDING_ULPS_16 * spacing(magnitude + b, dtype) + b
+
+
+def update_convention_bound(params, updates, new_params, dtype) -> np.ndarray:
+    """The extra error of 16-bit parameters stepped through an update ``d = fl_P(P - p)``
+    applied as ``q = fl_P(p + d)`` (optax's convention, ``specs/tolerances.md`` §2a):
+    0 where ``|d| < |p| / 2`` (then ``|P - p| < |p| / 2``, as ``|p| / 2`` is a value of ``P``
+    and rounding is monotone, so ``P - p`` is exact by Sterbenz and ``q = P``), else
+    ``(ulp_P(d) + ulp_P(q)) / 2``, the two roundings."""
+    p, d, q = (np.abs(np.asarray(x, dtype=np.float64)) for x in (params, updates, new_params))
+    extra = (spacing(d, dtype) + spacing(q, dtype)) / 2
+    return np.where(d < p / 2, 0.0, extra)
 
 
 def ulps(candidate, truth, dtype) -> float:

@@ -42,6 +42,7 @@ Modules, each with one reason to change:
 
 * :mod:`.leaves`: the float64 scope, eager or traced, the checks of leaves;
 * :mod:`.normals`: the core's noise generator on ``jax.numpy``, bit for bit;
+* :mod:`.precision`: 16-bit leaves (float32 compute, one rounding, the state dtype);
 * :mod:`.hyper`: hyper-parameters as Python numbers or (traced) arrays, the seed as key words;
 * :mod:`.words`: 64-bit values as uint32 word pairs (states without ``jax_enable_x64``);
 * :mod:`.state`: the optax state records, :func:`state_values` and :func:`restore_state`;
@@ -52,7 +53,7 @@ Modules, each with one reason to change:
 
 from .family import adaptive_upgd, upgd, upgdw
 from .kernel_buffers import BACKENDS
-from .leaves import SUPPORTED_DTYPES, x64_scope
+from .leaves import LEAF_DTYPES, SUPPORTED_DTYPES, x64_scope
 from .normals import noise, standard_normals
 from .scaler import variance_gradient_scaler
 from .state import AdaptiveUPGDState, VarianceGradientScalerState, restore_state, state_values
@@ -71,6 +72,7 @@ __all__ = [
     "x64_scope",
     "BACKENDS",
     "SUPPORTED_DTYPES",
+    "LEAF_DTYPES",
 ]
 
 # Pickles and reprs of the states name the public path, as before the split into modules.

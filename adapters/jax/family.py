@@ -15,6 +15,7 @@ from upgd_ref.backends import check_backend_name as _check_core_backend
 from upgd_ref.checks import check_nonfinite_policy
 from upgd_ref.family import MEMBERS
 from upgd_ref.hyperparams import UPGD_DEFAULTS, validate_upgd
+from upgd_ref.precision import check_rounding
 from upgd_ref.state import FlatUPGDState
 from upgd_ref.step import StepRequest, check_noise_norm, upgd_step
 
@@ -25,6 +26,7 @@ from .leaves import (
     where_finite, x64_scope,
 )
 from .normals import leaf_normals
+from .precision import check_state_dtype, computed, rounded, rounded_params, state_dtype_of
 from .state import (
     AdaptiveUPGDState, check_words, from_leaf_lists, host_state, narrow_fields, state_values, to_leaf_lists,
     wide_fields,
@@ -50,8 +52,8 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
                   min_noise_std=UPGD_DEFAULTS["min_noise_std"],
                   instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
                   noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *,
-                  backend="native", kernel_backend="auto",
-                  profile="production", nonfinite="raise") -> optax.GradientTransformationExtraArgs:
+                  backend="native", kernel_backend="auto", profile="production", nonfinite="raise",
+                  state_dtype=None, rounding="nearest") -> optax.GradientTransformationExtraArgs:
     """AdaptiveUPGD (``specs/algorithm.md`` §3) as an optax transformation.
 
     Hyper-parameters and defaults as :class:`upgd_ref.AdaptiveUPGD` (``learning_rate`` is
@@ -66,6 +68,13 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     ``skipped_steps``) under ``"skip"``, and under ``jax.jit`` for ``"raise"`` too (no host
     round trip can raise there); an eager call with ``"raise"`` raises
     :class:`~upgd_ref.checks.NonFiniteStepError` naming the field and leaf.
+
+    Leaves may be float16, bfloat16, float32 or float64, mixed in one tree; updates have each
+    leaf's dtype. A 16-bit leaf is stepped in float32 and its new value rounded once
+    (``specs/adapters-jax.md`` §5.2): ``rounding="nearest"`` (default) or ``"stochastic"``
+    (the core's reproducible rounding stream). ``state_dtype``: ``None`` (default; ``u``,
+    ``m``, ``v`` in float32 for 16-bit leaves, optax's ``mu_dtype=jnp.float32``) or
+    ``"params"`` (in each leaf's dtype, rounded to nearest after each step).
     """
     hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2)
     if eps is not None:  # None: the profile's default (the paper's 1e-5 under "paper")
@@ -73,45 +82,49 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     return _upgd_family("adaptive_upgd", "AdaptiveUPGD", profile, learning_rate, dict(hyper, **noisy), noise_norm,
-                        seed, backend, kernel_backend, nonfinite)
+                        seed, backend, kernel_backend, nonfinite, state_dtype, rounding)
 
 
 def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
          adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
          min_noise_std=UPGD_DEFAULTS["min_noise_std"], instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
          noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *, backend="native",
-         kernel_backend="auto", profile="production", nonfinite="raise") -> optax.GradientTransformationExtraArgs:
+         kernel_backend="auto", profile="production", nonfinite="raise", state_dtype=None,
+         rounding="nearest") -> optax.GradientTransformationExtraArgs:
     """Plain UPGD (no moments; ``specs/algorithm.md`` §7) as an optax transformation.
 
     The step of :class:`upgd_ref.UPGD`: ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)``;
     ``profile="paper"`` gives the paper's plain UPGD. The state has the same fields as
-    :func:`adaptive_upgd`'s; ``first_moment`` and ``second_moment`` stay zero.
+    :func:`adaptive_upgd`'s; ``first_moment`` and ``second_moment`` stay zero. Leaf dtypes,
+    ``state_dtype`` and ``rounding`` as :func:`adaptive_upgd`.
     """
     hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     # beta1, beta2, eps are unused without moments: the library defaults fill the validated dict.
     return _upgd_family("upgd", "UPGD", profile, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
-                        kernel_backend, nonfinite)
+                        kernel_backend, nonfinite, state_dtype, rounding)
 
 
 def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sigma=0.001,
           adaptive_noise=UPGD_DEFAULTS["adaptive_noise"], noise_beta=UPGD_DEFAULTS["noise_beta"],
           min_noise_std=UPGD_DEFAULTS["min_noise_std"], instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
           noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *, backend="native",
-          kernel_backend="auto", nonfinite="raise") -> optax.GradientTransformationExtraArgs:
+          kernel_backend="auto", nonfinite="raise", state_dtype=None,
+          rounding="nearest") -> optax.GradientTransformationExtraArgs:
     """UPGDW (``specs/algorithm.md`` §7) as an optax transformation: AdaptiveUPGD with the
     production UPGDW defaults and the utility decay tied to ``b2`` (``beta_utility = b2``),
-    the step of :class:`upgd_ref.UPGDW`. ``b1``, ``b2``: optax's names for ``betas``."""
+    the step of :class:`upgd_ref.UPGDW`. ``b1``, ``b2``: optax's names for ``betas``. Leaf
+    dtypes, ``state_dtype`` and ``rounding`` as :func:`adaptive_upgd`."""
     hyper = dict(weight_decay=weight_decay, sigma=sigma, beta1=b1, beta2=b2, eps=eps)  # beta_utility: tied to b2
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     return _upgd_family("upgdw", "UPGDW", "production", learning_rate, dict(hyper, **noisy), noise_norm, seed,
-                        backend, kernel_backend, nonfinite)
+                        backend, kernel_backend, nonfinite, state_dtype, rounding)
 
 
 def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, backend,
-                 kernel_backend, nonfinite) -> optax.GradientTransformationExtraArgs:
+                 kernel_backend, nonfinite, state_dtype, rounding) -> optax.GradientTransformationExtraArgs:
     """The optax transformation of one UPGD family member (``variant``, ``specs/algorithm.md``
     §7): the native path runs :func:`upgd_ref.reference.adaptive_upgd_step` with ``variant``,
     the kernel path :func:`upgd_ref.step.upgd_step` on flat buffers packed from the leaves."""
@@ -124,6 +137,12 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
     nonfinite = check_nonfinite_policy(nonfinite)
+    state_dtype = check_state_dtype(state_dtype)
+    rounding = check_rounding(rounding)
+
+    def state_dtypes(leaves):
+        """The dtype of ``u``, ``m``, ``v`` per leaf (``specs/adapters-jax.md`` §5.2)."""
+        return [state_dtype_of(leaf.dtype, state_dtype) for leaf in leaves]
 
     def hyper_at(count, arrays):
         """The step's hyper-parameters: the validated Python values, the array ones (float64)
@@ -147,19 +166,26 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
             if not leaves:  # optax's params placeholder (tree_map_params): the params-shaped fields are it
                 return narrow_fields(AdaptiveUPGDState(zero, jnp.zeros((0,), jnp.int64), params, params, params, ema,
                                                        zero, seed))
-            state = narrow_fields(_ref.upgd_init(leaves, [0.0] * len(leaves))._replace(grad_norm_ema=ema))
+            zeros = [jnp.zeros(leaf.shape, dtype) for leaf, dtype in zip(leaves, state_dtypes(leaves))]
+            state = narrow_fields(_ref.upgd_init(zeros, [0.0] * len(leaves))._replace(grad_norm_ema=ema))
             return from_leaf_lists(state, jax.tree_util.tree_structure(params), split_int(zero), seed)
 
     def step(grads, params, state, arrays):
-        """The family step on leaf lists: ``(updates, new core state)``, not yet checked."""
+        """The family step on leaf lists: ``(updates, new core state)``, not yet checked. 16-bit
+        leaves (and a 16-bit state) step in float32 copies; the results are rounded once."""
         with x64_scope():
             state = wide_fields(state)
             per_leaf = [hyper_at(state.count, arrays)] * len(params)
-            normals = leaf_normals(params, state.seed, state.count + 1)
-            core = _ref.UPGDState(state.count, state.segment_step, state.utility, state.first_moment,
-                                  state.second_moment, state.grad_norm_ema)
-            new_params, new, _ = _ref.adaptive_upgd_step(params, grads, core, normals, per_leaf,
+            wide = computed(params)
+            normals = leaf_normals(wide, state.seed, state.count + 1)
+            core = _ref.UPGDState(state.count, state.segment_step, computed(state.utility),
+                                  computed(state.first_moment), computed(state.second_moment), state.grad_norm_ema)
+            new_params, new, _ = _ref.adaptive_upgd_step(wide, computed(grads), core, normals, per_leaf,
                                                          noise_norm=noise_norm, variant=variant)
+            new_params = rounded_params(new_params, params, rounding, state.seed, state.count + 1)
+            new = new._replace(utility=rounded(new.utility, state.utility),
+                               first_moment=rounded(new.first_moment, state.first_moment),
+                               second_moment=rounded(new.second_moment, state.second_moment))
         return [n - p for n, p in zip(new_params, params)], new
 
     @jax.jit
@@ -183,25 +209,26 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
     def kernels(grads, params, state, arrays):
         check_eager("kernels", grads, params, state)
         layout = kernel_layout(params)
+        state_layout = layout.widened(state_dtypes(params)[0])  # u, m, v: float32 for 16-bit params
         host = state_values(state)
         values = {k: np.asarray(v).item() for k, v in hyper_at(host.count, arrays).items()}
         flat = FlatUPGDState(
             step=int(host.count),
             segment_step=host.segment_step.copy(),
-            utility=pack_leaves(layout, state.utility),
-            first_moment=pack_leaves(layout, state.first_moment),
-            second_moment=pack_leaves(layout, state.second_moment),
+            utility=pack_leaves(state_layout, state.utility),
+            first_moment=pack_leaves(state_layout, state.first_moment),
+            second_moment=pack_leaves(state_layout, state.second_moment),
             grad_norm_ema=host.grad_norm_ema.copy(),
             skipped_steps=int(host.skipped_steps),
         )
         request = StepRequest(hyper=[validate_upgd(values)] * layout.num_segments, seed=host.seed,
-                              noise_norm=noise_norm, variant=variant, nonfinite=nonfinite)
+                              noise_norm=noise_norm, variant=variant, nonfinite=nonfinite, rounding=rounding)
         flat_params = pack_leaves(layout, params)
         old_params = flat_params.copy()
         upgd_step(layout, flat_params, pack_leaves(layout, grads), flat, request, backend=kernel_backend)
         np.subtract(flat_params, old_params, out=flat_params)  # the optax update, in place
         new = host_state(_ref.UPGDState, step=np.int64(flat.step), segment_step=flat.segment_step,
-                         **{name: [jax_view(v) for v in layout.unpack(getattr(flat, name))]
+                         **{name: [jax_view(v) for v in state_layout.unpack(getattr(flat, name))]
                             for name in FlatUPGDState.BUFFERS}, grad_norm_ema=flat.grad_norm_ema)
         return [jax_view(v) for v in layout.unpack(flat_params)], new, jnp.asarray(host_words(flat.skipped_steps))
 
@@ -214,10 +241,11 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         like, treedef = jax.tree_util.tree_flatten(state.utility)
         if not like:
             raise ValueError(f"{name} needs at least one array leaf in params (the state holds none)")
-        grads = flatten_checked("gradient", updates, treedef, like)
-        leaves = flatten_checked("params", params, treedef, like)
-        for field in ("first_moment", "second_moment"):
-            flatten_checked(f"state.{field}", getattr(state, field), treedef, like)
+        leaves = flatten_checked("params", params, treedef, like, dtypes=())
+        grads = flatten_checked("gradient", updates, treedef, leaves, like_role="the params")
+        for field in ("utility", "first_moment", "second_moment"):
+            flatten_checked(f"state.{field}", getattr(state, field), treedef, leaves, dtypes=state_dtypes(leaves),
+                            like_role=f"the state dtype of the params (state_dtype={state_dtype!r})")
         check_words(state, ("count", "segment_step", "grad_norm_ema", "skipped_steps", "seed"), len(like))
         eager = backend == "native" and is_eager(grads, leaves, state)
         if eager:

@@ -9,6 +9,7 @@ import numpy as np
 
 from upgd_ref.backends import BACKENDS as _CORE_BACKENDS
 from upgd_ref.layout import FlatLayout
+from upgd_ref.precision import bfloat16
 
 from .leaves import is_eager
 
@@ -32,13 +33,15 @@ def check_eager(backend_name: str, *trees) -> None:
 
 
 def host_view(x) -> np.ndarray:
-    """A read-only NumPy view of a CPU JAX array (DLPack, no copy)."""
-    return np.from_dlpack(x)
+    """A read-only NumPy view of a CPU JAX array (DLPack, no copy); bfloat16, which DLPack
+    does not carry to NumPy, as a copy (``ml_dtypes.bfloat16``)."""
+    return np.asarray(x) if np.dtype(x.dtype) == bfloat16 else np.from_dlpack(x)
 
 
 def jax_view(view: np.ndarray):
-    """A JAX array sharing ``view``'s memory (64-byte aligned segments are not copied)."""
-    return jnp.from_dlpack(view)
+    """A JAX array sharing ``view``'s memory (64-byte aligned segments are not copied);
+    bfloat16 as a copy (see :func:`host_view`)."""
+    return jnp.asarray(view) if view.dtype == bfloat16 else jnp.from_dlpack(view)
 
 
 def kernel_layout(leaves) -> FlatLayout:

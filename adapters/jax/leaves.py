@@ -10,7 +10,9 @@ import numpy as np
 
 from upgd_ref.checks import NonFiniteStepError
 
-SUPPORTED_DTYPES = ("float32", "float64")
+SUPPORTED_DTYPES = ("float32", "float64")  # compute (and noise) dtypes
+#: Leaf dtypes: 16-bit leaves are stepped in float32 (specs/precision.md, specs/adapters-jax.md §5.2).
+LEAF_DTYPES = ("float16", "bfloat16", *SUPPORTED_DTYPES)
 
 
 def x64_scope():
@@ -54,24 +56,28 @@ def check_leaf_dtype(name: str, leaf) -> None:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None:
         raise TypeError(f"{name} is a {type(leaf).__name__}, not an array")
-    if np.dtype(dtype).name not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {np.dtype(dtype).name}; AdaptiveUPGD and the VGS take float32 or float64")
+    if np.dtype(dtype).name not in LEAF_DTYPES:
+        raise TypeError(f"{name} has dtype {np.dtype(dtype).name}; AdaptiveUPGD and the VGS take float16, bfloat16, "
+                        "float32 or float64")
 
 
-def flatten_checked(role: str, tree, treedef, like_leaves):
-    """Leaves of ``tree``, checked against ``treedef`` and the shapes/dtypes of ``like_leaves``."""
+def flatten_checked(role: str, tree, treedef, like_leaves, dtypes=None, like_role: str = "the state"):
+    """Leaves of ``tree``, checked against ``treedef`` and the shapes of ``like_leaves``;
+    dtypes against ``dtypes`` (one per leaf; default the dtypes of ``like_leaves``, ``()``:
+    any leaf dtype). ``like_role`` names ``like_leaves`` in the messages."""
     leaves, structure = jax.tree_util.tree_flatten(tree)
     if structure != treedef:
         raise ValueError(
             f"{role} have pytree structure {structure}, but the state was initialised for {treedef}; "
             "the params pytree must keep its structure between init and update"
         )
+    dtypes = [like.dtype for like in like_leaves] if dtypes is None else dtypes
     for i, (leaf, like) in enumerate(zip(leaves, like_leaves)):
         check_leaf_dtype(f"{role} leaf {i}", leaf)
         if tuple(leaf.shape) != tuple(like.shape):
-            raise ValueError(f"{role} leaf {i} has shape {tuple(leaf.shape)}, the state has {tuple(like.shape)}")
-        if np.dtype(leaf.dtype) != np.dtype(like.dtype):
-            raise TypeError(f"{role} leaf {i} has dtype {np.dtype(leaf.dtype)}, the state has {np.dtype(like.dtype)}")
+            raise ValueError(f"{role} leaf {i} has shape {tuple(leaf.shape)}, {like_role} has {tuple(like.shape)}")
+        if dtypes and np.dtype(leaf.dtype) != np.dtype(dtypes[i]):
+            raise TypeError(f"{role} leaf {i} has dtype {np.dtype(leaf.dtype)}, {like_role} has {np.dtype(dtypes[i])}")
     return leaves
 
 

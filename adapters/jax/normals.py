@@ -20,6 +20,7 @@ from jax.extend import core as _jcore
 from upgd_ref import rng as _rng
 
 from .leaves import SUPPORTED_DTYPES, check_leaf_dtype, is_tracer, x64_scope
+from .precision import computed
 
 _MASK32 = 0xFFFFFFFF
 
@@ -217,6 +218,7 @@ def noise(params, seed: int, step):
     for i, leaf in enumerate(leaves):
         check_leaf_dtype(f"params leaf {i}", leaf)
     seed = _check_static_index("seed", seed)
+    leaves = computed(leaves)  # 16-bit leaves: float32 normals, the ones their step adds (specs/precision.md §2)
     with x64_scope():
         if is_tracer(step):
             normals = leaf_normals(leaves, seed, step)

@@ -19,6 +19,7 @@ from .hyper import split_arrays, widened
 from .leaves import (
     all_finite, check_finite, check_leaf_dtype, is_eager, is_params_placeholder, where_finite, x64_scope,
 )
+from .precision import computed, rounded
 from .state import VarianceGradientScalerState, check_words, host_state, narrow_fields, state_values, wide_fields
 
 
@@ -36,6 +37,8 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
     ``nonfinite`` (``specs/algorithm.md`` §8): non-finite gradients or statistics leave the
     gradients unscaled and the statistics (and ``count``) unchanged under ``"skip"`` and under
     ``jax.jit``; an eager ``"raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`.
+    16-bit leaves are scaled in float32 and ``f g`` rounded once to their dtype, the
+    statistics read those rounded gradients (the core's ``vgs_scale_step``, ``vgs_update_step``).
     """
     plain, arrays = split_arrays(dict(enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
                                       min_scaling_factor=min_scaling_factor, variance_cap=variance_cap), VGS_DEFAULTS)
@@ -61,7 +64,7 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
             wide = wide_fields(state)
             core = _ref.VGSState(wide.count, wide.grad_mean_avg, wide.grad_sq_avg)
             factor, _ = _ref.vgs_scaling_factor(core, **values)
-            scaled = _ref.vgs_scale(leaves, factor)
+            scaled = rounded(_ref.vgs_scale(computed(leaves), factor), leaves)  # 16-bit: f g in float32, rounded once
             new = _ref.vgs_update(core, scaled, beta=values["beta"])
             ok = all_finite(leaves, new.grad_mean_avg, new.grad_sq_avg)  # as optax.apply_if_finite
             scaled = where_finite(ok, scaled, leaves)
