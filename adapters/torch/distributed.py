@@ -25,7 +25,10 @@ from upgd_ref.sharding import (
     consolidate_states,
     sharded_step,
 )
+from upgd_ref.state import UPGD_FORMAT, UPGD_VERSION, FlatUPGDState
 from upgd_ref.step import VGSRequest
+
+from .state_views import StateSource, StateView
 
 #: The per-rank state dict's extra top-level key, and the version of its entry.
 SHARD_KEY = "upgd_ref_shard"
@@ -205,3 +208,37 @@ class ShardedRecord:
                 raise ValueError(f"per-rank state dict field 'upgd_ref_shard.{key}' is {entry.get(key)!r}, this "
                                  f"rank's is {value!r}; load a consolidated state dict to change the world size")
         return ShardState.from_part(entry["state"], self.shard)
+
+
+class ShardedAccess:
+    """The sharded optimizer's public surface, mixed into the torch optimizers: the record,
+    ZeRO-2's gradient range and parameter gather, and the consolidated state dict (which
+    every optimizer has: without sharding it is :meth:`state_dict`)."""
+
+    @property
+    def sharding(self):
+        """With a ``process_group``: the :class:`~.distributed.ShardedRecord` (partition, this
+        rank's shard and state, bytes received by its collectives); else None."""
+        return self._sharded
+
+    @property
+    def grad_shard(self) -> torch.Tensor:
+        """``shard_mode="zero2"``: this rank's range of the flat gradient (logical order), which
+        the caller fills before each step (``specs/adapters-torch.md`` §4.1)."""
+        return zero2_record(self._sharded, "grad_shard").grad_shard
+
+    def gather_params(self) -> None:
+        """``shard_mode="zero2"``: every rank's updated range all-gathered into the parameters (a collective)."""
+        zero2_record(self._sharded, "gather_params()").gather_params(self._partition.param_flat)
+
+    def consolidated_state_dict(self) -> dict:
+        """With a ``process_group``: the state dict one process would have (the production
+        format, :meth:`state_dict` of the unsharded optimizer), gathered from every rank. A
+        collective: every rank calls it and gets it. Without a group: :meth:`state_dict`."""
+        if self._sharded is None:
+            return self.state_dict()
+        full = FlatUPGDState.from_state_dict({"format": UPGD_FORMAT, "version": UPGD_VERSION,
+                                              "state": self._sharded.consolidated()}, self._layout)
+        source = StateSource(full, self._partition, self.param_groups, self._STATE_KEYS, self._extras,
+                             self._noise_ema_init, self._raise_counter)
+        return self._production_state_dict(StateView(lambda: source).read, {})

@@ -22,7 +22,7 @@ from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
 from .buffers import deduplicate, on_stream
 from .checkpoint import fill_adaptive_noise_defaults, production_state_dict, read_state_dict
 from .partition import Partition
-from .distributed import SHARD_KEY, check_shard_mode, fused_vgs, refuse_sharded, zero2_record
+from .distributed import SHARD_KEY, ShardedAccess, check_shard_mode, fused_vgs, refuse_sharded
 from .dtensor import check_dtensors, has_dtensors, sharded_record
 from .conversions import (DTYPE_NAMES, check_torch_options, describe_shape, hyper_value, maximize_flag, named_errors,
                           pair_value, split_pair, unsupported_options)
@@ -34,7 +34,7 @@ def _draw_seed() -> int:
     return int(torch.empty((), dtype=torch.int64).random_().item())
 
 
-class FlatBufferOptimizer(torch.optim.Optimizer):
+class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
     """What every member's adapter shares: flat buffers, ``state`` views, state dicts, pickling.
 
     A member names its row of the family table (``_MEMBER``: variant, pairs, ties, refused
@@ -286,22 +286,6 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
         return self._layout
 
     @property
-    def sharding(self):
-        """With a ``process_group``: the :class:`~.distributed.ShardedRecord` (partition, this
-        rank's shard and state, bytes received by its collectives); else None."""
-        return self._sharded
-
-    @property
-    def grad_shard(self) -> torch.Tensor:
-        """``shard_mode="zero2"``: this rank's range of the flat gradient (logical order), which
-        the caller fills before each step (``specs/adapters-torch.md`` §4.1)."""
-        return zero2_record(self._sharded, "grad_shard").grad_shard
-
-    def gather_params(self) -> None:
-        """``shard_mode="zero2"``: every rank's updated range all-gathered into the parameters (a collective)."""
-        zero2_record(self._sharded, "gather_params()").gather_params(self._partition.param_flat)
-
-    @property
     def flat_state(self):
         """The optimizer's state record (live: the buffers the steps update; on the
         parameters' device): a :class:`~upgd_ref.multi.MultiUPGDState` for several dtypes."""
@@ -402,18 +386,6 @@ class FlatBufferOptimizer(torch.optim.Optimizer):
             self.param_groups, read, unmanaged, self._STATE_KEYS,
             seed=self._seed, step=self._state.step, noise_norm=self._noise_norm, noise_ema_init=self._noise_ema_init,
             variant=dict(self._variant._asdict()))
-
-    def consolidated_state_dict(self) -> dict:
-        """With a ``process_group``: the state dict one process would have (the production
-        format, :meth:`state_dict` of the unsharded optimizer), gathered from every rank. A
-        collective: every rank calls it and gets it. Without a group: :meth:`state_dict`."""
-        if self._sharded is None:
-            return self.state_dict()
-        full = FlatUPGDState.from_state_dict({"format": UPGD_FORMAT, "version": UPGD_VERSION,
-                                              "state": self._sharded.consolidated()}, self._layout)
-        source = StateSource(full, self._partition, self.param_groups, self._STATE_KEYS, self._extras,
-                             self._noise_ema_init, self._raise_counter)
-        return self._production_state_dict(StateView(lambda: source).read, {})
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict written by this class or by the production class.
