@@ -155,6 +155,26 @@ def _flat_normals(seed, step, start: int, count: int, strict: bool = True):
     return flat[start % 4:start % 4 + count]
 
 
+def normals_at(seed, step, index, dtype):
+    """The normals of the elements with global indices ``index`` (uint64, any shape), each
+    drawn by itself: the Philox block ``index // 4``, the word pair of lane ``index % 4``
+    (``w0, w1`` or ``w2, w3``), the cosine for even lanes, the sine for odd ones
+    (``specs/noise.md`` §4). For blocks of a leaf that ``shard_map`` gives a device (strided
+    indices); about twice the work per element of the contiguous draw."""
+    step_lo, step_hi = _step_words(step)
+    key = (seed & _MASK32, seed >> 32) if isinstance(seed, int) else (seed[0], seed[1])
+    block = index >> jnp.uint64(2)
+    lane = (index & jnp.uint64(3)).astype(jnp.uint32)
+    counter = ((block & jnp.uint64(_MASK32)).astype(jnp.uint32), (block >> jnp.uint64(32)).astype(jnp.uint32),
+               step_lo, step_hi)
+    w0, w1, w2, w3 = (jnp.reshape(w, (-1,)) for w in _rng.philox4x32_10(counter, key, wide=True))
+    low = jnp.reshape(lane < jnp.uint32(2), (-1,))
+    radius, angle = jnp.where(low, w0, w2), jnp.where(low, w1, w3)
+    cos_normal, sin_normal = _lane_normals((radius, angle, radius, angle), True)[:2]
+    z = jnp.where(jnp.reshape((lane & jnp.uint32(1)) == jnp.uint32(0), (-1,)), cos_normal, sin_normal)
+    return jnp.reshape(z, index.shape).astype(dtype)
+
+
 def _check_range(start: int, count: int) -> None:
     if start % 4 + count >= 2**32:
         raise ValueError(f"at most 2**32 - 4 normals per call (positions are uint32), got {count}")
