@@ -1,7 +1,7 @@
 """The JAX native path on 8 host devices, run as ``python -m tests.helpers.jax_sharded OUT``
 in a fresh process (``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set
 before JAX starts, and the pytest process has started it): every family member (VGS on for
-some, off for the others), adaptive noise on, 12 steps under ``jax.jit`` on one tree placed
+some, off for the others), adaptive noise on, 10 steps under ``jax.jit`` on one tree placed
 with several ``NamedSharding``s, and the same steps written per device with ``shard_map``
 (:class:`upgd_ref.adapters.jax.PerDevice`). Saves every run's final parameters and state
 leaves to the ``.npz`` ``OUT`` (keys ``<config>/<placement>/<leaf path>``) for the test.
@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from upgd_ref.adapters import jax as uj
 
-STEPS = 12
+STEPS = 10
 NOISY = dict(sigma=0.05, adaptive_noise=True, noise_ema_init=0.0)
 MEMBERS = {
     "adaptive_upgd": lambda **kw: uj.adaptive_upgd(1e-2, **NOISY, seed=7, **kw),
@@ -98,10 +98,13 @@ def run_shard_map(member: str, vgs: bool, mesh, leaf_specs):
     return params, state
 
 
-#: (member, VGS on) pairs: every member, VGS on and off.
-CONFIGS = (("adaptive_upgd", True), ("adaptive_upgd_paper", False), ("upgd", True), ("upgd_paper", False),
-           ("upgdw", True))
-SHARD_MAP_PLACEMENTS = ("dim0", "mesh2d")
+#: (member, VGS on, placements): every member, VGS on and off, each placement under jit and
+#: per device (shard_map) taken by two members (a bound on the compilations: ~15 in all).
+CONFIGS = (("adaptive_upgd", True, ("jit-dim0", "shard_map-mesh2d")),
+           ("adaptive_upgd_paper", False, ("jit-dim1", "shard_map-dim0")),
+           ("upgd", True, ("jit-mesh2d", "jit-replicated")),
+           ("upgd_paper", False, ("shard_map-mesh2d", "jit-dim1")),
+           ("upgdw", True, ("jit-replicated", "shard_map-dim0", "jit-dim0")))
 
 
 def _save(out: dict, key: str, params, state) -> None:
@@ -115,14 +118,15 @@ def main(path: str) -> None:
         raise SystemExit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), got {devices.size}")
     meshes = [Mesh(devices, ("x",)), Mesh(devices.reshape(2, 4), ("a", "b"))]
     out = {}
-    for member, vgs in CONFIGS:
+    for member, vgs, placements in CONFIGS:
         config = f"{member}-vgs{int(vgs)}"
         _save(out, f"{config}/unsharded", *run_jit(member, vgs))
         for mesh in meshes:
             for name, leaf_specs in specs(mesh.axis_names).items():
-                shardings = {k: NamedSharding(mesh, s) for k, s in leaf_specs.items()}
-                _save(out, f"{config}/jit-{name}", *run_jit(member, vgs, shardings))
-                if name in SHARD_MAP_PLACEMENTS:
+                if f"jit-{name}" in placements:
+                    shardings = {k: NamedSharding(mesh, s) for k, s in leaf_specs.items()}
+                    _save(out, f"{config}/jit-{name}", *run_jit(member, vgs, shardings))
+                if f"shard_map-{name}" in placements:
                     _save(out, f"{config}/shard_map-{name}", *run_shard_map(member, vgs, mesh, leaf_specs))
     np.savez(path, **out)
 
