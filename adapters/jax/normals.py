@@ -32,7 +32,12 @@ def _opaque(x):
     return jax.lax.select(x == x, x, jnp.zeros_like(x))
 
 
-def _eval_without_contraction(jaxpr, consts, args):
+def _keep_nan(x):
+    """As :func:`_opaque`, with a NaN kept a NaN (``x - x``) for values that may be NaN."""
+    return jax.lax.select(x == x, x, x - x)
+
+
+def _eval_without_contraction(jaxpr, consts, args, guard=_opaque):
     """Evaluate a jaxpr, passing every float64 product that feeds an addition through
     :func:`_opaque`.
 
@@ -58,18 +63,32 @@ def _eval_without_contraction(jaxpr, consts, args):
         values = [read(v) for v in eqn.invars]
         inner = eqn.params.get("jaxpr")
         if eqn.primitive.name in _INLINE_CALLS and isinstance(inner, _jcore.ClosedJaxpr):
-            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values)
+            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values, guard)
         else:
-            outs = eqn.primitive.bind(*values, **eqn.params)
+            outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             if (eqn.primitive.name == "mul" and eqn.outvars[0] in feeds_sum
                     and jnp.dtype(outs[0].dtype) == jnp.float64):
-                outs = [_opaque(outs[0])]
+                outs = [guard(outs[0])]
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, _jcore.DropVar):
                 env[v] = x
     return [read(v) for v in jaxpr.outvars]
+
+
+def without_contraction(fn):
+    """``fn`` (pytrees in and out) with every float64 product that feeds an addition kept
+    from fused multiply-adds, NaN kept: the same bits whatever XLA fuses, so on every
+    sharding (``specs/adapters-jax.md`` §11; the VGS statistics' float64 EMAs)."""
+
+    def strict(*args):
+        closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        with x64_scope():
+            flat = _eval_without_contraction(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), _keep_nan)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)
+
+    return strict
 
 
 def _lane_normals(words, strict: bool):

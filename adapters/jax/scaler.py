@@ -17,6 +17,7 @@ from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
 from .hyper import split_arrays, widened
+from .normals import without_contraction
 from .per_device import check_per_device
 from .leaves import (
     all_finite, check_finite, check_leaf_dtype, is_eager, is_params_placeholder, where_finite, x64_scope,
@@ -83,7 +84,8 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
             core = _ref.VGSState(wide.count, wide.grad_mean_avg, wide.grad_sq_avg)
             factor, _ = _ref.vgs_scaling_factor(core, **values)
             scaled = _ref.vgs_scale(leaves, factor)
-            new = _statistics_update(core, scaled, values["beta"], per_device)
+            new = without_contraction(lambda c, g, b: _statistics_update(c, g, b, per_device))(core, scaled,
+                                                                                              values["beta"])
             ok = all_finite(leaves, new.grad_mean_avg, new.grad_sq_avg)  # as optax.apply_if_finite
             if per_device is not None:
                 ok = per_device.all_devices(ok)
