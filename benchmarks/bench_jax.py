@@ -1,7 +1,10 @@
 """Benchmark: the JAX adapter's jitted native step against ``optax.adam`` on the same pytree
 (default 10M float32 parameters in 8 leaves), plus the kernel path and the noise alone.
 
-Run: ``python benchmarks/bench_jax.py [--numel N] [--leaves L] [--reps R] [--draws D]``.
+Run: ``python benchmarks/bench_jax.py [--numel N] [--leaves L] [--reps R] [--draws D]``;
+``--members 1000000 10000000`` prints instead, per size, ``optax.adam`` against every family
+member noise-free (``sigma=0``, fixed noise), with adaptive noise, and chained after the VGS
+(issue 18 scope 4: the jitted native step <= 3x adam, noise bit-identical).
 
 Rows are timed round-robin (repetition ``r`` of every row before repetition ``r + 1`` of any,
 so drift on a shared machine hits all rows alike) after an untimed warm-up that includes the
@@ -108,11 +111,26 @@ def timed(rows: dict, reps: int) -> dict:
     return {name: (compile_s[name], statistics.median(t), min(t)) for name, t in times.items()}
 
 
-def step_table(numel: int, leaves: int, reps: int) -> None:
-    shapes = shapes_for(numel, leaves)
+def random_tree(numel: int, leaves: int):
+    """``(params, grads)``: float32 leaves of :func:`shapes_for`, standard normal."""
     rng_np = np.random.default_rng(0)
+    shapes = shapes_for(numel, leaves)
     params = [jnp.asarray(rng_np.standard_normal(s, dtype=np.float32)) for s in shapes]
     grads = [jnp.asarray(rng_np.standard_normal(s, dtype=np.float32)) for s in shapes]
+    return params, grads
+
+
+def print_table(numel: int, leaves: int, reps: int, results: dict, adam_row: str) -> None:
+    adam = results[adam_row][1]
+    print(f"\n{numel:,} float32 parameters in {leaves} leaves; {os.cpu_count()} CPU cores; jax {jax.__version__}, "
+          f"optax {optax.__version__}; {reps} repetitions, round-robin")
+    print(f"{'row':<58} {'compile s':>9} {'median ms':>10} {'min ms':>8} {'x adam':>7}")
+    for name, (compile_s, median, minimum) in results.items():
+        print(f"{name:<58} {compile_s:9.2f} {median * 1e3:10.1f} {minimum * 1e3:8.1f} {median / adam:7.2f}")
+
+
+def step_table(numel: int, leaves: int, reps: int) -> None:
+    params, grads = random_tree(numel, leaves)
     vgs = dict(warmup_steps=0)
     rows = {
         "optax.adam (jit)": jitted_row(optax.adam(LR), params, grads),
@@ -128,13 +146,23 @@ def step_table(numel: int, leaves: int, reps: int) -> None:
             optax.chain(uj.variance_gradient_scaler(**vgs, backend="kernels"),
                         uj.adaptive_upgd(LR, **UPGD_HYPER, backend="kernels")), params, grads),
     }
-    results = timed(rows, reps)
-    adam = results["optax.adam (jit)"][1]
-    print(f"\n{numel:,} float32 parameters in {leaves} leaves; {os.cpu_count()} CPU cores; jax {jax.__version__}, "
-          f"optax {optax.__version__}; {reps} repetitions, round-robin")
-    print(f"{'row':<58} {'compile s':>9} {'median ms':>10} {'min ms':>8} {'x adam':>7}")
-    for name, (compile_s, median, minimum) in results.items():
-        print(f"{name:<58} {compile_s:9.2f} {median * 1e3:10.1f} {minimum * 1e3:8.1f} {median / adam:7.2f}")
+    print_table(numel, leaves, reps, timed(rows, reps), "optax.adam (jit)")
+
+
+MEMBERS = {"adaptive_upgd": uj.adaptive_upgd, "upgd": uj.upgd, "upgdw": uj.upgdw}
+
+
+def member_table(numel: int, leaves: int, reps: int) -> None:
+    """``optax.adam`` and each member noise-free, noisy and after the VGS, side by side."""
+    params, grads = random_tree(numel, leaves)
+    rows = {"optax.adam (jit)": jitted_row(optax.adam(LR), params, grads)}
+    for name, build in MEMBERS.items():
+        rows[f"{name} noise-free (jit)"] = jitted_row(build(LR, sigma=0.0, adaptive_noise=False), params, grads)
+        rows[f"{name} adaptive noise (jit)"] = jitted_row(build(LR, sigma=0.01, adaptive_noise=True), params, grads)
+        rows[f"chain(vgs, {name}) adaptive noise (jit)"] = jitted_row(
+            optax.chain(uj.variance_gradient_scaler(warmup_steps=0), build(LR, sigma=0.01, adaptive_noise=True)),
+            params, grads)
+    print_table(numel, leaves, reps, timed(rows, reps), "optax.adam (jit)")
 
 
 def noise_table(draws: int, reps: int) -> None:
@@ -165,7 +193,12 @@ def main() -> None:
     parser.add_argument("--leaves", type=int, default=8)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--draws", type=int, default=10_000_000)
+    parser.add_argument("--members", type=int, nargs="*", help="sizes of the per-member table (and nothing else)")
     args = parser.parse_args()
+    if args.members:
+        for numel in args.members:
+            member_table(numel, args.leaves, args.reps)
+        return
     step_table(args.numel, args.leaves, args.reps)
     noise_table(args.draws, max(3, args.reps // 3))
     print(f"\ncore backends (fastest first): {auto_order()}; upgd_ref {upgd_ref.__version__}")

@@ -174,11 +174,11 @@ def second_moment_update(second_moment, grad, beta2):
     return keep * second_moment + take * (grad * grad)
 
 
-def sum_of_squares(x):
-    """``sum(x**2)`` accumulated in float64."""
+def sum_of_squares(x, total=None):
+    """``sum(x**2)`` accumulated in float64, added by ``total`` (default ``xp.sum``)."""
     xp = array_namespace(x)
     wide = xp.astype(x, _float64(xp))
-    return xp.sum(wide * wide)
+    return (xp.sum if total is None else total)(wide * wide)
 
 
 # --- AdaptiveUPGD, noise (section 3.3) --------------------------------------------------
@@ -288,16 +288,16 @@ def local_updates(params, grads, state: UPGDState, hyper, present, variant: UPGD
     return utility, first_moment, second_moment
 
 
-def utility_extrema(utility, present, dtype):
+def utility_extrema(utility, present, dtype, extrema=None):
     """``(U_lo, U_hi)`` over every element of the present, non-empty segments (NaN in
-    ``dtype`` when there is none): per-segment extrema combined in segment order."""
+    ``dtype`` when there is none): per-segment extrema (``extrema[i]``, else xp's) combined in segment order."""
     xp = array_namespace(*utility)
     filled = [i for i in range(len(utility)) if present[i] and _numel(utility[i]) != 0]
     if not filled:
         nan = xp.astype(xp.asarray(float("nan"), dtype=_float64(xp)), dtype)
         return nan, nan
-    return (xp.min(xp.stack([xp.min(utility[i]) for i in filled])),
-            xp.max(xp.stack([xp.max(utility[i]) for i in filled])))
+    pairs = [(xp.min(utility[i]), xp.max(utility[i])) if extrema is None else extrema[i](utility[i]) for i in filled]
+    return xp.min(xp.stack([lo for lo, _ in pairs])), xp.max(xp.stack([hi for _, hi in pairs]))
 
 
 def noise_scales(xp, squares, present, hyper, grad_norm_ema, segment_step, noise_norm="segment"):
@@ -356,7 +356,7 @@ def apply_updates(params, grads, utility, first_moment, second_moment, normals, 
 
 
 def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, present=None,
-                       noise_norm="segment", variant: UPGDVariant = PRODUCTION):
+                       noise_norm="segment", variant: UPGDVariant = PRODUCTION, total=None, extrema=None):
     """One AdaptiveUPGD step (section 3): returns ``(new_params, new_state, stats)``.
 
     ``params``, ``grads``, ``normals`` (this step's standard normals, see ``upgd_ref.noise``)
@@ -366,7 +366,8 @@ def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, prese
 
     The stages are those of every backend (``specs/step.md``): :func:`local_updates` and the
     per-segment reductions (``sum g_i**2``, the utility extrema), their combination
-    (:func:`utility_extrema`, :func:`noise_scales`), then :func:`apply_updates`.
+    (:func:`utility_extrema`, :func:`noise_scales`), then :func:`apply_updates`. ``total[i]``,
+    ``extrema[i]``: segment ``i``'s summation and extrema (default: ``xp``'s; JAX: ``folded_sum``).
     """
     variant = check_variant(variant)
     xp = array_namespace(*params)
@@ -376,8 +377,8 @@ def adaptive_upgd_step(params, grads, state: UPGDState, normals, hyper, *, prese
 
     segment_step = state.segment_step + xp.asarray(present, dtype=xp.int64)
     utility, first_moment, second_moment = local_updates(params, grads, state, hyper, present, variant)
-    utility_min, utility_max = utility_extrema(utility, present, params[0].dtype)
-    squares = [sum_of_squares(grads[i]) if present[i] else nan for i in range(len(params))]
+    utility_min, utility_max = utility_extrema(utility, present, params[0].dtype, extrema)
+    squares = [sum_of_squares(grads[i], total[i] if total else None) if present[i] else nan for i in range(len(params))]
     segment_norm, ema, std = noise_scales(xp, squares, present, hyper, state.grad_norm_ema, segment_step,
                                           noise_norm)
     new_params = apply_updates(params, grads, utility, first_moment, second_moment, normals, std, segment_step,

@@ -46,6 +46,7 @@ Modules, each with one reason to change:
 * :mod:`.hyper`: hyper-parameters as Python numbers or (traced) arrays, the seed as key words;
 * :mod:`.words`: 64-bit values as uint32 word pairs (states without ``jax_enable_x64``);
 * :mod:`.state`: the optax state records, :func:`state_values` and :func:`restore_state`;
+* :mod:`.per_device`: the step inside ``jax.shard_map`` (global noise indices, combined sums);
 * :mod:`.kernel_buffers`: the kernel path's DLPack moves to and from the core's flat buffers;
 * :mod:`.scaler`: :func:`variance_gradient_scaler`;
 * :mod:`.family`: :func:`adaptive_upgd`, :func:`upgd`, :func:`upgdw`.
@@ -55,6 +56,7 @@ from .family import adaptive_upgd, upgd, upgdw
 from .kernel_buffers import BACKENDS
 from .leaves import LEAF_DTYPES, SUPPORTED_DTYPES, x64_scope
 from .normals import noise, standard_normals
+from .per_device import PerDevice, state_specs
 from .scaler import variance_gradient_scaler
 from .state import AdaptiveUPGDState, VarianceGradientScalerState, restore_state, state_values
 
@@ -67,6 +69,8 @@ __all__ = [
     "variance_gradient_scaler",
     "standard_normals",
     "noise",
+    "PerDevice",
+    "state_specs",
     "restore_state",
     "state_values",
     "x64_scope",

@@ -14,6 +14,7 @@ from upgd_ref import reference as _ref
 from upgd_ref.backends import check_backend_name as _check_core_backend
 from upgd_ref.checks import check_nonfinite_policy
 from upgd_ref.family import MEMBERS
+from upgd_ref.folded_sum import folded_sum
 from upgd_ref.hyperparams import UPGD_DEFAULTS, validate_upgd
 from upgd_ref.precision import check_rounding
 from upgd_ref.state import FlatUPGDState
@@ -25,7 +26,8 @@ from .leaves import (
     all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_params_placeholder, is_tracer,
     where_finite, x64_scope,
 )
-from .normals import leaf_normals
+from .normals import leaf_normals, normals_at
+from .per_device import check_per_device
 from .precision import check_state_dtype, computed, rounded, rounded_params, state_dtype_of
 from .state import (
     AdaptiveUPGDState, check_words, from_leaf_lists, host_state, narrow_fields, state_values, to_leaf_lists,
@@ -53,7 +55,7 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
                   instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
                   noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *,
                   backend="native", kernel_backend="auto", profile="production", nonfinite="raise",
-                  state_dtype=None, rounding="nearest") -> optax.GradientTransformationExtraArgs:
+                  state_dtype=None, rounding="nearest", per_device=None) -> optax.GradientTransformationExtraArgs:
     """AdaptiveUPGD (``specs/algorithm.md`` §3) as an optax transformation.
 
     Hyper-parameters and defaults as :class:`upgd_ref.AdaptiveUPGD` (``learning_rate`` is
@@ -75,6 +77,11 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     (the core's reproducible rounding stream). ``state_dtype``: ``None`` (default; ``u``,
     ``m``, ``v`` in float32 for 16-bit leaves, optax's ``mu_dtype=jnp.float32``) or
     ``"params"`` (in each leaf's dtype, rounded to nearest after each step).
+
+    ``per_device``: a :class:`~upgd_ref.adapters.jax.PerDevice` when ``update`` runs inside
+    ``jax.shard_map`` on each device's blocks (``specs/adapters-jax.md`` §11): the step's
+    statistics are the whole-leaf step's bit for bit, the element-wise results within
+    ``PARAM_ULPS`` (XLA:CPU's program-dependent ``exp``/``log``; §11).
     """
     hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2)
     if eps is not None:  # None: the profile's default (the paper's 1e-5 under "paper")
@@ -82,7 +89,7 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     return _upgd_family("adaptive_upgd", "AdaptiveUPGD", profile, learning_rate, dict(hyper, **noisy), noise_norm,
-                        seed, backend, kernel_backend, nonfinite, state_dtype, rounding)
+                        seed, backend, kernel_backend, nonfinite, state_dtype, rounding, per_device)
 
 
 def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001,
@@ -90,7 +97,7 @@ def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001
          min_noise_std=UPGD_DEFAULTS["min_noise_std"], instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
          noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *, backend="native",
          kernel_backend="auto", profile="production", nonfinite="raise", state_dtype=None,
-         rounding="nearest") -> optax.GradientTransformationExtraArgs:
+         rounding="nearest", per_device=None) -> optax.GradientTransformationExtraArgs:
     """Plain UPGD (no moments; ``specs/algorithm.md`` §7) as an optax transformation.
 
     The step of :class:`upgd_ref.UPGD`: ``p <- p (1 - lr wd) - lr (g + noise)(1 - su)``;
@@ -103,7 +110,7 @@ def upgd(learning_rate=1e-5, weight_decay=0.001, beta_utility=0.999, sigma=0.001
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     # beta1, beta2, eps are unused without moments: the library defaults fill the validated dict.
     return _upgd_family("upgd", "UPGD", profile, learning_rate, dict(hyper, **noisy), noise_norm, seed, backend,
-                        kernel_backend, nonfinite, state_dtype, rounding)
+                        kernel_backend, nonfinite, state_dtype, rounding, per_device)
 
 
 def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sigma=0.001,
@@ -111,7 +118,7 @@ def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sig
           min_noise_std=UPGD_DEFAULTS["min_noise_std"], instant_noise_scale=UPGD_DEFAULTS["instant_noise_scale"],
           noise_ema_init=UPGD_DEFAULTS["noise_ema_init"], noise_norm="segment", seed=0, *, backend="native",
           kernel_backend="auto", nonfinite="raise", state_dtype=None,
-          rounding="nearest") -> optax.GradientTransformationExtraArgs:
+          rounding="nearest", per_device=None) -> optax.GradientTransformationExtraArgs:
     """UPGDW (``specs/algorithm.md`` §7) as an optax transformation: AdaptiveUPGD with the
     production UPGDW defaults and the utility decay tied to ``b2`` (``beta_utility = b2``),
     the step of :class:`upgd_ref.UPGDW`. ``b1``, ``b2``: optax's names for ``betas``. Leaf
@@ -120,11 +127,11 @@ def upgdw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, sig
     noisy = dict(adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                  instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
     return _upgd_family("upgdw", "UPGDW", "production", learning_rate, dict(hyper, **noisy), noise_norm, seed,
-                        backend, kernel_backend, nonfinite, state_dtype, rounding)
+                        backend, kernel_backend, nonfinite, state_dtype, rounding, per_device)
 
 
 def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, backend,
-                 kernel_backend, nonfinite, state_dtype, rounding) -> optax.GradientTransformationExtraArgs:
+                 kernel_backend, nonfinite, state_dtype, rounding, per_device) -> optax.GradientTransformationExtraArgs:
     """The optax transformation of one UPGD family member (``variant``, ``specs/algorithm.md``
     §7): the native path runs :func:`upgd_ref.reference.adaptive_upgd_step` with ``variant``,
     the kernel path :func:`upgd_ref.step.upgd_step` on flat buffers packed from the leaves."""
@@ -143,6 +150,7 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
     def state_dtypes(leaves):
         """The dtype of ``u``, ``m``, ``v`` per leaf (``specs/adapters-jax.md`` §5.2)."""
         return [state_dtype_of(leaf.dtype, state_dtype) for leaf in leaves]
+    check_per_device(per_device, backend)
 
     def hyper_at(count, arrays):
         """The step's hyper-parameters: the validated Python values, the array ones (float64)
@@ -177,11 +185,19 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
             state = wide_fields(state)
             per_leaf = [hyper_at(state.count, arrays)] * len(params)
             wide = computed(params)
-            normals = leaf_normals(wide, state.seed, state.count + 1)
+            if per_device is None:
+                normals = leaf_normals(wide, state.seed, state.count + 1)
+                total, extrema = [folded_sum] * len(params), None
+            else:
+                per_device.check(params)
+                normals = [normals_at(state.seed, state.count + 1, index, w.dtype)
+                           for index, w in zip(per_device.global_indices(params), wide)]
+                total, extrema = per_device.totals(grads), per_device.extrema(wide)
             core = _ref.UPGDState(state.count, state.segment_step, computed(state.utility),
                                   computed(state.first_moment), computed(state.second_moment), state.grad_norm_ema)
             new_params, new, _ = _ref.adaptive_upgd_step(wide, computed(grads), core, normals, per_leaf,
-                                                         noise_norm=noise_norm, variant=variant)
+                                                         noise_norm=noise_norm, variant=variant, total=total,
+                                                         extrema=extrema)
             new_params = rounded_params(new_params, params, rounding, state.seed, state.count + 1)
             new = new._replace(utility=rounded(new.utility, state.utility),
                                first_moment=rounded(new.first_moment, state.first_moment),
@@ -196,6 +212,8 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
             # a non-finite input or result changes nothing but the skip counter
             ok = all_finite(grads, params, updates, new.utility, new.first_moment, new.second_moment,
                             new.grad_norm_ema)
+            if per_device is not None:
+                ok = per_device.all_devices(ok)
             wide = wide_fields(state)
             old = _ref.UPGDState(wide.count, wide.segment_step, state.utility, state.first_moment,
                                  state.second_moment, wide.grad_norm_ema)

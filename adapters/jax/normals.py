@@ -33,7 +33,12 @@ def _opaque(x):
     return jax.lax.select(x == x, x, jnp.zeros_like(x))
 
 
-def _eval_without_contraction(jaxpr, consts, args):
+def _keep_nan(x):
+    """As :func:`_opaque`, with a NaN kept a NaN (``x - x``) for values that may be NaN."""
+    return jax.lax.select(x == x, x, x - x)
+
+
+def _eval_without_contraction(jaxpr, consts, args, guard=_opaque):
     """Evaluate a jaxpr, passing every float64 product that feeds an addition through
     :func:`_opaque`.
 
@@ -59,35 +64,47 @@ def _eval_without_contraction(jaxpr, consts, args):
         values = [read(v) for v in eqn.invars]
         inner = eqn.params.get("jaxpr")
         if eqn.primitive.name in _INLINE_CALLS and isinstance(inner, _jcore.ClosedJaxpr):
-            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values)
+            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values, guard)
         else:
-            outs = eqn.primitive.bind(*values, **eqn.params)
+            outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             if (eqn.primitive.name == "mul" and eqn.outvars[0] in feeds_sum
                     and jnp.dtype(outs[0].dtype) == jnp.float64):
-                outs = [_opaque(outs[0])]
+                outs = [guard(outs[0])]
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, _jcore.DropVar):
                 env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
 
-def _box_muller(radius_word, angle_word, strict: bool):
-    """``(r*cos, r*sin)`` of the core's transform (``rng.normals_from_words``), float64.
+def without_contraction(fn):
+    """``fn`` (pytrees in and out) with every float64 product that feeds an addition kept
+    from fused multiply-adds, NaN kept: the same bits whatever XLA fuses, so on every
+    sharding (``specs/adapters-jax.md`` §11; the VGS statistics' float64 EMAs)."""
 
-    The core computes a whole block ``(w0, w1, w2, w3) -> 4 normals``; given the same word
-    pair twice its lanes 0 and 1 are the cosine and sine normal of that pair, and XLA reduces
-    the unused lanes away.
-    """
-    transform = functools.partial(_rng.normals_from_words, jnp)
-    words = (radius_word, angle_word, radius_word, angle_word)
+    def strict(*args):
+        closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        with x64_scope():
+            flat = _eval_without_contraction(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), _keep_nan)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)
+
+    return strict
+
+
+def _lane_normals(words, strict: bool):
+    """The core's transform (``rng.normals_from_words``) of each block's four words: the
+    float64 normals of lanes 0..3 as four arrays (one logarithm and one sine/cosine pair per
+    two normals). ``strict``: evaluated without multiply-add contraction."""
+
+    def transform(*w):
+        z = _rng.normals_from_words(jnp, *w)
+        return tuple(z[:, lane] for lane in range(4))  # XLA folds these slices of the stack away
+
     if strict:
         closed = jax.make_jaxpr(transform)(*words)
-        z = _eval_without_contraction(closed.jaxpr, closed.consts, list(words))[0]
-    else:
-        z = transform(*words)
-    return z[:, 0], z[:, 1]
+        return tuple(_eval_without_contraction(closed.jaxpr, closed.consts, list(words)))
+    return transform(*words)
 
 
 def _check_static_index(name: str, value) -> int:
@@ -111,41 +128,71 @@ def _step_words(step):
     return jnp.asarray(step & _MASK32, dtype=jnp.uint32), jnp.asarray(step >> 32, dtype=jnp.uint32)
 
 
-def _philox_blocks(seed: int, step, first_block: int, num_blocks: int):
-    """The four Philox words of blocks ``first_block .. first_block + num_blocks - 1``.
+def _materialised(fn, step_lo, *operands):
+    """``fn(*operands)`` computed inside a ``lax.cond`` whose two branches are ``fn`` (the
+    predicate, the step's parity, does not change the result): XLA materialises a
+    conditional's results, whereas a plain expression is fused into every consumer element,
+    so a Philox block would run once per lane and the transform once per lane of the
+    element-order select."""
+    return jax.lax.cond((step_lo & jnp.uint32(1)) == jnp.uint32(0), fn, fn, *operands)
 
-    Computed inside a ``lax.cond`` whose two branches are the same computation: XLA
-    materialises a conditional's results, whereas a plain expression would be fused into
-    every consumer element and so run once per lane, four times per block.
-    """
+
+def _block_normals(seed, step, first_block: int, num_blocks: int, strict: bool):
+    """The float64 normals of blocks ``first_block .. first_block + num_blocks - 1``, one
+    array per lane: Philox (``mulhilo32`` from uint64 products), then the transform, each
+    materialised once (:func:`_materialised`)."""
     step_lo, step_hi = _step_words(step)
     key = (seed & _MASK32, seed >> 32) if isinstance(seed, int) else (seed[0], seed[1])  # int or [lo, hi] words
 
-    def words(operand):
-        lo, hi = operand
+    def words(lo, hi):
         pieces = []
         for block, n in _rng.counter_runs(first_block, num_blocks):
             counter = (jnp.arange(n, dtype=jnp.uint32) + jnp.uint32(block & _MASK32),
                        jnp.asarray(block >> 32, dtype=jnp.uint32), lo, hi)
-            pieces.append(_rng.philox4x32_10(counter, key))
+            pieces.append(_rng.philox4x32_10(counter, key, wide=True))
         if len(pieces) == 1:
             return tuple(pieces[0])
         return tuple(jnp.concatenate([p[k] for p in pieces]) for k in range(4))
 
-    return jax.lax.cond((step_lo & jnp.uint32(1)) == jnp.uint32(0), words, words, (step_lo, step_hi))
+    block_words = _materialised(words, step_lo, step_lo, step_hi)
+    return _materialised(lambda *w: _lane_normals(w, strict), step_lo, *block_words)
 
 
-def _normals_at(words, local, dtype, strict: bool):
-    """Normals of the elements at positions ``local`` (uint32) counted from the first block
-    of ``words``: position ``j`` is lane ``j % 4`` of block ``j // 4`` (specs/noise.md §4)."""
-    block = local >> jnp.uint32(2)
-    lane = local & jnp.uint32(3)
-    w0, w1, w2, w3 = (jnp.take(w, block) for w in words)
-    # Lanes 0, 1 use (w0, w1), lanes 2, 3 use (w2, w3); even lanes the cosine, odd the sine.
-    low = lane < jnp.uint32(2)
-    cos_normal, sin_normal = _box_muller(jnp.where(low, w0, w2), jnp.where(low, w1, w3), strict)
-    z = jnp.where((lane & jnp.uint32(1)) == jnp.uint32(0), cos_normal, sin_normal)
-    return z.astype(dtype)
+def _element_order(lanes):
+    """The normals in element order: element ``4 b + l`` is lane ``l`` of block ``b``
+    (``specs/noise.md`` §4), as a select over an iota (cheaper in XLA:CPU than a stack)."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, (lanes[0].shape[0], 4), 1)
+    z = lanes[3][:, None]
+    for k in (2, 1, 0):
+        z = jnp.where(lane == k, lanes[k][:, None], z)
+    return jnp.reshape(z, (-1,))
+
+
+def _flat_normals(seed, step, start: int, count: int, strict: bool = True):
+    """float64 normals of logical indices ``start .. start + count - 1`` (``count > 0``)."""
+    first_block, last_block = start // 4, (start + count - 1) // 4
+    flat = _element_order(_block_normals(seed, step, first_block, last_block - first_block + 1, strict))
+    return flat[start % 4:start % 4 + count]
+
+
+def normals_at(seed, step, index, dtype):
+    """The normals of the elements with global indices ``index`` (uint64, any shape), each
+    drawn by itself: the Philox block ``index // 4``, the word pair of lane ``index % 4``
+    (``w0, w1`` or ``w2, w3``), the cosine for even lanes, the sine for odd ones
+    (``specs/noise.md`` §4). For blocks of a leaf that ``shard_map`` gives a device (strided
+    indices); about twice the work per element of the contiguous draw."""
+    step_lo, step_hi = _step_words(step)
+    key = (seed & _MASK32, seed >> 32) if isinstance(seed, int) else (seed[0], seed[1])
+    block = index >> jnp.uint64(2)
+    lane = (index & jnp.uint64(3)).astype(jnp.uint32)
+    counter = ((block & jnp.uint64(_MASK32)).astype(jnp.uint32), (block >> jnp.uint64(32)).astype(jnp.uint32),
+               step_lo, step_hi)
+    w0, w1, w2, w3 = (jnp.reshape(w, (-1,)) for w in _rng.philox4x32_10(counter, key, wide=True))
+    low = jnp.reshape(lane < jnp.uint32(2), (-1,))
+    radius, angle = jnp.where(low, w0, w2), jnp.where(low, w1, w3)
+    cos_normal, sin_normal = _lane_normals((radius, angle, radius, angle), True)[:2]
+    z = jnp.where(jnp.reshape((lane & jnp.uint32(1)) == jnp.uint32(0), (-1,)), cos_normal, sin_normal)
+    return jnp.reshape(z, index.shape).astype(dtype)
 
 
 def _check_range(start: int, count: int) -> None:
@@ -181,10 +228,7 @@ def standard_normals(seed, step, start, count, dtype=None, *, strict: bool = Tru
 
 def _standard_normals_body(seed, step, start, count, dtype, strict):
     with x64_scope():
-        first_block, last_block = start // 4, (start + count - 1) // 4
-        words = _philox_blocks(seed, step, first_block, last_block - first_block + 1)
-        local = jnp.arange(count, dtype=jnp.uint32) + jnp.uint32(start % 4)
-        return _normals_at(words, local, dtype, strict)
+        return _flat_normals(seed, step, start, count, strict).astype(dtype)
 
 
 _standard_normals_jit = jax.jit(_standard_normals_body, static_argnums=(0, 2, 3, 4, 5))
@@ -198,11 +242,10 @@ def leaf_normals(leaves, seed, step):
     if total == 0:
         return [jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves]
     _check_range(0, total)
-    words = _philox_blocks(seed, step, 0, -(-total // 4))
+    flat = _flat_normals(seed, step, 0, total)
     out, offset = [], 0
     for leaf, size in zip(leaves, sizes):
-        local = jnp.arange(size, dtype=jnp.uint32) + jnp.uint32(offset)
-        out.append(jnp.reshape(_normals_at(words, local, leaf.dtype, True), leaf.shape))
+        out.append(jnp.reshape(flat[offset:offset + size].astype(leaf.dtype), leaf.shape))
         offset += size
     return out
 

@@ -10,12 +10,15 @@ import optax
 from upgd_ref import reference as _ref
 from upgd_ref.backends import check_backend_name as _check_core_backend
 from upgd_ref.checks import NonFiniteStepError, check_nonfinite_policy
+from upgd_ref.folded_sum import folded_sum
 from upgd_ref.hyperparams import VGS_DEFAULTS, validate_vgs
 from upgd_ref.state import FlatVGSState
 from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
 
 from .kernel_buffers import check_backend, check_eager, jax_view, kernel_layout, pack_leaves
 from .hyper import split_arrays, widened
+from .normals import without_contraction
+from .per_device import check_per_device
 from .leaves import (
     all_finite, check_finite, check_leaf_dtype, is_eager, is_params_placeholder, where_finite, x64_scope,
 )
@@ -23,11 +26,28 @@ from .precision import computed, rounded
 from .state import VarianceGradientScalerState, check_words, host_state, narrow_fields, state_values, wide_fields
 
 
+def _statistics_update(state, grads, beta, per_device):
+    """``reference.vgs_update`` with folded sums (``specs/adapters-jax.md`` §11): ``mean(g_i) =
+    sum g_i / n_i`` and ``mean(g_i**2)``, the sums over the whole leaf (``per_device``: over
+    every device's block), then :func:`upgd_ref.reference.vgs_statistics_update`."""
+    if per_device is None:
+        totals, counts = [folded_sum] * len(grads), [g.size for g in grads]
+    else:
+        per_device.check(grads)
+        totals, counts = per_device.totals(grads), [per_device.global_count(g, i) for i, g in enumerate(grads)]
+    wide = [g.astype(jnp.float64) for g in grads]
+    updated = [n != 0 for n in counts]
+    means = [total(w) / n if n else None for total, w, n in zip(totals, wide, counts)]
+    square_means = [total(w * w) / n if n else None for total, w, n in zip(totals, wide, counts)]
+    return _ref.vgs_statistics_update(state, means, square_means, updated, beta=beta)
+
+
 def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS["beta"], alpha=VGS_DEFAULTS["alpha"],
                              eps=VGS_DEFAULTS["eps"], warmup_steps=VGS_DEFAULTS["warmup_steps"],
                              min_scaling_factor=VGS_DEFAULTS["min_scaling_factor"],
                              variance_cap=VGS_DEFAULTS["variance_cap"], *, backend="native",
-                             kernel_backend="auto", nonfinite="raise") -> optax.GradientTransformationExtraArgs:
+                             kernel_backend="auto", nonfinite="raise",
+                             per_device=None) -> optax.GradientTransformationExtraArgs:
     """The Variance Gradient Scaler as an optax transformation (``specs/algorithm.md`` §2).
 
     ``update(grads, state, params=None)`` returns ``f * grads`` with ``f`` computed from the
@@ -39,6 +59,7 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
     ``jax.jit``; an eager ``"raise"`` raises :class:`~upgd_ref.checks.NonFiniteStepError`.
     16-bit leaves are scaled in float32 and ``f g`` rounded once to their dtype, the
     statistics read those rounded gradients (the core's ``vgs_scale_step``, ``vgs_update_step``).
+    ``per_device``: as :func:`adaptive_upgd` takes it (``update`` inside ``jax.shard_map``).
     """
     plain, arrays = split_arrays(dict(enabled=enabled, beta=beta, alpha=alpha, eps=eps, warmup_steps=warmup_steps,
                                       min_scaling_factor=min_scaling_factor, variance_cap=variance_cap), VGS_DEFAULTS)
@@ -46,6 +67,7 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
     backend = check_backend(backend)
     _check_core_backend(kernel_backend)
     nonfinite = check_nonfinite_policy(nonfinite)
+    check_per_device(per_device, backend)
 
     def init(params):
         leaves = jax.tree_util.tree_leaves(params)
@@ -65,8 +87,11 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
             core = _ref.VGSState(wide.count, wide.grad_mean_avg, wide.grad_sq_avg)
             factor, _ = _ref.vgs_scaling_factor(core, **values)
             scaled = rounded(_ref.vgs_scale(computed(leaves), factor), leaves)  # 16-bit: f g in float32, rounded once
-            new = _ref.vgs_update(core, scaled, beta=values["beta"])
+            new = without_contraction(lambda c, g, b: _statistics_update(c, g, b, per_device))(core, scaled,
+                                                                                              values["beta"])
             ok = all_finite(leaves, new.grad_mean_avg, new.grad_sq_avg)  # as optax.apply_if_finite
+            if per_device is not None:
+                ok = per_device.all_devices(ok)
             scaled = where_finite(ok, scaled, leaves)
             new = where_finite(ok, new, core)
             return scaled, narrow_fields(VarianceGradientScalerState(new.step, new.grad_mean_avg, new.grad_sq_avg)), ok

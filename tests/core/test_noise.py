@@ -19,10 +19,18 @@ PHILOX_KAT = [
 ]
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["limbs", "uint64"])
 @pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
-def test_philox_known_answers(counter, key, expected):
-    words = philox4x32_10(tuple(np.array([c], dtype=np.uint32) for c in counter), key)
+def test_philox_known_answers(counter, key, expected, wide):
+    words = philox4x32_10(tuple(np.array([c], dtype=np.uint32) for c in counter), key, wide=wide)
     assert tuple(int(w[0]) for w in words) == expected
+
+
+def test_philox_products_agree_on_random_counters():
+    counters = tuple(np.random.default_rng(k).integers(0, 2**32, 50_000, dtype=np.uint64).astype(np.uint32)
+                     for k in range(4))
+    for a, b in zip(philox4x32_10(counters, (2**32 - 1, 12345)), philox4x32_10(counters, (2**32 - 1, 12345), wide=True)):
+        np.testing.assert_array_equal(a, b)
 
 
 def _all_word_samples():
