@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"digits MLP 64-{HIDDEN}-10, bfloat16 params, {args.steps} steps of {BATCH}, lr {LR}, seed {args.seed}, "
           f"jax {jax.__version__}, optax {optax.__version__}")
-    print(f"| optimizer | initial loss | final loss | test accuracy | seconds |")
+    print("| optimizer | initial loss | final loss | test accuracy | seconds |")
     print("|---|---|---|---|---|")
     for name, tx in optimizers(args.rounding).items():
         run = train(tx, args.steps, args.seed)

@@ -26,7 +26,6 @@ from .torch_runs import (
 )
 from .world import run_world
 
-pytest.importorskip("numba")  # the chunked kernels: sharded == single-process bit for bit
 
 STEPS = 30
 RUNS = sorted({(dtype, member) for dtype, member, _ in CONFIGS})

@@ -24,7 +24,6 @@ from .sharded_runs import (
     thread_world,
 )
 
-pytest.importorskip("numba")
 STEPS = 30
 
 

@@ -15,7 +15,6 @@ import torch
 from .torch_runs import CONFIGS, SHAPES, bits, build, flat, run_steps
 from .world import run_world
 
-pytest.importorskip("numba")  # the chunked kernels: sharded == single-process bit for bit
 
 STEPS, SAVE_AT = 30, 10
 

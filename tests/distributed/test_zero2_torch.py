@@ -21,7 +21,6 @@ import torch
 from .torch_runs import CONFIGS, bits, build, flat, run_steps, step_grads, vgs_bits
 from .world import run_world
 
-pytest.importorskip("numba")  # the chunked kernels: sharded == single-process bit for bit
 
 STEPS, GATHER_AT = 30, 10
 MAXIMIZE = ("float32", "AdaptiveUPGD", False)  # also run with maximize=True

@@ -22,8 +22,8 @@ from upgd_ref import reference as ref
 from upgd_ref.layout import FlatLayout
 from upgd_ref.multi import MultiLayout, MultiUPGDState
 from upgd_ref.precision import is_low_precision
-from upgd_ref.state import FlatUPGDState, FlatVGSState
-from upgd_ref.step import StepRequest, upgd_step, vgs_factor, vgs_scale_step
+from upgd_ref.state import FlatUPGDState
+from upgd_ref.step import StepRequest, upgd_step
 from upgd_ref.adapters import jax as uj
 
 from tests.helpers.members import MEMBER_DB, member_info, paired, with_profile
