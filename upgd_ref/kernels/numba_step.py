@@ -552,7 +552,7 @@ def pass1_serial(g, p, u, m, v, chunks, present, coefficients, factor, moments_n
 def pass1_parallel(g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
     """:func:`pass1_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial)
+        _pass1_chunk(np.int64(c), g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial)
 
 
 @njit(cache=True, error_model="numpy")
@@ -575,7 +575,7 @@ def pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, i
                    step_lo, step_hi, key0, key1):
     """:func:`pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
+        _pass2_chunk(np.int64(c), p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                      step_lo, step_hi, key0, key1)
 
 
@@ -598,7 +598,7 @@ def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, 
                           u_hi, mode, step_lo, step_hi, key0, key1):
     """:func:`family_pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
+        _family_pass2_chunk(np.int64(c), p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
                             inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
 
 
