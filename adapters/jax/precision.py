@@ -23,6 +23,8 @@ import numpy as np
 
 from upgd_ref import precision as _precision
 
+from .words import join_uint
+
 STATE_DTYPES = (None, "params")
 
 
@@ -56,7 +58,7 @@ def rounded_params(values, like, rounding: str, seed_words, step) -> list:
     ``step`` (call inside ``x64_scope``)."""
     if rounding == "nearest":
         return rounded(values, like)
-    seed = seed_words[0].astype(jnp.uint64) | (seed_words[1].astype(jnp.uint64) << jnp.uint64(32))
+    seed = join_uint(seed_words)
     step = jnp.asarray(step).astype(jnp.uint64)
     out, start = [], 0
     for value, leaf in zip(values, like):

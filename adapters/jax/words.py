@@ -29,6 +29,11 @@ def _split64(bits):
                      axis=-1)
 
 
+def join_uint(words):
+    """uint64 values of ``[lo, hi]`` words (e.g. the seed; inside ``x64_scope``)."""
+    return _join64(words)
+
+
 def join_int(words):
     """int64 values of ``[lo, hi]`` words (traced or concrete; inside ``x64_scope``)."""
     return _join64(words).astype(jnp.int64)
