@@ -72,6 +72,11 @@ class PieceBuffers:
     def num_pieces(self) -> int:
         return int(self.parents.size)
 
+    @property
+    def num_elements(self) -> int:
+        """How many of the layout's elements the pieces hold."""
+        return 0 if self.local is None else int(sum(self.local.sizes))
+
     def local_zeros(self, dtype=None) -> np.ndarray:
         """A zero flat buffer of the pieces (length 0 for an empty shard)."""
         return np.zeros(0, dtype=self.layout.dtype) if self.local is None else self.local.zeros(dtype)
@@ -232,7 +237,7 @@ class ShardState:
     @classmethod
     def from_part(cls, part: dict, shard: Shard) -> ShardState:
         """The inverse of :meth:`to_state` for the same shard (a per-rank state dict)."""
-        s, n = shard.layout.num_segments, shard.end - shard.start
+        s, n = shard.layout.num_segments, shard.num_elements
         buffers = {}
         for name in cls.BUFFERS:
             values = np.asarray(part[name], dtype=shard.layout.dtype)

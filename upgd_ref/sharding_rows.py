@@ -85,10 +85,6 @@ class RowShard(PieceBuffers):
         as_array = lambda values, dtype=np.int64: np.asarray(values, dtype=dtype)
         return cls(layout, rank, as_array(parents), as_array(within), as_array(cut, np.bool_), local)
 
-    @property
-    def num_elements(self) -> int:
-        return 0 if self.local is None else int(sum(self.local.sizes))
-
     def cut_values(self, local) -> np.ndarray:
         """The values of the cut pieces of a buffer of the pieces, in piece order."""
         if self.local is None:
@@ -109,7 +105,9 @@ class RowPartition:
         if len(ranges) != world_size:
             raise ValueError(f"{len(ranges)} rank ranges for world_size {world_size}")
         self.layout, self.world_size = layout, world_size
-        self.shards = tuple(RowShard.of(layout, r, rs) for r, rs in enumerate(ranges))
+        #: Per rank, its ``(segment, first, stop)`` element ranges.
+        self.ranges = tuple(tuple((int(i), int(a), int(b)) for i, a, b in rs) for rs in ranges)
+        self.shards = tuple(RowShard.of(layout, r, rs) for r, rs in enumerate(self.ranges))
         owned = np.zeros(layout.num_logical, dtype=np.int64)
         for shard in self.shards:
             for k in range(shard.num_pieces):
