@@ -224,7 +224,8 @@ class DTensorRecord(ShardedRecord):
         """Where this rank's part belongs: the world size, the rank, its ``(segment, first, stop)``
         element ranges (:func:`~upgd_ref.sharding_rows.dim0_ranges`) and the layout."""
         return {"world_size": self.world_size, "rank": self.rank,
-                "ranges": [list(r) for r in self.partition.ranges[self.rank]], "layout": self.partition.layout.to_dict()}
+                "ranges": [list(r) for r in self.partition.ranges[self.rank]],
+                "layout": self.partition.layout.to_dict()}
 
     def run_step(self, param_flat, grad_flat, request, backend, *, flipped=(), vgs=None):
         """One step on the bucket's pieces; with ``vgs`` (the fused scaler) the scaled gradients

@@ -159,7 +159,8 @@ def test_dtensor_state_dicts_and_fused_scaler_four_then_two_ranks():
     two = run_world(_rank, 2, saved)
     for config in CONFIGS:
         refused = ["other rank", "other world size"] + (["scaler's own calls"] if config[2] else [])
-        for world, keys in ((four, ("run", "per-rank resume")), (two, ("run", "per-rank resume", "consolidated resume"))):
+        for world, keys in ((four, ("run", "per-rank resume")),
+                            (two, ("run", "per-rank resume", "consolidated resume"))):
             for rank in world:
                 for key in keys:
                     assert _same(rank[config][key], single[config]) == [], (config, len(world), key)
