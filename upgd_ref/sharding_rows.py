@@ -27,12 +27,9 @@ import numpy as np
 
 from .kernels.chunk_abi import CHUNK
 from .layout import FlatLayout
-from .sharding import PieceBuffers
+from .sharding import SUM_COLUMNS, PieceBuffers
 
 __all__ = ["RowPartition", "RowShard", "dim0_ranges"]
-
-#: The columns of a partials row that depend on the order of the elements (the two sums).
-SUM_COLUMNS = (0, 1)
 
 
 def dim0_ranges(layout: FlatLayout, world_size: int) -> list[list[tuple[int, int, int]]]:
@@ -84,6 +81,11 @@ class RowShard(PieceBuffers):
             noise_offsets=[layout.logical_offsets[i] + w for i, w in zip(parents, within)])
         as_array = lambda values, dtype=np.int64: np.asarray(values, dtype=dtype)
         return cls(layout, rank, as_array(parents), as_array(within), as_array(cut, np.bool_), local)
+
+    @property
+    def cut_size(self) -> int:
+        """How many elements the cut pieces hold (this rank's part of the shared chunks)."""
+        return 0 if self.local is None else int(np.asarray(self.local.sizes)[self.cut].sum())
 
     def cut_values(self, local) -> np.ndarray:
         """The values of the cut pieces of a buffer of the pieces, in piece order."""

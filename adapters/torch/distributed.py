@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from upgd_ref.sharding import (
-    PARTIAL_COLUMNS,
     Partition,
     ShardState,
     consolidate_states,
@@ -127,10 +126,6 @@ class ShardedRecord:
         self.bytes_received += (self.world_size - 1) * padded.numel() * padded.element_size()
         return [t[:n].numpy() for t, n in zip(out, lengths)]
 
-    def _gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
-        return self._all_gather(np.ascontiguousarray(rows.reshape(-1, len(PARTIAL_COLUMNS))),
-                                [s.num_pieces for s in self.partition.shards])
-
     def run_step(self, param_flat, grad_flat, request, backend, *, flipped=(), vgs=None):
         """One sharded step on the full flat buffers (NumPy). ``"zero1"``: the rank's range of
         ``grad_flat`` stepped, then every range all-gathered into ``param_flat``. ``"zero2"``:
@@ -144,7 +139,7 @@ class ShardedRecord:
         else:
             grads = shard.pieces(self._signed(self.grad_shard.numpy(), flipped))
         stats = sharded_step(self.partition, self.rank, params, grads, self.state, request,
-                             all_gather=self._gather_rows, vgs=vgs, backend=backend)
+                             all_gather=self._all_gather, vgs=vgs, backend=backend)
         if stats.skipped:
             return stats
         if self.shard_mode == "zero1":

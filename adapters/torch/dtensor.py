@@ -199,13 +199,6 @@ class DTensorRecord(ShardedRecord):
     def sizes(self) -> list[int]:
         return [s.num_elements for s in self.partition.shards]
 
-    def _gather_rows(self, local: np.ndarray) -> list[np.ndarray]:
-        """The step's all-gathers: partials rows (2-D), or the cut pieces' gradient values (1-D)."""
-        shards = self.partition.shards
-        if local.ndim == 2:
-            return self._all_gather(np.ascontiguousarray(local), [s.num_pieces for s in shards])
-        return self._all_gather(local, [int(np.asarray(s.local.sizes)[s.cut].sum()) if s.local else 0 for s in shards])
-
     def consolidated(self) -> dict:
         """The full layout's state (``FlatUPGDState.to_state`` format): every rank's pieces put
         in their places; a collective."""
@@ -231,7 +224,7 @@ class DTensorRecord(ShardedRecord):
         """One step on the bucket's pieces; with ``vgs`` (the fused scaler) the scaled gradients
         are written back into the local rows of ``p.grad``, as ``scale_gradients()`` leaves them."""
         stats = sharded_step(self.partition, self.rank, param_flat, grad_flat, self.state, request,
-                             all_gather=self._gather_rows, vgs=vgs, backend=backend)
+                             all_gather=self._all_gather, vgs=vgs, backend=backend)
         if vgs is not None and not stats.skipped and vgs.factor != 1.0:
             self.bucket.scatter_grads()
         return stats

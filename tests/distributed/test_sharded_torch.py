@@ -47,8 +47,8 @@ def _sharded_rank(rank, world_size, resume):
                               None if vgs is None else vgs.state_dict())
         record = optimizer.sharding  # the bytes of specs/distributed.md §4, counted per step
         partition, itemsize = record.partition, 4 if config[0] == "float32" else 8
-        per_step = (world_size - 1) * (max(sh.num_pieces for sh in partition.shards) * 56
-                                       + max(sh.end - sh.start for sh in partition.shards) * itemsize)
+        partials = max(2 * sh.num_pieces + 5 * len(set(sh.parents.tolist())) for sh in partition.shards) * 8
+        per_step = (world_size - 1) * (partials + max(sh.end - sh.start for sh in partition.shards) * itemsize)
         assert record.bytes_received == (STEPS - (SAVE_AT if resume else 0)) * per_step
         assert 0 < record.minimum_bytes() <= per_step
         per_rank = optimizer.state_dict()

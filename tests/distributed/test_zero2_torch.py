@@ -68,7 +68,9 @@ def _zero2_rank(rank, world_size):
                 optimizer.gather_params()
         optimizer.gather_params()
         partition, itemsize = record.partition, 4 if config[0] == "float32" else 8
-        rows = (world_size - 1) * max(sh.num_pieces for sh in partition.shards) * 56
+        # two sums per chunk, five values per segment a rank holds part of (specs/distributed.md §4)
+        rows = (world_size - 1) * max(2 * sh.num_pieces + 5 * len(set(sh.parents.tolist()))
+                                      for sh in partition.shards) * 8
         gathers = 2 * (world_size - 1) * max(record.sizes) * itemsize
         assert record.bytes_received == STEPS * rows + gathers
         assert record.minimum_bytes() <= rows and (world_size == 1) == (record.minimum_bytes() == 0)
