@@ -107,7 +107,7 @@ def _refusals(rank, world_size, optimizer, vgs, mine, other_world):
     import torch.distributed as dist
 
     seen = []
-    before = bits(optimizer.consolidated_state_dict())
+    before = bits(optimizer.consolidated_state_dict()), vgs_bits(vgs)
     everyone = [None] * world_size
     dist.all_gather_object(everyone, mine)
     with pytest.raises(ValueError, match=rf"'upgd_ref_shard.rank' is {(rank + 1) % world_size}, this rank's is {rank}"):
@@ -124,7 +124,7 @@ def _refusals(rank, world_size, optimizer, vgs, mine, other_world):
             with pytest.raises(RuntimeError, match=r"DTensor parameters .* optimizer.step\(vgs=scaler\)"):
                 call()
         seen.append("scaler's own calls")
-    assert bits(optimizer.consolidated_state_dict()) == before
+    assert (bits(optimizer.consolidated_state_dict()), vgs_bits(vgs)) == before
     return seen
 
 
