@@ -102,7 +102,8 @@ def test_four_ranks_then_resume_with_two_and_one(single):
 
 def test_per_rank_state_dict_and_refusals():
     results = run_world(_per_rank, 2)
-    assert results == [["per-rank round trip", "other rank refused", "core_format", "pickling", "rebuild"]] * 2
+    assert results == [["per-rank round trip", "other rank refused", "other version refused", "core_format", "pickling",
+                       "rebuild"]] * 2
 
 
 def _per_rank(rank, world_size):
@@ -131,6 +132,9 @@ def _per_rank(rank, world_size):
     with pytest.raises(ValueError, match="upgd_ref_shard.rank"):
         other.load_state_dict(mine[1 - rank])
     seen.append("other rank refused")
+    with pytest.raises(ValueError, match="'upgd_ref_shard': version 2, this reader takes 1"):
+        other.load_state_dict({**saved, "upgd_ref_shard": {**saved["upgd_ref_shard"], "version": 2}})
+    seen.append("other version refused")
     with pytest.raises(RuntimeError, match="process_group"):
         optimizer.core_format()
     seen.append("core_format")
