@@ -13,7 +13,8 @@ combination spread over the ranks:
 
 1. pass 1 on the shard's pieces (any backend): one row of partials per chunk,
    ``(sum g, sum g^2, min u, max u, max|p|, max|d|, nonfinite)``;
-2. ``all_gather`` of every rank's rows; :func:`combine_chunk_partials` folds them in global
+2. ``all_gather`` of every rank's rows, sent compactly (:func:`pack_partials`: the two sums
+   per chunk, the order-free columns once per segment); :func:`combine_chunk_partials` folds them in global
    chunk order (rank order is chunk order): per segment ``S = ((0 + c_0) + c_1) + ...``,
    exactly the kernels' host combination, and min/max (exact in any order);
 3. the plan, VGS statistics and refusal of the door (:mod:`upgd_ref.stages`) on the combined
@@ -46,10 +47,65 @@ from .state import UPGD_FORMAT, UPGD_VERSION, FlatUPGDState
 from .step import StepRequest, VGSRequest, check_vgs_request
 
 __all__ = ["Partition", "PieceBuffers", "Shard", "ShardState", "chunk_boundaries", "combine_chunk_partials", "sharded_step",
-           "consolidate_states", "PARTIAL_COLUMNS"]
+           "consolidate_states", "pack_partials", "unpack_partials", "message_length", "PARTIAL_COLUMNS"]
 
 #: The columns of a shard's partials table, one row per chunk (the fields of SegmentReductions).
 PARTIAL_COLUMNS = SegmentReductions._fields
+#: The columns that depend on the order of the elements (the two sums): sent per chunk. The
+#: others (extrema, non-finite count) are exact in any order: sent combined per segment.
+SUM_COLUMNS = (0, 1)
+ORDER_FREE_COLUMNS = tuple(c for c in range(len(PARTIAL_COLUMNS)) if c not in SUM_COLUMNS)
+
+
+def _fold(column: int):
+    """How partials of ``column`` combine: the minimum of the utility minima, the maximum of
+    the maxima, else a sum."""
+    name = PARTIAL_COLUMNS[column]
+    return {"utility_min": np.minimum}.get(name, np.maximum if name.endswith("max") else np.add)
+
+
+def _neutral(column: int) -> float:
+    """The value of ``column`` that its fold leaves unchanged."""
+    fold = _fold(column)
+    return np.inf if fold is np.minimum else -np.inf if fold is np.maximum else 0.0
+
+
+def message_length(parents) -> int:
+    """Length of a rank's partials message (:func:`pack_partials`) for pieces of segments ``parents``."""
+    return len(SUM_COLUMNS) * len(parents) + len(ORDER_FREE_COLUMNS) * np.unique(parents).size
+
+
+def pack_partials(rows, parents) -> np.ndarray:
+    """A rank's partials as it sends them (``specs/distributed.md`` §4): its pieces' two sums,
+    piece by piece, then per segment of its pieces (ascending) the order-free columns folded
+    over its pieces of that segment, from their neutral values."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(PARTIAL_COLUMNS))
+    segments, inverse = np.unique(np.asarray(parents, dtype=np.int64), return_inverse=True)
+    combined = np.empty((len(ORDER_FREE_COLUMNS), segments.size))
+    with np.errstate(all="ignore"):
+        for values, column in zip(combined, ORDER_FREE_COLUMNS):
+            values[...] = _neutral(column)
+            _fold(column).at(values, inverse, rows[:, column])  # row by row, in piece order
+    return np.concatenate([rows[:, SUM_COLUMNS].ravel(), combined.T.ravel()])
+
+
+def unpack_partials(message, parents) -> np.ndarray:
+    """The ``(P, 7)`` rows a :func:`pack_partials` message stands for: each piece's sums, the
+    combined order-free values on the first piece of each segment, neutral values on the
+    others. Folded in the same order they give the same bits as the original rows (min and
+    max are exact and keep the first of equal values, the counts are small integers)."""
+    parents = np.asarray(parents, dtype=np.int64)
+    n, message = parents.size, np.asarray(message, dtype=np.float64)
+    if message.size != message_length(parents):
+        raise ValueError(f"a partials message of {message.size} values for {n} pieces; expected "
+                         f"{message_length(parents)}")
+    rows = np.empty((n, len(PARTIAL_COLUMNS)))
+    rows[:, SUM_COLUMNS] = message[: len(SUM_COLUMNS) * n].reshape(n, len(SUM_COLUMNS))
+    for column in ORDER_FREE_COLUMNS:
+        rows[:, column] = _neutral(column)
+    first = np.unique(parents, return_index=True)[1]
+    rows[np.ix_(first, ORDER_FREE_COLUMNS)] = message[len(SUM_COLUMNS) * n :].reshape(-1, len(ORDER_FREE_COLUMNS))
+    return rows
 
 
 def chunk_boundaries(layout: FlatLayout) -> np.ndarray:
@@ -71,6 +127,11 @@ class PieceBuffers:
     @property
     def num_pieces(self) -> int:
         return int(self.parents.size)
+
+    @property
+    def num_elements(self) -> int:
+        """How many of the layout's elements the pieces hold."""
+        return 0 if self.local is None else int(sum(self.local.sizes))
 
     def local_zeros(self, dtype=None) -> np.ndarray:
         """A zero flat buffer of the pieces (length 0 for an empty shard)."""
@@ -193,9 +254,8 @@ def combine_chunk_partials(layout: FlatLayout, parents: Sequence[np.ndarray],
     if rows.shape[0] != segments.size:
         raise ValueError(f"{rows.shape[0]} partial rows for {segments.size} chunks")
     with np.errstate(all="ignore"):  # non-finite sums are refused by the plan's checks
-        for column, (name, combined) in enumerate(zip(PARTIAL_COLUMNS, out)):
-            fold = {"utility_min": np.minimum}.get(name, np.maximum if name.endswith("max") else np.add)
-            fold.at(combined, segments, rows[:, column])  # unbuffered: row by row, in order
+        for column, combined in enumerate(out):
+            _fold(column).at(combined, segments, rows[:, column])  # unbuffered: row by row, in order
     return out
 
 
@@ -232,7 +292,7 @@ class ShardState:
     @classmethod
     def from_part(cls, part: dict, shard: Shard) -> ShardState:
         """The inverse of :meth:`to_state` for the same shard (a per-rank state dict)."""
-        s, n = shard.layout.num_segments, shard.end - shard.start
+        s, n = shard.layout.num_segments, shard.num_elements
         buffers = {}
         for name in cls.BUFFERS:
             values = np.asarray(part[name], dtype=shard.layout.dtype)
@@ -287,7 +347,7 @@ def _cut_chunk_sums(partition, fragments, impl, request: StepRequest, factor: fl
 
 
 def sharded_step(partition: Partition, rank: int, params, grads, state: ShardState, request: StepRequest, *,
-                 all_gather: Callable[[np.ndarray], Sequence[np.ndarray]], vgs: VGSRequest | None = None,
+                 all_gather: Callable[[np.ndarray, list[int]], Sequence[np.ndarray]], vgs: VGSRequest | None = None,
                  backend="auto") -> StepStats:
     """One step of rank ``rank`` on its shard: ``params``, ``state`` (and ``grads`` with ``vgs``)
     updated in place, bit-identical on every rank to the same step of any other partition.
@@ -295,10 +355,11 @@ def sharded_step(partition: Partition, rank: int, params, grads, state: ShardSta
     ``params``, ``grads``: flat buffers of the shard's pieces (:meth:`Shard.take` of the full
     ones); ``request``: the full layout's :class:`~upgd_ref.step.StepRequest` (the same on
     every rank); ``vgs``: the full layout's :class:`~upgd_ref.step.VGSRequest` (replicated
-    statistics). ``all_gather(rows)`` returns every rank's ``(P_r, 7)`` partials in rank
-    order (every rank calls it exactly once per step, also when the step is refused; twice for
-    a :class:`~upgd_ref.sharding_rows.RowPartition` with cut chunks: then also for the
-    gradient values of its cut pieces).
+    statistics). ``all_gather(values, lengths)`` returns every rank's 1-D ``values`` in rank
+    order, rank ``r``'s of length ``lengths[r]``: the partials messages (:func:`pack_partials`;
+    every rank calls it exactly once per step, also when the step is refused), and for a
+    :class:`~upgd_ref.sharding_rows.RowPartition` with cut chunks a second time, the gradient
+    values of the cut pieces.
     """
     shard, layout = partition.shards[rank], partition.layout
     request = request.checked(layout.num_segments)
@@ -326,9 +387,10 @@ def sharded_step(partition: Partition, rank: int, params, grads, state: ShardSta
                                      present=local_present, hyper=local_hyper, vgs_factor=factor,
                                      variant=request.variant)
         rows = np.stack(reductions, axis=1)
-    gathered = all_gather(rows)
+    messages = all_gather(pack_partials(rows, shard.parents), [message_length(s.parents) for s in partition.shards])
+    gathered = [unpack_partials(m, s.parents) for m, s in zip(messages, partition.shards)]
     if partition.has_cuts:  # the shared chunks' sums from their whole gradient, in global chunk order
-        fragments = all_gather(shard.cut_values(grads))
+        fragments = all_gather(shard.cut_values(grads), [s.cut_size for s in partition.shards])
         cut_rows = _cut_chunk_sums(partition, fragments, select_backend(backend, params), request, factor)
         folded = partition.fold_rows(gathered, cut_rows)
         reductions = combine_chunk_partials(layout, [folded[0]], [folded[1]])

@@ -27,12 +27,9 @@ import numpy as np
 
 from .kernels.chunk_abi import CHUNK
 from .layout import FlatLayout
-from .sharding import PieceBuffers
+from .sharding import SUM_COLUMNS, PieceBuffers
 
 __all__ = ["RowPartition", "RowShard", "dim0_ranges"]
-
-#: The columns of a partials row that depend on the order of the elements (the two sums).
-SUM_COLUMNS = (0, 1)
 
 
 def dim0_ranges(layout: FlatLayout, world_size: int) -> list[list[tuple[int, int, int]]]:
@@ -86,8 +83,9 @@ class RowShard(PieceBuffers):
         return cls(layout, rank, as_array(parents), as_array(within), as_array(cut, np.bool_), local)
 
     @property
-    def num_elements(self) -> int:
-        return 0 if self.local is None else int(sum(self.local.sizes))
+    def cut_size(self) -> int:
+        """How many elements the cut pieces hold (this rank's part of the shared chunks)."""
+        return 0 if self.local is None else int(np.asarray(self.local.sizes)[self.cut].sum())
 
     def cut_values(self, local) -> np.ndarray:
         """The values of the cut pieces of a buffer of the pieces, in piece order."""
@@ -109,7 +107,9 @@ class RowPartition:
         if len(ranges) != world_size:
             raise ValueError(f"{len(ranges)} rank ranges for world_size {world_size}")
         self.layout, self.world_size = layout, world_size
-        self.shards = tuple(RowShard.of(layout, r, rs) for r, rs in enumerate(ranges))
+        #: Per rank, its ``(segment, first, stop)`` element ranges.
+        self.ranges = tuple(tuple((int(i), int(a), int(b)) for i, a, b in rs) for rs in ranges)
+        self.shards = tuple(RowShard.of(layout, r, rs) for r, rs in enumerate(self.ranges))
         owned = np.zeros(layout.num_logical, dtype=np.int64)
         for shard in self.shards:
             for k in range(shard.num_pieces):

@@ -14,12 +14,13 @@ No math here: the partition, the combination order and the stages are the core's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from upgd_ref.sharding import (
-    PARTIAL_COLUMNS,
     Partition,
     ShardState,
     consolidate_states,
@@ -36,6 +37,9 @@ SHARD_FORMAT_VERSION = 1
 #: ``"zero1"``: averaged full gradients in, full parameters out; ``"zero2"``: the rank's
 #: gradient range in (:attr:`ShardedRecord.grad_shard`), its parameter range updated.
 SHARD_MODES = ("zero1", "zero2")
+#: The records whose ranks hold only their part of the gradient, which ``step(vgs=scaler)``
+#: serves (a DTensor record's mode is ``"dtensor"``).
+FUSED_VGS_MODES = ("zero2", "dtensor")
 
 
 def refuse_sharded(sharded, what: str) -> None:
@@ -63,15 +67,17 @@ def zero2_record(sharded, what: str) -> ShardedRecord:
 
 def fused_vgs(scaler, layout, sharded, flipped) -> VGSRequest | None:
     """The core's fused VGS request of a ``VarianceGradientScaler`` over the optimizer's
-    parameters (``optimizer.step(vgs=scaler)`` under ``shard_mode="zero2"``, the optimizer's
+    parameters (``optimizer.step(vgs=scaler)`` under ``shard_mode="zero2"`` or with DTensor
+    parameters, the optimizer's
     record ``sharded``): its statistics (advanced in place by the step), factor and ``beta``.
     Refused with maximized segments (``flipped``): the fused sums are of the step's ``-g``,
     where the scaler's own step sums ``g``."""
     if scaler is None:
         return None
-    if sharded is None or sharded.shard_mode != "zero2":
-        raise ValueError("step(vgs=scaler) is for shard_mode='zero2' (each rank holds its range of the gradient); "
-                         "otherwise call the scaler's scale_gradients() and step() around optimizer.step()")
+    if sharded is None or sharded.shard_mode not in FUSED_VGS_MODES:
+        raise ValueError("step(vgs=scaler) is for shard_mode='zero2' and DTensor parameters (each rank holds its "
+                         "part of the gradient); otherwise call the scaler's scale_gradients() and step() around "
+                         "optimizer.step()")
     stats = scaler.stats
     if stats.grad_mean_avg.shape != (layout.num_segments,) or scaler._layout is None \
             or scaler._layout.sizes != layout.sizes:
@@ -120,10 +126,6 @@ class ShardedRecord:
         self.bytes_received += (self.world_size - 1) * padded.numel() * padded.element_size()
         return [t[:n].numpy() for t, n in zip(out, lengths)]
 
-    def _gather_rows(self, rows: np.ndarray) -> list[np.ndarray]:
-        return self._all_gather(np.ascontiguousarray(rows.reshape(-1, len(PARTIAL_COLUMNS))),
-                                [s.num_pieces for s in self.partition.shards])
-
     def run_step(self, param_flat, grad_flat, request, backend, *, flipped=(), vgs=None):
         """One sharded step on the full flat buffers (NumPy). ``"zero1"``: the rank's range of
         ``grad_flat`` stepped, then every range all-gathered into ``param_flat``. ``"zero2"``:
@@ -137,7 +139,7 @@ class ShardedRecord:
         else:
             grads = shard.pieces(self._signed(self.grad_shard.numpy(), flipped))
         stats = sharded_step(self.partition, self.rank, params, grads, self.state, request,
-                             all_gather=self._gather_rows, vgs=vgs, backend=backend)
+                             all_gather=self._all_gather, vgs=vgs, backend=backend)
         if stats.skipped:
             return stats
         if self.shard_mode == "zero1":
@@ -186,11 +188,15 @@ class ShardedRecord:
         dist.all_gather_object(parts, self.state.to_state(self.shard), group=self.group)
         return consolidate_states(parts)
 
+    def placement(self) -> dict:
+        """Where this rank's part belongs (the per-rank entry's fields besides its state): the
+        world size, the rank, the partition's ``bounds`` and the layout; checked on load."""
+        return {"world_size": self.world_size, "rank": self.rank, "bounds": list(self.partition.bounds),
+                "layout": self.partition.layout.to_dict()}
+
     def shard_entry(self) -> dict:
         """The per-rank state-dict entry: this rank's part and where it belongs."""
-        return {"version": SHARD_FORMAT_VERSION, "world_size": self.world_size, "rank": self.rank,
-                "bounds": list(self.partition.bounds), "layout": self.partition.layout.to_dict(),
-                "state": self.state.to_state(self.shard)}
+        return {"version": SHARD_FORMAT_VERSION, **self.placement(), "state": self.state.to_state(self.shard)}
 
     def adopt(self, entry: dict | None, full_state: dict) -> ShardState:
         """The state after a load: ``entry`` (a per-rank state dict's) when given, else this
@@ -201,12 +207,15 @@ class ShardedRecord:
 
     def load_shard_entry(self, entry: dict) -> ShardState:
         """The state of a per-rank entry written by the same rank of the same partition."""
-        mine = {"world_size": self.world_size, "rank": self.rank, "bounds": list(self.partition.bounds),
-                "layout": self.partition.layout.to_dict()}
-        for key, value in mine.items():
+        if not isinstance(entry, Mapping) or entry.get("version") != SHARD_FORMAT_VERSION:
+            found = entry.get("version") if isinstance(entry, Mapping) else type(entry).__name__
+            raise ValueError(f"per-rank state dict entry 'upgd_ref_shard': version {found!r}, this reader takes "
+                             f"{SHARD_FORMAT_VERSION}")
+        for key, value in self.placement().items():
             if entry.get(key) != value:
                 raise ValueError(f"per-rank state dict field 'upgd_ref_shard.{key}' is {entry.get(key)!r}, this "
-                                 f"rank's is {value!r}; load a consolidated state dict to change the world size")
+                                 f"rank's is {value!r}; load a consolidated state dict to change the world size "
+                                 "or the partition")
         return ShardState.from_part(entry["state"], self.shard)
 
 

@@ -133,12 +133,21 @@ class DTensorBucket:
     def scatter(self, present) -> None:
         """The updated pieces written into the local shards, in place (after a committed step;
         the pieces of absent segments hold their unchanged values)."""
+        self._write_back(self.param_flat, self.params)
+
+    def scatter_grads(self) -> None:
+        """The pieces of ``grad_flat`` written into the local rows of every present ``p.grad``
+        (the gradients a fused VGS step scaled, as ``scale_gradients()`` leaves them)."""
+        self._write_back(self.grad_flat, [p.grad for p in self.params])
+
+    def _write_back(self, source, tensors) -> None:
+        """Segment ``i``'s pieces of ``source`` into the local rows of ``tensors[i]`` (None: skipped)."""
         local = self.shard.local
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                rows = self._local(p)
-                for k, at in self._pieces(i):
-                    rows[at : at + local.sizes[k]] = self.param_flat[local.segment_slice(k)]
+            for i, tensor in enumerate(tensors):
+                rows = None if tensor is None else self._local(tensor)
+                for k, at in self._pieces(i) if rows is not None else ():
+                    rows[at : at + local.sizes[k]] = source[local.segment_slice(k)]
 
     def gather_grads(self):
         """``(present, copied)``: presence from ``p.grad``, the local gradient rows copied in."""
@@ -190,13 +199,6 @@ class DTensorRecord(ShardedRecord):
     def sizes(self) -> list[int]:
         return [s.num_elements for s in self.partition.shards]
 
-    def _gather_rows(self, local: np.ndarray) -> list[np.ndarray]:
-        """The step's all-gathers: partials rows (2-D), or the cut pieces' gradient values (1-D)."""
-        shards = self.partition.shards
-        if local.ndim == 2:
-            return self._all_gather(np.ascontiguousarray(local), [s.num_pieces for s in shards])
-        return self._all_gather(local, [int(np.asarray(s.local.sizes)[s.cut].sum()) if s.local else 0 for s in shards])
-
     def consolidated(self) -> dict:
         """The full layout's state (``FlatUPGDState.to_state`` format): every rank's pieces put
         in their places; a collective."""
@@ -211,13 +213,18 @@ class DTensorRecord(ShardedRecord):
             out[name] = np.concatenate([full[layout.segment_slice(i)] for i in range(layout.num_segments)])
         return out
 
-    def shard_entry(self) -> dict:
-        raise RuntimeError("state_dict() with DTensor parameters: per-rank state dicts are not supported yet; "
-                           "consolidated_state_dict() (a collective) returns the whole state")
-
-    def adopt(self, entry, full_state):
-        raise RuntimeError("load_state_dict() with DTensor parameters is not supported yet")
+    def placement(self) -> dict:
+        """Where this rank's part belongs: the world size, the rank, its ``(segment, first, stop)``
+        element ranges (:func:`~upgd_ref.sharding_rows.dim0_ranges`) and the layout."""
+        return {"world_size": self.world_size, "rank": self.rank,
+                "ranges": [list(r) for r in self.partition.ranges[self.rank]],
+                "layout": self.partition.layout.to_dict()}
 
     def run_step(self, param_flat, grad_flat, request, backend, *, flipped=(), vgs=None):
-        return sharded_step(self.partition, self.rank, param_flat, grad_flat, self.state, request,
-                            all_gather=self._gather_rows, vgs=vgs, backend=backend)
+        """One step on the bucket's pieces; with ``vgs`` (the fused scaler) the scaled gradients
+        are written back into the local rows of ``p.grad``, as ``scale_gradients()`` leaves them."""
+        stats = sharded_step(self.partition, self.rank, param_flat, grad_flat, self.state, request,
+                             all_gather=self._all_gather, vgs=vgs, backend=backend)
+        if vgs is not None and not stats.skipped and vgs.factor != 1.0:
+            self.bucket.scatter_grads()
+        return stats

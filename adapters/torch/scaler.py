@@ -20,6 +20,7 @@ from .buffers import bucket_run, check_grad, check_tensors, flat_buffer, on_stre
 from .gather import as_real, segment_shape
 from .checkpoint import VGS_VERSION, read_vgs_state_dict, vgs_state_dict
 from .conversions import DTYPE_NAMES, describe_shape, named_errors, step_count
+from .dtensor import has_dtensors
 from . import scaler_parts
 from .spatial import SpatialAverages, finite_values, gradient_statistics, stochastic_variance_metrics
 
@@ -249,6 +250,13 @@ class VarianceGradientScaler:
         refused the gradients, so a normal step pays nothing for it)."""
         return any(not bool(torch.isfinite(g).all()) for g in self._present_grads())
 
+    def _refuse_dtensors(self, what: str) -> None:
+        """Each rank holds only its rows of a DTensor's gradient: the scaler's sums come from the
+        optimizer's fused step, which combines every rank's rows (``specs/distributed.md`` §3)."""
+        if has_dtensors(self._parameters):
+            raise RuntimeError(f"{what}: DTensor parameters (each rank holds only its rows of the gradient); pass "
+                               "the scaler to the optimizer's step instead: optimizer.step(vgs=scaler)")
+
     def scale_gradients(self) -> float:
         """Multiply every present gradient by the factor in place; return the factor.
 
@@ -260,6 +268,7 @@ class VarianceGradientScaler:
         factor = self.get_scaling_factor()
         if not self._parameters:
             return factor
+        self._refuse_dtensors("VarianceGradientScaler.scale_gradients")
         try:
             if self._parts is not None:
                 scaler_parts.scale(self._parts, self._parameters, self._names, factor, backend=self._backend,
@@ -287,6 +296,7 @@ class VarianceGradientScaler:
         """The door's statistics update (``k += 1``, ``a_i``, ``b_i``) from the present gradients;
         non-finite values count as 0 (production's NaN handling, ``specs/adapters-torch.md`` §3.6),
         or, under ``nonfinite="skip"``, nothing changes and the result is False."""
+        self._refuse_dtensors(what)
         if self._parts is not None:
             rows = scaler_parts.update(self._parts, self._parameters, self._names, self._stats, beta,
                                        backend=self._backend, policy=self._nonfinite_policy, what=what)

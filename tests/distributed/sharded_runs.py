@@ -91,8 +91,9 @@ def thread_world(partition: Partition, body, timeout=120.0) -> list:
     barrier, slots, results, errors = threading.Barrier(world, timeout=timeout), [None] * world, [None] * world, []
 
     def run(rank):
-        def all_gather(rows):
-            slots[rank] = rows
+        def all_gather(values, lengths):
+            assert values.shape == (lengths[rank],), (values.shape, lengths[rank])
+            slots[rank] = values
             barrier.wait()
             gathered = list(slots)
             barrier.wait()

@@ -47,8 +47,8 @@ def _sharded_rank(rank, world_size, resume):
                               None if vgs is None else vgs.state_dict())
         record = optimizer.sharding  # the bytes of specs/distributed.md §4, counted per step
         partition, itemsize = record.partition, 4 if config[0] == "float32" else 8
-        per_step = (world_size - 1) * (max(sh.num_pieces for sh in partition.shards) * 56
-                                       + max(sh.end - sh.start for sh in partition.shards) * itemsize)
+        partials = max(2 * sh.num_pieces + 5 * len(set(sh.parents.tolist())) for sh in partition.shards) * 8
+        per_step = (world_size - 1) * (partials + max(sh.end - sh.start for sh in partition.shards) * itemsize)
         assert record.bytes_received == (STEPS - (SAVE_AT if resume else 0)) * per_step
         assert 0 < record.minimum_bytes() <= per_step
         per_rank = optimizer.state_dict()
@@ -102,7 +102,8 @@ def test_four_ranks_then_resume_with_two_and_one(single):
 
 def test_per_rank_state_dict_and_refusals():
     results = run_world(_per_rank, 2)
-    assert results == [["per-rank round trip", "other rank refused", "core_format", "pickling", "rebuild"]] * 2
+    assert results == [["per-rank round trip", "other rank refused", "other version refused", "core_format", "pickling",
+                       "rebuild"]] * 2
 
 
 def _per_rank(rank, world_size):
@@ -131,6 +132,9 @@ def _per_rank(rank, world_size):
     with pytest.raises(ValueError, match="upgd_ref_shard.rank"):
         other.load_state_dict(mine[1 - rank])
     seen.append("other rank refused")
+    with pytest.raises(ValueError, match="'upgd_ref_shard': version 2, this reader takes 1"):
+        other.load_state_dict({**saved, "upgd_ref_shard": {**saved["upgd_ref_shard"], "version": 2}})
+    seen.append("other version refused")
     with pytest.raises(RuntimeError, match="process_group"):
         optimizer.core_format()
     seen.append("core_format")

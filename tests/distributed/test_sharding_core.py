@@ -13,7 +13,14 @@ import pytest
 
 from upgd_ref.backends import available_backends
 from upgd_ref.layout import FlatLayout
-from upgd_ref.sharding import Partition, combine_chunk_partials, consolidate_states
+from upgd_ref.sharding import (
+    Partition,
+    combine_chunk_partials,
+    consolidate_states,
+    message_length,
+    pack_partials,
+    unpack_partials,
+)
 
 from .sharded_runs import (
     MEMBER_PROFILES,
@@ -104,6 +111,26 @@ def test_combination_is_the_kernels_chunk_order():
     assert combined.utility_min.tolist() == [-0.5, 1.0] and combined.direction_max.tolist() == [5, 0]
 
 
+def test_partials_messages_combine_to_the_same_bits():
+    """A rank sends its two sums per chunk and the order-free columns once per segment
+    (``specs/distributed.md`` §4): folded in the same order, the unpacked rows give the same
+    bits as the full rows, NaN, signed zeros among the extrema and counts included."""
+    layout = FlatLayout([(6000,), (3,), (5000,)], "float64")
+    rows = np.array([[1e16, 1, 0.0, 0.6, 1, 2, 0], [1.0, 1, -0.0, 0.1, 3, np.nan, 1], [-1e16, 1, -0.5, 0.2, 2, 5, 0],
+                     [7.0, 2, 1.0, 1.0, 0, 0, 0], [2.0, 4, np.inf, -np.inf, 0, 0, 0], [3.0, 9, -0.0, 0.0, 4, 1, 2]])
+    parents = [np.array([0, 0]), np.array([0, 1, 2, 2])]
+    messages = [pack_partials(rows[:2], parents[0]), pack_partials(rows[2:], parents[1])]
+    assert [m.size for m in messages] == [2 * 2 + 5, 2 * 4 + 5 * 3] == [message_length(p) for p in parents]
+    unpacked = [unpack_partials(m, p) for m, p in zip(messages, parents)]
+    want = combine_chunk_partials(layout, parents, [rows[:2], rows[2:]])
+    got = combine_chunk_partials(layout, parents, unpacked)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, want))
+    assert np.isnan(got.direction_max[0]) and np.signbit(got.utility_min[0]) == np.signbit(want.utility_min[0])
+    assert unpacked[1][:, :2].tobytes() == rows[2:, :2].tobytes()  # the sums travel as they are
+    with pytest.raises(ValueError, match="partials message of 8 values for 2 pieces"):
+        unpack_partials(messages[0][:-1], parents[0])
+
+
 def test_partition_checks():
     layout = layout_of("float32")
     with pytest.raises(ValueError, match="chunk boundary"):
@@ -148,7 +175,7 @@ def test_bad_input_raises_before_anything_changes():
     good = request(layout, MEMBER_PROFILES[0], present)
     before = (params.copy(), {k: np.copy(v) for k, v in state.to_state(shard).items()})
 
-    def never(rows):
+    def never(values, lengths):
         raise AssertionError("the all-gather must not be reached")
 
     cases = [

@@ -25,16 +25,23 @@ def make_optimizer(member, params, **options):
                                        backend="numba", **options)
 
 
+def make_scaler(params):
+    """The tests' ``VarianceGradientScaler`` over ``params``, on the optimizer's backend: the
+    fused step's sums are the optimizer backend's, so the separate calls match them bit for
+    bit on the same backend (``specs/distributed.md`` §3)."""
+    from upgd_ref.adapters import torch as upgd_torch
+
+    return upgd_torch.VarianceGradientScaler(params, warmup_steps=2, beta=0.9, backend="numba")
+
+
 def build(config, group, **options):
     """``(params, optimizer, scaler or None)`` of ``config = (dtype, member, vgs)``, the same
     on every rank (``group``: the optimizer's process group, None for one process)."""
-    from upgd_ref.adapters import torch as upgd_torch
-
     dtype, member, use_vgs = config
     params = make_params(dtype)
     extra = {"process_group": group} if group is not None else {}
     optimizer = make_optimizer(member, params, **extra, **options)
-    vgs = upgd_torch.VarianceGradientScaler(params, warmup_steps=2, beta=0.9) if use_vgs else None
+    vgs = make_scaler(params) if use_vgs else None
     return params, optimizer, vgs
 
 
