@@ -4,7 +4,8 @@ Format (the templates are in ``specs/configs/``)::
 
     optimizer: AdaptiveUPGD          # AdaptiveUPGD (default), UPGD or UPGDW (specs/algorithm.md §7)
     optimizer_kwargs:                # the class's hyper-parameters (specs/algorithm.md),
-      lr: 1.0e-5                     #   plus noise_norm, seed, param_groups and profile;
+      lr: 1.0e-5                     #   plus noise_norm, seed, param_groups, profile and
+                                     #   noise_version (1, default, or 2: specs/noise-v2.md);
       sigma: 0.001                   #   keys left out take that class's defaults
       adaptive_noise: false
       profile: production            # AdaptiveUPGD, UPGD: "production" (default) or "paper"
@@ -50,6 +51,7 @@ from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd
 from .layout import FlatLayout
 from .family import MEMBERS, PAPER_EPS, PROFILES
 from .optimizer import UPGD, UPGDW, AdaptiveUPGD
+from .rng import DEFAULT_NOISE_VERSION, check_noise_version
 from .scaler import VarianceGradientScaler
 
 __all__ = [
@@ -72,7 +74,7 @@ OPTIMIZERS = tuple(MEMBERS)
 OPTIMIZER_CLASSES = {"AdaptiveUPGD": AdaptiveUPGD, "UPGD": UPGD, "UPGDW": UPGDW}
 TOP_LEVEL_KEYS = ("optimizer", "optimizer_kwargs", "vgs")
 # Constructor arguments that are not per-group hyper-parameters.
-OPTIMIZER_EXTRA_KEYS = ("noise_norm", "seed", "param_groups", "profile")
+OPTIMIZER_EXTRA_KEYS = ("noise_norm", "seed", "param_groups", "profile", "noise_version")
 _MOMENT_KEYS = ("beta1", "beta2", "eps")
 
 
@@ -101,7 +103,8 @@ class Config:
     or ``"paper"``. ``hyperparams``: every hyper-parameter the step reads, as the optimizer
     resolves them (the member's defaults filled in; for ``UPGD`` the unused ``beta1``,
     ``beta2``, ``eps`` keep the library defaults; for ``UPGDW`` ``beta_utility = beta2``);
-    ``noise_norm``, ``seed``, ``param_groups`` as the classes take them;
+    ``noise_norm``, ``seed``, ``param_groups``, ``noise_version`` as the classes take them
+    (``noise_version`` is written only when it is not the default 1);
     ``vgs``: every VGS hyper-parameter, or ``None`` for no scaler; ``raw``: the mapping as
     given (key order kept), which is what :func:`dump_config` writes back.
     """
@@ -115,6 +118,10 @@ class Config:
     raw: dict
     source: str
     profile: str = "production"
+    noise_version: int = DEFAULT_NOISE_VERSION
+
+    def _noise_version_kwargs(self) -> dict:
+        return {} if self.noise_version == DEFAULT_NOISE_VERSION else {"noise_version": self.noise_version}
 
     def _member_hyperparams(self) -> dict:
         """``hyperparams`` under the names the optimizer class's constructor takes."""
@@ -134,7 +141,8 @@ class Config:
 
     def to_dict(self) -> dict:
         """The configuration in the template format with every value explicit."""
-        kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed)
+        kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed,
+                      **self._noise_version_kwargs())
         if self.optimizer != "UPGDW":
             kwargs["profile"] = self.profile
         if self.param_groups is not None:
@@ -145,7 +153,7 @@ class Config:
     def optimizer_kwargs(self) -> dict:
         """Keyword arguments for the optimizer class (everything but the layout)."""
         kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed,
-                      param_groups=copy.deepcopy(self.param_groups))
+                      param_groups=copy.deepcopy(self.param_groups), **self._noise_version_kwargs())
         if self.optimizer != "UPGDW":
             kwargs["profile"] = self.profile
         if isinstance(kwargs.get("betas"), list):
@@ -311,6 +319,10 @@ def load_config(path_or_dict, *, source: str | None = None) -> Config:
     if noise_norm not in NOISE_NORMS:
         raise ConfigError(f"{source}: optimizer_kwargs.noise_norm must be one of {list(NOISE_NORMS)}, got {noise_norm!r}")
     seed = _check_seed(source, kwargs.get("seed", 0))
+    try:
+        noise_version = check_noise_version(kwargs.get("noise_version", DEFAULT_NOISE_VERSION), "optimizer_kwargs.")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     param_groups = _check_param_groups(source, kwargs.get("param_groups"), hyper_given)
 
     vgs = data.get("vgs")
@@ -318,7 +330,8 @@ def load_config(path_or_dict, *, source: str | None = None) -> Config:
         vgs = _mapping(source, "vgs", vgs)
         _check_unknown(source, "vgs.", vgs, VGS_DEFAULTS)
         vgs = _validated(source, validate_vgs, vgs, "vgs.")
-    return Config(optimizer, hyperparams, noise_norm, seed, param_groups, vgs, copy.deepcopy(data), source, profile)
+    return Config(optimizer, hyperparams, noise_norm, seed, param_groups, vgs, copy.deepcopy(data), source, profile,
+                  noise_version)
 
 
 def build(config: Config, layout: FlatLayout, *, backend: str = "auto") -> Built:

@@ -24,7 +24,12 @@ from __future__ import annotations
 import numpy as np
 from array_api_compat import array_namespace
 
+from . import rng_v2
+
 __all__ = [
+    "NOISE_VERSIONS",
+    "DEFAULT_NOISE_VERSION",
+    "check_noise_version",
     "NORMAL_MAX",
     "noise_dtype",
     "philox4x32_10",
@@ -42,6 +47,11 @@ __all__ = [
 #: The largest magnitude of a normal (word 0: ``r = sqrt(66 ln 2)``, ``specs/noise.md``); the
 #: float32 normals, rounded once, stay below ``NORMAL_MAX * (1 + 2**-24)``.
 NORMAL_MAX = 6.763705635001895
+
+#: The noise formats (``specs/noise.md``: 1, ``specs/noise-v2.md``: 2, the float32 transform)
+#: and the one every run uses unless it asks for another.
+NOISE_VERSIONS = (1, 2)
+DEFAULT_NOISE_VERSION = 1
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -199,6 +209,21 @@ def normals_from_words(xp, w0, w1, w2, w3):
     return xp.stack([r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23], axis=1)
 
 
+def check_noise_version(value, where: str = "") -> int:
+    """``value`` as a noise format version (an int in :data:`NOISE_VERSIONS`); ``TypeError`` for
+    a non-integer, ``ValueError`` for an unknown version, both naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where}noise_version must be an int, got {type(value).__name__}")
+    if int(value) not in NOISE_VERSIONS:
+        raise ValueError(f"{where}noise_version must be one of {NOISE_VERSIONS}, got {value!r}")
+    return int(value)
+
+
+def _transform(version: int):
+    """The word-pair transform of noise format ``version``."""
+    return normals_from_words if version == 1 else rng_v2.normals_from_words
+
+
 def check_u64(name: str, value) -> int:
     """``value`` as a Python int in ``[0, 2**64)`` (a seed, step or counter); raises naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -220,12 +245,15 @@ def counter_runs(first_block: int, num_blocks: int):
         block += n
 
 
-def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
+def standard_normals(seed, step, start, count, *, xp=np, dtype=None, version=DEFAULT_NOISE_VERSION):
     """Standard normals for logical element indices ``start .. start + count - 1``.
 
     Pure function of ``(seed, step, index)``: any chunking of an index range gives the same
     values. ``dtype`` is ``xp.float64`` (default) or ``xp.float32`` (float64 rounded once).
+    ``version``: the noise format (:data:`NOISE_VERSIONS`; version 2 computes float32 normals,
+    widened exactly for float64).
     """
+    transform = _transform(check_noise_version(version))
     seed = check_u64("seed", seed)
     step = check_u64("step", step)
     start = check_u64("start", start)
@@ -246,7 +274,7 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
         c1 = xp.full((n,), block >> 32, dtype=xp.uint32)
         c2 = xp.full((n,), step_lo, dtype=xp.uint32)
         c3 = xp.full((n,), step_hi, dtype=xp.uint32)
-        pieces.append(normals_from_words(xp, *philox4x32_10((c0, c1, c2, c3), key)))
+        pieces.append(transform(xp, *philox4x32_10((c0, c1, c2, c3), key)))
     flat = xp.reshape(xp.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0], (-1,))
     skip = start - 4 * first_block
     return xp.astype(flat[skip : skip + count], dtype)
@@ -258,7 +286,7 @@ def noise_dtype(layout) -> np.dtype:
     return np.dtype(np.float32) if layout.dtype.itemsize == 2 else layout.dtype
 
 
-def noise(layout, seed, step, dtype=None):
+def noise(layout, seed, step, dtype=None, version=DEFAULT_NOISE_VERSION):
     """The standard normals that optimizer step ``step`` (1, 2, ...) with ``seed`` uses.
 
     Returns a flat NumPy buffer shaped like ``layout`` (``layout.unpack`` gives one array per
@@ -267,17 +295,20 @@ def noise(layout, seed, step, dtype=None):
     :class:`~upgd_ref.multi.MultiLayout`), so layouts that differ only in padding (for
     example float32 and float64 layouts of the same shapes) draw identical values.
     ``dtype`` defaults to :func:`noise_dtype` (the layout's; float32 for 16-bit layouts).
+    ``version``: the noise format (:data:`NOISE_VERSIONS`).
     """
+    version = check_noise_version(version)
     dtype = np.dtype(noise_dtype(layout) if dtype is None else dtype)
     if dtype.name not in ("float32", "float64"):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
     out = layout.zeros(dtype=dtype)
     if layout.noise_offsets == layout.logical_offsets:  # one draw for the whole buffer
         start = layout.logical_start  # 0 but for a shard's layout
-        values = standard_normals(seed, step, start, layout.num_logical, dtype=np.float64)
+        values = standard_normals(seed, step, start, layout.num_logical, dtype=np.float64, version=version)
         for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
             out[offset : offset + size] = values[logical_offset - start : logical_offset - start + size]
         return out
     for offset, noise_offset, size in zip(layout.offsets, layout.noise_offsets, layout.sizes):
-        out[offset : offset + size] = standard_normals(seed, step, noise_offset, size, dtype=np.float64)
+        out[offset : offset + size] = standard_normals(seed, step, noise_offset, size, dtype=np.float64,
+                                                       version=version)
     return out

@@ -59,11 +59,14 @@ from .chunk_abi import (  # the tables' layout, shared with the CUDA kernels
     ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
 )
 from .numba_noise import chunk_normals, fill_normals, fill_tile, fill_words, philox4x32_10
+from .numba_noise_v2 import versioned_chunk_normals
 
 #: sha256 of ``numba_noise.py``. The cached kernels below compile that file's code in, and
 #: Numba keys their cache by the content of this file only: an edit of ``numba_noise.py``
 #: must change this line, or stale kernels would load (``tests/kernels/test_numba_noise.py``).
 NOISE_SOURCE_SHA256 = "cfe1597b32a2d0f446824304d0f4a7b6154d530eb234b04ef61e126f0ea49e73"
+#: sha256 of ``numba_noise_v2.py`` (noise format 2, compiled in when ``noise_v2`` is ``True``), likewise.
+NOISE_V2_SOURCE_SHA256 = ""
 
 __all__ = [
     "philox4x32_10", "fill_words", "fill_normals", "fill_tile", "chunk_normals",
@@ -468,7 +471,7 @@ def _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moment
 
 
 @njit(error_model="numpy")
-def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1):
+def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2):
     """``(a, b, k, noise)`` of chunk ``c`` of a present segment: ``noise`` holds the chunk's
     normals, or zeros (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the
     ``+0`` the update without noise adds)."""
@@ -476,24 +479,24 @@ def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1):
     n = chunks[c, LENGTH]
     k = coefficients[chunks[c, SEGMENT]]
     if k[STD] != like(0.0, k[STD]):
-        tile, skip = chunk_normals(chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
+        tile, skip = versioned_chunk_normals(noise_v2, chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
         return a, a + n, k, tile[skip : skip + n]
     return a, a + n, k, np.zeros(n, p.dtype)
 
 
 @njit(error_model="numpy")
 def _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                 step_lo, step_hi, key0, key1):
+                 step_lo, step_hi, key0, key1, noise_v2):
     if present[chunks[c, SEGMENT]]:
-        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1)
+        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2)
         traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, factor, u_lo, inv_range)
 
 
 @njit(error_model="numpy")
 def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                        u_hi, mode, step_lo, step_hi, key0, key1):
+                        u_hi, mode, step_lo, step_hi, key0, key1, noise_v2):
     if present[chunks[c, SEGMENT]]:
-        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1)
+        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2)
         moments_none = (mode & MOMENTS_NONE) != 0
         family_traces_and_update(p[a:b], g[a:b], u[a:b], m if moments_none else m[a:b],
                                  v if moments_none else v[a:b], noise, k, factor, u_lo, inv_range, u_hi, moments_none,
@@ -501,10 +504,10 @@ def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor,
 
 
 @njit(error_model="numpy")
-def _noise_chunk(c, out, chunks, step_lo, step_hi, key0, key1):
+def _noise_chunk(c, out, chunks, step_lo, step_hi, key0, key1, noise_v2):
     a = chunks[c, START]
     n = chunks[c, LENGTH]
-    tile, skip = chunk_normals(chunks[c, LOGICAL], n, out, step_lo, step_hi, key0, key1)
+    tile, skip = versioned_chunk_normals(noise_v2, chunks[c, LOGICAL], n, out, step_lo, step_hi, key0, key1)
     out[a : a + n] = tile[skip : skip + n]
 
 
@@ -557,7 +560,7 @@ def pass1_parallel(g, p, u, m, v, chunks, present, coefficients, factor, moments
 
 @njit(cache=True, error_model="numpy")
 def pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                 step_lo, step_hi, key0, key1):
+                 step_lo, step_hi, key0, key1, noise_v2):
     """Pass 2 over every chunk of a present segment (production member): ``f g`` (written back
     when ``g`` is writable: the kernel is handed a read-only ``g`` when ``f = 1``), pass 1's
     traces again, written, and the update with the normals generated per chunk; one thread.
@@ -567,21 +570,21 @@ def pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv
     """
     for c in range(chunks.shape[0]):
         _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                     step_lo, step_hi, key0, key1)
+                     step_lo, step_hi, key0, key1, noise_v2)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                   step_lo, step_hi, key0, key1):
+                   step_lo, step_hi, key0, key1, noise_v2):
     """:func:`pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
         _pass2_chunk(np.int64(c), p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                     step_lo, step_hi, key0, key1)
+                     step_lo, step_hi, key0, key1, noise_v2)
 
 
 @njit(cache=True, error_model="numpy")
 def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                        u_hi, mode, step_lo, step_hi, key0, key1):
+                        u_hi, mode, step_lo, step_hi, key0, key1, noise_v2):
     """Pass 2 of any family member (``mode``: OR of :data:`MOMENTS_NONE`,
     :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`; the ``LR`` column holds ``update_factor lr``,
     ``DECAY`` ``1 - lr wd``); one thread. The production member runs :func:`pass2_serial`.
@@ -590,33 +593,33 @@ def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_
     """
     for c in range(chunks.shape[0]):
         _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
-                            inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
+                            inv_range, u_hi, mode, step_lo, step_hi, key0, key1, noise_v2)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                          u_hi, mode, step_lo, step_hi, key0, key1):
+                          u_hi, mode, step_lo, step_hi, key0, key1, noise_v2):
     """:func:`family_pass2_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
         _family_pass2_chunk(np.int64(c), p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
-                            inv_range, u_hi, mode, step_lo, step_hi, key0, key1)
+                            inv_range, u_hi, mode, step_lo, step_hi, key0, key1, noise_v2)
 
 
 @njit(cache=True, error_model="numpy")
-def noise_serial(out, chunks, step_lo, step_hi, key0, key1):
+def noise_serial(out, chunks, step_lo, step_hi, key0, key1, noise_v2):
     """The standard normals of every chunk into ``out`` (``upgd_ref.noise``); one thread.
 
     Bytes per element: writes ``out`` (the normals never exist elsewhere but in a tile).
     """
     for c in range(chunks.shape[0]):
-        _noise_chunk(c, out, chunks, step_lo, step_hi, key0, key1)
+        _noise_chunk(c, out, chunks, step_lo, step_hi, key0, key1, noise_v2)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def noise_parallel(out, chunks, step_lo, step_hi, key0, key1):
+def noise_parallel(out, chunks, step_lo, step_hi, key0, key1, noise_v2):
     """:func:`noise_serial` with the chunks spread over Numba's threads."""
     for c in prange(chunks.shape[0]):
-        _noise_chunk(np.int64(c), out, chunks, step_lo, step_hi, key0, key1)
+        _noise_chunk(np.int64(c), out, chunks, step_lo, step_hi, key0, key1, noise_v2)
 
 
 @njit(cache=True, error_model="numpy")
