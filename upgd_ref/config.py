@@ -4,8 +4,7 @@ Format (the templates are in ``specs/configs/``)::
 
     optimizer: AdaptiveUPGD          # AdaptiveUPGD (default), UPGD or UPGDW (specs/algorithm.md §7)
     optimizer_kwargs:                # the class's hyper-parameters (specs/algorithm.md),
-      lr: 1.0e-5                     #   plus noise_norm, seed, param_groups, profile and
-                                     #   noise_version (1, default, or 2: specs/noise-v2.md);
+      lr: 1.0e-5                     #   plus noise_norm, seed, param_groups, profile, noise_version;
       sigma: 0.001                   #   keys left out take that class's defaults
       adaptive_noise: false
       profile: production            # AdaptiveUPGD, UPGD: "production" (default) or "paper"
@@ -50,7 +49,7 @@ import numpy as np
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
 from .layout import FlatLayout
 from .family import MEMBERS, PAPER_EPS, PROFILES
-from .optimizer import UPGD, UPGDW, AdaptiveUPGD
+from .optimizer import UPGD, UPGDW, AdaptiveUPGD, noise_version_field
 from .rng import DEFAULT_NOISE_VERSION, check_noise_version
 from .scaler import VarianceGradientScaler
 
@@ -103,8 +102,7 @@ class Config:
     or ``"paper"``. ``hyperparams``: every hyper-parameter the step reads, as the optimizer
     resolves them (the member's defaults filled in; for ``UPGD`` the unused ``beta1``,
     ``beta2``, ``eps`` keep the library defaults; for ``UPGDW`` ``beta_utility = beta2``);
-    ``noise_norm``, ``seed``, ``param_groups``, ``noise_version`` as the classes take them
-    (``noise_version`` is written only when it is not the default 1);
+    ``noise_norm``, ``seed``, ``param_groups``, ``noise_version`` as the classes take them;
     ``vgs``: every VGS hyper-parameter, or ``None`` for no scaler; ``raw``: the mapping as
     given (key order kept), which is what :func:`dump_config` writes back.
     """
@@ -119,9 +117,6 @@ class Config:
     source: str
     profile: str = "production"
     noise_version: int = DEFAULT_NOISE_VERSION
-
-    def _noise_version_kwargs(self) -> dict:
-        return {} if self.noise_version == DEFAULT_NOISE_VERSION else {"noise_version": self.noise_version}
 
     def _member_hyperparams(self) -> dict:
         """``hyperparams`` under the names the optimizer class's constructor takes."""
@@ -142,7 +137,7 @@ class Config:
     def to_dict(self) -> dict:
         """The configuration in the template format with every value explicit."""
         kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed,
-                      **self._noise_version_kwargs())
+                      **noise_version_field(self.noise_version))
         if self.optimizer != "UPGDW":
             kwargs["profile"] = self.profile
         if self.param_groups is not None:
@@ -153,7 +148,7 @@ class Config:
     def optimizer_kwargs(self) -> dict:
         """Keyword arguments for the optimizer class (everything but the layout)."""
         kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed,
-                      param_groups=copy.deepcopy(self.param_groups), **self._noise_version_kwargs())
+                      param_groups=copy.deepcopy(self.param_groups), **noise_version_field(self.noise_version))
         if self.optimizer != "UPGDW":
             kwargs["profile"] = self.profile
         if isinstance(kwargs.get("betas"), list):
@@ -319,10 +314,8 @@ def load_config(path_or_dict, *, source: str | None = None) -> Config:
     if noise_norm not in NOISE_NORMS:
         raise ConfigError(f"{source}: optimizer_kwargs.noise_norm must be one of {list(NOISE_NORMS)}, got {noise_norm!r}")
     seed = _check_seed(source, kwargs.get("seed", 0))
-    try:
-        noise_version = check_noise_version(kwargs.get("noise_version", DEFAULT_NOISE_VERSION), "optimizer_kwargs.")
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    noise_version = _validated(source, check_noise_version, kwargs.get("noise_version", DEFAULT_NOISE_VERSION),
+                               "optimizer_kwargs.")
     param_groups = _check_param_groups(source, kwargs.get("param_groups"), hyper_given)
 
     vgs = data.get("vgs")
