@@ -78,16 +78,19 @@ def float32_from_bits(typingctx, bits):
 
 @intrinsic
 def prefer_512_bit_vectors(typingctx):
-    """Marks the calling function ``"prefer-vector-width"="512"`` (an LLVM function attribute).
+    """Marks the calling function ``"prefer-vector-width"="512"`` and ``noinline`` (LLVM
+    function attributes).
 
     LLVM tunes Intel server CPUs (Skylake-X .. Emerald Rapids) to prefer 256-bit vectors, so
     it vectorises the float32 transform 8 lanes wide; 16 lanes run it about 2x faster
-    (``specs/noise-v2.md`` §7). The attribute changes instruction selection only, never a
+    (``specs/noise-v2.md`` §7). Inlined into a caller, a loop would take the caller's
+    preference, hence ``noinline`` (one call per tile). Instruction selection only, never a
     result. llvmlite's attribute set lists only enumerated attributes, hence ``set.add``.
     """
 
     def codegen(context, builder, signature, args):
         set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        builder.function.attributes.add("noinline")
         return context.get_dummy_value()
 
     return types.none(), codegen
