@@ -24,8 +24,6 @@ from __future__ import annotations
 import numpy as np
 from array_api_compat import array_namespace
 
-from . import rng_v2
-
 __all__ = [
     "NOISE_VERSIONS",
     "DEFAULT_NOISE_VERSION",
@@ -179,16 +177,20 @@ def _kernel_cos(x):
     return 1.0 - (0.5 * z - z * r)
 
 
-def _cos_sin_of_turn(xp, word):
-    """cos and sin of 2*pi*u, u = (word + 0.5) * 2**-32, via octant reduction."""
+def octant_reduction(xp, word):
+    """``(octant, reduced)``: the angle word's top 3 bits and its low 29 bits, reflected
+    (``2**29 - 1 - low``) in odd octants, so the angle inside the octant is
+    ``(reduced + 0.5) 2**-29 pi/4`` (``specs/noise.md`` §6)."""
     octant = word >> _u32(xp, OCTANT_FRACTION_BITS)
     fraction_mask = (1 << OCTANT_FRACTION_BITS) - 1
     low = word & _u32(xp, fraction_mask)
     odd = (octant & _u32(xp, 1)) == _u32(xp, 1)
-    reduced = xp.where(odd, _u32(xp, fraction_mask) - low, low)  # odd octants reflect
-    a = ((xp.astype(reduced, xp.float64) + 0.5) * 2.0**-OCTANT_FRACTION_BITS) * PI_OVER_4
-    s = _kernel_sin(a)
-    c = _kernel_cos(a)
+    return octant, xp.where(odd, _u32(xp, fraction_mask) - low, low)  # odd octants reflect
+
+
+def octant_cos_sin(xp, octant, s, c):
+    """``cos, sin`` of the whole angle from the kernels' ``s``, ``c`` of the reduced one: the
+    octant's swap and signs (``specs/noise.md`` §6, exact)."""
     swap = ((octant + _u32(xp, 1)) >> _u32(xp, 1)) & _u32(xp, 1)  # octants 1, 2, 5, 6
     cos_negative = ((octant + _u32(xp, 2)) >> _u32(xp, 2)) & _u32(xp, 1)  # octants 2..5
     sin_negative = octant >> _u32(xp, 2)  # octants 4..7
@@ -198,6 +200,13 @@ def _cos_sin_of_turn(xp, word):
     cos = xp.where(cos_negative == one, -cos_mag, cos_mag)
     sin = xp.where(sin_negative == one, -sin_mag, sin_mag)
     return cos, sin
+
+
+def _cos_sin_of_turn(xp, word):
+    """cos and sin of 2*pi*u, u = (word + 0.5) * 2**-32, via octant reduction."""
+    octant, reduced = octant_reduction(xp, word)
+    a = ((xp.astype(reduced, xp.float64) + 0.5) * 2.0**-OCTANT_FRACTION_BITS) * PI_OVER_4
+    return octant_cos_sin(xp, octant, _kernel_sin(a), _kernel_cos(a))
 
 
 def normals_from_words(xp, w0, w1, w2, w3):
@@ -221,6 +230,8 @@ def check_noise_version(value, where: str = "") -> int:
 
 def _transform(version: int):
     """The word-pair transform of noise format ``version``."""
+    from . import rng_v2  # format 2 builds on this module's integer reduction
+
     return normals_from_words if version == 1 else rng_v2.normals_from_words
 
 

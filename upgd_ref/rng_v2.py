@@ -18,7 +18,9 @@ Array-API code (uint32 and float32 only), like :mod:`upgd_ref.rng`.
 
 from __future__ import annotations
 
-__all__ = ["log_of_uniform", "cos_sin_of_turn", "normals_from_words", "TOP_BIT", "LOW31"]
+from .rng import OCTANT_FRACTION_BITS, _u32, octant_cos_sin, octant_reduction
+
+__all__ = ["log_of_uniform", "cos_sin_of_turn", "normals_from_words", "TOP_BIT", "OCTANT_FRACTION_BITS"]
 
 _f = float.fromhex  # every constant is a binary32 value, given exactly in hex
 
@@ -42,13 +44,7 @@ C2 = _f("-0x1.6c0c34p-10")
 C3 = _f("0x1.99eb9cp-16")
 #: ``binary32(pi/4) * 2**-30``: the angle of ``2 * reduced + 1`` inside an octant.
 ANGLE_SCALE = _f("0x1.921fb6p-31")
-OCTANT_FRACTION_BITS = 29
 TOP_BIT = 0x80000000
-LOW31 = 0x7FFFFFFF
-
-
-def _u32(xp, value):
-    return xp.asarray(value, dtype=xp.uint32)
 
 
 def _log_kernel(k, f):
@@ -102,22 +98,11 @@ def _kernel_cos(a):
 
 
 def cos_sin_of_turn(xp, word):
-    """``cos, sin`` of ``2 pi u`` in binary32: version 1's octant reduction on the integer."""
-    octant = word >> _u32(xp, OCTANT_FRACTION_BITS)
-    fraction_mask = (1 << OCTANT_FRACTION_BITS) - 1
-    low = word & _u32(xp, fraction_mask)
+    """``cos, sin`` of ``2 pi u`` in binary32: format 1's octant reduction on the integer."""
+    octant, reduced = octant_reduction(xp, word)
     one = _u32(xp, 1)
-    odd = (octant & one) == one
-    reduced = xp.where(odd, _u32(xp, fraction_mask) - low, low)
     a = xp.astype(reduced * _u32(xp, 2) + one, xp.float32) * ANGLE_SCALE  # 0 < a < pi/4
-    s = _kernel_sin(a)
-    c = _kernel_cos(a)
-    swap = ((octant + one) >> one) & one  # octants 1, 2, 5, 6
-    cos_negative = ((octant + _u32(xp, 2)) >> _u32(xp, 2)) & one  # octants 2..5
-    sin_negative = octant >> _u32(xp, 2)  # octants 4..7
-    cos_mag = xp.where(swap == one, s, c)
-    sin_mag = xp.where(swap == one, c, s)
-    return xp.where(cos_negative == one, -cos_mag, cos_mag), xp.where(sin_negative == one, -sin_mag, sin_mag)
+    return octant_cos_sin(xp, octant, _kernel_sin(a), _kernel_cos(a))
 
 
 def normals_from_words(xp, w0, w1, w2, w3):

@@ -25,12 +25,11 @@ from .. import rng_v2 as v2
 from .numba_noise import chunk_normals as v1_chunk_normals
 from .numba_noise import philox4x32_10
 
-_MASK32 = np.uint64(0xFFFFFFFF)
-_SHIFT32 = np.uint64(32)
-
 __all__ = ["prefer_512_bit_vectors", "log_of_uniform", "cos_sin_of_turn", "fill_words", "fill_normals", "fill_tile",
            "chunk_normals", "versioned_chunk_normals"]
 
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
 _F = np.float32
 _LN2_HI, _LN2_LO = _F(v2.LN2_HI), _F(v2.LN2_LO)
 _LG1, _LG2, _LG3, _LG4 = _F(v2.LG1), _F(v2.LG2), _F(v2.LG3), _F(v2.LG4)

@@ -66,7 +66,7 @@ from .numba_noise_v2 import versioned_chunk_normals
 #: must change this line, or stale kernels would load (``tests/kernels/test_numba_noise.py``).
 NOISE_SOURCE_SHA256 = "cfe1597b32a2d0f446824304d0f4a7b6154d530eb234b04ef61e126f0ea49e73"
 #: sha256 of ``numba_noise_v2.py`` (noise format 2, compiled in when ``noise_v2`` is ``True``), likewise.
-NOISE_V2_SOURCE_SHA256 = "9babfa315af085d0fb84e5637f07797693e0b499d2c6fc327d405d174b517c2e"
+NOISE_V2_SOURCE_SHA256 = "94687ea5743a63b4b92ea481e124aaf82c14454861e5c960514b3cf1ce9cbe14"
 
 __all__ = [
     "philox4x32_10", "fill_words", "fill_normals", "fill_tile", "chunk_normals",
