@@ -52,3 +52,19 @@ def test_contracted_evaluation_is_what_the_guard_prevents():
 def test_an_unknown_format_is_refused():
     with pytest.raises(ValueError, match="noise_version"):
         uj.standard_normals(0, 1, 0, 4, version=3)
+
+
+def test_edge_words_under_jit_equal_the_core():
+    """Words 0, 2**32 - 1, the top-bit and octant boundaries, in both places of a pair."""
+    from upgd_ref import rng_v2
+    from upgd_ref.adapters.jax import normals
+
+    octants = [o * 2**29 + d for o in range(8) for d in (-1, 0, 1) if 0 <= o * 2**29 + d < 2**32]
+    edges = [0, 1, 2**23 - 1, 2**23, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1] + octants
+    pairs = np.array([(a, b) for a in edges for b in edges], dtype=np.uint64).astype(np.uint32)
+    words = (pairs[:, 0], pairs[:, 1], pairs[:, 1], pairs[:, 0])  # each word as radius and as angle
+    expected = rng_v2.normals_from_words(np, *words)
+    with uj.x64_scope():
+        got = jax.jit(lambda *w: normals._lane_normals(w, True, 2))(*(jnp.asarray(w) for w in words))
+    for lane in range(4):
+        np.testing.assert_array_equal(_bits(np.asarray(got[lane]).astype(np.float32)), _bits(expected[:, lane]))
