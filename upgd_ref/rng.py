@@ -88,24 +88,25 @@ PI_OVER_4 = 0.7853981633974483
 OCTANT_FRACTION_BITS = 29  # theta's octant is the top 3 bits of the angle word
 
 
-def _u32(xp, value):
+def as_u32(xp, value):
+    """``value`` as a uint32 array of namespace ``xp`` (wrapped to 32 bits)."""
     return xp.asarray(value & _MASK32, dtype=xp.uint32)
 
 
 def _mulhilo32(xp, a, multiplier: int):
     """(high, low) 32-bit halves of ``a * multiplier`` using 16-bit limbs (no uint64)."""
     m_lo, m_hi = multiplier & 0xFFFF, multiplier >> 16
-    a_lo = a & _u32(xp, 0xFFFF)
-    a_hi = a >> _u32(xp, 16)
-    ll = a_lo * _u32(xp, m_lo)
-    lh = a_lo * _u32(xp, m_hi)
-    hl = a_hi * _u32(xp, m_lo)
-    hh = a_hi * _u32(xp, m_hi)
-    low16 = _u32(xp, 0xFFFF)
-    shift = _u32(xp, 16)
+    a_lo = a & as_u32(xp, 0xFFFF)
+    a_hi = a >> as_u32(xp, 16)
+    ll = a_lo * as_u32(xp, m_lo)
+    lh = a_lo * as_u32(xp, m_hi)
+    hl = a_hi * as_u32(xp, m_lo)
+    hh = a_hi * as_u32(xp, m_hi)
+    low16 = as_u32(xp, 0xFFFF)
+    shift = as_u32(xp, 16)
     mid = (ll >> shift) + (lh & low16) + (hl & low16)
     high = hh + (lh >> shift) + (hl >> shift) + (mid >> shift)
-    low = a * _u32(xp, multiplier)  # uint32 multiplication wraps modulo 2**32
+    low = a * as_u32(xp, multiplier)  # uint32 multiplication wraps modulo 2**32
     return high, low
 
 
@@ -134,7 +135,7 @@ def philox4x32_10(counter, key, *, wide: bool = False):
             k1 = (k1 + PHILOX_W1) & _MASK32
         hi0, lo0 = mulhilo(xp, c0, PHILOX_M0)
         hi1, lo1 = mulhilo(xp, c2, PHILOX_M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ _u32(xp, k0), lo1, hi0 ^ c3 ^ _u32(xp, k1), lo0
+        c0, c1, c2, c3 = hi1 ^ c1 ^ as_u32(xp, k0), lo1, hi0 ^ c3 ^ as_u32(xp, k1), lo0
     return c0, c1, c2, c3
 
 
@@ -181,20 +182,20 @@ def octant_reduction(xp, word):
     """``(octant, reduced)``: the angle word's top 3 bits and its low 29 bits, reflected
     (``2**29 - 1 - low``) in odd octants, so the angle inside the octant is
     ``(reduced + 0.5) 2**-29 pi/4`` (``specs/noise.md`` §6)."""
-    octant = word >> _u32(xp, OCTANT_FRACTION_BITS)
+    octant = word >> as_u32(xp, OCTANT_FRACTION_BITS)
     fraction_mask = (1 << OCTANT_FRACTION_BITS) - 1
-    low = word & _u32(xp, fraction_mask)
-    odd = (octant & _u32(xp, 1)) == _u32(xp, 1)
-    return octant, xp.where(odd, _u32(xp, fraction_mask) - low, low)  # odd octants reflect
+    low = word & as_u32(xp, fraction_mask)
+    odd = (octant & as_u32(xp, 1)) == as_u32(xp, 1)
+    return octant, xp.where(odd, as_u32(xp, fraction_mask) - low, low)  # odd octants reflect
 
 
 def octant_cos_sin(xp, octant, s, c):
     """``cos, sin`` of the whole angle from the kernels' ``s``, ``c`` of the reduced one: the
     octant's swap and signs (``specs/noise.md`` §6, exact)."""
-    swap = ((octant + _u32(xp, 1)) >> _u32(xp, 1)) & _u32(xp, 1)  # octants 1, 2, 5, 6
-    cos_negative = ((octant + _u32(xp, 2)) >> _u32(xp, 2)) & _u32(xp, 1)  # octants 2..5
-    sin_negative = octant >> _u32(xp, 2)  # octants 4..7
-    one = _u32(xp, 1)
+    swap = ((octant + as_u32(xp, 1)) >> as_u32(xp, 1)) & as_u32(xp, 1)  # octants 1, 2, 5, 6
+    cos_negative = ((octant + as_u32(xp, 2)) >> as_u32(xp, 2)) & as_u32(xp, 1)  # octants 2..5
+    sin_negative = octant >> as_u32(xp, 2)  # octants 4..7
+    one = as_u32(xp, 1)
     cos_mag = xp.where(swap == one, s, c)
     sin_mag = xp.where(swap == one, c, s)
     cos = xp.where(cos_negative == one, -cos_mag, cos_mag)
@@ -281,7 +282,7 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None, version=DEF
     step_lo, step_hi = step & _MASK32, step >> 32
     pieces = []
     for block, n in counter_runs(first_block, last_block + 1 - first_block):
-        c0 = xp.arange(n, dtype=xp.uint32) + _u32(xp, block)
+        c0 = xp.arange(n, dtype=xp.uint32) + as_u32(xp, block)
         c1 = xp.full((n,), block >> 32, dtype=xp.uint32)
         c2 = xp.full((n,), step_lo, dtype=xp.uint32)
         c3 = xp.full((n,), step_hi, dtype=xp.uint32)

@@ -18,7 +18,7 @@ Array-API code (uint32 and float32 only), like :mod:`upgd_ref.rng`.
 
 from __future__ import annotations
 
-from .rng import OCTANT_FRACTION_BITS, _u32, octant_cos_sin, octant_reduction
+from .rng import OCTANT_FRACTION_BITS, as_u32, octant_cos_sin, octant_reduction
 
 __all__ = ["log_of_uniform", "cos_sin_of_turn", "normals_from_words", "TOP_BIT", "OCTANT_FRACTION_BITS"]
 
@@ -61,8 +61,8 @@ def _log_kernel(k, f):
 
 def log_of_uniform(xp, word):
     """``ln u``, ``u = (word + 0.5) 2**-32``, in binary32 (``specs/noise-v2.md`` §3)."""
-    high = word >= _u32(xp, TOP_BIT)
-    h = xp.where(high, _u32(xp, 0xFFFFFFFF) - word, word)  # < 2**31: word, or 2**32 - 1 - word
+    high = word >= as_u32(xp, TOP_BIT)
+    h = xp.where(high, as_u32(xp, 0xFFFFFFFF) - word, word)  # < 2**31: word, or 2**32 - 1 - word
     x = xp.astype(h, xp.float32) + 0.5  # one rounding each; exact for h < 2**23
     # top bit clear: u = x 2**-32 = t 2**k exactly, t in [SQRT2 / 2, SQRT2)
     t = x
@@ -100,8 +100,8 @@ def _kernel_cos(a):
 def cos_sin_of_turn(xp, word):
     """``cos, sin`` of ``2 pi u`` in binary32: format 1's octant reduction on the integer."""
     octant, reduced = octant_reduction(xp, word)
-    one = _u32(xp, 1)
-    a = xp.astype(reduced * _u32(xp, 2) + one, xp.float32) * ANGLE_SCALE  # 0 < a < pi/4
+    one = as_u32(xp, 1)
+    a = xp.astype(reduced * as_u32(xp, 2) + one, xp.float32) * ANGLE_SCALE  # 0 < a < pi/4
     return octant_cos_sin(xp, octant, _kernel_sin(a), _kernel_cos(a))
 
 
