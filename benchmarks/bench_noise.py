@@ -10,10 +10,12 @@ Rows (all timed round-robin in one process, repetition ``r`` of every row before
 
 * numba serial / numba parallel: ``NumbaBackend.noise`` into a preallocated buffer (one
   thread / ``--threads`` threads), what ``upgd_ref.noise`` and the fused step's pass 2 run;
+  the same in noise format 2 (``noise_version=2``, the binary32 transform, ``specs/noise-v2.md``);
 * part: ...: where the time of the serial generator goes, each part in a compiled loop over
   one chunk-sized, L1-resident tile (no Python call per tile): the Philox words
   (``fill_words``), the whole transform (``fill_normals``), its radius half
-  (``sqrt(-2 LOG)``), its sincos half, and only converting and storing the words;
+  (``sqrt(-2 LOG)``), its sincos half, and only converting and storing the words; format 2's
+  Philox words (the same words, 512-bit vectors) and transform;
 * torch.randn: ``torch.randn(n, out=buf)`` with ``torch.set_num_threads(--threads)``;
 * numpy standard_normal: ``Generator.standard_normal(n, dtype, out=buf)`` (PCG64, ziggurat,
   one thread).
@@ -37,6 +39,7 @@ from numba import njit
 from upgd_ref import FlatLayout
 from upgd_ref.kernels import NumbaBackend
 from upgd_ref.kernels.chunk_abi import CHUNK
+from upgd_ref.kernels import numba_noise_v2
 from upgd_ref.kernels.numba_noise import cos_sin_of_turn, fill_normals, fill_words, log_of_uniform
 
 SEED, STEP = 12345, 7
@@ -50,10 +53,24 @@ def _philox_loop(n, words, step_lo, key0):
 
 
 @njit(error_model="numpy")
+def _philox_loop_v2(n, words, step_lo, key0):
+    """:func:`_philox_loop` with format 2's (512-bit) Philox loop."""
+    for first in range(0, n, words.size):
+        numba_noise_v2.fill_words(words, np.uint64(first // 4), step_lo, np.uint64(0), key0, np.uint64(0))
+
+
+@njit(error_model="numpy")
 def _transform_loop(n, tile, words):
     """Box-Muller of ``n`` normals on one tile of fixed words (no Philox)."""
     for _ in range(0, n, tile.size):
         fill_normals(tile, words)
+
+
+@njit(error_model="numpy")
+def _transform_loop_v2(n, tile, words):
+    """:func:`_transform_loop` in noise format 2."""
+    for _ in range(0, n, tile.size):
+        numba_noise_v2.fill_normals(tile, words)
 
 
 def _pair_loop(pair):
@@ -103,6 +120,8 @@ def _profile_rows(n: int, dtype) -> dict:
         "  part: transform, radius only": lambda: _RADIUS_LOOP(n, tile, words),
         "  part: transform, sincos only": lambda: _ANGLE_LOOP(n, tile, words),
         "  part: transform, stores only": lambda: _WORDS_LOOP(n, tile, words),
+        "  part: format 2 philox words": lambda: _philox_loop_v2(n, scratch, np.uint64(STEP), np.uint64(SEED)),
+        "  part: format 2 transform": lambda: _transform_loop_v2(n, tile, words),
     }
 
 
@@ -115,13 +134,15 @@ def rows(n: int, dtype, threads: int) -> dict:
     numpy_out = np.empty(n, dtype)
     generator = np.random.default_rng(0)
 
-    def numba_parallel():
+    def numba_parallel(version=1):
         numba.set_num_threads(threads)
-        parallel.noise(layout=layout, seed=SEED, step=STEP, out=ours)
+        parallel.noise(layout=layout, seed=SEED, step=STEP, out=ours, noise_version=version)
 
     return {
         "numba serial": lambda: serial.noise(layout=layout, seed=SEED, step=STEP, out=ours),
         f"numba parallel ({threads} thr)": numba_parallel,
+        "numba serial, format 2": lambda: serial.noise(layout=layout, seed=SEED, step=STEP, out=ours, noise_version=2),
+        f"numba parallel ({threads} thr), format 2": lambda: numba_parallel(2),
         f"torch.randn ({threads} thr)": lambda: torch.randn(n, out=torch_out),
         "numpy standard_normal (1 thr)": lambda: generator.standard_normal(n, dtype=dtype, out=numpy_out),
     } | _profile_rows(n, dtype)

@@ -61,8 +61,9 @@ class Backend(Protocol):
     def warmup(self, dtypes) -> float:
         """Compile (or load) its kernels for ``dtypes``; returns the seconds it took."""
 
-    def noise(self, *, layout, seed: int, step: int, dtype=None, out=None):
-        """The flat buffer of :func:`upgd_ref.rng.noise` (bit for bit), into ``out`` when given."""
+    def noise(self, *, layout, seed: int, step: int, dtype=None, out=None, noise_version: int = 1):
+        """The flat buffer of :func:`upgd_ref.rng.noise` (bit for bit) in noise format
+        ``noise_version`` (checked by the caller), into ``out`` when given."""
 
     def nonfinite_counts(self, *, layout, buffer, present) -> np.ndarray:
         """int64 ``(S,)``: NaN and Inf elements per present segment (0 for absent ones)."""
@@ -80,10 +81,10 @@ class Backend(Protocol):
         written: a refused step must leave everything as it was)."""
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan: StepPlan, seed: int,
-                    variant, vgs_factor: float = 1.0) -> None:
+                    variant, vgs_factor: float = 1.0, noise_version: int = 1) -> None:
         """Pass 2: pass 1's values again (the same bits) written — ``g <- f g`` when
         ``vgs_factor != 1``, ``u``, ``m``, ``v`` — and the parameter update of the present
-        segments, in place, with the normals of ``(seed, plan.step)``."""
+        segments, in place, with the normals of ``(seed, plan.step)`` in format ``noise_version``."""
 
 
 class Registration(NamedTuple):

@@ -7,6 +7,8 @@ warm-up call; a row's time is the median of its repetitions. Rows (``specs/kerne
 * numba noise-free step: ``AdaptiveUPGD.step`` with ``sigma = 0``, no VGS;
 * numba noise alone: ``upgd_ref.noise(..., out=buffer)`` (into an existing buffer, as
   ``torch.randn(n, out=buffer)``: the generators, not the allocator, are compared);
+* the full step and the noise alone again in noise format 2 (``noise_version=2``, the binary32
+  transform of ``specs/noise-v2.md``), side by side with format 1 (the default);
 * numba noisy step: fixed noise (``sigma = 0.01``, not adaptive), no VGS: against the
   noise-free step, what the noise costs inside the step (``specs/kernels.md`` §6.2);
 * copy: a copy moving the full step's bytes (threaded ``np.copyto``, as many threads as the
@@ -80,6 +82,8 @@ TARGETS = {
     "noise_free_step_over_fused_adam": ("<=", 2.0),
     "full_step_over_noise_free_step": ("<=", 1.4),
     "noise_over_torch_randn": ("<=", 0.2),
+    "full_step_v2_over_noise_free_step": ("<=", 1.4),  # the same two targets in noise format 2
+    "noise_v2_over_torch_randn": ("<=", 0.2),
 }
 TARGET_SIZE = 10_000_000
 
@@ -91,6 +95,8 @@ FULL_STEP = "numba full step (VGS + adaptive noise)"
 NOISE_FREE = "numba noise-free step"
 NOISY = "numba noisy step (fixed noise, no VGS)"
 NOISE = "numba noise alone"
+FULL_STEP_V2 = "numba full step, noise format 2"
+NOISE_V2 = "numba noise alone, noise format 2"
 COPY = "copy (the full step's bytes)"
 #: The baseline a checkout has (``benchmarks/`` is not installed with the package).
 CHECKOUT_BASELINES = ("benchmarks/production_torch.py",)
@@ -144,12 +150,12 @@ def _step_bytes(layout: FlatLayout, vgs: bool) -> int:
     return step_traffic("AdaptiveUPGD", layout.dtype, state_dtype(layout.dtype), vgs=vgs).total
 
 
-def _full_step_case(layout: FlatLayout, params0, grads0, backend: str = "numba") -> Case:
+def _full_step_case(layout: FlatLayout, params0, grads0, backend: str = "numba", noise_version: int = 1) -> Case:
     params, grads = params0.copy(), grads0.copy()
-    opt = AdaptiveUPGD(layout, backend=backend, **STEP_HYPER)
+    opt = AdaptiveUPGD(layout, backend=backend, noise_version=noise_version, **STEP_HYPER)
     vgs = VarianceGradientScaler(layout, backend=backend, **VGS_HYPER)
     if backend == "numba":
-        return Case(FULL_STEP, lambda: opt.step(params, grads, vgs=vgs), lambda: np.copyto(grads, grads0),
+        return Case(FULL_STEP if noise_version == 1 else FULL_STEP_V2, lambda: opt.step(params, grads, vgs=vgs), lambda: np.copyto(grads, grads0),
                     _step_bytes(layout, vgs=True))
     return Case("NumPy reference step (VGS + adaptive noise)", lambda: opt.step(params, grads, vgs=vgs),
                 lambda: np.copyto(grads, grads0))
@@ -183,8 +189,11 @@ def _numpy_cases(layout: FlatLayout, rng: np.random.Generator, threads: int) -> 
     cases = [full, _step_case(NOISE_FREE, layout, params0, grads0, sigma=0.0, adaptive_noise=False),
              _step_case(NOISY, layout, params0, grads0, adaptive_noise=False)]
     counter, normals = iter(range(1, 2**62)), layout.zeros(noise_dtype(layout))
-    cases.append(Case(NOISE, lambda: noise(layout, 0, next(counter), out=normals, backend="numba"),
-                      bytes_per_param=normals.dtype.itemsize))
+    for name, version in ((NOISE, 1), (NOISE_V2, 2)):
+        cases.append(Case(name, lambda version=version: noise(layout, 0, next(counter), out=normals, backend="numba",
+                                                             noise_version=version),
+                          bytes_per_param=normals.dtype.itemsize))
+    cases.append(_full_step_case(layout, params0, grads0, noise_version=2))
     if is_low_precision(layout.dtype):
         cases.append(_stochastic_rounding_case(layout, params0, grads0))
     cases.append(_copy_case(layout, threads, full.bytes_per_param))
@@ -292,6 +301,8 @@ def _ratios(rows: list[Row]) -> list[dict]:
         ratio("noise_free_step_over_fused_adam", "numba noise-free step", "torch fused Adam")
         ratio("full_step_over_noise_free_step", FULL_STEP, NOISE_FREE)
         ratio("noise_over_torch_randn", NOISE, "torch.randn (same count)")
+        ratio("full_step_v2_over_noise_free_step", FULL_STEP_V2, NOISE_FREE)
+        ratio("noise_v2_over_torch_randn", NOISE_V2, "torch.randn (same count)")
         ratio("full_step_speedup_vs_numpy_reference", "NumPy reference step (VGS + adaptive noise)", FULL_STEP)
         if all(name in t for name in (NOISY, NOISE_FREE, NOISE)):  # the noise's cost inside the step
             entry["noise_in_step_over_noise_alone"] = (t[NOISY] - t[NOISE_FREE]) / t[NOISE]
@@ -414,7 +425,8 @@ def format_report(result: dict) -> str:
         "ratios (time of one over the other; targets below; noise in step / alone: (noisy step - noise-free "
         "step) / noise alone, 0 when the noise hides entirely behind the step's memory traffic):",
         f"{'size':>6}  {'dtype':<8} {'full vs torch loop':>19} {'noise-free / Adam':>18} {'full / noise-free':>18} "
-        f"{'noise / randn':>14} {'noise in step / alone':>22} {'full vs NumPy ref':>18}",
+        f"{'noise / randn':>14} {'noise in step / alone':>22} {'full vs NumPy ref':>18} {'v2: full / noise-free':>22} "
+        f"{'v2: noise / randn':>18}",
     ]
     for entry in result["ratios"]:
         def cell(key, width, suffix):
@@ -426,7 +438,9 @@ def format_report(result: dict) -> str:
                      f"{cell('full_step_over_noise_free_step', 18, 'x')} "
                      f"{cell('noise_over_torch_randn', 14, 'x')} "
                      f"{cell('noise_in_step_over_noise_alone', 22, 'x')} "
-                     f"{cell('full_step_speedup_vs_numpy_reference', 18, 'x')}")
+                     f"{cell('full_step_speedup_vs_numpy_reference', 18, 'x')} "
+                     f"{cell('full_step_v2_over_noise_free_step', 22, 'x')} "
+                     f"{cell('noise_v2_over_torch_randn', 18, 'x')}")
     if result.get("scaling"):
         lines += ["", "scaling (float32; GB/s and % of the copy of the same bytes at the same size):",
                   *_row_table(result["scaling"])]

@@ -4,7 +4,7 @@ Format (the templates are in ``specs/configs/``)::
 
     optimizer: AdaptiveUPGD          # AdaptiveUPGD (default), UPGD or UPGDW (specs/algorithm.md §7)
     optimizer_kwargs:                # the class's hyper-parameters (specs/algorithm.md),
-      lr: 1.0e-5                     #   plus noise_norm, seed, param_groups and profile;
+      lr: 1.0e-5                     #   plus noise_norm, seed, param_groups, profile, noise_version;
       sigma: 0.001                   #   keys left out take that class's defaults
       adaptive_noise: false
       profile: production            # AdaptiveUPGD, UPGD: "production" (default) or "paper"
@@ -49,7 +49,8 @@ import numpy as np
 from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, VGS_DEFAULTS, validate_upgd, validate_vgs
 from .layout import FlatLayout
 from .family import MEMBERS, PAPER_EPS, PROFILES
-from .optimizer import UPGD, UPGDW, AdaptiveUPGD
+from .optimizer import UPGD, UPGDW, AdaptiveUPGD, noise_version_field
+from .rng import DEFAULT_NOISE_VERSION, check_noise_version
 from .scaler import VarianceGradientScaler
 
 __all__ = [
@@ -72,7 +73,7 @@ OPTIMIZERS = tuple(MEMBERS)
 OPTIMIZER_CLASSES = {"AdaptiveUPGD": AdaptiveUPGD, "UPGD": UPGD, "UPGDW": UPGDW}
 TOP_LEVEL_KEYS = ("optimizer", "optimizer_kwargs", "vgs")
 # Constructor arguments that are not per-group hyper-parameters.
-OPTIMIZER_EXTRA_KEYS = ("noise_norm", "seed", "param_groups", "profile")
+OPTIMIZER_EXTRA_KEYS = ("noise_norm", "seed", "param_groups", "profile", "noise_version")
 _MOMENT_KEYS = ("beta1", "beta2", "eps")
 
 
@@ -101,7 +102,7 @@ class Config:
     or ``"paper"``. ``hyperparams``: every hyper-parameter the step reads, as the optimizer
     resolves them (the member's defaults filled in; for ``UPGD`` the unused ``beta1``,
     ``beta2``, ``eps`` keep the library defaults; for ``UPGDW`` ``beta_utility = beta2``);
-    ``noise_norm``, ``seed``, ``param_groups`` as the classes take them;
+    ``noise_norm``, ``seed``, ``param_groups``, ``noise_version`` as the classes take them;
     ``vgs``: every VGS hyper-parameter, or ``None`` for no scaler; ``raw``: the mapping as
     given (key order kept), which is what :func:`dump_config` writes back.
     """
@@ -115,6 +116,7 @@ class Config:
     raw: dict
     source: str
     profile: str = "production"
+    noise_version: int = DEFAULT_NOISE_VERSION
 
     def _member_hyperparams(self) -> dict:
         """``hyperparams`` under the names the optimizer class's constructor takes."""
@@ -134,7 +136,8 @@ class Config:
 
     def to_dict(self) -> dict:
         """The configuration in the template format with every value explicit."""
-        kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed)
+        kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed,
+                      **noise_version_field(self.noise_version))
         if self.optimizer != "UPGDW":
             kwargs["profile"] = self.profile
         if self.param_groups is not None:
@@ -145,7 +148,7 @@ class Config:
     def optimizer_kwargs(self) -> dict:
         """Keyword arguments for the optimizer class (everything but the layout)."""
         kwargs = dict(self._member_hyperparams(), noise_norm=self.noise_norm, seed=self.seed,
-                      param_groups=copy.deepcopy(self.param_groups))
+                      param_groups=copy.deepcopy(self.param_groups), **noise_version_field(self.noise_version))
         if self.optimizer != "UPGDW":
             kwargs["profile"] = self.profile
         if isinstance(kwargs.get("betas"), list):
@@ -311,6 +314,8 @@ def load_config(path_or_dict, *, source: str | None = None) -> Config:
     if noise_norm not in NOISE_NORMS:
         raise ConfigError(f"{source}: optimizer_kwargs.noise_norm must be one of {list(NOISE_NORMS)}, got {noise_norm!r}")
     seed = _check_seed(source, kwargs.get("seed", 0))
+    noise_version = _validated(source, check_noise_version, kwargs.get("noise_version", DEFAULT_NOISE_VERSION),
+                               "optimizer_kwargs.")
     param_groups = _check_param_groups(source, kwargs.get("param_groups"), hyper_given)
 
     vgs = data.get("vgs")
@@ -318,7 +323,8 @@ def load_config(path_or_dict, *, source: str | None = None) -> Config:
         vgs = _mapping(source, "vgs", vgs)
         _check_unknown(source, "vgs.", vgs, VGS_DEFAULTS)
         vgs = _validated(source, validate_vgs, vgs, "vgs.")
-    return Config(optimizer, hyperparams, noise_norm, seed, param_groups, vgs, copy.deepcopy(data), source, profile)
+    return Config(optimizer, hyperparams, noise_norm, seed, param_groups, vgs, copy.deepcopy(data), source, profile,
+                  noise_version)
 
 
 def build(config: Config, layout: FlatLayout, *, backend: str = "auto") -> Built:

@@ -44,6 +44,7 @@ from .layout import FlatLayout
 from .scaler import VarianceGradientScaler
 from .serial import Serialised, serialised
 from .state import UPGD_FORMAT, UPGD_VERSION, FlatUPGDState
+from .rng import DEFAULT_NOISE_VERSION, check_noise_version
 from .step import StepRequest, VGSRequest, check_noise_norm, check_seed
 
 __all__ = ["AdaptiveUPGD", "UPGD", "UPGDW", "StepInfo", "PROFILES", "PAPER_EPS"]
@@ -95,6 +96,17 @@ class StepInfo:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
 
 
+def noise_version_field(noise_version: int) -> dict:
+    """The state dict's ``"noise_version"`` entry: absent for the default format 1, so that
+    format-1 state dicts and checkpoints are exactly what they were (``specs/layout.md`` §4)."""
+    return {} if noise_version == DEFAULT_NOISE_VERSION else {"noise_version": noise_version}
+
+
+def saved_noise_version(state_dict: dict) -> int:
+    """The noise format a state dict records (absent: 1), checked."""
+    return check_noise_version(state_dict.get("noise_version", DEFAULT_NOISE_VERSION), "state dict field ")
+
+
 class AdaptiveUPGD(FileCheckpoints, Serialised):
     """Utility-based perturbed gradient descent with Adam moments, on a :class:`FlatLayout`.
 
@@ -102,7 +114,9 @@ class AdaptiveUPGD(FileCheckpoints, Serialised):
     beta_utility, sigma, beta1, beta2, eps, adaptive_noise, noise_beta, min_noise_std,
     instant_noise_scale``; ``noise_ema_init`` is the start value of the gradient-norm
     average (1.0 reproduces the production flaw, 0.0 is unbiased); ``noise_norm`` is
-    ``"segment"`` (default) or ``"global"``. ``param_groups`` is a list of dicts of
+    ``"segment"`` (default) or ``"global"``. ``noise_version``: the noise format, 1 (default,
+    ``specs/noise.md``) or 2 (binary32 transform, ``specs/noise-v2.md``), kept in the state
+    dict. ``param_groups`` is a list of dicts of
     overrides, each with ``"segments"`` (segment indices) or matched to ``layout.groups``.
     ``param_groups`` can be edited between steps, as in torch.optim.
 
@@ -125,17 +139,19 @@ class AdaptiveUPGD(FileCheckpoints, Serialised):
                  beta_utility=_A["beta_utility"], sigma=_A["sigma"], beta1=_A["beta1"], beta2=_A["beta2"], eps=None,
                  adaptive_noise=_A["adaptive_noise"], noise_beta=_A["noise_beta"], min_noise_std=_A["min_noise_std"],
                  instant_noise_scale=_A["instant_noise_scale"], noise_norm="segment",
-                 noise_ema_init=_A["noise_ema_init"], seed=0, param_groups=None, backend="auto",
+                 noise_ema_init=_A["noise_ema_init"], seed=0, noise_version=1, param_groups=None, backend="auto",
                  profile="production", nonfinite="raise"):
         values = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1,
                       beta2=beta2, adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                       instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
         if eps is not None:  # None: the profile's eps
             values["eps"] = eps
-        self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
+        self._setup(layout, values, noise_norm=noise_norm, seed=seed, noise_version=noise_version,
+                    param_groups=param_groups, backend=backend,
                     profile=profile, nonfinite=nonfinite)
 
-    def _setup(self, layout, values: dict, *, noise_norm, seed, param_groups, backend, profile, nonfinite) -> None:
+    def _setup(self, layout, values: dict, *, noise_norm, seed, noise_version, param_groups, backend, profile,
+               nonfinite) -> None:
         """The one constructor body of every member: its table row checks ``values``."""
         if not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
@@ -145,6 +161,7 @@ class AdaptiveUPGD(FileCheckpoints, Serialised):
         self.defaults = self.MEMBER.hyperparams(values, profile)
         self.noise_norm = check_noise_norm(noise_norm)
         self.seed = check_seed(seed)
+        self.noise_version = check_noise_version(noise_version)
         self.backend = check_backend_name(backend)
         self.nonfinite = check_nonfinite_policy(nonfinite)
         self.param_groups = resolve_param_groups(param_groups, self.defaults, layout)
@@ -181,7 +198,7 @@ class AdaptiveUPGD(FileCheckpoints, Serialised):
         the scaler's statistics unchanged too.
         """
         request = StepRequest(hyper=self.step_hyperparams(), present=present, seed=self.seed,
-                              noise_norm=self.noise_norm, variant=self.variant,
+                              noise_norm=self.noise_norm, noise_version=self.noise_version, variant=self.variant,
                               nonfinite=check_nonfinite_policy(self.nonfinite))
         vgs_factor = vgs_variance = None
         if vgs is None:
@@ -210,7 +227,7 @@ class AdaptiveUPGD(FileCheckpoints, Serialised):
     def noise(self, step: int | None = None, dtype=None) -> np.ndarray:
         """The standard normals of step ``step`` (default: the next one) for this optimizer."""
         step = self.state.step + 1 if step is None else step
-        return door.noise(self.layout, self.seed, step, dtype, backend=self.backend)
+        return door.noise(self.layout, self.seed, step, dtype, backend=self.backend, noise_version=self.noise_version)
 
     # --- state ------------------------------------------------------------------------
 
@@ -228,7 +245,7 @@ class AdaptiveUPGD(FileCheckpoints, Serialised):
             "variant": dict(self.variant._asdict()),
             "param_groups": resolve_param_groups(self.param_groups, self.defaults, self.layout),
             "state": self.state.to_state(self.layout),
-        }
+        } | noise_version_field(self.noise_version)
 
     @serialised
     def load_state_dict(self, state_dict: dict) -> None:
@@ -244,6 +261,7 @@ class AdaptiveUPGD(FileCheckpoints, Serialised):
             raise ValueError("state dict field 'seed' is missing")
         seed = check_seed(state_dict["seed"], "state dict field ")  # TypeError for a non-int (§4.5)
         noise_norm = check_noise_norm(state_dict.get("noise_norm"))
+        noise_version = saved_noise_version(state_dict)
         variant = check_variant(state_dict.get("variant", PRODUCTION._asdict()))  # absent before v0.2: production
         if variant != self.variant:
             raise ValueError(f"state dict is for UPGD variant {dict(variant._asdict())}, "
@@ -254,6 +272,7 @@ class AdaptiveUPGD(FileCheckpoints, Serialised):
         groups = resolve_param_groups(groups, self.defaults, self.layout)
         self.state.assign(state)
         self.seed, self.noise_norm, self.param_groups = seed, noise_norm, groups
+        self.noise_version = noise_version
 
     def _check_member(self, state_dict: dict) -> None:
         """A checkpoint names its member and profile (since version 2): they must be this
@@ -283,12 +302,13 @@ class UPGD(AdaptiveUPGD):
                  beta_utility=_U["beta_utility"], sigma=_U["sigma"], adaptive_noise=_U["adaptive_noise"],
                  noise_beta=_U["noise_beta"], min_noise_std=_U["min_noise_std"],
                  instant_noise_scale=_U["instant_noise_scale"], noise_norm="segment",
-                 noise_ema_init=_U["noise_ema_init"], seed=0, param_groups=None, backend="auto",
+                 noise_ema_init=_U["noise_ema_init"], seed=0, noise_version=1, param_groups=None, backend="auto",
                  profile="production", nonfinite="raise"):
         values = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                       adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                       instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
-        self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
+        self._setup(layout, values, noise_norm=noise_norm, seed=seed, noise_version=noise_version,
+                    param_groups=param_groups, backend=backend,
                     profile=profile, nonfinite=nonfinite)
 
 
@@ -306,9 +326,11 @@ class UPGDW(AdaptiveUPGD):
                  weight_decay=_W["weight_decay"], sigma=_W["sigma"], amsgrad=False,
                  adaptive_noise=_W["adaptive_noise"], noise_beta=_W["noise_beta"], min_noise_std=_W["min_noise_std"],
                  instant_noise_scale=_W["instant_noise_scale"], noise_norm="segment",
-                 noise_ema_init=_W["noise_ema_init"], seed=0, param_groups=None, backend="auto", nonfinite="raise"):
+                 noise_ema_init=_W["noise_ema_init"], seed=0, noise_version=1, param_groups=None, backend="auto",
+                 nonfinite="raise"):
         values = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, sigma=sigma, amsgrad=amsgrad,
                       adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                       instant_noise_scale=instant_noise_scale, noise_ema_init=noise_ema_init)
-        self._setup(layout, values, noise_norm=noise_norm, seed=seed, param_groups=param_groups, backend=backend,
+        self._setup(layout, values, noise_norm=noise_norm, seed=seed, noise_version=noise_version,
+                    param_groups=param_groups, backend=backend,
                     profile="production", nonfinite=nonfinite)

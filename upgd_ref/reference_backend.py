@@ -33,8 +33,8 @@ class ReferenceBackend:
     def warmup(self, dtypes=()) -> float:
         return 0.0  # nothing to compile
 
-    def noise(self, *, layout, seed, step, dtype=None, out=None):
-        values = reference_noise(layout, seed, step, dtype)
+    def noise(self, *, layout, seed, step, dtype=None, out=None, noise_version=1):
+        values = reference_noise(layout, seed, step, dtype, noise_version)
         if out is None:
             return values
         out[...] = values
@@ -90,9 +90,9 @@ class ReferenceBackend:
         return out
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
-                    vgs_factor=1.0) -> None:
+                    vgs_factor=1.0, noise_version=1) -> None:
         views = layout.unpack
-        normals = views(self.noise(layout=layout, seed=seed, step=plan.step))
+        normals = views(self.noise(layout=layout, seed=seed, step=plan.step, noise_version=noise_version))
         with np.errstate(all="ignore"):
             scaled, new = self._local(layout=layout, params=params, grads=grads, state=state, present=present,
                                       hyper=hyper, vgs_factor=vgs_factor, variant=variant)

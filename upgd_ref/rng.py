@@ -25,6 +25,9 @@ import numpy as np
 from array_api_compat import array_namespace
 
 __all__ = [
+    "NOISE_VERSIONS",
+    "DEFAULT_NOISE_VERSION",
+    "check_noise_version",
     "NORMAL_MAX",
     "noise_dtype",
     "philox4x32_10",
@@ -42,6 +45,11 @@ __all__ = [
 #: The largest magnitude of a normal (word 0: ``r = sqrt(66 ln 2)``, ``specs/noise.md``); the
 #: float32 normals, rounded once, stay below ``NORMAL_MAX * (1 + 2**-24)``.
 NORMAL_MAX = 6.763705635001895
+
+#: The noise formats (``specs/noise.md``: 1, ``specs/noise-v2.md``: 2, the float32 transform)
+#: and the one every run uses unless it asks for another.
+NOISE_VERSIONS = (1, 2)
+DEFAULT_NOISE_VERSION = 1
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -80,24 +88,25 @@ PI_OVER_4 = 0.7853981633974483
 OCTANT_FRACTION_BITS = 29  # theta's octant is the top 3 bits of the angle word
 
 
-def _u32(xp, value):
+def as_u32(xp, value):
+    """``value`` as a uint32 array of namespace ``xp`` (wrapped to 32 bits)."""
     return xp.asarray(value & _MASK32, dtype=xp.uint32)
 
 
 def _mulhilo32(xp, a, multiplier: int):
     """(high, low) 32-bit halves of ``a * multiplier`` using 16-bit limbs (no uint64)."""
     m_lo, m_hi = multiplier & 0xFFFF, multiplier >> 16
-    a_lo = a & _u32(xp, 0xFFFF)
-    a_hi = a >> _u32(xp, 16)
-    ll = a_lo * _u32(xp, m_lo)
-    lh = a_lo * _u32(xp, m_hi)
-    hl = a_hi * _u32(xp, m_lo)
-    hh = a_hi * _u32(xp, m_hi)
-    low16 = _u32(xp, 0xFFFF)
-    shift = _u32(xp, 16)
+    a_lo = a & as_u32(xp, 0xFFFF)
+    a_hi = a >> as_u32(xp, 16)
+    ll = a_lo * as_u32(xp, m_lo)
+    lh = a_lo * as_u32(xp, m_hi)
+    hl = a_hi * as_u32(xp, m_lo)
+    hh = a_hi * as_u32(xp, m_hi)
+    low16 = as_u32(xp, 0xFFFF)
+    shift = as_u32(xp, 16)
     mid = (ll >> shift) + (lh & low16) + (hl & low16)
     high = hh + (lh >> shift) + (hl >> shift) + (mid >> shift)
-    low = a * _u32(xp, multiplier)  # uint32 multiplication wraps modulo 2**32
+    low = a * as_u32(xp, multiplier)  # uint32 multiplication wraps modulo 2**32
     return high, low
 
 
@@ -126,7 +135,7 @@ def philox4x32_10(counter, key, *, wide: bool = False):
             k1 = (k1 + PHILOX_W1) & _MASK32
         hi0, lo0 = mulhilo(xp, c0, PHILOX_M0)
         hi1, lo1 = mulhilo(xp, c2, PHILOX_M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ _u32(xp, k0), lo1, hi0 ^ c3 ^ _u32(xp, k1), lo0
+        c0, c1, c2, c3 = hi1 ^ c1 ^ as_u32(xp, k0), lo1, hi0 ^ c3 ^ as_u32(xp, k1), lo0
     return c0, c1, c2, c3
 
 
@@ -169,25 +178,36 @@ def _kernel_cos(x):
     return 1.0 - (0.5 * z - z * r)
 
 
-def _cos_sin_of_turn(xp, word):
-    """cos and sin of 2*pi*u, u = (word + 0.5) * 2**-32, via octant reduction."""
-    octant = word >> _u32(xp, OCTANT_FRACTION_BITS)
+def octant_reduction(xp, word):
+    """``(octant, reduced)``: the angle word's top 3 bits and its low 29 bits, reflected
+    (``2**29 - 1 - low``) in odd octants, so the angle inside the octant is
+    ``(reduced + 0.5) 2**-29 pi/4`` (``specs/noise.md`` §6)."""
+    octant = word >> as_u32(xp, OCTANT_FRACTION_BITS)
     fraction_mask = (1 << OCTANT_FRACTION_BITS) - 1
-    low = word & _u32(xp, fraction_mask)
-    odd = (octant & _u32(xp, 1)) == _u32(xp, 1)
-    reduced = xp.where(odd, _u32(xp, fraction_mask) - low, low)  # odd octants reflect
-    a = ((xp.astype(reduced, xp.float64) + 0.5) * 2.0**-OCTANT_FRACTION_BITS) * PI_OVER_4
-    s = _kernel_sin(a)
-    c = _kernel_cos(a)
-    swap = ((octant + _u32(xp, 1)) >> _u32(xp, 1)) & _u32(xp, 1)  # octants 1, 2, 5, 6
-    cos_negative = ((octant + _u32(xp, 2)) >> _u32(xp, 2)) & _u32(xp, 1)  # octants 2..5
-    sin_negative = octant >> _u32(xp, 2)  # octants 4..7
-    one = _u32(xp, 1)
+    low = word & as_u32(xp, fraction_mask)
+    odd = (octant & as_u32(xp, 1)) == as_u32(xp, 1)
+    return octant, xp.where(odd, as_u32(xp, fraction_mask) - low, low)  # odd octants reflect
+
+
+def octant_cos_sin(xp, octant, s, c):
+    """``cos, sin`` of the whole angle from the kernels' ``s``, ``c`` of the reduced one: the
+    octant's swap and signs (``specs/noise.md`` §6, exact)."""
+    swap = ((octant + as_u32(xp, 1)) >> as_u32(xp, 1)) & as_u32(xp, 1)  # octants 1, 2, 5, 6
+    cos_negative = ((octant + as_u32(xp, 2)) >> as_u32(xp, 2)) & as_u32(xp, 1)  # octants 2..5
+    sin_negative = octant >> as_u32(xp, 2)  # octants 4..7
+    one = as_u32(xp, 1)
     cos_mag = xp.where(swap == one, s, c)
     sin_mag = xp.where(swap == one, c, s)
     cos = xp.where(cos_negative == one, -cos_mag, cos_mag)
     sin = xp.where(sin_negative == one, -sin_mag, sin_mag)
     return cos, sin
+
+
+def _cos_sin_of_turn(xp, word):
+    """cos and sin of 2*pi*u, u = (word + 0.5) * 2**-32, via octant reduction."""
+    octant, reduced = octant_reduction(xp, word)
+    a = ((xp.astype(reduced, xp.float64) + 0.5) * 2.0**-OCTANT_FRACTION_BITS) * PI_OVER_4
+    return octant_cos_sin(xp, octant, _kernel_sin(a), _kernel_cos(a))
 
 
 def normals_from_words(xp, w0, w1, w2, w3):
@@ -197,6 +217,23 @@ def normals_from_words(xp, w0, w1, w2, w3):
     r23 = xp.sqrt(-2.0 * _log_of_uniform(xp, w2))
     cos23, sin23 = _cos_sin_of_turn(xp, w3)
     return xp.stack([r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23], axis=1)
+
+
+def check_noise_version(value, where: str = "") -> int:
+    """``value`` as a noise format version (an int in :data:`NOISE_VERSIONS`); ``TypeError`` for
+    a non-integer, ``ValueError`` for an unknown version, both naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where}noise_version must be an int, got {type(value).__name__}")
+    if int(value) not in NOISE_VERSIONS:
+        raise ValueError(f"{where}noise_version must be one of {NOISE_VERSIONS}, got {value!r}")
+    return int(value)
+
+
+def _transform(version: int):
+    """The word-pair transform of noise format ``version``."""
+    from . import rng_v2  # format 2 builds on this module's integer reduction
+
+    return normals_from_words if version == 1 else rng_v2.normals_from_words
 
 
 def check_u64(name: str, value) -> int:
@@ -220,12 +257,15 @@ def counter_runs(first_block: int, num_blocks: int):
         block += n
 
 
-def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
+def standard_normals(seed, step, start, count, *, xp=np, dtype=None, version=DEFAULT_NOISE_VERSION):
     """Standard normals for logical element indices ``start .. start + count - 1``.
 
     Pure function of ``(seed, step, index)``: any chunking of an index range gives the same
     values. ``dtype`` is ``xp.float64`` (default) or ``xp.float32`` (float64 rounded once).
+    ``version``: the noise format (:data:`NOISE_VERSIONS`; version 2 computes float32 normals,
+    widened exactly for float64).
     """
+    transform = _transform(check_noise_version(version))
     seed = check_u64("seed", seed)
     step = check_u64("step", step)
     start = check_u64("start", start)
@@ -242,11 +282,11 @@ def standard_normals(seed, step, start, count, *, xp=np, dtype=None):
     step_lo, step_hi = step & _MASK32, step >> 32
     pieces = []
     for block, n in counter_runs(first_block, last_block + 1 - first_block):
-        c0 = xp.arange(n, dtype=xp.uint32) + _u32(xp, block)
+        c0 = xp.arange(n, dtype=xp.uint32) + as_u32(xp, block)
         c1 = xp.full((n,), block >> 32, dtype=xp.uint32)
         c2 = xp.full((n,), step_lo, dtype=xp.uint32)
         c3 = xp.full((n,), step_hi, dtype=xp.uint32)
-        pieces.append(normals_from_words(xp, *philox4x32_10((c0, c1, c2, c3), key)))
+        pieces.append(transform(xp, *philox4x32_10((c0, c1, c2, c3), key)))
     flat = xp.reshape(xp.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0], (-1,))
     skip = start - 4 * first_block
     return xp.astype(flat[skip : skip + count], dtype)
@@ -258,7 +298,7 @@ def noise_dtype(layout) -> np.dtype:
     return np.dtype(np.float32) if layout.dtype.itemsize == 2 else layout.dtype
 
 
-def noise(layout, seed, step, dtype=None):
+def noise(layout, seed, step, dtype=None, version=DEFAULT_NOISE_VERSION):
     """The standard normals that optimizer step ``step`` (1, 2, ...) with ``seed`` uses.
 
     Returns a flat NumPy buffer shaped like ``layout`` (``layout.unpack`` gives one array per
@@ -267,17 +307,20 @@ def noise(layout, seed, step, dtype=None):
     :class:`~upgd_ref.multi.MultiLayout`), so layouts that differ only in padding (for
     example float32 and float64 layouts of the same shapes) draw identical values.
     ``dtype`` defaults to :func:`noise_dtype` (the layout's; float32 for 16-bit layouts).
+    ``version``: the noise format (:data:`NOISE_VERSIONS`).
     """
+    version = check_noise_version(version)
     dtype = np.dtype(noise_dtype(layout) if dtype is None else dtype)
     if dtype.name not in ("float32", "float64"):
         raise TypeError(f"noise dtype must be float32 or float64, got {dtype.name}")
     out = layout.zeros(dtype=dtype)
     if layout.noise_offsets == layout.logical_offsets:  # one draw for the whole buffer
         start = layout.logical_start  # 0 but for a shard's layout
-        values = standard_normals(seed, step, start, layout.num_logical, dtype=np.float64)
+        values = standard_normals(seed, step, start, layout.num_logical, dtype=np.float64, version=version)
         for offset, logical_offset, size in zip(layout.offsets, layout.logical_offsets, layout.sizes):
             out[offset : offset + size] = values[logical_offset - start : logical_offset - start + size]
         return out
     for offset, noise_offset, size in zip(layout.offsets, layout.noise_offsets, layout.sizes):
-        out[offset : offset + size] = standard_normals(seed, step, noise_offset, size, dtype=np.float64)
+        out[offset : offset + size] = standard_normals(seed, step, noise_offset, size, dtype=np.float64,
+                                                       version=version)
     return out

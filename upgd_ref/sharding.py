@@ -408,7 +408,7 @@ def sharded_step(partition: Partition, rank: int, params, grads, state: ShardSta
     if plan.run and local is not None:
         impl.second_pass(layout=local, params=params, grads=grads, state=state.pieces(shard),
                          present=local_present, hyper=local_hyper, plan=_on_pieces(plan, shard), seed=request.seed,
-                         variant=request.variant, vgs_factor=factor)
+                         variant=request.variant, vgs_factor=factor, noise_version=request.noise_version)
     commit(state, plan)
     if vgs is not None:
         vgs_commit(vgs.state, vgs_new)

@@ -44,7 +44,7 @@ from .hyperparams import NOISE_NORMS, UPGD_DEFAULTS, CheckedHyperParams, check_c
 from .layout import FlatLayout
 from .multi import MultiLayout, MultiUPGDState
 from .reference import PRODUCTION, UPGDVariant, check_variant
-from .rng import check_u64, noise_dtype
+from .rng import DEFAULT_NOISE_VERSION, check_noise_version, check_u64, noise_dtype
 from .parts import backend_record, narrowed, step_parts, widened
 from .precision import check_rounding, compute_dtype, is_low_precision, round_nearest
 from .stages import (
@@ -80,6 +80,7 @@ class StepRequest:
     ``hyper``: one hyper-parameter dict per segment (validated here unless it came from
     :func:`upgd_ref.hyperparams.validate_upgd`); ``present``: one bool per segment (``None``:
     all present); ``seed``: the noise seed; ``noise_norm``: ``"segment"`` or ``"global"``;
+    ``noise_version``: the noise format (``upgd_ref.rng.NOISE_VERSIONS``; 2: ``specs/noise-v2.md``);
     ``variant``: the member of the UPGD family (:class:`~upgd_ref.reference.UPGDVariant`);
     ``nonfinite``: what a step that would leave something non-finite does
     (``specs/algorithm.md`` §8): ``"raise"`` a :class:`~upgd_ref.checks.NonFiniteStepError`,
@@ -92,6 +93,7 @@ class StepRequest:
     present: Sequence[bool] | None = None
     seed: int = 0
     noise_norm: str = "segment"
+    noise_version: int = DEFAULT_NOISE_VERSION
     variant: UPGDVariant = field(default=PRODUCTION)
     nonfinite: str = "raise"
     rounding: str = "nearest"
@@ -113,6 +115,7 @@ class StepRequest:
         return StepRequest(hyper=hyper, present=check_present(self.present, num_segments),
                            seed=check_seed(self.seed, "request."),
                            noise_norm=check_noise_norm(self.noise_norm, "request."),
+                           noise_version=check_noise_version(self.noise_version, "request."),
                            variant=check_variant(self.variant),
                            nonfinite=check_nonfinite_policy(self.nonfinite, "request."),
                            rounding=check_rounding(self.rounding, "request."))
@@ -245,7 +248,8 @@ def _update(parts, impls, plan, request, factor):
                              present=[request.present[i] for i in part.segments],
                              hyper=[request.hyper[i] for i in part.segments],
                              plan=plan if len(parts) == 1 else part_plan(plan, part.segments, part.layout.dtype),
-                             seed=request.seed, variant=request.variant, vgs_factor=factor)
+                             seed=request.seed, variant=request.variant, vgs_factor=factor,
+                             noise_version=request.noise_version)
         if part.caller is not None:
             result = narrowed(part, present=request.present, rounding=request.rounding, seed=request.seed,
                               step=plan.step, scaled=factor != 1.0)
@@ -376,7 +380,8 @@ def vgs_update_step(layout: FlatLayout, grads, state: FlatVGSState, beta: float,
     return True
 
 
-def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = "auto"):
+def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = "auto",
+          noise_version: int = DEFAULT_NOISE_VERSION):
     """The standard normals that optimizer step ``step`` with ``seed`` uses, as a flat buffer.
 
     Bit-identical for every backend: the definition is :func:`upgd_ref.rng.noise`
@@ -384,14 +389,17 @@ def noise(layout, seed: int, step: int, dtype=None, *, out=None, backend: str = 
     when ``out`` is a CuPy array). ``out``: a writable, contiguous NumPy or CuPy buffer of the
     layout's length and of the noise dtype to fill (its padding is set to 0) instead of a new
     one. Without ``out``, ``backend="cupy"`` returns a CuPy array, the others NumPy.
+    ``noise_version``: the noise format (``upgd_ref.rng.NOISE_VERSIONS``; 2 is
+    ``specs/noise-v2.md``).
     """
+    noise_version = check_noise_version(noise_version)
     if out is not None:
         _check_noise_out(out, layout, dtype)
     if backend == "auto":
         chosen = select_backend("auto", out) if array_kind(out) == "cupy" else BACKENDS[auto_order()[0]]
     else:
         chosen = select_backend(backend, out)  # bit-identical whichever computes them
-    return chosen.noise(layout=layout, seed=seed, step=step, dtype=dtype, out=out)
+    return chosen.noise(layout=layout, seed=seed, step=step, dtype=dtype, out=out, noise_version=noise_version)
 
 
 def _check_noise_out(out, layout, dtype) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from jax.extend import core as _jcore
 
 from upgd_ref import rng as _rng
+from upgd_ref import rng_v2 as _rng_v2
 
 from .leaves import SUPPORTED_DTYPES, check_leaf_dtype, is_tracer, x64_scope
 from .precision import computed
@@ -38,9 +39,21 @@ def _keep_nan(x):
     return jax.lax.select(x == x, x, x - x)
 
 
-def _eval_without_contraction(jaxpr, consts, args, guard=_opaque):
-    """Evaluate a jaxpr, passing every float64 product that feeds an addition through
-    :func:`_opaque`.
+def _bit_round_trip(x):
+    """``x`` one ulp up and back (``nextafter``): the identity on the binary32 transform's
+    values (finite, no ``-0``), computed with integer bit operations that neither XLA's
+    simplifier nor LLVM sees through. A ``select`` (:func:`_opaque`) does not stop XLA:CPU from
+    contracting float32 products into FMAs (measured: 1 of 10**6 cosines 1 ulp off)."""
+    return jnp.nextafter(jnp.nextafter(x, jnp.asarray(jnp.inf, x.dtype)), jnp.asarray(-jnp.inf, x.dtype))
+
+
+def _eval_without_contraction(jaxpr, consts, args, guard=_opaque, guarded=("float64",), every_product=False):
+    """Evaluate a jaxpr, passing every product of a dtype in ``guarded`` (default float64) that
+    feeds an addition (``every_product``: every product) through :func:`_opaque`.
+
+    Noise format 2 guards every float32 product, with :func:`_bit_round_trip`: XLA's
+    simplifier also regroups float32 product chains such as ``(x c) (x c)``, which changes
+    their rounding (measured: 2 of 10**6 normals 1 ulp off).
 
     XLA:CPU compiles with floating-point contraction allowed, so ``a*b + c`` can become one
     fused multiply-add, which rounds once instead of twice and changes the float64 normals
@@ -64,13 +77,13 @@ def _eval_without_contraction(jaxpr, consts, args, guard=_opaque):
         values = [read(v) for v in eqn.invars]
         inner = eqn.params.get("jaxpr")
         if eqn.primitive.name in _INLINE_CALLS and isinstance(inner, _jcore.ClosedJaxpr):
-            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values, guard)
+            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values, guard, guarded, every_product)
         else:
             outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
             if not eqn.primitive.multiple_results:
                 outs = [outs]
-            if (eqn.primitive.name == "mul" and eqn.outvars[0] in feeds_sum
-                    and jnp.dtype(outs[0].dtype) == jnp.float64):
+            if (eqn.primitive.name == "mul" and (every_product or eqn.outvars[0] in feeds_sum)
+                    and jnp.dtype(outs[0].dtype).name in guarded):
                 outs = [guard(outs[0])]
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, _jcore.DropVar):
@@ -92,18 +105,24 @@ def without_contraction(fn):
     return strict
 
 
-def _lane_normals(words, strict: bool):
-    """The core's transform (``rng.normals_from_words``) of each block's four words: the
-    float64 normals of lanes 0..3 as four arrays (one logarithm and one sine/cosine pair per
-    two normals). ``strict``: evaluated without multiply-add contraction."""
+def _lane_normals(words, strict: bool, version: int = 1):
+    """The core's transform of noise format ``version`` (``rng.normals_from_words``,
+    ``rng_v2.normals_from_words``) of each block's four words: the normals of lanes 0..3 as
+    four arrays (float64; format 2's float32, widened exactly), one logarithm and one
+    sine/cosine pair per two normals. ``strict``: evaluated without multiply-add contraction
+    (of the format's float64 or float32 products)."""
+    normals_from_words = _rng.normals_from_words if version == 1 else _rng_v2.normals_from_words
 
     def transform(*w):
-        z = _rng.normals_from_words(jnp, *w)
+        z = normals_from_words(jnp, *w).astype(jnp.float64)
         return tuple(z[:, lane] for lane in range(4))  # XLA folds these slices of the stack away
 
     if strict:
         closed = jax.make_jaxpr(transform)(*words)
-        return tuple(_eval_without_contraction(closed.jaxpr, closed.consts, list(words)))
+        guarded = ("float64",) if version == 1 else ("float32",)
+        guard = _opaque if version == 1 else _bit_round_trip
+        return tuple(_eval_without_contraction(closed.jaxpr, closed.consts, list(words), guard, guarded,
+                                               every_product=version == 2))
     return transform(*words)
 
 
@@ -137,7 +156,7 @@ def _materialised(fn, step_lo, *operands):
     return jax.lax.cond((step_lo & jnp.uint32(1)) == jnp.uint32(0), fn, fn, *operands)
 
 
-def _block_normals(seed, step, first_block: int, num_blocks: int, strict: bool):
+def _block_normals(seed, step, first_block: int, num_blocks: int, strict: bool, version: int = 1):
     """The float64 normals of blocks ``first_block .. first_block + num_blocks - 1``, one
     array per lane: Philox (``mulhilo32`` from uint64 products), then the transform, each
     materialised once (:func:`_materialised`)."""
@@ -155,7 +174,7 @@ def _block_normals(seed, step, first_block: int, num_blocks: int, strict: bool):
         return tuple(jnp.concatenate([p[k] for p in pieces]) for k in range(4))
 
     block_words = _materialised(words, step_lo, step_lo, step_hi)
-    return _materialised(lambda *w: _lane_normals(w, strict), step_lo, *block_words)
+    return _materialised(lambda *w: _lane_normals(w, strict, version), step_lo, *block_words)
 
 
 def _element_order(lanes):
@@ -168,10 +187,10 @@ def _element_order(lanes):
     return jnp.reshape(z, (-1,))
 
 
-def _flat_normals(seed, step, start: int, count: int, strict: bool = True):
+def _flat_normals(seed, step, start: int, count: int, strict: bool = True, version: int = 1):
     """float64 normals of logical indices ``start .. start + count - 1`` (``count > 0``)."""
     first_block, last_block = start // 4, (start + count - 1) // 4
-    flat = _element_order(_block_normals(seed, step, first_block, last_block - first_block + 1, strict))
+    flat = _element_order(_block_normals(seed, step, first_block, last_block - first_block + 1, strict, version))
     return flat[start % 4:start % 4 + count]
 
 
@@ -200,15 +219,17 @@ def _check_range(start: int, count: int) -> None:
         raise ValueError(f"at most 2**32 - 4 normals per call (positions are uint32), got {count}")
 
 
-def standard_normals(seed, step, start, count, dtype=None, *, strict: bool = True):
+def standard_normals(seed, step, start, count, dtype=None, *, strict: bool = True, version: int = 1):
     """``upgd_ref.standard_normals(seed, step, start, count)`` computed with ``jax.numpy``.
 
     ``step`` may be traced (inside ``jax.jit``); ``seed``, ``start`` and ``count`` are Python
     ints (they fix the shape). ``dtype``: ``jnp.float32`` or ``jnp.float64`` (default
     float64; available also with ``jax_enable_x64`` off). ``strict=True`` keeps the values
     bit-identical to the core under ``jax.jit``; ``strict=False`` lets XLA contract
-    multiply-adds (``specs/adapters-jax.md`` §6 gives the measured effect).
+    multiply-adds (``specs/adapters-jax.md`` §6 gives the measured effect). ``version``: the
+    noise format (``upgd_ref.rng.NOISE_VERSIONS``; 2 is ``specs/noise-v2.md``).
     """
+    version = _rng.check_noise_version(version)
     seed = _check_static_index("seed", seed)
     start = _check_static_index("start", start)
     count = _check_static_index("count", count)
@@ -222,16 +243,16 @@ def standard_normals(seed, step, start, count, dtype=None, *, strict: bool = Tru
         if not is_tracer(step):  # eager: one compiled function for every step
             step = jnp.asarray(_check_static_index("step", step) if not isinstance(step, jax.Array) else step,
                                dtype=jnp.uint64)
-            return _standard_normals_jit(seed, step, start, count, dtype, strict)
-        return _standard_normals_body(seed, step, start, count, dtype, strict)
+            return _standard_normals_jit(seed, step, start, count, dtype, strict, version)
+        return _standard_normals_body(seed, step, start, count, dtype, strict, version)
 
 
-def _standard_normals_body(seed, step, start, count, dtype, strict):
+def _standard_normals_body(seed, step, start, count, dtype, strict, version=1):
     with x64_scope():
-        return _flat_normals(seed, step, start, count, strict).astype(dtype)
+        return _flat_normals(seed, step, start, count, strict, version).astype(dtype)
 
 
-_standard_normals_jit = jax.jit(_standard_normals_body, static_argnums=(0, 2, 3, 4, 5))
+_standard_normals_jit = jax.jit(_standard_normals_body, static_argnums=(0, 2, 3, 4, 5, 6))
 
 
 def leaf_normals(leaves, seed, step):

@@ -21,6 +21,7 @@ import torch
 
 from upgd_ref.hyperparams import validate_vgs
 from upgd_ref.layout import FlatLayout
+from upgd_ref.optimizer import noise_version_field
 from upgd_ref.precision import state_dtype
 from upgd_ref.state import UPGD_FORMAT, UPGD_VERSION
 
@@ -76,7 +77,7 @@ def core_state_dict(layout: FlatLayout, *, step, noise_ema_init, segments) -> di
 
 
 def production_state_dict(param_groups, state_of, unmanaged, state_keys, *, seed, step, noise_norm,
-                          noise_ema_init, variant) -> dict:
+                          noise_ema_init, variant, noise_version=1) -> dict:
     """The production format from the optimizer's param groups and per-parameter states
     (``state_of(p)``: the mapping of parameter ``p``); state tensors are copied.
 
@@ -107,7 +108,7 @@ def production_state_dict(param_groups, state_of, unmanaged, state_keys, *, seed
         "param_groups": packed_groups,
         CHECKPOINT_KEY: {
             "version": _CHECKPOINT_VERSION, "seed": seed, "step": step, "noise_norm": noise_norm,
-            "noise_ema_init": noise_ema_init, "variant": variant,
+            "noise_ema_init": noise_ema_init, "variant": variant, **noise_version_field(noise_version),
         },
     }
 
@@ -124,6 +125,7 @@ class LoadedState(NamedTuple):
     segments: list  # per segment: None or (t, arrays, grad_norm_ema), as core_state_dict takes
     extras: dict  # id(param) -> (param, {key: value}) for keys besides the state keys
     unmanaged: dict  # entries of keys that are not the optimizer's parameters
+    noise_version: int  # absent from a dict with the CHECKPOINT_KEY entry: 1; without it: the current
 
 
 def read_state_dict(state_dict, param_groups, bucket, state_keys, *, current: Mapping) -> LoadedState:
@@ -131,7 +133,7 @@ def read_state_dict(state_dict, param_groups, bucket, state_keys, *, current: Ma
     ``param_groups`` and partition (``bucket``: :class:`~.partition.Partition`) are given.
     State tensors are converted to the state dtype of their parameter's dtype (complex ones
     to their real pairs). ``current`` holds the ``seed``,
-    ``noise_norm``, ``noise_ema_init`` and ``variant`` kept when the dict has no
+    ``noise_norm``, ``noise_ema_init``, ``variant`` and ``noise_version`` kept when the dict has no
     :data:`CHECKPOINT_KEY` entry (the counter then continues at the largest ``step``)."""
     saved_groups = deepcopy(state_dict["param_groups"])
     if not isinstance(saved_groups, list) or not all(isinstance(g, Mapping) and "params" in g for g in saved_groups):
@@ -193,6 +195,7 @@ def read_state_dict(state_dict, param_groups, bucket, state_keys, *, current: Ma
         noise_norm=meta.get("noise_norm", current["noise_norm"]), noise_ema_init=noise_ema_init,
         variant=meta.get("variant", current["variant"]),  # absent: written before the family
         step=meta.get("step", max(steps, default=0)), segments=segments, extras=extras, unmanaged=unmanaged,
+        noise_version=meta.get("noise_version", 1) if meta else current["noise_version"],
     )
 
 

@@ -13,8 +13,9 @@ from upgd_ref.backends import check_backend_name
 from upgd_ref.checks import check_nonfinite_policy, check_present
 from upgd_ref.family import Member
 from upgd_ref.layout import FlatLayout
-from upgd_ref.optimizer import StepInfo
+from upgd_ref.optimizer import StepInfo, noise_version_field, saved_noise_version
 from upgd_ref.reference import UPGDVariant, check_variant
+from upgd_ref.rng import check_noise_version
 from upgd_ref.multi import MultiUPGDState
 from upgd_ref.state import UPGD_VERSION, UPGD_FORMAT, FlatUPGDState
 from upgd_ref.step import StepRequest, check_noise_norm, check_seed, upgd_step
@@ -106,7 +107,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
         return groups
 
     def _setup(self, params, defaults, *, seed, backend, noise_ema_init, noise_norm, profile,
-               torch_options, nonfinite="raise", process_group=None, shard_mode="zero1") -> None:
+               torch_options, nonfinite="raise", process_group=None, shard_mode="zero1", noise_version=1) -> None:
         """The constructor's common tail: torch.optim's options (:func:`~.conversions.torch_options`),
         the core's checks (types, finiteness) on the hyper-parameters, seed, noise norm and
         backend, then param groups and flat buffer."""
@@ -118,6 +119,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
         check_backend_name(backend)
         seed = _draw_seed() if seed is None else check_seed(seed)
         check_noise_norm(noise_norm)
+        noise_version = check_noise_version(noise_version)
         nonfinite = check_nonfinite_policy(nonfinite)
         self._shard_mode = check_shard_mode(process_group, shard_mode)
         self._built = False
@@ -126,7 +128,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
         self._backend = backend
         self._noise_norm = noise_norm
         self._noise_ema_init = noise_ema_init
-        self._seed = seed
+        self._seed, self._noise_version = seed, noise_version
         self._layout = self._state = self._partition = None
         self._process_group, self._sharded = process_group, None
         self._extras: dict[int, tuple] = {}
@@ -246,7 +248,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
             "profile": self._profile or "production", "layout": self._layout.to_dict(), "seed": self._seed,
             "noise_norm": self._noise_norm, "variant": dict(self._variant._asdict()),
             "param_groups": self._used_groups, "state": self._state.to_state(self._layout),
-        }
+        } | noise_version_field(self._noise_version)
 
     def _sync_structure(self) -> None:
         """Rebuild if ``param_groups`` now hold other tensors or a parameter changed dtype or
@@ -299,7 +301,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
         and comparison with the core classes: edits to it do not reach this optimizer."""
         profile = {} if self._profile is None else {"profile": self._profile}
         core = self._CORE(self._layout, seed=self._seed, noise_norm=self._noise_norm,
-                          noise_ema_init=self._noise_ema_init, backend=self._backend,
+                          noise_ema_init=self._noise_ema_init, backend=self._backend, noise_version=self._noise_version,
                           param_groups=self._used_groups, **profile)
         core.load_state_dict(self.core_format())
         return core
@@ -307,7 +309,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
     def noise(self, step: int | None = None) -> list[torch.Tensor]:
         """Step ``step``'s standard normals (default: the next step's), one tensor per parameter."""
         step = self._state.step + 1 if step is None else step
-        return self._partition.noise(self._seed, step, self._backend)
+        return self._partition.noise(self._seed, step, self._backend, self._noise_version)
 
     # --- the step -----------------------------------------------------------------------
 
@@ -328,7 +330,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
             hypers = [h for h, group in zip(group_hypers, self.param_groups) for _ in group["params"]]
             present, copied = bucket.gather_grads()
             request = StepRequest(hyper=hypers, present=present, seed=self._seed, noise_norm=self._noise_norm,
-                                  variant=self._variant, nonfinite=self._nonfinite)
+                                  noise_version=self._noise_version, variant=self._variant, nonfinite=self._nonfinite)
             flipped = [i for i, group in enumerate(g for g in self.param_groups for _ in g["params"])
                        if present[i] and maximize_flag(group)]
             vgs_request = fused_vgs(vgs, self._layout, self._sharded, flipped)
@@ -385,7 +387,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
         return production_state_dict(
             self.param_groups, read, unmanaged, self._STATE_KEYS,
             seed=self._seed, step=self._state.step, noise_norm=self._noise_norm, noise_ema_init=self._noise_ema_init,
-            variant=dict(self._variant._asdict()))
+            variant=dict(self._variant._asdict()), noise_version=self._noise_version)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict written by this class or by the production class.
@@ -409,11 +411,12 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
         self._sync_structure()
         layout, bucket = self._layout, self._partition
         current = {"seed": self._seed, "noise_norm": self._noise_norm, "noise_ema_init": self._noise_ema_init,
-                   "variant": dict(self._variant._asdict())}
+                   "variant": dict(self._variant._asdict()), "noise_version": self._noise_version}
         loaded = read_state_dict(state_dict, self.param_groups, bucket, self._STATE_KEYS, current=current)
         with named_errors(f"{type(self).__name__}.load_state_dict", bucket.names):
             seed = check_seed(loaded.seed, "state dict ")
             noise_norm = check_noise_norm(loaded.noise_norm, "state dict ")
+            noise_version = check_noise_version(loaded.noise_version, "state dict ")
             groups = self._core_groups(self._group_hypers(loaded.param_groups, loaded.noise_ema_init),
                                        loaded.param_groups)
             self._check_variant(loaded.variant)
@@ -422,6 +425,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
                 state = self._sharded.adopt(state_dict.get(SHARD_KEY), state.to_state(layout))
         self._noise_ema_init, self.param_groups = loaded.noise_ema_init, loaded.param_groups
         self._seed, self._noise_norm, self._state, self._used_groups = seed, noise_norm, state, groups
+        self._noise_version = noise_version
         self._extras = loaded.extras
         if self._sharded is None:
             self.state.unmanaged = loaded.unmanaged
@@ -435,7 +439,8 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
         extras = {self._partition.segment_by_id[k]: deepcopy(v[1]) for k, v in self._extras.items()}
         core_state = {"format": UPGD_FORMAT, "version": UPGD_VERSION, "member": self._MEMBER.name,
                       "profile": self._profile or "production", "seed": self._seed, "noise_norm": self._noise_norm,
-                      "variant": dict(self._variant._asdict()), "state": self._state.to_state(self._layout)}
+                      "variant": dict(self._variant._asdict()), "state": self._state.to_state(self._layout),
+                      **noise_version_field(self._noise_version)}
         if not self._partition.multi:
             core_state["layout"] = self._layout.to_dict()
         return {
@@ -464,6 +469,7 @@ class FlatBufferOptimizer(ShardedAccess, torch.optim.Optimizer):
         self._variant = self._MEMBER.variant(self._profile or "production")
         self._seed = check_seed(core_state["seed"]) if core_state else _draw_seed()
         self._noise_norm = check_noise_norm(core_state["noise_norm"]) if core_state else "segment"
+        self._noise_version = saved_noise_version(core_state or {})
         self._layout = self._state = self._partition = None
         self._process_group = self._sharded = None  # a sharded optimizer does not pickle
         self._extras = {}

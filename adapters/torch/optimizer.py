@@ -81,6 +81,8 @@ class AdaptiveUPGD(FlatBufferOptimizer):
     * ``nonfinite``: ``"raise"`` (a step whose gradients, parameters or results are not
       finite raises and changes nothing) or ``"skip"`` (it is skipped: nothing changes but
       ``last_step_info.skipped_steps``), ``specs/algorithm.md`` §8. The same for every member.
+    * ``noise_version``: the noise format, 1 (default) or 2 (``specs/noise-v2.md``); kept in
+      the state dict (``"upgd_ref"`` entry) and in pickles. The same for every member.
     """
 
     _MEMBER = MEMBERS["AdaptiveUPGD"]
@@ -96,7 +98,7 @@ class AdaptiveUPGD(FlatBufferOptimizer):
                  instant_noise_scale=_A["instant_noise_scale"], *, seed=None, backend="auto",
                  noise_ema_init=_A["noise_ema_init"], noise_norm="segment", profile="production", betas=None,
                  maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
-                 nonfinite="raise", process_group=None, shard_mode="zero1"):
+                 nonfinite="raise", process_group=None, shard_mode="zero1", noise_version=1):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         if betas is not None:  # torch's pair instead of beta1, beta2 (momentum-cycling schedulers)
             if (beta1, beta2) != (_A["beta1"], _A["beta2"]):
@@ -116,7 +118,7 @@ class AdaptiveUPGD(FlatBufferOptimizer):
             defaults = {("betas" if k == "beta1" else k): (betas if k == "beta1" else v)
                         for k, v in defaults.items() if k != "beta2"}
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=profile,
+                    noise_norm=noise_norm, profile=profile, noise_version=noise_version,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
                                        differentiable=differentiable), nonfinite=nonfinite,
                     process_group=process_group, shard_mode=shard_mode)
@@ -143,7 +145,7 @@ class UPGD(FlatBufferOptimizer):
                  min_noise_std=_U["min_noise_std"], instant_noise_scale=_U["instant_noise_scale"], seed=None,
                  backend="auto", noise_ema_init=_U["noise_ema_init"], noise_norm="segment", profile="production",
                  maximize=False, foreach=None, fused=None, capturable=False, differentiable=False,
-                 nonfinite="raise", process_group=None, shard_mode="zero1"):
+                 nonfinite="raise", process_group=None, shard_mode="zero1", noise_version=1):
         self._MEMBER.variant(profile)  # an unknown profile is refused before anything else
         _check_production(dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma,
                                noise_beta=noise_beta, min_noise_std=min_noise_std))
@@ -151,7 +153,7 @@ class UPGD(FlatBufferOptimizer):
                         adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                         instant_noise_scale=instant_noise_scale)
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=profile,
+                    noise_norm=noise_norm, profile=profile, noise_version=noise_version,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
                                        differentiable=differentiable), nonfinite=nonfinite,
                     process_group=process_group, shard_mode=shard_mode)
@@ -180,7 +182,8 @@ class UPGDW(FlatBufferOptimizer):
                  adaptive_noise=_W["adaptive_noise"], noise_beta=_W["noise_beta"], min_noise_std=_W["min_noise_std"],
                  instant_noise_scale=_W["instant_noise_scale"], seed=None, backend="auto",
                  noise_ema_init=_W["noise_ema_init"], noise_norm="segment", maximize=False, foreach=None, fused=None,
-                 capturable=False, differentiable=False, nonfinite="raise", process_group=None, shard_mode="zero1"):
+                 capturable=False, differentiable=False, nonfinite="raise", process_group=None, shard_mode="zero1",
+                 noise_version=1):
         with unsupported_options():
             self._MEMBER.check_refused({"amsgrad": number_from_tensor("amsgrad", amsgrad)})
         beta1, beta2 = self._MEMBER.split_pairs({"betas": pair_value("betas", betas)}).values()
@@ -190,7 +193,7 @@ class UPGDW(FlatBufferOptimizer):
                         adaptive_noise=adaptive_noise, noise_beta=noise_beta, min_noise_std=min_noise_std,
                         instant_noise_scale=instant_noise_scale)
         self._setup(params, defaults, seed=seed, backend=backend, noise_ema_init=noise_ema_init,
-                    noise_norm=noise_norm, profile=None,
+                    noise_norm=noise_norm, profile=None, noise_version=noise_version,
                     torch_options=dict(maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
                                        differentiable=differentiable), nonfinite=nonfinite,
                     process_group=process_group, shard_mode=shard_mode)

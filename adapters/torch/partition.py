@@ -168,11 +168,13 @@ class Partition:
     def state_dtype(self, i: int) -> np.dtype:
         return state_dtype(self.segment_dtype(i))
 
-    def noise(self, seed: int, step: int, backend: str) -> list[torch.Tensor]:
-        """Step ``step``'s standard normals, one tensor per parameter (complex for complex ones)."""
+    def noise(self, seed: int, step: int, backend: str, noise_version: int = 1) -> list[torch.Tensor]:
+        """Step ``step``'s standard normals in format ``noise_version``, one tensor per parameter
+        (complex for complex ones)."""
         out = [None] * len(self.params)
         for bucket in self.buckets:
-            flat = torch.from_numpy(step_noise(bucket.layout, seed, step, backend=backend)).to(self.device)
+            flat = torch.from_numpy(step_noise(bucket.layout, seed, step, backend=backend,
+                                               noise_version=noise_version)).to(self.device)
             for j, view in enumerate(segment_views(flat, bucket.layout)):
                 i = self.segment_by_id[id(bucket.params[j])]
                 out[i] = as_param(view, self.params[i].is_complex())

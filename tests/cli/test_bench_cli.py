@@ -94,6 +94,8 @@ def test_rows_carry_bytes_bandwidth_and_the_copy_share(tmp_path, capsys):
                 bench.NOISE_FREE: lambda d: step_traffic("AdaptiveUPGD", d).total,
                 bench.NOISY: lambda d: step_traffic("AdaptiveUPGD", d).total,
                 bench.NOISE: lambda d: {"float32": 4, "float64": 8}[d],
+                bench.FULL_STEP_V2: lambda d: step_traffic("AdaptiveUPGD", d, vgs=True).total,
+                bench.NOISE_V2: lambda d: {"float32": 4, "float64": 8}[d],
                 bench.COPY: lambda d: step_traffic("AdaptiveUPGD", d, vgs=True).total}
     for rows in (result["rows"], result["scaling"]):
         copies = {(r["size"], r["dtype"]): r["gb_per_second"] for r in rows if r["name"] == bench.COPY}
@@ -112,6 +114,9 @@ def test_rows_carry_bytes_bandwidth_and_the_copy_share(tmp_path, capsys):
         entry = ratios[4000, dtype]
         assert entry["full_step_over_noise_free_step"] == pytest.approx(
             seconds[dtype, bench.FULL_STEP] / seconds[dtype, bench.NOISE_FREE])
+        assert entry["full_step_v2_over_noise_free_step"] == pytest.approx(
+            seconds[dtype, bench.FULL_STEP_V2] / seconds[dtype, bench.NOISE_FREE])
+        assert "noise_v2_over_torch_randn" not in entry  # --no-torch
         assert entry["noise_in_step_over_noise_alone"] == pytest.approx(
             (seconds[dtype, bench.NOISY] - seconds[dtype, bench.NOISE_FREE]) / seconds[dtype, bench.NOISE])
     header = next(line for line in text.splitlines() if "ns/param" in line)

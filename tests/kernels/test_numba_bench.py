@@ -20,7 +20,8 @@ from upgd_ref.hyperparams import UPGD_DEFAULTS
 production = bench.load_baseline(PRODUCTION_FILE)
 
 NUMPY_ROWS = ["numba full step (VGS + adaptive noise)", "numba noise-free step",
-              "numba noisy step (fixed noise, no VGS)", "numba noise alone", "copy (the full step's bytes)",
+              "numba noisy step (fixed noise, no VGS)", "numba noise alone", "numba noise alone, noise format 2",
+              "numba full step, noise format 2", "copy (the full step's bytes)",
               "NumPy reference step (VGS + adaptive noise)"]
 TORCH_ROWS = ["torch fused Adam", "torch.randn (same count)",
               "torch per-tensor loop (production: VGS + adaptive noise)"]

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from .. import reference as ref
+from ..rng import check_noise_version
 from ..layout import FlatLayout
 from ..stages import SegmentReductions
 from .chunk_abi import (
@@ -158,17 +159,18 @@ class CudaBackend:
 
     # --- noise --------------------------------------------------------------------------
 
-    def noise(self, *, layout, seed, step, dtype=None, out=None):
+    def noise(self, *, layout, seed, step, dtype=None, out=None, noise_version=1):
         """As :func:`upgd_ref.rng.noise`, bit for bit, into ``out`` (a checked buffer) or a new
         device buffer; padding set to 0."""
         dtype, seed, step = check_noise_request(layout, dtype, seed, step)
+        noise_version = check_noise_version(noise_version)
         if out is None:
             out = self.array_module.zeros(layout.size, dtype=dtype)
         else:
             zero_padding(layout, out)
         chunks, _ = self._chunks(layout)
         self.launcher.launch(kernel_name("noise", dtype), chunks.shape[0], out, chunks, chunks.shape[0],
-                             *split_u64(step), *split_u64(seed))
+                             *split_u64(step), *split_u64(seed), noise_version)
         return out
 
     # --- local reductions ---------------------------------------------------------------
@@ -215,14 +217,14 @@ class CudaBackend:
         return self._segment_partials(layout, flags, partial)
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
-                    vgs_factor=1.0) -> None:
+                    vgs_factor=1.0, noise_version=1) -> None:
         dtype = layout.dtype
         chunks, _ = self._chunks(layout)
         num_chunks = chunks.shape[0]
         flags = self._flags(present)
         coefficients, inv_range = update_tables(plan, hyper, dtype, variant)
         coefficients = self._device(coefficients)
-        words = (*split_u64(plan.step), *split_u64(seed))
+        words = (*split_u64(plan.step), *split_u64(seed), check_noise_version(noise_version))
         factor = dtype.type(vgs_factor)
         common = (params, grads, state.utility, state.first_moment, state.second_moment, chunks, flags, coefficients,
                   num_chunks, factor, int(factor != 1), plan.utility_min, inv_range)

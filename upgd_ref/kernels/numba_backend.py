@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from .. import reference as ref
+from ..rng import check_noise_version
 from ..stages import SegmentReductions
 from . import numba_step as k
 from .compile_notice import install as install_compile_notice
@@ -69,6 +70,12 @@ def _split_u64(value: int) -> tuple[np.uint64, np.uint64]:
     return tuple(np.uint64(word) for word in split_u64(value))
 
 
+def _noise_v2(noise_version: int):
+    """The kernels' ``noise_v2`` argument: ``None`` for format 1 (Numba then compiles the
+    format-1 kernels only, as before format 2 existed), ``True`` for format 2."""
+    return None if check_noise_version(noise_version) == 1 else True
+
+
 class NumbaBackend:
     """Fused Numba kernels on NumPy flat buffers (float32 and float64 layouts).
 
@@ -94,16 +101,17 @@ class NumbaBackend:
 
     # --- noise --------------------------------------------------------------------------
 
-    def noise(self, *, layout, seed, step, dtype=None, out=None) -> np.ndarray:
+    def noise(self, *, layout, seed, step, dtype=None, out=None, noise_version=1) -> np.ndarray:
         """As :func:`upgd_ref.rng.noise`, bit for bit, with the same errors; into ``out`` (a
         checked buffer of the layout, padding then set to 0) when given."""
         dtype, seed, step = check_noise_request(layout, dtype, seed, step)
+        noise_v2 = _noise_v2(noise_version)
         if out is None:
             out = layout.zeros(dtype=dtype)
         else:
             zero_padding(layout, out)
         kernel = self._pick(layout, k.noise_serial, k.noise_parallel)
-        kernel(out, chunk_table(layout), *_split_u64(step), *_split_u64(seed))
+        kernel(out, chunk_table(layout), *_split_u64(step), *_split_u64(seed), noise_v2)
         return out
 
     # --- local reductions ---------------------------------------------------------------
@@ -144,11 +152,11 @@ class NumbaBackend:
         return _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
-                    vgs_factor=1.0) -> None:
+                    vgs_factor=1.0, noise_version=1) -> None:
         table = chunk_table(layout)
         flags = np.asarray(present, dtype=np.bool_)
         coefficients, inv_range = update_tables(plan, hyper, layout.dtype, variant)
-        words = (*_split_u64(plan.step), *_split_u64(seed))
+        words = (*_split_u64(plan.step), *_split_u64(seed), _noise_v2(noise_version))
         factor = layout.dtype.type(vgs_factor)
         # g <- f g is written, in the read of pass 2, only when f != 1 (then grads is writable);
         # a read-only view selects the kernel version that never writes g

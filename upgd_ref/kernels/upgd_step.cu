@@ -45,6 +45,26 @@ UPGD_DEVICE u64 bits_of(double x) {
 #endif
 }
 
+UPGD_DEVICE u32 float_bits(float x) {
+#ifdef __CUDACC__
+    return __float_as_uint(x);
+#else
+    u32 bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return bits;
+#endif
+}
+
+UPGD_DEVICE float float_from_bits(u32 bits) {
+#ifdef __CUDACC__
+    return __uint_as_float(bits);
+#else
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+#endif
+}
+
 UPGD_DEVICE double double_from_bits(u64 bits) {
 #ifdef __CUDACC__
     return __longlong_as_double((long long)bits);
@@ -146,10 +166,71 @@ UPGD_DEVICE void cos_sin_of_turn(u32 word, double* cos_out, double* sin_out) {
     *sin_out = sin_negative ? -sin_magnitude : sin_magnitude;
 }
 
-// The four float64 normals of Philox block `block` (logical indices 4 block .. 4 block + 3).
-UPGD_DEVICE void block_normals(u64 block, u32 step_lo, u32 step_hi, u32 key0, u32 key1, double normal[4]) {
+// --- noise format 2: specs/noise-v2.md term for term (binary32; upgd_ref/rng_v2.py) ------
+
+// ln u in binary32: the complement of a word with its top bit set gives v = 1 - u, ln(1 - v);
+// otherwise (k, t) with u = t 2**k, t in [V2_SQRT_HALF, V2_SQRT2), from the binary32 fields.
+UPGD_DEVICE float log_of_uniform_v2(u32 word) {
+    bool high = word >= 0x80000000u;
+    u32 h = high ? ~word : word;  // below 2**31
+    float x = (float)(int)h + 0.5f;
+    u32 bits = float_bits(x);
+    float biased_exponent = (float)(int)(bits >> 23);
+    float t = float_from_bits((bits & 0x007FFFFFu) | 0x3F800000u);
+    bool upper = t >= V2_SQRT2;
+    t = upper ? t * 0.5f : t;
+    float k_low = biased_exponent - 159.0f;  // 127 + 32
+    k_low = upper ? k_low + 1.0f : k_low;
+    float v = x * 0x1p-32f;
+    bool near_one = v < V2_ONE_MINUS_SQRT_HALF;
+    float f_high = near_one ? -v : 1.0f - 2.0f * v;
+    float k_high = near_one ? 0.0f : -1.0f;
+    float f = high ? f_high : t - 1.0f;
+    float k = high ? k_high : k_low;
+    float s = f / (2.0f + f);
+    float z = s * s;
+    float w = z * z;
+    float t1 = w * (V2_LG2 + w * V2_LG4);
+    float t2 = z * (V2_LG1 + w * V2_LG3);
+    float r = t2 + t1;
+    float hfsq = 0.5f * f * f;
+    return k * V2_LN2_HI - ((hfsq - (s * (hfsq + r) + k * V2_LN2_LO)) - f);
+}
+
+UPGD_DEVICE void cos_sin_of_turn_v2(u32 word, float* cos_out, float* sin_out) {
+    u32 octant = word >> OCTANT_FRACTION_BITS;
+    u32 mask = (1u << OCTANT_FRACTION_BITS) - 1u;
+    u32 low = word & mask;
+    u32 reduced = (octant & 1u) ? mask - low : low;
+    float a = (float)(int)(2u * reduced + 1u) * V2_ANGLE_SCALE;
+    float z = a * a;
+    float s = a + (((V2_S3 * z + V2_S2) * z + V2_S1) * z) * a;
+    float c = ((((V2_C3 * z + V2_C2) * z + V2_C1) * z) * z - 0.5f * z) + 1.0f;
+    bool swap = ((octant + 1u) >> 1) & 1u;          // octants 1, 2, 5, 6
+    bool cos_negative = ((octant + 2u) >> 2) & 1u;  // octants 2..5
+    bool sin_negative = (octant >> 2) == 1u;        // octants 4..7
+    float cos_magnitude = swap ? s : c;
+    float sin_magnitude = swap ? c : s;
+    *cos_out = cos_negative ? -cos_magnitude : cos_magnitude;
+    *sin_out = sin_negative ? -sin_magnitude : sin_magnitude;
+}
+
+// The four normals of Philox block `block` (logical indices 4 block .. 4 block + 3) in noise
+// format `version` (1: float64; 2: binary32, held exactly in the doubles).
+UPGD_DEVICE void block_normals(u64 block, u32 step_lo, u32 step_hi, u32 key0, u32 key1, int version,
+                               double normal[4]) {
     u32 c[4] = {(u32)block, (u32)(block >> 32), step_lo, step_hi};
     philox4x32_10(c, key0, key1);
+    if (version == 2) {
+        for (int pair = 0; pair < 2; ++pair) {
+            float radius = sqrt_of(-2.0f * log_of_uniform_v2(c[2 * pair]));
+            float cos_value, sin_value;
+            cos_sin_of_turn_v2(c[2 * pair + 1], &cos_value, &sin_value);
+            normal[2 * pair] = (double)(radius * cos_value);
+            normal[2 * pair + 1] = (double)(radius * sin_value);
+        }
+        return;
+    }
     for (int pair = 0; pair < 2; ++pair) {
         double radius = sqrt_of(-2.0 * log_of_uniform(c[2 * pair]));
         double cos_value, sin_value;
@@ -474,11 +555,11 @@ UPGD_DEVICE void segment_reduce_kernel(const double* partial, const i64* segment
 // normal (or 0 when `draw` is false); thread tid takes Philox blocks first + tid, ...
 template <class Apply>
 UPGD_DEVICE void chunk_blocks(Chunk k, int tid, bool draw, u32 step_lo, u32 step_hi, u32 key0, u32 key1,
-                              Apply apply) {
+                              int version, Apply apply) {
     const u64 first = (u64)k.logical / 4, last = (u64)(k.logical + k.length - 1) / 4;
     for (u64 block = first + tid; block <= last; block += UPGD_THREADS) {
         double normal[4] = {0.0, 0.0, 0.0, 0.0};
-        if (draw) block_normals(block, step_lo, step_hi, key0, key1, normal);
+        if (draw) block_normals(block, step_lo, step_hi, key0, key1, version, normal);
         for (int lane = 0; lane < 4; ++lane) {
             i64 logical = (i64)(4 * block) + lane;
             if (logical < k.logical || logical >= k.logical + k.length) continue;
@@ -499,7 +580,7 @@ struct PassTwo {
 template <typename T, class Update>
 UPGD_DEVICE void update_present_chunks(const i64* chunks, const unsigned char* present, const T* coefficients,
                                        i64 num_chunks, u32 step_lo, u32 step_hi, u32 key0, u32 key1,
-                                       Update update) {
+                                       int version, Update update) {
     for_each_item(num_chunks, [&](i64 c, int tid) {
         Chunk k = chunk_at(chunks, c);
         if (!present[k.segment]) return;
@@ -507,7 +588,7 @@ UPGD_DEVICE void update_present_chunks(const i64* chunks, const unsigned char* p
         const PassTwo<T> cf = {traces_of(b), b[DECAY], b[LR], b[EPS], b[INV_CU], b[INV_BC1], b[INV_BC2]};
         const T noise_std = b[STD];
         const bool draw = noise_std != (T)0;
-        chunk_blocks(k, tid, draw, step_lo, step_hi, key0, key1,
+        chunk_blocks(k, tid, draw, step_lo, step_hi, key0, key1, version,
                      [&](i64 j, double normal) { update(j, draw ? noise_std * (T)normal : (T)0, cf); });
     });
 }
@@ -517,8 +598,8 @@ UPGD_DEVICE void update_present_chunks(const i64* chunks, const unsigned char* p
 template <typename T>
 UPGD_DEVICE void pass2_kernel(T* p, T* g, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,
                               const T* coefficients, i64 num_chunks, T factor, int scaled, T u_lo, T inv_range,
-                              u32 step_lo, u32 step_hi, u32 key0, u32 key1) {
-    update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1,
+                              u32 step_lo, u32 step_hi, u32 key0, u32 key1, int version) {
+    update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1, version,
                           [&](i64 j, T noise, const PassTwo<T>& c) {
         T gj = g[j] * factor;
         if (scaled) g[j] = gj;
@@ -540,9 +621,9 @@ template <typename T>
 UPGD_DEVICE void family_pass2_kernel(T* p, T* g, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,
                                      const T* coefficients, i64 num_chunks, T factor, int scaled, T u_lo,
                                      T inv_range, T u_hi, int mode, u32 step_lo, u32 step_hi, u32 key0,
-                                     u32 key1) {
+                                     u32 key1, int version) {
     const bool moments = !(mode & MOMENTS_NONE);
-    update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1,
+    update_present_chunks(chunks, present, coefficients, num_chunks, step_lo, step_hi, key0, key1, version,
                           [&](i64 j, T noise, const PassTwo<T>& c) {
         T gj = g[j] * factor;
         if (scaled) g[j] = gj;
@@ -564,9 +645,9 @@ UPGD_DEVICE void family_pass2_kernel(T* p, T* g, T* u, T* m, T* v, const i64* ch
 // The standard normals of every chunk, rounded once to T (upgd_ref.noise).
 template <typename T>
 UPGD_DEVICE void noise_kernel(T* out, const i64* chunks, i64 num_chunks, u32 step_lo, u32 step_hi, u32 key0,
-                              u32 key1) {
+                              u32 key1, int version) {
     for_each_item(num_chunks, [&](i64 c, int tid) {
-        chunk_blocks(chunk_at(chunks, c), tid, true, step_lo, step_hi, key0, key1,
+        chunk_blocks(chunk_at(chunks, c), tid, true, step_lo, step_hi, key0, key1, version,
                      [&](i64 j, double normal) { out[j] = (T)normal; });
     });
 }
@@ -592,20 +673,20 @@ UPGD_DEVICE void noise_kernel(T* out, const i64* chunks, i64 num_chunks, u32 ste
     }                                                                                                          \
     UPGD_KERNEL pass2_##S(T* p, T* g, T* u, T* m, T* v, const i64* chunks, const unsigned char* present,       \
                           const T* coefficients, i64 num_chunks, T factor, int scaled, T u_lo, T inv_range,    \
-                          u32 step_lo, u32 step_hi, u32 key0, u32 key1) {                                      \
+                          u32 step_lo, u32 step_hi, u32 key0, u32 key1, int version) {                         \
         pass2_kernel<T>(p, g, u, m, v, chunks, present, coefficients, num_chunks, factor, scaled, u_lo,        \
-                        inv_range, step_lo, step_hi, key0, key1);                                              \
+                        inv_range, step_lo, step_hi, key0, key1, version);                                     \
     }                                                                                                          \
     UPGD_KERNEL family_pass2_##S(T* p, T* g, T* u, T* m, T* v, const i64* chunks, const unsigned char* present, \
                                  const T* coefficients, i64 num_chunks, T factor, int scaled, T u_lo,          \
                                  T inv_range, T u_hi, int mode, u32 step_lo, u32 step_hi, u32 key0,            \
-                                 u32 key1) {                                                                   \
+                                 u32 key1, int version) {                                                      \
         family_pass2_kernel<T>(p, g, u, m, v, chunks, present, coefficients, num_chunks, factor, scaled, u_lo, \
-                               inv_range, u_hi, mode, step_lo, step_hi, key0, key1);                           \
+                               inv_range, u_hi, mode, step_lo, step_hi, key0, key1, version);                  \
     }                                                                                                          \
     UPGD_KERNEL noise_##S(T* out, const i64* chunks, i64 num_chunks, u32 step_lo, u32 step_hi, u32 key0,       \
-                          u32 key1) {                                                                          \
-        noise_kernel<T>(out, chunks, num_chunks, step_lo, step_hi, key0, key1);                                \
+                          u32 key1, int version) {                                                             \
+        noise_kernel<T>(out, chunks, num_chunks, step_lo, step_hi, key0, key1, version);                       \
     }
 
 UPGD_ENTRY_POINTS(float, f32)
