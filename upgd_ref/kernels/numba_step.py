@@ -76,7 +76,7 @@ __all__ = [
     "SUM", "SUM_SQ", "MIN_U", "MAX_U", "MAX_P", "MAX_D", "BAD", "NUM_PARTIALS",
     "tanh_half_unit",
     "protection",
-    "lane_min", "lane_max",
+    "lane_extremes",
     "pass1_chunks", "pass2_chunks",
     "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS",
     "max_protection", "family_param", "family_pass2_chunks",
@@ -422,29 +422,26 @@ def family_traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range, u
 
 
 @njit(error_model="numpy")
-def lane_min(x):
-    """``x.min()`` as NumPy (and Numba's ``ndarray.min``) defines it: the first NaN if there is
-    one, else the least element (the first of equal ones). A plain loop: the generic
-    ``ndarray.min`` took a large share of pass 1's compilation (``specs/kernels.md`` §7)."""
-    low = x[0]
-    for j in range(x.size):
-        if math.isnan(x[j]):
-            return x[j]
-        if x[j] < low:
-            low = x[j]
-    return low
-
-
-@njit(error_model="numpy")
-def lane_max(x):
-    """``x.max()``: the first NaN if there is one, else the greatest element (as :func:`lane_min`)."""
-    high = x[0]
-    for j in range(x.size):
-        if math.isnan(x[j]):
-            return x[j]
-        if x[j] > high:
-            high = x[j]
-    return high
+def lane_extremes(lows, highs):
+    """``(lows.min(), highs.max())`` as NumPy (and Numba's ``ndarray.min``, ``max``) define
+    them: the first NaN if there is one, else the least (greatest) element, the first of equal
+    ones. Plain loops: the generic ``ndarray.min``, ``max`` took a large share of pass 1's
+    compilation (``specs/kernels.md`` §7)."""
+    low = lows[0]
+    for j in range(lows.size):
+        if math.isnan(lows[j]):
+            low = lows[j]
+            break
+        if lows[j] < low:
+            low = lows[j]
+    high = highs[0]
+    for j in range(highs.size):
+        if math.isnan(highs[j]):
+            high = highs[j]
+            break
+        if highs[j] > high:
+            high = highs[j]
+    return low, high
 
 
 @njit(error_model="numpy")
@@ -512,9 +509,10 @@ def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, fact
                 fold_lane_extrema(dt[:size], lanes[4], lanes[5])
                 bad += count_nonfinite(dt[:size])
             partial[c, SUM], partial[c, SUM_SQ] = lane_totals(sums, squares)
-            partial[c, MIN_U], partial[c, MAX_U] = np.float64(lane_min(lanes[0])), np.float64(lane_max(lanes[1]))
-            partial[c, MAX_P] = np.float64(lane_max(lanes[3]))
-            partial[c, MAX_D] = np.float64(lane_max(lanes[5]))
+            low_u, high_u = lane_extremes(lanes[0], lanes[1])
+            partial[c, MIN_U], partial[c, MAX_U] = np.float64(low_u), np.float64(high_u)
+            partial[c, MAX_P] = np.float64(lane_extremes(lanes[2], lanes[3])[1])
+            partial[c, MAX_D] = np.float64(lane_extremes(lanes[4], lanes[5])[1])
             partial[c, BAD] = bad
 
 
