@@ -324,7 +324,7 @@ def lane_totals(sums, squares):
     return total, total_sq
 
 
-@njit(error_model="numpy")
+@njit(inline="always", error_model="numpy")
 def lane_sums(x):
     """``(sum x, sum x^2)`` in float64, in a fixed order that SIMD can run.
 
@@ -444,7 +444,7 @@ def lane_extremes(lows, highs):
     return low, high
 
 
-@njit(error_model="numpy")
+@njit(inline="always", error_model="numpy")
 def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1):
     """``(a, b, k, noise)`` of chunk ``c`` of a present segment: ``noise`` holds the chunk's
     normals, or zeros (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the
