@@ -152,6 +152,19 @@ def protection(x):
 
 
 @njit(inline="always")
+def smaller(a, b):
+    """``min(a, b)`` as Python and Numba define it (``b`` only when ``b < a``), inlined: Numba's
+    generic ``min`` compiles as a function of its own per type (``specs/kernels.md`` §7)."""
+    return b if b < a else a
+
+
+@njit(inline="always")
+def larger(a, b):
+    """``max(a, b)`` as Python and Numba define it (``b`` only when ``b > a``), inlined."""
+    return b if b > a else a
+
+
+@njit(inline="always")
 def clip_unit(x):
     """``clip(x, 0, 1)``."""
     zero, one = like(0.0, x), like(1.0, x)
@@ -348,15 +361,15 @@ def fold_lane_extrema(x, lows, highs):
         rows = x[r * _BLOCK : (r + 1) * _BLOCK]
         for lane in range(LANES):
             w0, w1, w2, w3 = rows[lane], rows[lane + LANES], rows[lane + 2 * LANES], rows[lane + 3 * LANES]
-            low = min(min(w0, w1), min(w2, w3))
-            high = max(max(w0, w1), max(w2, w3))
+            low = smaller(smaller(w0, w1), smaller(w2, w3))
+            high = larger(larger(w0, w1), larger(w2, w3))
             lows[lane] = low if low < lows[lane] else lows[lane]
             highs[lane] = high if high > highs[lane] else highs[lane]
     tail = x[blocks * _BLOCK :]
     for j in range(tail.size):
         w = tail[j]
-        lows[j % LANES] = min(lows[j % LANES], w)
-        highs[j % LANES] = max(highs[j % LANES], w)
+        lows[j % LANES] = smaller(lows[j % LANES], w)
+        highs[j % LANES] = larger(highs[j % LANES], w)
 
 
 @njit(error_model="numpy")
@@ -485,13 +498,13 @@ def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, fact
             a = chunks[c, START]
             n = chunks[c, LENGTH]
             k = coefficients[chunks[c, SEGMENT]]
-            tiles = np.empty((4, min(n, _TILE)), p.dtype)
+            tiles = np.empty((4, smaller(n, _TILE)), p.dtype)
             gt, ut, pt, dt = tiles[0], tiles[1], tiles[2], tiles[3]
             sums, squares = np.zeros(LANES), np.zeros(LANES)
             lanes = np.empty((6, LANES), p.dtype)  # low, high of u, |p|, |d|, from each's first element
             bad = 0
             for start in range(0, n, _TILE):
-                size = min(_TILE, n - start)
+                size = smaller(_TILE, n - start)
                 i, j = a + start, a + start + size
                 if moments_none:
                     utility_check(g[i:j], factor, p[i:j], u[i:j], k, gt[:size], ut[:size], pt[:size], dt[:size])
@@ -600,8 +613,10 @@ def segment_reductions(chunks, present, partial, num_segments):
     One thread, a fixed order: the same bits whatever the number of threads that produced
     the partials.
     """
-    totals = np.zeros((num_segments, NUM_PARTIALS))
-    for segment in range(num_segments):  # element stores: a slice assignment compiles far slower
+    totals = np.empty((num_segments, NUM_PARTIALS))
+    for segment in range(num_segments):  # element stores: np.zeros, slice assignments compile far slower
+        for column in range(NUM_PARTIALS):
+            totals[segment, column] = 0.0
         totals[segment, MIN_U] = np.inf
         totals[segment, MAX_U] = -np.inf
     for c in range(chunks.shape[0]):
@@ -609,10 +624,10 @@ def segment_reductions(chunks, present, partial, num_segments):
         if present[segment]:
             totals[segment, SUM] += partial[c, SUM]
             totals[segment, SUM_SQ] += partial[c, SUM_SQ]
-            totals[segment, MIN_U] = min(totals[segment, MIN_U], partial[c, MIN_U])
-            totals[segment, MAX_U] = max(totals[segment, MAX_U], partial[c, MAX_U])
-            totals[segment, MAX_P] = max(totals[segment, MAX_P], partial[c, MAX_P])
-            totals[segment, MAX_D] = max(totals[segment, MAX_D], partial[c, MAX_D])
+            totals[segment, MIN_U] = smaller(totals[segment, MIN_U], partial[c, MIN_U])
+            totals[segment, MAX_U] = larger(totals[segment, MAX_U], partial[c, MAX_U])
+            totals[segment, MAX_P] = larger(totals[segment, MAX_P], partial[c, MAX_P])
+            totals[segment, MAX_D] = larger(totals[segment, MAX_D], partial[c, MAX_D])
             totals[segment, BAD] += partial[c, BAD]
     return totals
 
