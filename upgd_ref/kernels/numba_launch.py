@@ -33,7 +33,7 @@ def thread_count() -> int:
     """Threads of a parallel launch: ``numba.get_num_threads()`` of the calling thread (what
     ``numba.set_num_threads`` sets) once Numba's threading layer runs, else
     ``NUMBA_NUM_THREADS``; never starts the layer itself (``get_num_threads`` would)."""
-    if numba_parallel._is_initialized:
+    if numba_parallel._is_initialized:  # Numba's own (private) flag: no public way to ask without starting it
         return numba.get_num_threads()
     return numba.config.NUMBA_NUM_THREADS
 
