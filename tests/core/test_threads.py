@@ -4,15 +4,15 @@
   so no step is lost, the per-segment counts never pass the global one, and the result is the
   sequential run's, bit for bit (every step gets the same gradient, so the order of the
   threads' steps cannot change it). Every NumPy backend.
-* Two optimizers in two threads, under each Numba threading layer installed here, each in a
-  subprocess with ``NUMBA_THREADING_LAYER`` set: the parallel kernels run (layouts above
-  ``PARALLEL_MIN_SIZE``), nothing aborts, and both results equal the sequential ones bit for
-  bit. Before the launch lock, ``workqueue`` aborted the process here.
+* Two optimizers in two threads, each in a subprocess with ``NUMBA_NUM_THREADS=2``: the
+  kernels run split over the launch pool (layouts above ``PARALLEL_MIN_SIZE``), nothing aborts,
+  and both results equal the sequential ones bit for bit; the kernels never start Numba's
+  threading layer, and a user who started it (``numba.set_num_threads``, here on
+  ``workqueue``, which aborts on concurrent parallel launches) sets the thread count.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,8 +28,6 @@ from tests.helpers.snapshots import random_buffers, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40  # per thread
-LAYERS = [layer for layer, module in (("tbb", "tbb"), ("omp", "omppool"), ("workqueue", "workqueue"))
-          if importlib.util.find_spec("numba") and importlib.util.find_spec(f"numba.np.ufunc.{module}")]
 
 
 def _in_threads(*targets) -> None:
@@ -146,11 +144,15 @@ def test_copies_and_pickles_get_their_own_lock():
                     pass
 
 
-# --- two optimizers in two threads, per Numba threading layer -------------------------------
+# --- two optimizers in two threads, on the kernels' launch pool ----------------------------
 
 _SCRIPT = r"""
-import json, threading, numpy as np, numba, upgd_ref
+import json, sys, threading, numpy as np, numba, upgd_ref
+from numba.np.ufunc import parallel as numba_parallel
 from upgd_ref.kernels.numba_backend import PARALLEL_MIN_SIZE
+from upgd_ref.kernels.numba_launch import thread_count
+if sys.argv[1] == "set_num_threads":
+    numba.set_num_threads(2)
 layout = upgd_ref.FlatLayout([(PARALLEL_MIN_SIZE + 1000,), (7, 5)], dtype="float32")
 
 def run(seed, out):
@@ -173,19 +175,16 @@ for _ in range(3):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert threaded == sequential, "threaded results differ from the sequential ones"
-print(json.dumps({"layer": numba.threading_layer(), "equal": threaded == sequential}))
+print(json.dumps({"layer_started": numba_parallel._is_initialized, "threads": thread_count(),
+                  "equal": threaded == sequential}))
 """
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_two_optimizers_in_two_threads_on_each_threading_layer(layer):
-    env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS="2")
-    done = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600)
-    assert done.returncode == 0, f"{layer}: exit {done.returncode}\n{done.stderr[-3000:]}"
-    assert json.loads(done.stdout.splitlines()[-1]) == {"layer": layer, "equal": True}
-
-
-def test_workqueue_is_installed():
-    """``workqueue`` ships with every Numba: the layer that needs the launch lock is always tested."""
-    assert "workqueue" in LAYERS
+@pytest.mark.parametrize("numba_layer", ["untouched", "set_num_threads"])
+def test_two_optimizers_in_two_threads(numba_layer):
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, numba_layer], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, f"{numba_layer}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "layer_started": numba_layer == "set_num_threads", "threads": 2, "equal": True}

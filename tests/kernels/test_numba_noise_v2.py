@@ -123,7 +123,7 @@ def test_format_1_kernels_compile_no_format_2_code():
     default step compiles the same specialisations as before format 2, without its code."""
     layout = FlatLayout([(10,)], dtype="float32")
     SERIAL.noise(layout=layout, seed=0, step=1)
-    assert any(signature[-1] == numba.types.none for signature in numba_step.noise_serial.signatures)
+    assert any(signature[-1] == numba.types.none for signature in numba_step.noise_chunks.signatures)
     args = (5, 10, np.empty(0, np.float32), *(np.uint64(k) for k in (1, 0, 3, 0)))
     numba_noise_v2.versioned_chunk_normals(None, *args)
     numba_noise_v2.versioned_chunk_normals(True, *args)

@@ -76,3 +76,26 @@ def test_pass1_is_read_only_and_its_checks_agree(dtype, factor, variant):
         for field in fields:
             assert np.array_equal(getattr(r, field)[present], getattr(results["numba"], field)[present],
                                   equal_nan=True), (name, field)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_lane_extremes_are_numbas_ndarray_min_and_max_bit_for_bit(dtype):
+    """Pass 1's lane minima and maxima reduce as Numba's ``ndarray.min``, ``max`` (which they
+    replace) do: the first NaN when there is one (its sign kept), else the first of equal
+    extremes (so ``-0.0`` and ``+0.0`` in their order)."""
+    from numba import njit
+
+    from upgd_ref.kernels.numba_step import LANES, lane_extremes
+
+    array_min_max = njit(lambda lows, highs: (lows.min(), highs.max()))
+    data = np.random.default_rng(5)
+    nans = np.array([np.nan, -np.nan], dtype=dtype)
+    for case in range(200):
+        lows = data.choice([-1.0, -0.0, 0.0, 1.0, 2.0], LANES).astype(dtype)
+        highs = data.choice([-1.0, -0.0, 0.0, 1.0, 2.0], LANES).astype(dtype)
+        if case % 3 == 0:
+            lows[data.integers(LANES, size=2)] = nans
+        if case % 4 == 0:
+            highs[data.integers(LANES, size=2)] = nans[::-1]
+        got, expected = lane_extremes(lows, highs), array_min_max(lows, highs)
+        assert np.array(got, dtype=dtype).tobytes() == np.array(expected, dtype=dtype).tobytes()

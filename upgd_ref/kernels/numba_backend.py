@@ -4,16 +4,16 @@ One AdaptiveUPGD step (optionally fused with the VGS scale) is two kernel launch
 core (:mod:`upgd_ref.step`) does the float64 per-segment work in between
 (``specs/kernels.md`` §1, ``specs/step.md``):
 
-1. :meth:`~NumbaBackend.first_pass` (:func:`~upgd_ref.kernels.numba_step.pass1_parallel`),
+1. :meth:`~NumbaBackend.first_pass` (:func:`~upgd_ref.kernels.numba_step.pass1_chunks`),
    read-only: the traces of ``f g`` in registers, per chunk ``sum g``, ``sum g^2``, ``min u``,
    ``max u``, ``max |p|``, ``max |d|`` and the non-finite count, then per segment in chunk
    order (:class:`~upgd_ref.stages.SegmentReductions`);
-2. :meth:`~NumbaBackend.second_pass` (:func:`~upgd_ref.kernels.numba_step.pass2_parallel`):
+2. :meth:`~NumbaBackend.second_pass` (:func:`~upgd_ref.kernels.numba_step.pass2_chunks`):
    the traces again (same bits), written with ``g <- f g``, and the update, with the normals
    of step ``T = state.step + 1`` generated inside the kernel.
 
 Every member of the UPGD family (``variant``) runs in the kernels: without moments ``m``,
-``v`` are neither read nor written; any non-production member's pass 2 is ``family_pass2_*``
+``v`` are neither read nor written; any non-production member's pass 2 is ``family_pass2_chunks``
 with the member's mode bits (``specs/kernels.md`` §1.1).
 
 The per-segment formulas are the reference's (:mod:`upgd_ref.reference`) applied to the
@@ -31,7 +31,7 @@ from ..rng import check_noise_version
 from ..stages import SegmentReductions
 from . import numba_step as k
 from .compile_notice import install as install_compile_notice
-from .numba_launch import parallel_launch
+from .numba_launch import run_chunks, thread_count
 from .chunk_abi import (
     NUM_PARTIALS, SEGMENT, check_noise_request, chunk_table, family_mode, split_u64, step_coefficients,
     update_tables, zero_padding,
@@ -39,8 +39,8 @@ from .chunk_abi import (
 
 __all__ = ["NumbaBackend", "PARALLEL_MIN_SIZE", "chunk_table", "kernel_cache_stats"]
 
-#: Below this many logical elements a step runs the serial kernels (thread start-up costs
-#: more than it saves). Serial and parallel kernels give identical bits.
+#: Below this many logical elements a kernel runs on the calling thread only (handing ranges
+#: to the pool costs more than it saves). Either way the bits are the same.
 PARALLEL_MIN_SIZE = 1 << 15
 
 install_compile_notice()  # the first kernel this process compiles logs one notice (specs/kernels.md §7)
@@ -79,9 +79,10 @@ def _noise_v2(noise_version: int):
 class NumbaBackend:
     """Fused Numba kernels on NumPy flat buffers (float32 and float64 layouts).
 
-    ``parallel_min_size``: layouts with at least this many elements use the parallel
-    kernels (``numba.set_num_threads`` sets how many threads); smaller ones the serial ones.
-    Results are bit-identical either way and for any thread count.
+    ``parallel_min_size``: on layouts with at least this many elements every kernel is split
+    over threads (``numba.set_num_threads`` sets how many, :func:`.numba_launch.thread_count`);
+    smaller ones run on the calling thread. Results are bit-identical either way and for any
+    thread count.
     """
 
     name = "numba"
@@ -96,8 +97,11 @@ class NumbaBackend:
     def available(self) -> bool:
         return True
 
-    def _pick(self, layout, serial, parallel):
-        return parallel_launch(parallel) if layout.num_logical >= self.parallel_min_size else serial
+    def _run(self, layout, kernel, *args) -> None:
+        """``kernel`` over every chunk of ``layout``: split over threads from
+        ``parallel_min_size`` logical elements on, else on this thread."""
+        threads = thread_count() if layout.num_logical >= self.parallel_min_size else 1
+        run_chunks(kernel, chunk_table(layout).shape[0], threads, *args)
 
     # --- noise --------------------------------------------------------------------------
 
@@ -110,8 +114,7 @@ class NumbaBackend:
             out = layout.zeros(dtype=dtype)
         else:
             zero_padding(layout, out)
-        kernel = self._pick(layout, k.noise_serial, k.noise_parallel)
-        kernel(out, chunk_table(layout), *_split_u64(step), *_split_u64(seed), noise_v2)
+        self._run(layout, k.noise_chunks, out, chunk_table(layout), *_split_u64(step), *_split_u64(seed), noise_v2)
         return out
 
     # --- local reductions ---------------------------------------------------------------
@@ -120,15 +123,16 @@ class NumbaBackend:
         """Per-segment count of NaN and Inf elements of the present segments (a parallel scan)."""
         table = chunk_table(layout)
         counts = np.zeros(table.shape[0], dtype=np.int64)
-        kernel = self._pick(layout, k.nonfinite_serial, k.nonfinite_parallel)
-        kernel(_read_only(buffer), table, np.asarray(present, dtype=np.bool_), counts)
+        # the buffer as given (writable, as a rule): the chunk loop then shares its compiled
+        # count with pass 1's tiles (specs/kernels.md §7)
+        self._run(layout, k.nonfinite_chunks, buffer, table, np.asarray(present, dtype=np.bool_), counts)
         return np.bincount(table[:, SEGMENT], weights=counts, minlength=layout.num_segments).astype(np.int64)
 
     def gradient_sums(self, *, layout, grads, present) -> SegmentReductions:
         table = chunk_table(layout)
         flags = np.asarray(present, dtype=np.bool_)
         partial = np.zeros((table.shape[0], NUM_PARTIALS))
-        self._pick(layout, k.moments_serial, k.moments_parallel)(_read_only(grads), table, flags, partial)
+        self._run(layout, k.moments_chunks, grads, table, flags, partial)  # as given: shares pass 1's lane sums
         sums = _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
         return sums._replace(utility_min=np.full(layout.num_segments, np.inf),
                              utility_max=np.full(layout.num_segments, -np.inf))
@@ -136,8 +140,8 @@ class NumbaBackend:
     # --- element-wise -------------------------------------------------------------------
 
     def scale(self, *, layout, grads, factor, present) -> None:
-        kernel = self._pick(layout, k.scale_serial, k.scale_parallel)
-        kernel(grads, chunk_table(layout), np.asarray(present, dtype=np.bool_), layout.dtype.type(factor))
+        self._run(layout, k.scale_chunks, grads, chunk_table(layout), np.asarray(present, dtype=np.bool_),
+                  layout.dtype.type(factor))
 
     def first_pass(self, *, layout, params, grads, state, present, hyper, vgs_factor, variant) -> SegmentReductions:
         dtype = layout.dtype
@@ -146,9 +150,9 @@ class NumbaBackend:
         partial = np.empty((table.shape[0], NUM_PARTIALS))
         t = state.segment_step + flags
         coefficients = step_coefficients(hyper, t, np.zeros(layout.num_segments), dtype, variant.update_factor)
-        kernel = self._pick(layout, k.pass1_serial, k.pass1_parallel)
-        kernel(*(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
-               table, flags, coefficients, dtype.type(vgs_factor), variant.moments == "none", partial)
+        self._run(layout, k.pass1_chunks,
+                  *(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
+                  table, flags, coefficients, dtype.type(vgs_factor), variant.moments == "none", partial)
         return _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
@@ -164,19 +168,18 @@ class NumbaBackend:
         common = (params, g, state.utility, state.first_moment, state.second_moment, table, flags,
                   coefficients, factor, plan.utility_min, inv_range)
         if variant == ref.PRODUCTION:
-            self._pick(layout, k.pass2_serial, k.pass2_parallel)(*common, *words)
+            self._run(layout, k.pass2_chunks, *common, *words)
         else:
-            self._pick(layout, k.family_pass2_serial, k.family_pass2_parallel)(
-                *common, plan.utility_max, family_mode(variant), *words)
+            self._run(layout, k.family_pass2_chunks, *common, plan.utility_max, family_mode(variant), *words)
 
     # --- compilation --------------------------------------------------------------------
 
     def warmup(self, dtypes=("float32", "float64")) -> float:
-        """Compile (or load from Numba's cache) every kernel, serial and parallel, for
-        ``dtypes`` by running tiny steps through the core's door; returns the seconds it took."""
+        """Compile (or load from Numba's cache) every kernel for ``dtypes`` by running tiny
+        steps through the core's door (serial and parallel launches run the same kernels);
+        returns the seconds it took."""
         from ..step import warmup_steps  # the door imports the backends' registry, not this module
 
         start = time.perf_counter()
-        for backend in (NumbaBackend(parallel_min_size=0), NumbaBackend(parallel_min_size=2**62)):
-            warmup_steps(backend, dtypes)
+        warmup_steps(NumbaBackend(), dtypes)
         return time.perf_counter() - start

@@ -4,9 +4,10 @@ Work is split into *chunks*: runs of at most :data:`CHUNK` consecutive elements 
 segment (a fixed size, so the split never depends on the thread count). A chunk table is an
 int64 array ``(C, 4)`` whose columns are :data:`SEGMENT`, :data:`START` (index into the flat
 buffer), :data:`LENGTH` and :data:`LOGICAL` (logical index of the first element: the noise
-counter). Each kernel exists twice, ``*_serial`` and ``*_parallel``: distinct top-level
-functions (distinct cache entries) over the same per-chunk helper, so their results are
-identical.
+counter). Each kernel is one function over a range ``[first, last)`` of chunks, compiled
+without the GIL: a serial launch runs it once over the whole table, a parallel one on a thread
+pool, one contiguous range per thread (:mod:`.numba_launch`); a chunk's results never depend
+on which thread ran it.
 
 Pass 1, per chunk of a present segment, one read-only sweep: the new traces of ``f g`` in
 registers (nothing is written, so a step refused by the finiteness checks of
@@ -39,9 +40,9 @@ Every cached kernel lives in this file. Numba's on-disk cache is keyed by the co
 kernel's own source file only, so the code compiled in from :mod:`.numba_noise` is covered
 by that module's digest, :data:`NOISE_SOURCE_SHA256`, written here.
 
-Also: the VGS scaling and statistics on their own (``scale_*``, ``moments_*``), the noise on
-its own (``noise_*``), a finiteness scan (``nonfinite_*``) and the serial combination of the
-chunk partials (``segment_reductions``). Element-wise arithmetic runs in the
+Also: the VGS scaling and statistics on their own (``scale_chunks``, ``moments_chunks``), the
+noise on its own (``noise_chunks``), a finiteness scan (``nonfinite_chunks``) and the serial
+combination of the chunk partials (``segment_reductions``). Element-wise arithmetic runs in the
 buffers' dtype with coefficients already rounded to it; float64 appears in float32 kernels
 only in the sums and inside the normal generator (whose float64 result is rounded once).
 """
@@ -51,7 +52,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from numba.core import types
 from numba.extending import intrinsic, overload
 
@@ -80,15 +81,11 @@ __all__ = [
     "SUM", "SUM_SQ", "MIN_U", "MAX_U", "MAX_P", "MAX_D", "BAD", "NUM_PARTIALS",
     "tanh_half_unit",
     "protection",
-    "pass1_serial", "pass1_parallel",
-    "pass2_serial", "pass2_parallel",
+    "lane_extremes",
+    "pass1_chunks", "pass2_chunks",
     "MOMENTS_NONE", "PROTECTION_MAX", "NOISE_TERMS",
-    "max_protection", "family_param",
-    "family_pass2_serial", "family_pass2_parallel",
-    "scale_serial", "scale_parallel",
-    "moments_serial", "moments_parallel",
-    "noise_serial", "noise_parallel",
-    "nonfinite_serial", "nonfinite_parallel",
+    "max_protection", "family_param", "family_pass2_chunks",
+    "noise_chunks", "scale_chunks", "moments_chunks", "nonfinite_chunks",
     "segment_reductions",
     "KERNELS",
 ]
@@ -157,6 +154,19 @@ def protection(x):
     """``su = sigmoid(2 (x - 1/2)) = (1 + tanh(x - 1/2)) / 2`` for ``x`` in ``[0, 1]``."""
     half = like(0.5, x)
     return half + half * tanh_half_unit(x - half)
+
+
+@njit(inline="always")
+def smaller(a, b):
+    """``min(a, b)`` as Python and Numba define it (``b`` only when ``b < a``), inlined: Numba's
+    generic ``min`` compiles as a function of its own per type (``specs/kernels.md`` §7)."""
+    return b if b < a else a
+
+
+@njit(inline="always")
+def larger(a, b):
+    """``max(a, b)`` as Python and Numba define it (``b`` only when ``b > a``), inlined."""
+    return b if b > a else a
 
 
 @njit(inline="always")
@@ -332,7 +342,7 @@ def lane_totals(sums, squares):
     return total, total_sq
 
 
-@njit(error_model="numpy")
+@njit(inline="always", error_model="numpy")
 def lane_sums(x):
     """``(sum x, sum x^2)`` in float64, in a fixed order that SIMD can run.
 
@@ -356,15 +366,15 @@ def fold_lane_extrema(x, lows, highs):
         rows = x[r * _BLOCK : (r + 1) * _BLOCK]
         for lane in range(LANES):
             w0, w1, w2, w3 = rows[lane], rows[lane + LANES], rows[lane + 2 * LANES], rows[lane + 3 * LANES]
-            low = min(min(w0, w1), min(w2, w3))
-            high = max(max(w0, w1), max(w2, w3))
+            low = smaller(smaller(w0, w1), smaller(w2, w3))
+            high = larger(larger(w0, w1), larger(w2, w3))
             lows[lane] = low if low < lows[lane] else lows[lane]
             highs[lane] = high if high > highs[lane] else highs[lane]
     tail = x[blocks * _BLOCK :]
     for j in range(tail.size):
         w = tail[j]
-        lows[j % LANES] = min(lows[j % LANES], w)
-        highs[j % LANES] = max(highs[j % LANES], w)
+        lows[j % LANES] = smaller(lows[j % LANES], w)
+        highs[j % LANES] = larger(highs[j % LANES], w)
 
 
 @njit(error_model="numpy")
@@ -429,50 +439,30 @@ def family_traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range, u
                             inv_range, u_hi, moments_none, protection_max, noise_terms)
 
 
-# --- one chunk of each kernel -----------------------------------------------------------
-
-
 @njit(error_model="numpy")
-def _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
-    """Pass 1 of chunk ``c``, one tile of ``_TILE`` elements at a time: the tile's ``f g``, new
-    ``u``, ``|p|`` and marked ``|d|`` into four tiles (16 KiB in float32: L1-resident), folded
-    at once into the chunk's lane accumulators (the lane orders of :func:`lane_sums` and
-    :func:`fold_lane_extrema`, so the chunk's partials are the same bits as from chunk-sized
-    tiles); every input is read once."""
-    if present[chunks[c, SEGMENT]]:
-        a = chunks[c, START]
-        n = chunks[c, LENGTH]
-        k = coefficients[chunks[c, SEGMENT]]
-        tiles = np.empty((4, min(n, _TILE)), p.dtype)
-        gt, ut, pt, dt = tiles[0], tiles[1], tiles[2], tiles[3]
-        sums, squares = np.zeros(LANES), np.zeros(LANES)
-        lanes = np.empty((6, LANES), p.dtype)  # low, high of u, |p|, |d|, from each's first element
-        bad = 0
-        for start in range(0, n, _TILE):
-            size = min(_TILE, n - start)
-            i, j = a + start, a + start + size
-            if moments_none:
-                utility_check(g[i:j], factor, p[i:j], u[i:j], k, gt[:size], ut[:size], pt[:size], dt[:size])
-            else:
-                traces_check(g[i:j], factor, p[i:j], u[i:j], m[i:j], v[i:j], k, gt[:size], ut[:size], pt[:size],
-                             dt[:size])
-            if start == 0:
-                for row in range(3):
-                    lanes[2 * row, :] = tiles[row + 1, 0]
-                    lanes[2 * row + 1, :] = tiles[row + 1, 0]
-            add_lane_sums(gt[:size], sums, squares)
-            fold_lane_extrema(ut[:size], lanes[0], lanes[1])
-            fold_lane_extrema(pt[:size], lanes[2], lanes[3])
-            fold_lane_extrema(dt[:size], lanes[4], lanes[5])
-            bad += count_nonfinite(dt[:size])
-        partial[c, SUM], partial[c, SUM_SQ] = lane_totals(sums, squares)
-        partial[c, MIN_U], partial[c, MAX_U] = np.float64(lanes[0].min()), np.float64(lanes[1].max())
-        partial[c, MAX_P] = np.float64(lanes[3].max())
-        partial[c, MAX_D] = np.float64(lanes[5].max())
-        partial[c, BAD] = bad
+def lane_extremes(lows, highs):
+    """``(lows.min(), highs.max())`` as NumPy (and Numba's ``ndarray.min``, ``max``) define
+    them: the first NaN if there is one, else the least (greatest) element, the first of equal
+    ones. Plain loops: the generic ``ndarray.min``, ``max`` took a large share of pass 1's
+    compilation (``specs/kernels.md`` §7)."""
+    low = lows[0]
+    for j in range(lows.size):
+        if math.isnan(lows[j]):
+            low = lows[j]
+            break
+        if lows[j] < low:
+            low = lows[j]
+    high = highs[0]
+    for j in range(highs.size):
+        if math.isnan(highs[j]):
+            high = highs[j]
+            break
+        if highs[j] > high:
+            high = highs[j]
+    return low, high
 
 
-@njit(error_model="numpy")
+@njit(inline="always", error_model="numpy")
 def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2):
     """``(a, b, k, noise)`` of chunk ``c`` of a present segment: ``noise`` holds the chunk's
     normals, or zeros (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the
@@ -486,184 +476,137 @@ def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, nois
     return a, a + n, k, np.zeros(n, p.dtype)
 
 
-@njit(error_model="numpy")
-def _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                 step_lo, step_hi, key0, key1, noise_v2):
-    if present[chunks[c, SEGMENT]]:
-        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2)
-        traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, factor, u_lo, inv_range)
+# --- kernels: one function each, over a range of chunks ----------------------------------
+# Every kernel runs chunks [first, last) of the table on the calling thread without the GIL.
+# A serial launch calls it once over every chunk; a parallel one calls it from a thread pool,
+# one contiguous range per thread (numba_launch.py). No prange: a parfor compiled several
+# times slower than the plain loop, and one function serves both launches, so a step
+# compiles each kernel once (specs/kernels.md §2, §7).
 
 
-@njit(error_model="numpy")
-def _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                        u_hi, mode, step_lo, step_hi, key0, key1, noise_v2):
-    if present[chunks[c, SEGMENT]]:
-        a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2)
-        moments_none = (mode & MOMENTS_NONE) != 0
-        family_traces_and_update(p[a:b], g[a:b], u[a:b], m if moments_none else m[a:b],
-                                 v if moments_none else v[a:b], noise, k, factor, u_lo, inv_range, u_hi, moments_none,
-                                 (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
+@njit(cache=True, nogil=True, error_model="numpy")
+def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
+    """Pass 1 of chunks ``[first, last)`` of present segments, read-only (``specs/kernels.md``
+    §1): per chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``, ``max |p|``, ``max |d|`` and the
+    non-finite count of the traces of ``f g``. Without moments (the family's ``"none"``) ``m``
+    and ``v`` are not read.
 
-
-@njit(error_model="numpy")
-def _noise_chunk(c, out, chunks, step_lo, step_hi, key0, key1, noise_v2):
-    a = chunks[c, START]
-    n = chunks[c, LENGTH]
-    tile, skip = versioned_chunk_normals(noise_v2, chunks[c, LOGICAL], n, out, step_lo, step_hi, key0, key1)
-    out[a : a + n] = tile[skip : skip + n]
-
-
-@njit(error_model="numpy")
-def _scale_chunk(c, g, chunks, present, factor):
-    if present[chunks[c, SEGMENT]]:
-        a = chunks[c, START]
-        scale_in_place(g[a : a + chunks[c, LENGTH]], factor)
-
-
-@njit(error_model="numpy")
-def _moments_chunk(c, g, chunks, present, partial):
-    if present[chunks[c, SEGMENT]]:
-        a = chunks[c, START]
-        partial[c, SUM], partial[c, SUM_SQ] = lane_sums(g[a : a + chunks[c, LENGTH]])
-
-
-@njit(error_model="numpy")
-def _nonfinite_chunk(c, x, chunks, present, counts):
-    if present[chunks[c, SEGMENT]]:
-        a = chunks[c, START]
-        counts[c] = count_nonfinite(x[a : a + chunks[c, LENGTH]])
-
-
-# --- kernels: serial and parallel drivers (distinct functions: distinct cache entries) ---
-# A prange index is uint64 in the compiled parallel loop but int64 where Numba types the loop
-# first: np.int64(c) gives the chunk helper one signature (one compilation, shared with the
-# serial driver) instead of two (specs/kernels.md §7).
-
-
-@njit(cache=True, error_model="numpy")
-def pass1_serial(g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
-    """Pass 1 over every chunk of a present segment, read-only (``specs/kernels.md`` §1): the
-    traces of ``f g`` in registers, per chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``,
-    ``max |p|``, ``max |d|`` and the non-finite count; one thread. Without moments (the
-    family's ``"none"``) ``m`` and ``v`` are not read.
+    A chunk is read one tile of ``_TILE`` elements at a time: the tile's ``f g``, new ``u``,
+    ``|p|`` and marked ``|d|`` go into four tiles (16 KiB in float32: L1-resident), folded at
+    once into the chunk's lane accumulators (the lane orders of :func:`lane_sums` and
+    :func:`fold_lane_extrema`, so the partials are the same bits as from chunk-sized tiles).
 
     Bytes per element: reads g, p, u (+ m, v); writes nothing.
     """
-    for c in range(chunks.shape[0]):
-        _pass1_chunk(c, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial)
+    for c in range(first, last):
+        if present[chunks[c, SEGMENT]]:
+            a = chunks[c, START]
+            n = chunks[c, LENGTH]
+            k = coefficients[chunks[c, SEGMENT]]
+            tiles = np.empty((4, smaller(n, _TILE)), p.dtype)
+            gt, ut, pt, dt = tiles[0], tiles[1], tiles[2], tiles[3]
+            sums, squares = np.zeros(LANES), np.zeros(LANES)
+            lanes = np.empty((6, LANES), p.dtype)  # low, high of u, |p|, |d|, from each's first element
+            bad = 0
+            for start in range(0, n, _TILE):
+                size = smaller(_TILE, n - start)
+                i, j = a + start, a + start + size
+                if moments_none:
+                    utility_check(g[i:j], factor, p[i:j], u[i:j], k, gt[:size], ut[:size], pt[:size], dt[:size])
+                else:
+                    traces_check(g[i:j], factor, p[i:j], u[i:j], m[i:j], v[i:j], k, gt[:size], ut[:size],
+                                 pt[:size], dt[:size])
+                if start == 0:
+                    for row in range(3):
+                        for lane in range(LANES):  # element stores: a slice assignment compiles far slower
+                            lanes[2 * row, lane] = tiles[row + 1, 0]
+                            lanes[2 * row + 1, lane] = tiles[row + 1, 0]
+                add_lane_sums(gt[:size], sums, squares)
+                fold_lane_extrema(ut[:size], lanes[0], lanes[1])
+                fold_lane_extrema(pt[:size], lanes[2], lanes[3])
+                fold_lane_extrema(dt[:size], lanes[4], lanes[5])
+                bad += count_nonfinite(dt[:size])
+            partial[c, SUM], partial[c, SUM_SQ] = lane_totals(sums, squares)
+            low_u, high_u = lane_extremes(lanes[0], lanes[1])
+            partial[c, MIN_U], partial[c, MAX_U] = np.float64(low_u), np.float64(high_u)
+            partial[c, MAX_P] = np.float64(lane_extremes(lanes[2], lanes[3])[1])
+            partial[c, MAX_D] = np.float64(lane_extremes(lanes[4], lanes[5])[1])
+            partial[c, BAD] = bad
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def pass1_parallel(g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
-    """:func:`pass1_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _pass1_chunk(np.int64(c), g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial)
-
-
-@njit(cache=True, error_model="numpy")
-def pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
+@njit(cache=True, nogil=True, error_model="numpy")
+def pass2_chunks(first, last, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                  step_lo, step_hi, key0, key1, noise_v2):
-    """Pass 2 over every chunk of a present segment (production member): ``f g`` (written back
-    when ``g`` is writable: the kernel is handed a read-only ``g`` when ``f = 1``), pass 1's
-    traces again, written, and the update with the normals generated per chunk; one thread.
+    """Pass 2 of chunks ``[first, last)`` of present segments (production member): ``f g``
+    (written back when ``g`` is writable: the kernel is handed a read-only ``g`` when ``f =
+    1``), pass 1's traces again, written, and the update with the normals generated per chunk.
     Segments with ``std == 0`` draw nothing.
 
     Bytes per element: reads g, p, u, m, v; writes u, m, v, p (+ g when f != 1).
     """
-    for c in range(chunks.shape[0]):
-        _pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                     step_lo, step_hi, key0, key1, noise_v2)
+    for c in range(first, last):
+        if present[chunks[c, SEGMENT]]:
+            a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2)
+            traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, factor, u_lo, inv_range)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                   step_lo, step_hi, key0, key1, noise_v2):
-    """:func:`pass2_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _pass2_chunk(np.int64(c), p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                     step_lo, step_hi, key0, key1, noise_v2)
-
-
-@njit(cache=True, error_model="numpy")
-def family_pass2_serial(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
+@njit(cache=True, nogil=True, error_model="numpy")
+def family_pass2_chunks(first, last, p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
                         u_hi, mode, step_lo, step_hi, key0, key1, noise_v2):
-    """Pass 2 of any family member (``mode``: OR of :data:`MOMENTS_NONE`,
-    :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`; the ``LR`` column holds ``update_factor lr``,
-    ``DECAY`` ``1 - lr wd``); one thread. The production member runs :func:`pass2_serial`.
+    """Pass 2 of any family member over chunks ``[first, last)`` (``mode``: OR of
+    :data:`MOMENTS_NONE`, :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`; the ``LR`` column holds
+    ``update_factor lr``, ``DECAY`` ``1 - lr wd``). The production member runs :func:`pass2_chunks`.
 
     Bytes per element: reads g, p, u (+ m, v); writes u (+ m, v), p (+ g when f != 1).
     """
-    for c in range(chunks.shape[0]):
-        _family_pass2_chunk(c, p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
-                            inv_range, u_hi, mode, step_lo, step_hi, key0, key1, noise_v2)
+    moments_none = (mode & MOMENTS_NONE) != 0
+    for c in range(first, last):
+        if present[chunks[c, SEGMENT]]:
+            a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2)
+            family_traces_and_update(p[a:b], g[a:b], u[a:b], m if moments_none else m[a:b],
+                                     v if moments_none else v[a:b], noise, k, factor, u_lo, inv_range, u_hi,
+                                     moments_none, (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def family_pass2_parallel(p, g, u, m, v, chunks, present, coefficients, factor, u_lo, inv_range,
-                          u_hi, mode, step_lo, step_hi, key0, key1, noise_v2):
-    """:func:`family_pass2_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _family_pass2_chunk(np.int64(c), p, g, u, m, v, chunks, present, coefficients, factor, u_lo,
-                            inv_range, u_hi, mode, step_lo, step_hi, key0, key1, noise_v2)
-
-
-@njit(cache=True, error_model="numpy")
-def noise_serial(out, chunks, step_lo, step_hi, key0, key1, noise_v2):
-    """The standard normals of every chunk into ``out`` (``upgd_ref.noise``); one thread.
+@njit(cache=True, nogil=True, error_model="numpy")
+def noise_chunks(first, last, out, chunks, step_lo, step_hi, key0, key1, noise_v2):
+    """The standard normals of chunks ``[first, last)`` into ``out`` (``upgd_ref.noise``).
 
     Bytes per element: writes ``out`` (the normals never exist elsewhere but in a tile).
     """
-    for c in range(chunks.shape[0]):
-        _noise_chunk(c, out, chunks, step_lo, step_hi, key0, key1, noise_v2)
+    for c in range(first, last):
+        a = chunks[c, START]
+        n = chunks[c, LENGTH]
+        tile, skip = versioned_chunk_normals(noise_v2, chunks[c, LOGICAL], n, out, step_lo, step_hi, key0, key1)
+        out[a : a + n] = tile[skip : skip + n]
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def noise_parallel(out, chunks, step_lo, step_hi, key0, key1, noise_v2):
-    """:func:`noise_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _noise_chunk(np.int64(c), out, chunks, step_lo, step_hi, key0, key1, noise_v2)
+@njit(cache=True, nogil=True, error_model="numpy")
+def scale_chunks(first, last, g, chunks, present, factor):
+    """``g <- factor g`` on chunks ``[first, last)`` of present segments (``VarianceGradientScaler.scale``)."""
+    for c in range(first, last):
+        if present[chunks[c, SEGMENT]]:
+            a = chunks[c, START]
+            scale_in_place(g[a : a + chunks[c, LENGTH]], factor)
 
 
-@njit(cache=True, error_model="numpy")
-def scale_serial(g, chunks, present, factor):
-    """``g <- factor g`` on present segments (``VarianceGradientScaler.scale``); one thread."""
-    for c in range(chunks.shape[0]):
-        _scale_chunk(c, g, chunks, present, factor)
+@njit(cache=True, nogil=True, error_model="numpy")
+def moments_chunks(first, last, g, chunks, present, partial):
+    """``sum g`` and ``sum g^2`` of chunks ``[first, last)`` of present segments
+    (``VarianceGradientScaler.update``)."""
+    for c in range(first, last):
+        if present[chunks[c, SEGMENT]]:
+            a = chunks[c, START]
+            partial[c, SUM], partial[c, SUM_SQ] = lane_sums(g[a : a + chunks[c, LENGTH]])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def scale_parallel(g, chunks, present, factor):
-    """:func:`scale_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _scale_chunk(np.int64(c), g, chunks, present, factor)
-
-
-@njit(cache=True, error_model="numpy")
-def moments_serial(g, chunks, present, partial):
-    """Per-chunk ``sum g`` and ``sum g^2`` (``VarianceGradientScaler.update``); one thread."""
-    for c in range(chunks.shape[0]):
-        _moments_chunk(c, g, chunks, present, partial)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def moments_parallel(g, chunks, present, partial):
-    """:func:`moments_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _moments_chunk(np.int64(c), g, chunks, present, partial)
-
-
-@njit(cache=True, error_model="numpy")
-def nonfinite_serial(x, chunks, present, counts):
-    """Per-chunk count of non-finite elements of present segments; one thread."""
-    for c in range(chunks.shape[0]):
-        _nonfinite_chunk(c, x, chunks, present, counts)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def nonfinite_parallel(x, chunks, present, counts):
-    """:func:`nonfinite_serial` with the chunks spread over Numba's threads."""
-    for c in prange(chunks.shape[0]):
-        _nonfinite_chunk(np.int64(c), x, chunks, present, counts)
+@njit(cache=True, nogil=True, error_model="numpy")
+def nonfinite_chunks(first, last, x, chunks, present, counts):
+    """The count of non-finite elements of chunks ``[first, last)`` of present segments."""
+    for c in range(first, last):
+        if present[chunks[c, SEGMENT]]:
+            a = chunks[c, START]
+            counts[c] = count_nonfinite(x[a : a + chunks[c, LENGTH]])
 
 
 @njit(cache=True, error_model="numpy")
@@ -675,26 +618,27 @@ def segment_reductions(chunks, present, partial, num_segments):
     One thread, a fixed order: the same bits whatever the number of threads that produced
     the partials.
     """
-    totals = np.zeros((num_segments, NUM_PARTIALS))
-    totals[:, MIN_U] = np.inf
-    totals[:, MAX_U] = -np.inf
+    totals = np.empty((num_segments, NUM_PARTIALS))
+    for segment in range(num_segments):  # element stores: np.zeros, slice assignments compile far slower
+        for column in range(NUM_PARTIALS):
+            totals[segment, column] = 0.0
+        totals[segment, MIN_U] = np.inf
+        totals[segment, MAX_U] = -np.inf
     for c in range(chunks.shape[0]):
         segment = chunks[c, SEGMENT]
         if present[segment]:
             totals[segment, SUM] += partial[c, SUM]
             totals[segment, SUM_SQ] += partial[c, SUM_SQ]
-            totals[segment, MIN_U] = min(totals[segment, MIN_U], partial[c, MIN_U])
-            totals[segment, MAX_U] = max(totals[segment, MAX_U], partial[c, MAX_U])
-            totals[segment, MAX_P] = max(totals[segment, MAX_P], partial[c, MAX_P])
-            totals[segment, MAX_D] = max(totals[segment, MAX_D], partial[c, MAX_D])
+            totals[segment, MIN_U] = smaller(totals[segment, MIN_U], partial[c, MIN_U])
+            totals[segment, MAX_U] = larger(totals[segment, MAX_U], partial[c, MAX_U])
+            totals[segment, MAX_P] = larger(totals[segment, MAX_P], partial[c, MAX_P])
+            totals[segment, MAX_D] = larger(totals[segment, MAX_D], partial[c, MAX_D])
             totals[segment, BAD] += partial[c, BAD]
     return totals
 
 
 #: Every cached top-level kernel (what :func:`upgd_ref.warmup` compiles).
 KERNELS = (
-    pass1_serial, pass1_parallel, pass2_serial, pass2_parallel, family_pass2_serial, family_pass2_parallel,
-    noise_serial, noise_parallel,
-    scale_serial, scale_parallel, moments_serial, moments_parallel, nonfinite_serial,
-    nonfinite_parallel, segment_reductions,
+    pass1_chunks, pass2_chunks, family_pass2_chunks, noise_chunks, scale_chunks, moments_chunks, nonfinite_chunks,
+    segment_reductions,
 )
