@@ -26,6 +26,7 @@ from .leaves import (
     all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_params_placeholder, is_tracer,
     where_finite, x64_scope,
 )
+from .elementwise import program_independent
 from .normals import leaf_normals, normals_at
 from .per_device import check_per_device
 from .precision import check_state_dtype, computed, rounded, rounded_params, state_dtype_of
@@ -195,7 +196,7 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
                 total, extrema = per_device.totals(grads), per_device.extrema(wide)
             core = _ref.UPGDState(state.count, state.segment_step, computed(state.utility),
                                   computed(state.first_moment), computed(state.second_moment), state.grad_norm_ema)
-            new_params, new, _ = _ref.adaptive_upgd_step(wide, computed(grads), core, normals, per_leaf,
+            new_params, new, _ = program_independent(_ref.adaptive_upgd_step, wide, computed(grads), core, normals, per_leaf,
                                                          noise_norm=noise_norm, variant=variant, total=total,
                                                          extrema=extrema)
             new_params = rounded_params(new_params, params, rounding, state.seed, state.count + 1)
