@@ -25,6 +25,12 @@ from jax.extend import core as _jcore
 from .leaves import x64_scope
 
 _INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
+_ADDITIVE = frozenset({"add", "sub", "neg", "add_any"})
+
+
+def _uncontracted(x):
+    """``x`` through a ``select`` LLVM cannot fold into a fused multiply-add (``x - x``, NaN, for a NaN)."""
+    return jax.lax.select(x == x, x, x - x)
 
 
 def _divide(a, s):
@@ -41,9 +47,13 @@ def _exp(x):
         return jax.lax.exp(x.astype(jnp.float64)).astype(x.dtype)
 
 
+def _is_float(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def _rewritten(name, values):
     """The replacement of one equation, or None to bind it as it is."""
-    if not all(hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating) for v in values):
+    if not all(_is_float(v) for v in values):
         return None
     if name == "exp":
         return _exp(values[0])
@@ -60,6 +70,9 @@ def _evaluate(jaxpr, consts, args):
     def read(v):
         return v.val if isinstance(v, _jcore.Literal) else env[v]
 
+    feeds_sum = {v for e in jaxpr.eqns if e.primitive.name in _ADDITIVE for v in e.invars
+                 if not isinstance(v, _jcore.Literal)}
+    feeds_sum.update(v for v in jaxpr.outvars if not isinstance(v, _jcore.Literal))
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     for eqn in jaxpr.eqns:
@@ -72,6 +85,8 @@ def _evaluate(jaxpr, consts, args):
             if out is None:
                 out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
             outs = out if eqn.primitive.multiple_results else [out]
+            if eqn.primitive.name == "mul" and eqn.outvars[0] in feeds_sum and _is_float(outs[0]):
+                outs = [_uncontracted(outs[0])]
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, _jcore.DropVar):
                 env[v] = x
