@@ -1,7 +1,8 @@
 """Element-wise float operations whose bits do not depend on the XLA program they land in
-(``specs/adapters-jax.md`` §11): the native step is traced to a jaxpr and re-emitted with two
-operations replaced, so the unsharded program and every sharded or per-device one compute
-the same parameters and state.
+(``specs/adapters-jax.md`` §11): the native step is traced to a jaxpr and re-emitted
+(:func:`reemit`, also the noise transform's strict evaluation, §6) with three kinds of
+operation changed, so the unsharded program and every sharded or per-device one compute the
+same parameters and state.
 
 - ``a / s``, ``s`` a scalar and ``a`` an array: XLA's algebraic simplifier rewrites a
   division by a broadcast scalar into a multiplication by its reciprocal (``1/s`` rounded,
@@ -14,21 +15,25 @@ the same parameters and state.
   about one argument in ten. It is re-emitted as ``exp`` of the float64 value rounded once
   to float32: XLA emits the float64 ``exp`` as its own function (``xla.exp.v8f64``) at
   every width.
+- ``a * b`` feeding an addition: LLVM may contract the pair into a fused multiply-add, and
+  whether it does depends on how the program fuses; the product is re-emitted through
+  :func:`uncontracted`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as _jcore
 
-from .leaves import x64_scope
+from .leaves import is_tracer, x64_scope
 
 _INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
 _ADDITIVE = frozenset({"add", "sub", "neg", "add_any"})
 
 
-def _uncontracted(x):
+def uncontracted(x):
     """``x`` through a ``select`` LLVM cannot fold into a fused multiply-add (``x - x``, NaN, for a NaN)."""
     return jax.lax.select(x == x, x, x - x)
 
@@ -62,9 +67,12 @@ def _rewritten(name, values):
     return None
 
 
-def _evaluate(jaxpr, consts, args):
-    """Evaluate ``jaxpr`` with :func:`_rewritten`'s replacements; nested ``jit`` calls are
-    inlined so their operations are replaced too."""
+def reemit(jaxpr, consts, args, rule):
+    """Evaluate ``jaxpr`` equation by equation, each through ``rule(name, values, bind,
+    feeds_sum)`` (``bind()``: the equation's own outputs; ``feeds_sum``: its output is an
+    operand of an addition, subtraction or negation, or of the jaxpr's outputs), which returns
+    the outputs to use. Nested ``jit`` calls are inlined so their equations go through
+    ``rule`` too."""
     env = {}
 
     def read(v):
@@ -79,28 +87,37 @@ def _evaluate(jaxpr, consts, args):
         values = [read(v) for v in eqn.invars]
         inner = eqn.params.get("jaxpr")
         if eqn.primitive.name in _INLINE_CALLS and isinstance(inner, _jcore.ClosedJaxpr):
-            outs = _evaluate(inner.jaxpr, inner.consts, values)
+            outs = reemit(inner.jaxpr, inner.consts, values, rule)
         else:
-            out = _rewritten(eqn.primitive.name, values)
-            if out is None:
+            def bind(eqn=eqn, values=values):
                 out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-            outs = out if eqn.primitive.multiple_results else [out]
-            if eqn.primitive.name == "mul" and eqn.outvars[0] in feeds_sum and _is_float(outs[0]):
-                outs = [_uncontracted(outs[0])]
+                return out if eqn.primitive.multiple_results else [out]
+            outs = rule(eqn.primitive.name, values, bind, eqn.outvars[0] in feeds_sum)
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, _jcore.DropVar):
                 env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
 
+def _program_independent_rule(name, values, bind, feeds_sum):
+    """:func:`reemit`'s rule for the step: the replacements of :func:`_rewritten`, and every
+    float product that feeds an addition kept from contraction."""
+    out = _rewritten(name, values)
+    outs = bind() if out is None else [out]
+    if name == "mul" and feeds_sum and _is_float(outs[0]):
+        return [uncontracted(outs[0])]
+    return outs
+
+
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__array__") and hasattr(x, "dtype")
+    return isinstance(x, (jax.Array, np.ndarray)) or is_tracer(x)
 
 
 def program_independent(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with its divisions by scalars and its float32 ``exp`` replaced
-    (module docstring). The array leaves of the arguments are traced; every other leaf (Python
-    numbers, strings, functions) is a constant of the trace."""
+    """``fn(*args, **kwargs)`` with its divisions by scalars, its float32 ``exp`` and its
+    products that feed additions re-emitted (module docstring). The array leaves of the
+    arguments are traced; every other leaf (Python and NumPy scalars, strings, functions) is a
+    constant of the trace, as it is in ``fn``."""
     leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
     traced = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
 
@@ -113,5 +130,5 @@ def program_independent(fn, *args, **kwargs):
 
     values = [leaves[i] for i in traced]
     closed, shape = jax.make_jaxpr(call, return_shape=True)(*values)
-    flat = _evaluate(closed.jaxpr, closed.consts, values)
+    flat = reemit(closed.jaxpr, closed.consts, values, _program_independent_rule)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)

@@ -15,17 +15,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as _jcore
 
 from upgd_ref import rng as _rng
 
+from .elementwise import reemit, uncontracted
 from .leaves import SUPPORTED_DTYPES, check_leaf_dtype, is_tracer, x64_scope
 from .precision import computed
 
 _MASK32 = 0xFFFFFFFF
-
-_ADDITIVE = frozenset({"add", "sub", "neg", "add_any"})
-_INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
 
 
 def _opaque(x):
@@ -33,14 +30,9 @@ def _opaque(x):
     return jax.lax.select(x == x, x, jnp.zeros_like(x))
 
 
-def _keep_nan(x):
-    """As :func:`_opaque`, with a NaN kept a NaN (``x - x``) for values that may be NaN."""
-    return jax.lax.select(x == x, x, x - x)
-
-
 def _eval_without_contraction(jaxpr, consts, args, guard=_opaque):
     """Evaluate a jaxpr, passing every float64 product that feeds an addition through
-    :func:`_opaque`.
+    ``guard`` (:func:`_opaque`, or :func:`~.elementwise.uncontracted` where NaN must stay NaN).
 
     XLA:CPU compiles with floating-point contraction allowed, so ``a*b + c`` can become one
     fused multiply-add, which rounds once instead of twice and changes the float64 normals
@@ -48,34 +40,14 @@ def _eval_without_contraction(jaxpr, consts, args, guard=_opaque):
     through a ``select`` cannot be contracted; the values are unchanged (the noise has no
     NaN). Calls to nested jaxprs (``jit``) are inlined so their products are guarded too.
     """
-    env = {}
 
-    def read(v):
-        return v.val if isinstance(v, _jcore.Literal) else env[v]
+    def rule(name, values, bind, feeds_sum):
+        outs = bind()
+        if name == "mul" and feeds_sum and jnp.dtype(outs[0].dtype) == jnp.float64:
+            return [guard(outs[0])]
+        return outs
 
-    feeds_sum = {v for e in jaxpr.eqns if e.primitive.name in _ADDITIVE for v in e.invars
-                 if not isinstance(v, _jcore.Literal)}
-    feeds_sum.update(v for v in jaxpr.outvars if not isinstance(v, _jcore.Literal))
-    for v, x in zip(jaxpr.constvars, consts):
-        env[v] = x
-    for v, x in zip(jaxpr.invars, args):
-        env[v] = x
-    for eqn in jaxpr.eqns:
-        values = [read(v) for v in eqn.invars]
-        inner = eqn.params.get("jaxpr")
-        if eqn.primitive.name in _INLINE_CALLS and isinstance(inner, _jcore.ClosedJaxpr):
-            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values, guard)
-        else:
-            outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-            if (eqn.primitive.name == "mul" and eqn.outvars[0] in feeds_sum
-                    and jnp.dtype(outs[0].dtype) == jnp.float64):
-                outs = [guard(outs[0])]
-        for v, x in zip(eqn.outvars, outs):
-            if not isinstance(v, _jcore.DropVar):
-                env[v] = x
-    return [read(v) for v in jaxpr.outvars]
+    return reemit(jaxpr, consts, args, rule)
 
 
 def without_contraction(fn):
@@ -86,7 +58,8 @@ def without_contraction(fn):
     def strict(*args):
         closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         with x64_scope():
-            flat = _eval_without_contraction(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), _keep_nan)
+            flat = _eval_without_contraction(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args),
+                                            uncontracted)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)
 
     return strict
