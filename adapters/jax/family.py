@@ -26,6 +26,7 @@ from .leaves import (
     all_finite, check_finite, check_leaf_dtype, flatten_checked, is_eager, is_params_placeholder, is_tracer,
     where_finite, x64_scope,
 )
+from .elementwise import program_independent
 from .normals import leaf_normals, normals_at
 from .per_device import check_per_device
 from .precision import check_state_dtype, computed, rounded, rounded_params, state_dtype_of
@@ -79,9 +80,8 @@ def adaptive_upgd(learning_rate=UPGD_DEFAULTS["lr"], weight_decay=UPGD_DEFAULTS[
     ``"params"`` (in each leaf's dtype, rounded to nearest after each step).
 
     ``per_device``: a :class:`~upgd_ref.adapters.jax.PerDevice` when ``update`` runs inside
-    ``jax.shard_map`` on each device's blocks (``specs/adapters-jax.md`` §11): the step's
-    statistics are the whole-leaf step's bit for bit, the element-wise results within
-    ``PARAM_ULPS`` (XLA:CPU's program-dependent ``exp``/``log``; §11).
+    ``jax.shard_map`` on each device's blocks (``specs/adapters-jax.md`` §11): the results are
+    the whole-leaf step's bit for bit (statistics and element-wise fields).
     """
     hyper = dict(weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma, beta1=beta1, beta2=beta2)
     if eps is not None:  # None: the profile's default (the paper's 1e-5 under "paper")
@@ -195,9 +195,10 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
                 total, extrema = per_device.totals(grads), per_device.extrema(wide)
             core = _ref.UPGDState(state.count, state.segment_step, computed(state.utility),
                                   computed(state.first_moment), computed(state.second_moment), state.grad_norm_ema)
-            new_params, new, _ = _ref.adaptive_upgd_step(wide, computed(grads), core, normals, per_leaf,
-                                                         noise_norm=noise_norm, variant=variant, total=total,
-                                                         extrema=extrema)
+            # the element-wise math with the same bits in every XLA program (specs/adapters-jax.md §11)
+            new_params, new, _ = program_independent(_ref.adaptive_upgd_step, wide, computed(grads), core, normals,
+                                                     per_leaf, noise_norm=noise_norm, variant=variant, total=total,
+                                                     extrema=extrema)
             new_params = rounded_params(new_params, params, rounding, state.seed, state.count + 1)
             new = new._replace(utility=rounded(new.utility, state.utility),
                                first_moment=rounded(new.first_moment, state.first_moment),

@@ -15,28 +15,20 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as _jcore
 
 from upgd_ref import rng as _rng
 from upgd_ref import rng_v2 as _rng_v2
 
+from .elementwise import reemit, uncontracted
 from .leaves import SUPPORTED_DTYPES, check_leaf_dtype, is_tracer, x64_scope
 from .precision import computed
 
 _MASK32 = 0xFFFFFFFF
 
-_ADDITIVE = frozenset({"add", "sub", "neg", "add_any"})
-_INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
-
 
 def _opaque(x):
     """``x`` for every non-NaN value, through a ``select`` LLVM cannot fold into an FMA."""
     return jax.lax.select(x == x, x, jnp.zeros_like(x))
-
-
-def _keep_nan(x):
-    """As :func:`_opaque`, with a NaN kept a NaN (``x - x``) for values that may be NaN."""
-    return jax.lax.select(x == x, x, x - x)
 
 
 def _bit_round_trip(x):
@@ -49,7 +41,8 @@ def _bit_round_trip(x):
 
 def _eval_without_contraction(jaxpr, consts, args, guard=_opaque, guarded=("float64",), every_product=False):
     """Evaluate a jaxpr, passing every product of a dtype in ``guarded`` (default float64) that
-    feeds an addition (``every_product``: every product) through :func:`_opaque`.
+    feeds an addition (``every_product``: every product) through ``guard`` (:func:`_opaque`,
+    or :func:`~.elementwise.uncontracted` where NaN must stay NaN).
 
     Noise format 2 guards every float32 product, with :func:`_bit_round_trip`: XLA's
     simplifier also regroups float32 product chains such as ``(x c) (x c)``, which changes
@@ -61,34 +54,14 @@ def _eval_without_contraction(jaxpr, consts, args, guard=_opaque, guarded=("floa
     through a ``select`` cannot be contracted; the values are unchanged (the noise has no
     NaN). Calls to nested jaxprs (``jit``) are inlined so their products are guarded too.
     """
-    env = {}
 
-    def read(v):
-        return v.val if isinstance(v, _jcore.Literal) else env[v]
+    def rule(name, values, bind, feeds_sum):
+        outs = bind()
+        if name == "mul" and (every_product or feeds_sum) and jnp.dtype(outs[0].dtype).name in guarded:
+            return [guard(outs[0])]
+        return outs
 
-    feeds_sum = {v for e in jaxpr.eqns if e.primitive.name in _ADDITIVE for v in e.invars
-                 if not isinstance(v, _jcore.Literal)}
-    feeds_sum.update(v for v in jaxpr.outvars if not isinstance(v, _jcore.Literal))
-    for v, x in zip(jaxpr.constvars, consts):
-        env[v] = x
-    for v, x in zip(jaxpr.invars, args):
-        env[v] = x
-    for eqn in jaxpr.eqns:
-        values = [read(v) for v in eqn.invars]
-        inner = eqn.params.get("jaxpr")
-        if eqn.primitive.name in _INLINE_CALLS and isinstance(inner, _jcore.ClosedJaxpr):
-            outs = _eval_without_contraction(inner.jaxpr, inner.consts, values, guard, guarded, every_product)
-        else:
-            outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-            if (eqn.primitive.name == "mul" and (every_product or eqn.outvars[0] in feeds_sum)
-                    and jnp.dtype(outs[0].dtype).name in guarded):
-                outs = [guard(outs[0])]
-        for v, x in zip(eqn.outvars, outs):
-            if not isinstance(v, _jcore.DropVar):
-                env[v] = x
-    return [read(v) for v in jaxpr.outvars]
+    return reemit(jaxpr, consts, args, rule)
 
 
 def without_contraction(fn):
@@ -99,7 +72,8 @@ def without_contraction(fn):
     def strict(*args):
         closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         with x64_scope():
-            flat = _eval_without_contraction(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), _keep_nan)
+            flat = _eval_without_contraction(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args),
+                                            uncontracted)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), flat)
 
     return strict
