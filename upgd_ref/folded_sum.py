@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace
 
-__all__ = ["FOLDS", "fold_exponent", "fold_sums", "fold_total", "folded_sum"]
+__all__ = ["FOLDS", "fold_exponent", "fold_grids", "fold_pieces", "fold_sums", "fold_total", "folded_sum"]
 
 #: Pieces per value: 3 keep the dropped residual below 2**-50 of max |y| up to 2**25 values.
 FOLDS = 3
@@ -50,19 +50,32 @@ def fold_exponent(top, count: int):
     return exponent + _margin(count)
 
 
+def fold_grids(k1, count: int, like):
+    """The ``FOLDS`` grid values ``B_f = 1.5 * 2**k_f`` (scalars of ``like``'s dtype) from ``k1``."""
+    xp = array_namespace(like)
+    grids, k = [], k1
+    for _ in range(FOLDS):
+        grids.append(xp.ldexp(xp.asarray(1.5, dtype=like.dtype), k))
+        k = k - _MANTISSA + _margin(count)
+    return grids
+
+
+def fold_pieces(y, grids):
+    """The pieces ``h_f = (r_f + B_f) - B_f``, ``r_{f+1} = r_f - h_f`` of ``y`` (arrays like ``y``)."""
+    pieces, r = [], y
+    for b in grids:
+        h = (r + b) - b
+        r = r - h
+        pieces.append(h)
+    return pieces
+
+
 def fold_sums(y, k1, count: int):
     """The ``FOLDS`` exact sums ``S_f`` of the pieces of ``y`` (float64, any shape) on the
     grids of ``k1`` (:func:`fold_exponent` of the *global* ``max |y|`` and count): the
     partial sums of any subset of the values, added in any order, give the same totals."""
     xp = array_namespace(y)
-    sums, r, k = [], y, k1
-    for _ in range(FOLDS):
-        b = xp.ldexp(xp.asarray(1.5, dtype=y.dtype), k)
-        h = (r + b) - b
-        r = r - h
-        sums.append(xp.sum(h))
-        k = k - _MANTISSA + _margin(count)
-    return sums
+    return [xp.sum(h) for h in fold_pieces(y, fold_grids(k1, count, y))]
 
 
 def fold_total(sums):

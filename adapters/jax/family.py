@@ -14,7 +14,6 @@ from upgd_ref import reference as _ref
 from upgd_ref.backends import check_backend_name as _check_core_backend
 from upgd_ref.checks import check_nonfinite_policy
 from upgd_ref.family import MEMBERS
-from upgd_ref.folded_sum import folded_sum
 from upgd_ref.hyperparams import UPGD_DEFAULTS, validate_upgd
 from upgd_ref.precision import check_rounding
 from upgd_ref.state import FlatUPGDState
@@ -30,6 +29,7 @@ from .elementwise import program_independent
 from .normals import leaf_normals, normals_at
 from .per_device import check_per_device
 from .precision import check_state_dtype, computed, rounded, rounded_params, state_dtype_of
+from .reductions import squares_total
 from .state import (
     AdaptiveUPGDState, check_words, from_leaf_lists, host_state, narrow_fields, state_values, to_leaf_lists,
     wide_fields,
@@ -187,7 +187,7 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
             wide = computed(params)
             if per_device is None:
                 normals = leaf_normals(wide, state.seed, state.count + 1)
-                total, extrema = [folded_sum] * len(params), None
+                total, extrema = [squares_total(g) for g in computed(grads)], None
             else:
                 per_device.check(params)
                 normals = [normals_at(state.seed, state.count + 1, index, w.dtype)
@@ -210,9 +210,9 @@ def _upgd_family(name, member, profile, learning_rate, hyper, noise_norm, seed, 
         updates, new = step(grads, params, state, arrays)
         with x64_scope():
             # the finiteness contract (specs/algorithm.md §8) as optax.apply_if_finite: a step with
-            # a non-finite input or result changes nothing but the skip counter
-            ok = all_finite(grads, params, updates, new.utility, new.first_moment, new.second_moment,
-                            new.grad_norm_ema)
+            # a non-finite input or result changes nothing but the skip counter. A non-finite
+            # g or p makes u = beta u + (1 - beta)(-g p) non-finite: not tested apart (§7)
+            ok = all_finite(updates, new.utility, new.first_moment, new.second_moment, new.grad_norm_ema)
             if per_device is not None:
                 ok = per_device.all_devices(ok)
             wide = wide_fields(state)

@@ -10,7 +10,6 @@ import optax
 from upgd_ref import reference as _ref
 from upgd_ref.backends import check_backend_name as _check_core_backend
 from upgd_ref.checks import NonFiniteStepError, check_nonfinite_policy
-from upgd_ref.folded_sum import folded_sum
 from upgd_ref.hyperparams import VGS_DEFAULTS, validate_vgs
 from upgd_ref.state import FlatVGSState
 from upgd_ref.step import vgs_factor, vgs_scale_step, vgs_update_step
@@ -23,23 +22,33 @@ from .leaves import (
     all_finite, check_finite, check_leaf_dtype, is_eager, is_params_placeholder, where_finite, x64_scope,
 )
 from .precision import computed, rounded
+from .reductions import leaf_folded_sum
 from .state import VarianceGradientScalerState, check_words, host_state, narrow_fields, state_values, wide_fields
 
 
 def _statistics_update(state, grads, beta, per_device):
-    """``reference.vgs_update`` with folded sums (``specs/adapters-jax.md`` §11): ``mean(g_i) =
-    sum g_i / n_i`` and ``mean(g_i**2)``, the sums over the whole leaf (``per_device``: over
-    every device's block), then :func:`upgd_ref.reference.vgs_statistics_update`."""
-    if per_device is None:
-        totals, counts = [folded_sum] * len(grads), [g.size for g in grads]
-    else:
-        per_device.check(grads)
-        totals, counts = per_device.totals(grads), [per_device.global_count(g, i) for i, g in enumerate(grads)]
+    """``reference.vgs_update`` with folded sums (``specs/adapters-jax.md`` §11) inside
+    ``shard_map``: ``mean(g_i) = sum g_i / n_i`` and ``mean(g_i**2)``, the sums over every
+    device's block, then :func:`upgd_ref.reference.vgs_statistics_update`."""
+    per_device.check(grads)
+    totals, counts = per_device.totals(grads), [per_device.global_count(g, i) for i, g in enumerate(grads)]
     wide = [g.astype(jnp.float64) for g in grads]
     updated = [n != 0 for n in counts]
     means = [total(w) / n if n else None for total, w, n in zip(totals, wide, counts)]
     square_means = [total(w * w) / n if n else None for total, w, n in zip(totals, wide, counts)]
     return _ref.vgs_statistics_update(state, means, square_means, updated, beta=beta)
+
+
+def _leaf_statistics_update(state, grads, beta):
+    """``reference.vgs_update`` with folded sums (``specs/adapters-jax.md`` §11, §9.2) over
+    whole leaves: the sums from the leaves (:func:`.reductions.leaf_folded_sum`, which keeps ``w * w``
+    from contraction itself), only the float64 EMAs evaluated :func:`.normals.without_contraction`."""
+    counts = [g.size for g in grads]
+    updated = [n != 0 for n in counts]
+    means = [leaf_folded_sum(g) / n if n else None for g, n in zip(grads, counts)]
+    square_means = [leaf_folded_sum(g, square=True) / n if n else None for g, n in zip(grads, counts)]
+    ema = without_contraction(lambda c, m, s, b: _ref.vgs_statistics_update(c, m, s, updated, beta=b))
+    return ema(state, means, square_means, beta)
 
 
 def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS["beta"], alpha=VGS_DEFAULTS["alpha"],
@@ -87,9 +96,13 @@ def variance_gradient_scaler(enabled=VGS_DEFAULTS["enabled"], beta=VGS_DEFAULTS[
             core = _ref.VGSState(wide.count, wide.grad_mean_avg, wide.grad_sq_avg)
             factor, _ = _ref.vgs_scaling_factor(core, **values)
             scaled = rounded(_ref.vgs_scale(computed(leaves), factor), leaves)  # 16-bit: f g in float32, rounded once
-            new = without_contraction(lambda c, g, b: _statistics_update(c, g, b, per_device))(core, scaled,
-                                                                                              values["beta"])
-            ok = all_finite(leaves, new.grad_mean_avg, new.grad_sq_avg)  # as optax.apply_if_finite
+            if per_device is None:
+                new = _leaf_statistics_update(core, scaled, values["beta"])
+            else:
+                new = without_contraction(lambda c, g, b: _statistics_update(c, g, b, per_device))(core, scaled,
+                                                                                                  values["beta"])
+            # as optax.apply_if_finite; a non-finite g makes its leaf's folded sums, so a_i, NaN (§7)
+            ok = all_finite(new.grad_mean_avg, new.grad_sq_avg)
             if per_device is not None:
                 ok = per_device.all_devices(ok)
             scaled = where_finite(ok, scaled, leaves)
