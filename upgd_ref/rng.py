@@ -139,20 +139,28 @@ def philox4x32_10(counter, key, *, wide: bool = False):
     return c0, c1, c2, c3
 
 
-def _log_of_uniform(xp, word):
-    """ln(u) for u = (word + 0.5) * 2**-32, from + - * / only (fdlibm's log kernel)."""
-    t = xp.astype(word, xp.float64) + 0.5  # exact, in [0.5, 2**32)
-    k = xp.zeros_like(t)
-    for shift in (16, 8, 4, 2, 1):  # exact binary search for the exponent
+def exponent_split(xp, x, sqrt2, sqrt_half):
+    """``(t, k)`` with ``x = t 2**k`` exactly and ``sqrt_half <= t < sqrt2``, for ``0.5 <= x <
+    2**32``, in ``x``'s dtype: an exact binary search for the exponent (every scaling a power of
+    two), shared by noise formats 1 and 2 (their own ``SQRT2``, ``SQRT_HALF``)."""
+    t, k = x, xp.zeros_like(x)
+    for shift in (16, 8, 4, 2, 1):
         big = t >= float(2**shift)
         t = xp.where(big, t * (2.0**-shift), t)
         k = xp.where(big, k + shift, k)
-    big = t >= SQRT2
+    big = t >= sqrt2
     t = xp.where(big, t * 0.5, t)
     k = xp.where(big, k + 1.0, k)
-    small = t < SQRT_HALF
+    small = t < sqrt_half
     t = xp.where(small, t * 2.0, t)
     k = xp.where(small, k - 1.0, k)
+    return t, k
+
+
+def _log_of_uniform(xp, word):
+    """ln(u) for u = (word + 0.5) * 2**-32, from + - * / only (fdlibm's log kernel)."""
+    t = xp.astype(word, xp.float64) + 0.5  # exact, in [0.5, 2**32)
+    t, k = exponent_split(xp, t, SQRT2, SQRT_HALF)
     k = k - 32.0  # u = t * 2**k, t in [sqrt(1/2), sqrt(2))
     f = t - 1.0
     s = f / (2.0 + f)

@@ -18,7 +18,7 @@ Array-API code (uint32 and float32 only), like :mod:`upgd_ref.rng`.
 
 from __future__ import annotations
 
-from .rng import OCTANT_FRACTION_BITS, as_u32, octant_cos_sin, octant_reduction
+from .rng import OCTANT_FRACTION_BITS, as_u32, exponent_split, octant_cos_sin, octant_reduction
 
 __all__ = ["log_of_uniform", "cos_sin_of_turn", "normals_from_words", "TOP_BIT", "OCTANT_FRACTION_BITS"]
 
@@ -65,18 +65,7 @@ def log_of_uniform(xp, word):
     h = xp.where(high, as_u32(xp, 0xFFFFFFFF) - word, word)  # < 2**31: word, or 2**32 - 1 - word
     x = xp.astype(h, xp.float32) + 0.5  # one rounding each; exact for h < 2**23
     # top bit clear: u = x 2**-32 = t 2**k exactly, t in [SQRT2 / 2, SQRT2)
-    t = x
-    k = xp.zeros_like(x)
-    for shift in (16, 8, 4, 2, 1):  # exact binary search for the exponent
-        big = t >= float(2**shift)
-        t = xp.where(big, t * (2.0**-shift), t)
-        k = xp.where(big, k + shift, k)
-    big = t >= SQRT2
-    t = xp.where(big, t * 0.5, t)
-    k = xp.where(big, k + 1.0, k)
-    small = t < SQRT_HALF
-    t = xp.where(small, t * 2.0, t)
-    k = xp.where(small, k - 1.0, k)
+    t, k = exponent_split(xp, x, SQRT2, SQRT_HALF)
     # top bit set: v = 1 - u = x 2**-32, ln u = ln(1 - v) = k ln 2 + ln(1 + f)
     v = x * 2.0**-32
     near_one = v < ONE_MINUS_SQRT_HALF

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .torch_runs import bits, build, flat, make_optimizer, make_params, make_scaler, run_steps, step_grads, vgs_bits
+from .torch_runs import bits, flat, make_optimizer, make_params, make_scaler, single_process, step_grads, vgs_bits
 from .world import run_world
 
 STEPS, SAVE_AT = 30, 10
@@ -130,17 +130,7 @@ def _refusals(rank, world_size, optimizer, vgs, mine, other_world):
 
 def _single(config, resume=None):
     """One process: the scaler's separate calls; from ``resume`` (a consolidated checkpoint) at step 11."""
-    params, optimizer, vgs = build(config, None)
-    first = 1
-    if resume is not None:
-        with torch.no_grad():
-            for p, values in zip(params, resume[0]):
-                p.copy_(values)
-        optimizer.load_state_dict(resume[1])
-        if vgs is not None:
-            vgs.load_state_dict(resume[2])
-        first = SAVE_AT + 1
-    run_steps(params, optimizer, vgs, first, STEPS)
+    params, optimizer, vgs = single_process(config, resume, 1 if resume is None else SAVE_AT + 1, STEPS)
     return flat(params), flat([p.grad for p in params]), bits(optimizer.state_dict()), vgs_bits(vgs)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from .torch_runs import CONFIGS, SHAPES, bits, build, flat, run_steps
+from .torch_runs import CONFIGS, SHAPES, bits, build, flat, run_steps, single_process
 from .world import run_world
 
 
@@ -59,17 +59,7 @@ def _sharded_rank(rank, world_size, resume):
 
 
 def _single(config, resume=None):
-    params, optimizer, vgs = build(config, None)
-    first = 1
-    if resume is not None:
-        with torch.no_grad():
-            for p, values in zip(params, resume[0]):
-                p.copy_(values)
-        optimizer.load_state_dict(resume[1])
-        if vgs is not None:
-            vgs.load_state_dict(resume[2])
-        first = SAVE_AT + 1
-    run_steps(params, optimizer, vgs, first, STEPS)
+    params, optimizer, _ = single_process(config, resume, 1 if resume is None else SAVE_AT + 1, STEPS)
     return flat(params), bits(optimizer.state_dict())
 
 

@@ -88,3 +88,19 @@ def bits(state_dict):
             return [convert(v) for v in value]
         return value
     return convert(state_dict)
+
+
+def single_process(config, resume, first, last):
+    """One process's optimizer and scaler (the scaler's separate calls), steps ``first..last``,
+    after loading ``resume`` (``(params, optimizer state dict, scaler state dict)``, a
+    consolidated checkpoint) when given; returns ``(params, optimizer, vgs)``."""
+    params, optimizer, vgs = build(config, None)
+    if resume is not None:
+        with torch.no_grad():
+            for p, values in zip(params, resume[0]):
+                p.copy_(values)
+        optimizer.load_state_dict(resume[1])
+        if vgs is not None:
+            vgs.load_state_dict(resume[2])
+    run_steps(params, optimizer, vgs, first, last)
+    return params, optimizer, vgs

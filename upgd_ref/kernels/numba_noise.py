@@ -55,28 +55,25 @@ _EXPONENT_BIAS = 1023
 _WORD_BITS = 32  # u = (word + 0.5) * 2**-32
 
 
-@intrinsic
-def float64_bits(typingctx, x):
-    """The IEEE-754 bit pattern of a float64 as uint64 (a free bitcast)."""
-    if x != types.float64:
-        return None
+def bitcast(source, target):
+    """A Numba intrinsic reinterpreting a ``source`` value's IEEE-754 bits as ``target`` (a free
+    bitcast, e.g. float64 <-> uint64)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint64))
+    @intrinsic
+    def cast(typingctx, x):
+        if x != source:
+            return None
 
-    return types.uint64(types.float64), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
+
+        return target(source), codegen
+
+    return cast
 
 
-@intrinsic
-def float64_from_bits(typingctx, bits):
-    """The float64 whose IEEE-754 bit pattern is ``bits`` (a free bitcast)."""
-    if bits != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float64))
-
-    return types.float64(types.uint64), codegen
+float64_bits = bitcast(types.float64, types.uint64)
+float64_from_bits = bitcast(types.uint64, types.float64)
 
 
 @njit(inline="always")

@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 
 from .. import rng_v2 as v2
 from .numba_noise import chunk_normals as v1_chunk_normals
-from .numba_noise import philox4x32_10
+from .numba_noise import bitcast, philox4x32_10
 
 __all__ = ["prefer_512_bit_vectors", "log_of_uniform", "cos_sin_of_turn", "fill_words", "fill_normals", "fill_tile",
            "chunk_normals", "versioned_chunk_normals"]
@@ -51,28 +51,8 @@ _EXPONENT_OF_ONE = np.uint32(127 << 23)
 _EXPONENT_BIAS_PLUS_WORD_BITS = _F(127 + 32)  # u = (word + 0.5) * 2**-32 = t 2**(exponent - 127 - 32)
 
 
-@intrinsic
-def float32_bits(typingctx, x):
-    """The IEEE-754 bit pattern of a float32 as uint32 (a free bitcast)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.uint32))
-
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def float32_from_bits(typingctx, bits):
-    """The float32 whose IEEE-754 bit pattern is ``bits`` (a free bitcast)."""
-    if bits != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-
-    return types.float32(types.uint32), codegen
+float32_bits = bitcast(types.float32, types.uint32)
+float32_from_bits = bitcast(types.uint32, types.float32)
 
 
 @intrinsic

@@ -67,9 +67,9 @@ from .numba_noise_v2 import versioned_chunk_normals
 #: sha256 of ``numba_noise.py``. The cached kernels below compile that file's code in, and
 #: Numba keys their cache by the content of this file only: an edit of ``numba_noise.py``
 #: must change this line, or stale kernels would load (``tests/kernels/test_numba_noise.py``).
-NOISE_SOURCE_SHA256 = "cfe1597b32a2d0f446824304d0f4a7b6154d530eb234b04ef61e126f0ea49e73"
+NOISE_SOURCE_SHA256 = "57682b0a7cbbcd90d8f38051d9afe8c11dcb4273b2183992d5a269326964aee7"
 #: sha256 of ``numba_noise_v2.py`` (noise format 2, compiled in when ``noise_v2`` is ``True``), likewise.
-NOISE_V2_SOURCE_SHA256 = "94687ea5743a63b4b92ea481e124aaf82c14454861e5c960514b3cf1ce9cbe14"
+NOISE_V2_SOURCE_SHA256 = "66de6a9f15f96161d4a1313b5db1b629b47d21ffab48fca0d17bcfb56a570ab2"
 
 __all__ = [
     "philox4x32_10", "fill_words", "fill_normals", "fill_tile", "chunk_normals",
