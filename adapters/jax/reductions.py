@@ -18,16 +18,11 @@ import jax.numpy as jnp
 
 from upgd_ref.folded_sum import FOLDS, fold_exponent, fold_grids, fold_pieces, fold_total
 
+from .elementwise import uncontracted
+
 
 def _add_each(left, right):
     return tuple(a + b for a, b in zip(left, right))
-
-
-def _uncontracted(y):
-    """``y`` through a ``select`` LLVM cannot fold into an FMA with the pieces' first
-    addition (a NaN kept a NaN): the pieces are those of ``y`` as rounded, as the
-    definition has them, whatever XLA fuses."""
-    return jax.lax.select(y == y, y, y - y)
 
 
 def leaf_folded_sum(leaf, square: bool = False):
@@ -39,9 +34,11 @@ def leaf_folded_sum(leaf, square: bool = False):
     if count == 0:
         return jnp.zeros((), jnp.float64)
     top = jnp.max(jnp.abs(leaf)).astype(jnp.float64)
-    y = _uncontracted(leaf.astype(jnp.float64))  # a leaf that is a product (f g) stays as rounded
+    # through a select LLVM cannot fold into the pieces' first addition: a leaf that is a
+    # product (f g) stays as rounded, as the definition has it, whatever XLA fuses
+    y = uncontracted(leaf.astype(jnp.float64))
     if square:
-        top, y = top * top, _uncontracted(y * y)
+        top, y = top * top, uncontracted(y * y)
     grids = fold_grids(fold_exponent(top, count), count, y)
     zero = jnp.zeros((), jnp.float64)
     sums = jax.lax.reduce(tuple(fold_pieces(y, grids)), (zero,) * FOLDS, _add_each, tuple(range(y.ndim)))
