@@ -218,13 +218,19 @@ def _cos_sin_of_turn(xp, word):
     return octant_cos_sin(xp, octant, _kernel_sin(a), _kernel_cos(a))
 
 
+def box_muller_lanes(xp, log_of_uniform, cos_sin_of_turn, w0, w1, w2, w3):
+    """The four normals of a Philox block in lane order (``specs/noise.md`` §4): radius words
+    ``w0``, ``w2``, angle words ``w1``, ``w3``, with a noise format's ``ln u`` and ``cos, sin``."""
+    r01 = xp.sqrt(-2.0 * log_of_uniform(xp, w0))
+    cos01, sin01 = cos_sin_of_turn(xp, w1)
+    r23 = xp.sqrt(-2.0 * log_of_uniform(xp, w2))
+    cos23, sin23 = cos_sin_of_turn(xp, w3)
+    return xp.stack([r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23], axis=1)
+
+
 def normals_from_words(xp, w0, w1, w2, w3):
     """Four float64 normals per Philox block, in lane order."""
-    r01 = xp.sqrt(-2.0 * _log_of_uniform(xp, w0))
-    cos01, sin01 = _cos_sin_of_turn(xp, w1)
-    r23 = xp.sqrt(-2.0 * _log_of_uniform(xp, w2))
-    cos23, sin23 = _cos_sin_of_turn(xp, w3)
-    return xp.stack([r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23], axis=1)
+    return box_muller_lanes(xp, _log_of_uniform, _cos_sin_of_turn, w0, w1, w2, w3)
 
 
 def check_noise_version(value, where: str = "") -> int:

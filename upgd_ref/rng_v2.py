@@ -18,7 +18,7 @@ Array-API code (uint32 and float32 only), like :mod:`upgd_ref.rng`.
 
 from __future__ import annotations
 
-from .rng import OCTANT_FRACTION_BITS, as_u32, exponent_split, octant_cos_sin, octant_reduction
+from .rng import OCTANT_FRACTION_BITS, as_u32, box_muller_lanes, exponent_split, octant_cos_sin, octant_reduction
 
 __all__ = ["log_of_uniform", "cos_sin_of_turn", "normals_from_words", "TOP_BIT", "OCTANT_FRACTION_BITS"]
 
@@ -96,8 +96,4 @@ def cos_sin_of_turn(xp, word):
 
 def normals_from_words(xp, w0, w1, w2, w3):
     """Four float32 normals per Philox block, in lane order (``specs/noise.md`` §4)."""
-    r01 = xp.sqrt(-2.0 * log_of_uniform(xp, w0))
-    cos01, sin01 = cos_sin_of_turn(xp, w1)
-    r23 = xp.sqrt(-2.0 * log_of_uniform(xp, w2))
-    cos23, sin23 = cos_sin_of_turn(xp, w3)
-    return xp.stack([r01 * cos01, r01 * sin01, r23 * cos23, r23 * sin23], axis=1)
+    return box_muller_lanes(xp, log_of_uniform, cos_sin_of_turn, w0, w1, w2, w3)
