@@ -61,15 +61,15 @@ from .chunk_abi import (  # the tables' layout, shared with the CUDA kernels
     MAX_U, MIN_U, MOMENTS_NONE, NOISE_TERMS, NUM_COEFFICIENTS, NUM_PARTIALS, ONE_MINUS_BETA1, ONE_MINUS_BETA2,
     ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
 )
-from .numba_noise import chunk_normals, fill_normals, fill_tile, fill_words, philox4x32_10
+from .numba_noise import chunk_normals, fill_normals, fill_tile, fill_words, philox4x32_10, prefer_512_bit_vectors
 from .numba_noise_v2 import versioned_chunk_normals
 
 #: sha256 of ``numba_noise.py``. The cached kernels below compile that file's code in, and
 #: Numba keys their cache by the content of this file only: an edit of ``numba_noise.py``
 #: must change this line, or stale kernels would load (``tests/kernels/test_numba_noise.py``).
-NOISE_SOURCE_SHA256 = "57682b0a7cbbcd90d8f38051d9afe8c11dcb4273b2183992d5a269326964aee7"
+NOISE_SOURCE_SHA256 = "a96b502d37508b51bfa6dc37e3922a8ea9863e6c16b4b92c82546451983e5b54"
 #: sha256 of ``numba_noise_v2.py`` (noise format 2, compiled in when ``noise_v2`` is ``True``), likewise.
-NOISE_V2_SOURCE_SHA256 = "66de6a9f15f96161d4a1313b5db1b629b47d21ffab48fca0d17bcfb56a570ab2"
+NOISE_V2_SOURCE_SHA256 = "f7848e0dcf2a23afaf1406d9be88b66ce21ffd9da3e3a3f59b5b03f9399a7fcb"
 
 __all__ = [
     "philox4x32_10", "fill_words", "fill_normals", "fill_tile", "chunk_normals",
@@ -92,7 +92,10 @@ __all__ = [
 
 LANES = 64  # independent accumulators per reduction (SIMD-friendly, fixed summation order)
 _BLOCK = 4 * LANES  # elements combined in registers per update of the lane accumulators
-_TILE = 4 * _BLOCK  # pass 1's tiles: 4 KiB each in float32 (all four in L1), whole blocks
+# Rows of pass 1's lane accumulators (offsets into one flat float64 array of 7 * LANES).
+_ACC_SUM, _ACC_SUM_SQ, _ACC_LOW_U, _ACC_HIGH_U, _ACC_HIGH_P, _ACC_HIGH_D, _ACC_BAD = (
+    row * LANES for row in range(7))
+_ACC_SIZE = 7 * LANES
 
 @intrinsic
 def like(typingctx, value, example):
@@ -275,48 +278,99 @@ def nonfinite_marker(x):
     return x * like(0.0, x)
 
 
-@njit(error_model="numpy")
-def traces_check(g, factor, p, u, m, v, k, gt, ut, pt, dt):
-    """Pass 1 of one chunk (Adam moments), read-only: the new ``u, m, v`` in registers only.
+@njit(inline="always")
+def checked_element(j, g, factor, p, u, m, v, c):
+    """``(f g, u', |p|, |d|)`` of element ``j`` as pass 2 forms them, ``|d|`` made NaN when any
+    of ``g, p`` or the new traces is not finite (the checks of ``specs/algorithm.md`` §8).
 
-    Tiles (chunk-sized scratch): ``gt = f g``, ``ut`` the new utility, ``pt = |p|``, ``dt =
-    |d|`` with ``d = m_hat / (sqrt(v_hat) + eps)`` as pass 2 forms it, made NaN when any of
-    ``g, p`` or the new ``u, m, v`` is not finite (the checks of ``specs/algorithm.md`` §8).
+    ``c``: the coefficients ``(beta_u, 1 - beta_u, beta1, 1 - beta1, beta2, 1 - beta2, eps,
+    1/bc1, 1/bc2)`` as scalars. Adam moments: ``d = m_hat / (sqrt(v_hat) + eps)`` of the new
+    ``m``, ``v``; without moments (``m`` is None: the family's ``"none"``) ``d = f g`` and
+    ``m``, ``v`` are not read.
     """
-    beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
-    beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
-    eps, inv_bc1, inv_bc2 = k[EPS], k[INV_BC1], k[INV_BC2]
-    for j in range(g.size):
-        gs = g[j] * factor
-        pj = p[j]
-        u1, m1, v1 = traces(gs, pj, u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
-                            one_minus_beta2)
-        gt[j] = gs
-        ut[j] = u1
-        pt[j] = abs(pj)
-        dt[j] = abs(direction(m1, v1, inv_bc1, inv_bc2, eps)) + (
-            (nonfinite_marker(gs) + nonfinite_marker(pj)) + (nonfinite_marker(u1) + nonfinite_marker(m1))
-            + nonfinite_marker(v1))
+    beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_bc2 = c
+    gs = g[j] * factor
+    pj = p[j]
+    if m is None:
+        u1 = ema(beta_u, u[j], one_minus_beta_u, -gs * pj)
+        return gs, u1, abs(pj), abs(gs) + (nonfinite_marker(pj) + nonfinite_marker(u1))
+    u1, m1, v1 = traces(gs, pj, u[j], m[j], v[j], beta_u, one_minus_beta_u, beta1, one_minus_beta1, beta2,
+                        one_minus_beta2)
+    return gs, u1, abs(pj), abs(direction(m1, v1, inv_bc1, inv_bc2, eps)) + (
+        (nonfinite_marker(gs) + nonfinite_marker(pj)) + (nonfinite_marker(u1) + nonfinite_marker(m1))
+        + nonfinite_marker(v1))
+
+
+@njit(inline="always")
+def nonfinite_count(x):
+    """1.0 for a NaN or infinite ``x``, else 0.0 (float64: a lane accumulator of pass 1)."""
+    return 0.0 if math.isfinite(x) else 1.0
 
 
 @njit(error_model="numpy")
-def utility_check(g, factor, p, u, k, gt, ut, pt, dt):
-    """:func:`traces_check` of a member without moments: ``d = f g``; ``m``, ``v`` not read."""
-    beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
-    for j in range(g.size):
-        gs = g[j] * factor
-        pj = p[j]
-        u1 = ema(beta_u, u[j], one_minus_beta_u, -gs * pj)
-        gt[j] = gs
-        ut[j] = u1
-        pt[j] = abs(pj)
-        dt[j] = abs(gs) + (nonfinite_marker(pj) + nonfinite_marker(u1))
+def check_chunk(g, factor, p, u, m, v, c, acc):
+    """Pass 1 of one chunk, read-only: the lane accumulators ``acc`` (float64, rows of
+    ``LANES`` lanes: :data:`_ACC_SUM`, ``_ACC_SUM_SQ`` of ``f g``, ``_ACC_LOW_U``,
+    ``_ACC_HIGH_U`` of ``u'``, ``_ACC_HIGH_P`` of ``|p|``, ``_ACC_HIGH_D`` of ``|d|``,
+    ``_ACC_BAD`` the non-finite count) of the values of :func:`checked_element`.
+
+    The lane orders of :func:`add_lane_sums` and ``specs/kernels.md`` §2: element ``j`` of a
+    block of ``_BLOCK`` in lane ``j % LANES``, four rows combined in registers (sums in
+    float64, extrema ``b if b < a else a`` from the chunk's first element), then a tail
+    element by element. The extrema are exact and float32 widens exactly, so float64 lanes
+    hold the very values float32 lanes would. One loop over the lanes, each lane's four
+    elements computed where they are folded: no tile written and read back. ``acc`` is one
+    flat array so that its rows provably do not overlap (LLVM then vectorises the loop).
+    """
+    prefer_512_bit_vectors()
+    _, u0, p0, d0 = checked_element(0, g, factor, p, u, m, v, c)
+    for lane in range(LANES):
+        acc[_ACC_SUM + lane] = 0.0
+        acc[_ACC_SUM_SQ + lane] = 0.0
+        acc[_ACC_LOW_U + lane] = u0
+        acc[_ACC_HIGH_U + lane] = u0
+        acc[_ACC_HIGH_P + lane] = p0
+        acc[_ACC_HIGH_D + lane] = d0
+        acc[_ACC_BAD + lane] = 0.0
+    blocks = g.size // _BLOCK
+    for r in range(blocks):
+        for lane in range(LANES):
+            j = r * _BLOCK + lane
+            g0, u0, p0, d0 = checked_element(j, g, factor, p, u, m, v, c)
+            g1, u1, p1, d1 = checked_element(j + LANES, g, factor, p, u, m, v, c)
+            g2, u2, p2, d2 = checked_element(j + 2 * LANES, g, factor, p, u, m, v, c)
+            g3, u3, p3, d3 = checked_element(j + 3 * LANES, g, factor, p, u, m, v, c)
+            w0, w1, w2, w3 = np.float64(g0), np.float64(g1), np.float64(g2), np.float64(g3)
+            acc[_ACC_SUM + lane] += (w0 + w1) + (w2 + w3)
+            acc[_ACC_SUM_SQ + lane] += (w0 * w0 + w1 * w1) + (w2 * w2 + w3 * w3)
+            low = np.float64(smaller(smaller(u0, u1), smaller(u2, u3)))
+            acc[_ACC_LOW_U + lane] = low if low < acc[_ACC_LOW_U + lane] else acc[_ACC_LOW_U + lane]
+            high = np.float64(larger(larger(u0, u1), larger(u2, u3)))
+            acc[_ACC_HIGH_U + lane] = high if high > acc[_ACC_HIGH_U + lane] else acc[_ACC_HIGH_U + lane]
+            high = np.float64(larger(larger(p0, p1), larger(p2, p3)))
+            acc[_ACC_HIGH_P + lane] = high if high > acc[_ACC_HIGH_P + lane] else acc[_ACC_HIGH_P + lane]
+            high = np.float64(larger(larger(d0, d1), larger(d2, d3)))
+            acc[_ACC_HIGH_D + lane] = high if high > acc[_ACC_HIGH_D + lane] else acc[_ACC_HIGH_D + lane]
+            acc[_ACC_BAD + lane] += (nonfinite_count(d0) + nonfinite_count(d1)) + (
+                nonfinite_count(d2) + nonfinite_count(d3))
+    for j in range(blocks * _BLOCK, g.size):
+        lane = j % LANES
+        g0, u0, p0, d0 = checked_element(j, g, factor, p, u, m, v, c)
+        w = np.float64(g0)
+        acc[_ACC_SUM + lane] += w
+        acc[_ACC_SUM_SQ + lane] += w * w
+        acc[_ACC_LOW_U + lane] = smaller(acc[_ACC_LOW_U + lane], np.float64(u0))
+        acc[_ACC_HIGH_U + lane] = larger(acc[_ACC_HIGH_U + lane], np.float64(u0))
+        acc[_ACC_HIGH_P + lane] = larger(acc[_ACC_HIGH_P + lane], np.float64(p0))
+        acc[_ACC_HIGH_D + lane] = larger(acc[_ACC_HIGH_D + lane], np.float64(d0))
+        acc[_ACC_BAD + lane] += nonfinite_count(d0)
 
 
 @njit(error_model="numpy")
 def add_lane_sums(x, sums, squares):
     """Adds ``x`` (whole blocks of ``_BLOCK`` elements, then a tail; its first element at a
     multiple of ``_BLOCK`` of the chunk) to the float64 lane accumulators of :func:`lane_sums`."""
+    prefer_512_bit_vectors()
     blocks = x.size // _BLOCK
     for r in range(blocks):
         rows = x[r * _BLOCK : (r + 1) * _BLOCK]
@@ -333,13 +387,18 @@ def add_lane_sums(x, sums, squares):
 
 
 @njit(error_model="numpy")
+def lane_total(lanes):
+    """The lanes added in lane order, from 0.0."""
+    total = 0.0
+    for lane in range(LANES):
+        total += lanes[lane]
+    return total
+
+
+@njit(error_model="numpy")
 def lane_totals(sums, squares):
     """The lanes of :func:`add_lane_sums` added in lane order: ``(sum x, sum x^2)``."""
-    total, total_sq = 0.0, 0.0
-    for lane in range(LANES):
-        total += sums[lane]
-        total_sq += squares[lane]
-    return total, total_sq
+    return lane_total(sums), lane_total(squares)
 
 
 @njit(inline="always", error_model="numpy")
@@ -357,29 +416,9 @@ def lane_sums(x):
 
 
 @njit(error_model="numpy")
-def fold_lane_extrema(x, lows, highs):
-    """Folds ``x`` (blocks then a tail, as in :func:`add_lane_sums`) into the lane minima
-    ``lows`` and maxima ``highs`` (element ``j`` of a block in lane ``j % LANES``; exact, so
-    only NaN could tell orders apart, and the order is fixed)."""
-    blocks = x.size // _BLOCK
-    for r in range(blocks):
-        rows = x[r * _BLOCK : (r + 1) * _BLOCK]
-        for lane in range(LANES):
-            w0, w1, w2, w3 = rows[lane], rows[lane + LANES], rows[lane + 2 * LANES], rows[lane + 3 * LANES]
-            low = smaller(smaller(w0, w1), smaller(w2, w3))
-            high = larger(larger(w0, w1), larger(w2, w3))
-            lows[lane] = low if low < lows[lane] else lows[lane]
-            highs[lane] = high if high > highs[lane] else highs[lane]
-    tail = x[blocks * _BLOCK :]
-    for j in range(tail.size):
-        w = tail[j]
-        lows[j % LANES] = smaller(lows[j % LANES], w)
-        highs[j % LANES] = larger(highs[j % LANES], w)
-
-
-@njit(error_model="numpy")
 def count_nonfinite(x):
     """Number of NaN or infinite elements (an integer reduction: vectorises as is)."""
+    prefer_512_bit_vectors()
     count = 0
     for j in range(x.size):
         count += 0 if math.isfinite(x[j]) else 1
@@ -395,6 +434,7 @@ def traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range):
     ``p`` from them with ``std * noise`` (``noise``: the chunk's normals, or zeros when
     nothing is drawn). One branch-free loop, so LLVM vectorises it: every buffer is read
     once and written once."""
+    prefer_512_bit_vectors()
     beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
     beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
     decay, lr, eps, std = k[DECAY], k[LR], k[EPS], k[STD]
@@ -416,6 +456,7 @@ def family_traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range, u
                              protection_max, noise_terms):
     """:func:`traces_and_update` of any family member (``m``, ``v`` neither read nor written
     without moments)."""
+    prefer_512_bit_vectors()
     beta_u, one_minus_beta_u = k[BETA_U], k[ONE_MINUS_BETA_U]
     beta1, one_minus_beta1, beta2, one_minus_beta2 = k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2]
     decay, step, eps, std = k[DECAY], k[LR], k[EPS], k[STD]
@@ -440,40 +481,49 @@ def family_traces_and_update(p, g, u, m, v, noise, k, factor, u_lo, inv_range, u
 
 
 @njit(error_model="numpy")
-def lane_extremes(lows, highs):
-    """``(lows.min(), highs.max())`` as NumPy (and Numba's ``ndarray.min``, ``max``) define
-    them: the first NaN if there is one, else the least (greatest) element, the first of equal
-    ones. Plain loops: the generic ``ndarray.min``, ``max`` took a large share of pass 1's
-    compilation (``specs/kernels.md`` §7)."""
+def lane_min(lows):
+    """``lows.min()`` as NumPy (and Numba's ``ndarray.min``) define it: the first NaN if there
+    is one, else the least element, the first of equal ones. A plain loop: the generic
+    ``ndarray.min`` took a large share of pass 1's compilation (``specs/kernels.md`` §7)."""
     low = lows[0]
     for j in range(lows.size):
         if math.isnan(lows[j]):
-            low = lows[j]
-            break
+            return lows[j]
         if lows[j] < low:
             low = lows[j]
+    return low
+
+
+@njit(error_model="numpy")
+def lane_max(highs):
+    """``highs.max()`` as NumPy defines it (the first NaN, else the first greatest element)."""
     high = highs[0]
     for j in range(highs.size):
         if math.isnan(highs[j]):
-            high = highs[j]
-            break
+            return highs[j]
         if highs[j] > high:
             high = highs[j]
-    return low, high
+    return high
+
+
+@njit(error_model="numpy")
+def lane_extremes(lows, highs):
+    """``(lows.min(), highs.max())``: :func:`lane_min`, :func:`lane_max`."""
+    return lane_min(lows), lane_max(highs)
 
 
 @njit(inline="always", error_model="numpy")
-def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2):
+def _pass2_inputs(c, chunks, p, coefficients, zeros, step_lo, step_hi, key0, key1, noise_v2):
     """``(a, b, k, noise)`` of chunk ``c`` of a present segment: ``noise`` holds the chunk's
-    normals, or zeros (nothing drawn) when the segment's ``std`` is 0 (``0 * 0`` adds the
-    ``+0`` the update without noise adds)."""
+    normals, or zeros (nothing drawn; ``zeros``: a launch's :data:`CHUNK` zeros) when the
+    segment's ``std`` is 0 (``0 * 0`` adds the ``+0`` the update without noise adds)."""
     a = chunks[c, START]
     n = chunks[c, LENGTH]
     k = coefficients[chunks[c, SEGMENT]]
     if k[STD] != like(0.0, k[STD]):
         tile, skip = versioned_chunk_normals(noise_v2, chunks[c, LOGICAL], n, p, step_lo, step_hi, key0, key1)
         return a, a + n, k, tile[skip : skip + n]
-    return a, a + n, k, np.zeros(n, p.dtype)
+    return a, a + n, k, zeros[:n]
 
 
 # --- kernels: one function each, over a range of chunks ----------------------------------
@@ -488,50 +538,30 @@ def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, nois
 def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
     """Pass 1 of chunks ``[first, last)`` of present segments, read-only (``specs/kernels.md``
     §1): per chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``, ``max |p|``, ``max |d|`` and the
-    non-finite count of the traces of ``f g``. Without moments (the family's ``"none"``) ``m``
-    and ``v`` are not read.
-
-    A chunk is read one tile of ``_TILE`` elements at a time: the tile's ``f g``, new ``u``,
-    ``|p|`` and marked ``|d|`` go into four tiles (16 KiB in float32: L1-resident), folded at
-    once into the chunk's lane accumulators (the lane orders of :func:`lane_sums` and
-    :func:`fold_lane_extrema`, so the partials are the same bits as from chunk-sized tiles).
+    non-finite count of the traces of ``f g`` (:func:`check_chunk`). Without moments (the
+    family's ``"none"``) ``m`` and ``v`` are not read.
 
     Bytes per element: reads g, p, u (+ m, v); writes nothing.
     """
+    acc = np.empty(_ACC_SIZE)
     for c in range(first, last):
         if present[chunks[c, SEGMENT]]:
-            a = chunks[c, START]
-            n = chunks[c, LENGTH]
+            i = chunks[c, START]
+            j = i + chunks[c, LENGTH]
             k = coefficients[chunks[c, SEGMENT]]
-            tiles = np.empty((4, smaller(n, _TILE)), p.dtype)
-            gt, ut, pt, dt = tiles[0], tiles[1], tiles[2], tiles[3]
-            sums, squares = np.zeros(LANES), np.zeros(LANES)
-            lanes = np.empty((6, LANES), p.dtype)  # low, high of u, |p|, |d|, from each's first element
-            bad = 0
-            for start in range(0, n, _TILE):
-                size = smaller(_TILE, n - start)
-                i, j = a + start, a + start + size
-                if moments_none:
-                    utility_check(g[i:j], factor, p[i:j], u[i:j], k, gt[:size], ut[:size], pt[:size], dt[:size])
-                else:
-                    traces_check(g[i:j], factor, p[i:j], u[i:j], m[i:j], v[i:j], k, gt[:size], ut[:size],
-                                 pt[:size], dt[:size])
-                if start == 0:
-                    for row in range(3):
-                        for lane in range(LANES):  # element stores: a slice assignment compiles far slower
-                            lanes[2 * row, lane] = tiles[row + 1, 0]
-                            lanes[2 * row + 1, lane] = tiles[row + 1, 0]
-                add_lane_sums(gt[:size], sums, squares)
-                fold_lane_extrema(ut[:size], lanes[0], lanes[1])
-                fold_lane_extrema(pt[:size], lanes[2], lanes[3])
-                fold_lane_extrema(dt[:size], lanes[4], lanes[5])
-                bad += count_nonfinite(dt[:size])
-            partial[c, SUM], partial[c, SUM_SQ] = lane_totals(sums, squares)
-            low_u, high_u = lane_extremes(lanes[0], lanes[1])
-            partial[c, MIN_U], partial[c, MAX_U] = np.float64(low_u), np.float64(high_u)
-            partial[c, MAX_P] = np.float64(lane_extremes(lanes[2], lanes[3])[1])
-            partial[c, MAX_D] = np.float64(lane_extremes(lanes[4], lanes[5])[1])
-            partial[c, BAD] = bad
+            scalars = (k[BETA_U], k[ONE_MINUS_BETA_U], k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2],
+                       k[EPS], k[INV_BC1], k[INV_BC2])
+            if moments_none:
+                check_chunk(g[i:j], factor, p[i:j], u[i:j], None, None, scalars, acc)
+            else:
+                check_chunk(g[i:j], factor, p[i:j], u[i:j], m[i:j], v[i:j], scalars, acc)
+            partial[c, SUM], partial[c, SUM_SQ] = lane_totals(acc[_ACC_SUM : _ACC_SUM + LANES],
+                                                              acc[_ACC_SUM_SQ : _ACC_SUM_SQ + LANES])
+            partial[c, MIN_U], partial[c, MAX_U] = lane_extremes(acc[_ACC_LOW_U : _ACC_LOW_U + LANES],
+                                                                 acc[_ACC_HIGH_U : _ACC_HIGH_U + LANES])
+            partial[c, MAX_P] = lane_max(acc[_ACC_HIGH_P : _ACC_HIGH_P + LANES])
+            partial[c, MAX_D] = lane_max(acc[_ACC_HIGH_D : _ACC_HIGH_D + LANES])
+            partial[c, BAD] = lane_total(acc[_ACC_BAD : _ACC_BAD + LANES])
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -544,9 +574,11 @@ def pass2_chunks(first, last, p, g, u, m, v, chunks, present, coefficients, fact
 
     Bytes per element: reads g, p, u, m, v; writes u, m, v, p (+ g when f != 1).
     """
+    zeros = np.zeros(CHUNK, p.dtype)
     for c in range(first, last):
         if present[chunks[c, SEGMENT]]:
-            a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2)
+            a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, zeros, step_lo, step_hi, key0, key1,
+                                          noise_v2)
             traces_and_update(p[a:b], g[a:b], u[a:b], m[a:b], v[a:b], noise, k, factor, u_lo, inv_range)
 
 
@@ -560,9 +592,11 @@ def family_pass2_chunks(first, last, p, g, u, m, v, chunks, present, coefficient
     Bytes per element: reads g, p, u (+ m, v); writes u (+ m, v), p (+ g when f != 1).
     """
     moments_none = (mode & MOMENTS_NONE) != 0
+    zeros = np.zeros(CHUNK, p.dtype)
     for c in range(first, last):
         if present[chunks[c, SEGMENT]]:
-            a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, noise_v2)
+            a, b, k, noise = _pass2_inputs(c, chunks, p, coefficients, zeros, step_lo, step_hi, key0, key1,
+                                          noise_v2)
             family_traces_and_update(p[a:b], g[a:b], u[a:b], m if moments_none else m[a:b],
                                      v if moments_none else v[a:b], noise, k, factor, u_lo, inv_range, u_hi,
                                      moments_none, (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
