@@ -31,7 +31,7 @@ from ..rng import (
 
 __all__ = [
     "philox4x32_10", "log_of_uniform", "kernel_sin", "kernel_cos", "cos_sin_of_turn",
-    "fill_words", "fill_normals", "fill_tile", "chunk_normals", "prefer_512_bit_vectors",
+    "fill_words", "fill_normals", "fill_tile", "chunk_normals",
 ]
 
 # uint64 constants: Numba types a Python int literal as int64, and uint64 op int64 is float64.
@@ -74,27 +74,6 @@ def bitcast(source, target):
 
 float64_bits = bitcast(types.float64, types.uint64)
 float64_from_bits = bitcast(types.uint64, types.float64)
-
-
-@intrinsic
-def prefer_512_bit_vectors(typingctx):
-    """Marks the calling function ``"prefer-vector-width"="512"`` and ``noinline`` (LLVM
-    function attributes).
-
-    LLVM tunes Intel server CPUs (Skylake-X .. Emerald Rapids) to prefer 256-bit vectors, so
-    it vectorises the element loops 8 float32 (4 float64) lanes wide; 16 (8) lanes run them
-    up to 2x faster (``specs/noise-v2.md`` §7, ``specs/kernels.md`` §3). Inlined into a caller,
-    a loop would take the caller's preference, hence ``noinline`` (one call per tile or
-    chunk). Instruction selection only, never a result. llvmlite's attribute set lists only
-    enumerated attributes, hence ``set.add``.
-    """
-
-    def codegen(context, builder, signature, args):
-        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
-        builder.function.attributes.add("noinline")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
 
 
 @njit(inline="always")
@@ -182,7 +161,6 @@ def cos_sin_of_turn(word):
 def fill_words(words, first_block, step_lo, step_hi, key0, key1):
     """``words[4b + k]`` = word ``k`` of Philox block ``first_block + b`` (``first_block``:
     uint64; ``words``: uint32, ``size % 4 == 0``)."""
-    prefer_512_bit_vectors()
     for b in range(words.size // 4):
         block = first_block + np.uint64(b)
         w0, w1, w2, w3 = philox4x32_10(block & _MASK32, block >> _SHIFT32, step_lo, step_hi, key0, key1)
@@ -199,7 +177,6 @@ def fill_normals(tile, words):
 
     Pairs ``(w0, w1)`` and ``(w2, w3)`` of a block give its lanes 0, 1 and 2, 3.
     """
-    prefer_512_bit_vectors()
     for i in range(tile.size // 2):
         radius = math.sqrt(-2.0 * log_of_uniform(np.uint64(words[2 * i])))
         cos, sin = cos_sin_of_turn(np.uint64(words[2 * i + 1]))
