@@ -62,6 +62,7 @@ from .chunk_abi import (  # the tables' layout, shared with the CUDA kernels
     ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
 )
 from .numba_noise import chunk_normals, fill_normals, fill_tile, fill_words, philox4x32_10
+from .numba_noise_v2 import fill_tile as fill_tile_v2
 from .numba_noise_v2 import prefer_512_bit_vectors, versioned_chunk_normals
 
 #: sha256 of ``numba_noise.py``. The cached kernels below compile that file's code in, and
@@ -602,17 +603,35 @@ def family_pass2_chunks(first, last, p, g, u, m, v, chunks, present, coefficient
                                      moments_none, (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
 
 
+@njit(error_model="numpy")
+def versioned_fill_tile(noise_v2, tile, first_block, step_lo, step_hi, key0, key1):
+    """``fill_tile`` of noise format 1 (``noise_v2`` is ``None``: the format-2 branch pruned
+    at compile time) or 2 (``True``)."""
+    if noise_v2 is None:
+        fill_tile(tile, first_block, step_lo, step_hi, key0, key1)
+    else:
+        fill_tile_v2(tile, first_block, step_lo, step_hi, key0, key1)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def noise_chunks(first, last, out, chunks, step_lo, step_hi, key0, key1, noise_v2):
     """The standard normals of chunks ``[first, last)`` into ``out`` (``upgd_ref.noise``).
 
-    Bytes per element: writes ``out`` (the normals never exist elsewhere but in a tile).
+    A chunk of whole Philox blocks (logical start and length multiples of 4: every chunk but
+    a segment's last, in the usual layouts) is generated straight into ``out``, the very
+    values its tile would hold; any other goes through a tile of whole blocks.
+
+    Bytes per element: writes ``out`` (the normals never exist elsewhere but in ``out`` or a tile).
     """
     for c in range(first, last):
         a = chunks[c, START]
         n = chunks[c, LENGTH]
-        tile, skip = versioned_chunk_normals(noise_v2, chunks[c, LOGICAL], n, out, step_lo, step_hi, key0, key1)
-        out[a : a + n] = tile[skip : skip + n]
+        logical = chunks[c, LOGICAL]
+        if logical % 4 == 0 and n % 4 == 0:
+            versioned_fill_tile(noise_v2, out[a : a + n], np.uint64(logical // 4), step_lo, step_hi, key0, key1)
+        else:
+            tile, skip = versioned_chunk_normals(noise_v2, logical, n, out, step_lo, step_hi, key0, key1)
+            out[a : a + n] = tile[skip : skip + n]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
