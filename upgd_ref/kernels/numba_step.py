@@ -279,7 +279,7 @@ def nonfinite_marker(x):
     return x * like(0.0, x)
 
 
-@njit(inline="always")
+@njit(error_model="numpy")
 def checked_element(j, g, factor, p, u, m, v, c):
     """``(f g, u', |p|, |d|)`` of element ``j`` as pass 2 forms them, ``|d|`` made NaN when any
     of ``g, p`` or the new traces is not finite (the checks of ``specs/algorithm.md`` §8).
