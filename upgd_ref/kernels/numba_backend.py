@@ -27,9 +27,10 @@ import time
 import numpy as np
 
 from .. import reference as ref
-from ..rng import check_noise_version
+from ..rng import DEFAULT_NOISE_VERSION, check_noise_version
 from ..stages import SegmentReductions
 from . import numba_step as k
+from .compile_ahead import forking_on_compile, wait_for
 from .compile_notice import install as install_compile_notice
 from .numba_launch import run_chunks, thread_count
 from .chunk_abi import (
@@ -74,6 +75,21 @@ def _noise_v2(noise_version: int):
     """The kernels' ``noise_v2`` argument: ``None`` for format 1 (Numba then compiles the
     format-1 kernels only, as before format 2 existed), ``True`` for format 2."""
     return None if check_noise_version(noise_version) == 1 else True
+
+
+def _pass2_call(params, grads, state, table, flags, coefficients, factor, u_lo, inv_range, u_hi, variant, step, seed,
+                noise_version):
+    """``(kernel, arguments after the chunk range)`` of pass 2: ``pass2_chunks`` for the
+    production member, else ``family_pass2_chunks`` with the member's mode bits."""
+    words = (*_split_u64(step), *_split_u64(seed), _noise_v2(noise_version))
+    # g <- f g is written, in the read of pass 2, only when f != 1 (then grads is writable);
+    # a read-only view selects the kernel version that never writes g
+    g = grads if factor != 1 else _read_only(grads)
+    common = (params, g, state.utility, state.first_moment, state.second_moment, table, flags, coefficients, factor,
+              u_lo, inv_range)
+    if variant == ref.PRODUCTION:
+        return k.pass2_chunks, (*common, *words)
+    return k.family_pass2_chunks, (*common, u_hi, family_mode(variant), *words)
 
 
 class NumbaBackend:
@@ -150,27 +166,26 @@ class NumbaBackend:
         partial = np.empty((table.shape[0], NUM_PARTIALS))
         t = state.segment_step + flags
         coefficients = step_coefficients(hyper, t, np.zeros(layout.num_segments), dtype, variant.update_factor)
-        self._run(layout, k.pass1_chunks,
-                  *(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
-                  table, flags, coefficients, dtype.type(vgs_factor), variant.moments == "none", partial)
+        factor = dtype.type(vgs_factor)
+        # on a cold cache, pass 2 (default noise format) compiles in a child while this
+        # process compiles pass 1 (compile_ahead.py); the stand-in scalars only carry types
+        zero = dtype.type(0)
+        pass2 = _pass2_call(params, grads, state, table, flags, coefficients, factor, zero, zero, zero, variant, 0, 0,
+                            DEFAULT_NOISE_VERSION)
+        with forking_on_compile(pass2[0], (0, 0, *pass2[1])):
+            self._run(layout, k.pass1_chunks,
+                      *(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
+                      table, flags, coefficients, factor, variant.moments == "none", partial)
         return _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
                     vgs_factor=1.0, noise_version=1) -> None:
-        table = chunk_table(layout)
-        flags = np.asarray(present, dtype=np.bool_)
         coefficients, inv_range = update_tables(plan, hyper, layout.dtype, variant)
-        words = (*_split_u64(plan.step), *_split_u64(seed), _noise_v2(noise_version))
-        factor = layout.dtype.type(vgs_factor)
-        # g <- f g is written, in the read of pass 2, only when f != 1 (then grads is writable);
-        # a read-only view selects the kernel version that never writes g
-        g = grads if factor != 1 else _read_only(grads)
-        common = (params, g, state.utility, state.first_moment, state.second_moment, table, flags,
-                  coefficients, factor, plan.utility_min, inv_range)
-        if variant == ref.PRODUCTION:
-            self._run(layout, k.pass2_chunks, *common, *words)
-        else:
-            self._run(layout, k.family_pass2_chunks, *common, plan.utility_max, family_mode(variant), *words)
+        kernel, args = _pass2_call(params, grads, state, chunk_table(layout), np.asarray(present, dtype=np.bool_),
+                                   coefficients, layout.dtype.type(vgs_factor), plan.utility_min, inv_range,
+                                   plan.utility_max, variant, plan.step, seed, noise_version)
+        wait_for(kernel, (0, 0, *args))
+        self._run(layout, kernel, *args)
 
     # --- compilation --------------------------------------------------------------------
 

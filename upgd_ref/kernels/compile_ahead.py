@@ -1,0 +1,124 @@
+"""Compiling a kernel ahead of need in a forked child process (``specs/kernels.md`` §7).
+
+Numba compiles under one process-wide lock, so a second thread of this process cannot
+compile while the first does; a second process can. On a cold cache, a step compiles pass 1
+and then pass 2, each about half of its compilation. While this process compiles pass 1, a
+child forked from it compiles pass 2 for the signature the step will call into Numba's
+on-disk cache and exits; pass 2's launch waits for the child and loads the kernel from the
+cache (the same machine code the process would have compiled: Numba's cache holds it).
+
+* The child is forked only when this process really compiles (Numba's ``numba:compile``
+  event, never fired on a cache hit), so a warm process never forks.
+* A fork starts at once: the child has the parent's imports and its initialised LLVM. It
+  runs nothing but the compilation and the cache write, with stdout and stderr on
+  ``/dev/null`` (no second notice, no duplicate warnings), then ``os._exit``.
+* Linux only (``os.fork``; elsewhere fork is unsafe or absent): there the step compiles
+  everything itself, as it does when the child fails, whatever the reason (the wait is
+  bounded by :data:`WAIT_LIMIT_S`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+import warnings
+
+from numba.core import event
+
+__all__ = ["WAIT_LIMIT_S", "forking_on_compile", "wait_for"]
+
+#: Seconds pass 2's launch waits at most for its child (then kills it and compiles itself).
+WAIT_LIMIT_S = 600.0
+
+_FORK = sys.platform.startswith("linux") and hasattr(os, "fork")
+_LOCK = threading.Lock()
+_requests: list = []  # (kernel, signature) to fork for on this process's next real compilation
+_children: dict = {}  # (kernel, signature) -> pid of the child compiling it
+
+
+def _signature(kernel, args) -> tuple:
+    """The Numba types ``kernel`` dispatches ``args`` on (as a call with them would)."""
+    return tuple(kernel.typeof_pyval(a) for a in args)
+
+
+def _child(kernel, signature) -> None:
+    """The forked child: compile (or load) ``kernel`` for ``signature``, which writes Numba's
+    cache, and exit without running anything of the parent's."""
+    status = 1
+    try:
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
+        kernel.compile(signature)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _fork(kernel, signature) -> None:
+    with warnings.catch_warnings():  # Python >= 3.12 warns on forking a threaded process: the child only compiles
+        warnings.simplefilter("ignore")
+        pid = os.fork()
+    if pid == 0:
+        _child(kernel, signature)
+    with _LOCK:
+        _children[(kernel, signature)] = pid
+
+
+class _ForkOnCompile(event.Listener):
+    """Forks a child per pending request when this process starts a real compilation."""
+
+    def on_start(self, ev: event.Event) -> None:
+        with _LOCK:
+            pending = list(_requests)
+            _requests.clear()
+        for kernel, signature in pending:
+            _fork(kernel, signature)
+
+    def on_end(self, ev: event.Event) -> None:
+        pass
+
+
+if _FORK:
+    event.register("numba:compile", _ForkOnCompile())
+
+
+@contextlib.contextmanager
+def forking_on_compile(kernel, args):
+    """While the block runs, the first real compilation in this process forks a child that
+    compiles ``kernel`` for ``args`` (its full argument list) into the on-disk cache; nothing
+    when ``kernel`` already has that signature here, or a child is on it."""
+    key = (kernel, _signature(kernel, args)) if _FORK else None
+    with _LOCK:
+        wanted = key is not None and key[1] not in kernel.overloads and key not in _children
+        if wanted:
+            _requests.append(key)
+    try:
+        yield
+    finally:
+        if wanted:
+            with _LOCK:
+                if key in _requests:
+                    _requests.remove(key)
+
+
+def wait_for(kernel, args) -> None:
+    """Wait until the child compiling ``kernel`` for ``args`` (if any) has exited; killed after
+    :data:`WAIT_LIMIT_S` seconds. The call that follows loads the kernel from the cache, or
+    compiles it if the child did not write it."""
+    if not _FORK or not _children:
+        return
+    with _LOCK:
+        pid = _children.pop((kernel, _signature(kernel, args)), None)
+    if pid is None:
+        return
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.002)
