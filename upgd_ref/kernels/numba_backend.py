@@ -77,6 +77,12 @@ def _noise_v2(noise_version: int):
     return None if check_noise_version(noise_version) == 1 else True
 
 
+def _without_moments(variant: ref.UPGDVariant):
+    """Pass 1's ``without_moments``: ``None`` for members with moments (their version never
+    compiles the utility-only trace), ``True`` for the family's ``"none"``."""
+    return True if variant.moments == "none" else None
+
+
 def _pass2_call(params, grads, state, table, flags, coefficients, factor, u_lo, inv_range, u_hi, variant, step, seed,
                 noise_version):
     """``(kernel, arguments after the chunk range)`` of pass 2: ``pass2_chunks`` for the
@@ -175,7 +181,7 @@ class NumbaBackend:
         with forking_on_compile(pass2[0], (0, 0, *pass2[1])):
             self._run(layout, k.pass1_chunks,
                       *(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
-                      table, flags, coefficients, factor, variant.moments == "none", partial)
+                      table, flags, coefficients, factor, _without_moments(variant), partial)
         return _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,

@@ -332,6 +332,18 @@ def add_lane_sums(x, sums, squares):
         squares[j % LANES] += w * w
 
 
+@njit(inline="always")
+def zero_lane_accumulators():
+    """``(sums, squares)``: float64 lane accumulators set to 0, the rows of one allocation of
+    the type ``segment_reductions`` allocates (element stores: ``np.zeros`` compiles a
+    function of its own)."""
+    both = np.empty((2, LANES))
+    for lane in range(LANES):
+        both[0, lane] = 0.0
+        both[1, lane] = 0.0
+    return both[0], both[1]
+
+
 @njit(error_model="numpy")
 def lane_totals(sums, squares):
     """The lanes of :func:`add_lane_sums` added in lane order: ``(sum x, sum x^2)``."""
@@ -350,8 +362,7 @@ def lane_sums(x):
     registers before they meet the lane accumulators; at the end the lanes are added in
     order. (A plain running sum cannot be vectorised without reassociation, i.e. fastmath.)
     """
-    sums = np.zeros(LANES)
-    squares = np.zeros(LANES)
+    sums, squares = zero_lane_accumulators()
     add_lane_sums(x, sums, squares)
     return lane_totals(sums, squares)
 
@@ -485,11 +496,12 @@ def _pass2_inputs(c, chunks, p, coefficients, step_lo, step_hi, key0, key1, nois
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
+def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, factor, without_moments, partial):
     """Pass 1 of chunks ``[first, last)`` of present segments, read-only (``specs/kernels.md``
     §1): per chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``, ``max |p|``, ``max |d|`` and the
-    non-finite count of the traces of ``f g``. Without moments (the family's ``"none"``) ``m``
-    and ``v`` are not read.
+    non-finite count of the traces of ``f g``. ``without_moments``: ``None`` for members with
+    moments, ``True`` for the family's ``"none"`` (``m`` and ``v`` not read); Numba prunes the
+    other branch at compile time, so each version compiles one trace helper.
 
     A chunk is read one tile of ``_TILE`` elements at a time: the tile's ``f g``, new ``u``,
     ``|p|`` and marked ``|d|`` go into four tiles (16 KiB in float32: L1-resident), folded at
@@ -505,13 +517,13 @@ def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, fact
             k = coefficients[chunks[c, SEGMENT]]
             tiles = np.empty((4, smaller(n, _TILE)), p.dtype)
             gt, ut, pt, dt = tiles[0], tiles[1], tiles[2], tiles[3]
-            sums, squares = np.zeros(LANES), np.zeros(LANES)
+            sums, squares = zero_lane_accumulators()
             lanes = np.empty((6, LANES), p.dtype)  # low, high of u, |p|, |d|, from each's first element
             bad = 0
             for start in range(0, n, _TILE):
                 size = smaller(_TILE, n - start)
                 i, j = a + start, a + start + size
-                if moments_none:
+                if without_moments is not None:
                     utility_check(g[i:j], factor, p[i:j], u[i:j], k, gt[:size], ut[:size], pt[:size], dt[:size])
                 else:
                     traces_check(g[i:j], factor, p[i:j], u[i:j], m[i:j], v[i:j], k, gt[:size], ut[:size],
