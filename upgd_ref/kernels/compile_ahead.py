@@ -1,11 +1,12 @@
 """Compiling a kernel ahead of need in a forked child process (``specs/kernels.md`` §7).
 
 Numba compiles under one process-wide lock, so a second thread of this process cannot
-compile while the first does; a second process can. On a cold cache, a step compiles pass 1
-and then pass 2, each about half of its compilation. While this process compiles pass 1, a
-child forked from it compiles pass 2 for the signature the step will call into Numba's
-on-disk cache and exits; pass 2's launch waits for the child and loads the kernel from the
-cache (the same machine code the process would have compiled: Numba's cache holds it).
+compile while the first does; a second process can. On a cold cache, a step compiles pass 1,
+the reduction of its partials and pass 2, in this order. While this process compiles pass 1,
+two children forked from it compile the reduction and pass 2 for the signatures the step will
+call into Numba's on-disk cache, and exit; their launches wait for their child and load the
+kernel from the cache (the machine code this process would have compiled, as any later
+process loads it).
 
 * The child is forked only when this process really compiles (Numba's ``numba:compile``
   event, never fired on a cache hit), so a warm process never forks.
@@ -87,20 +88,20 @@ if _FORK:
 
 
 @contextlib.contextmanager
-def forking_on_compile(kernel, args):
-    """While the block runs, the first real compilation in this process forks a child that
-    compiles ``kernel`` for ``args`` (its full argument list) into the on-disk cache; nothing
-    when ``kernel`` already has that signature here, or a child is on it."""
-    key = (kernel, _signature(kernel, args)) if _FORK else None
+def forking_on_compile(*calls):
+    """While the block runs, the first real compilation in this process forks one child per
+    ``(kernel, args)`` of ``calls`` (``args``: the kernel's full argument list), which
+    compiles ``kernel`` for the types of ``args`` into the on-disk cache; none for a kernel
+    that already has that signature here, or a child on it."""
+    keys = [(kernel, _signature(kernel, args)) for kernel, args in calls] if _FORK else []
     with _LOCK:
-        wanted = key is not None and key[1] not in kernel.overloads and key not in _children
-        if wanted:
-            _requests.append(key)
+        wanted = [key for key in keys if key[1] not in key[0].overloads and key not in _children]
+        _requests.extend(wanted)
     try:
         yield
     finally:
-        if wanted:
-            with _LOCK:
+        with _LOCK:
+            for key in wanted:
                 if key in _requests:
                     _requests.remove(key)
 

@@ -173,16 +173,18 @@ class NumbaBackend:
         t = state.segment_step + flags
         coefficients = step_coefficients(hyper, t, np.zeros(layout.num_segments), dtype, variant.update_factor)
         factor = dtype.type(vgs_factor)
-        # on a cold cache, pass 2 (default noise format) compiles in a child while this
-        # process compiles pass 1 (compile_ahead.py); the stand-in scalars only carry types
+        # on a cold cache, the reduction and pass 2 (default noise format) compile in children
+        # while this process compiles pass 1 (compile_ahead.py); the stand-in scalars only carry types
         zero = dtype.type(0)
         pass2 = _pass2_call(params, grads, state, table, flags, coefficients, factor, zero, zero, zero, variant, 0, 0,
                             DEFAULT_NOISE_VERSION)
-        with forking_on_compile(pass2[0], (0, 0, *pass2[1])):
+        reduce = (table, flags, partial, layout.num_segments)
+        with forking_on_compile((k.segment_reductions, reduce), (pass2[0], (0, 0, *pass2[1]))):
             self._run(layout, k.pass1_chunks,
                       *(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
                       table, flags, coefficients, factor, _without_moments(variant), partial)
-        return _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
+        wait_for(k.segment_reductions, reduce)
+        return _reductions(k.segment_reductions(*reduce))
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
                     vgs_factor=1.0, noise_version=1) -> None:

@@ -61,18 +61,18 @@ from .chunk_abi import (  # the tables' layout, shared with the CUDA kernels
     MAX_U, MIN_U, MOMENTS_NONE, NOISE_TERMS, NUM_COEFFICIENTS, NUM_PARTIALS, ONE_MINUS_BETA1, ONE_MINUS_BETA2,
     ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
 )
-from .numba_noise import chunk_normals, fill_normals, fill_tile, fill_words, philox4x32_10
+from .numba_noise import fill_normals, fill_words, philox4x32_10
 from .numba_noise_v2 import versioned_chunk_normals
 
 #: sha256 of ``numba_noise.py``. The cached kernels below compile that file's code in, and
 #: Numba keys their cache by the content of this file only: an edit of ``numba_noise.py``
 #: must change this line, or stale kernels would load (``tests/kernels/test_numba_noise.py``).
-NOISE_SOURCE_SHA256 = "57682b0a7cbbcd90d8f38051d9afe8c11dcb4273b2183992d5a269326964aee7"
+NOISE_SOURCE_SHA256 = "789b93d6874a198a88cf5a8160ecfab99bd2eebaeba4284637556ceae5ddc2e7"
 #: sha256 of ``numba_noise_v2.py`` (noise format 2, compiled in when ``noise_v2`` is ``True``), likewise.
-NOISE_V2_SOURCE_SHA256 = "66de6a9f15f96161d4a1313b5db1b629b47d21ffab48fca0d17bcfb56a570ab2"
+NOISE_V2_SOURCE_SHA256 = "171e42335a443e0fea07f40a2565177a621e004a22d07476d418330bc5ce9086"
 
 __all__ = [
-    "philox4x32_10", "fill_words", "fill_normals", "fill_tile", "chunk_normals",
+    "philox4x32_10", "fill_words", "fill_normals", "versioned_chunk_normals",
     "CHUNK",
     "LANES",
     "SEGMENT", "START", "LENGTH", "LOGICAL",
