@@ -13,10 +13,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
+from upgd_ref.kernels import compile_ahead
 from upgd_ref.kernels.compile_notice import MESSAGE
+from upgd_ref.kernels.numba_step import segment_reductions
 
 SCRIPT = """
 import json, logging, os
@@ -60,3 +64,21 @@ def test_pass2_is_compiled_by_a_forked_child_on_a_cold_cache_only(tmp_path):
     assert warm["forks"] == 0 and warm["pass1"] == warm["reduce"] == warm["pass2"] == [1, 0]
     assert MESSAGE not in warm_stderr, warm_stderr
     assert warm["params"] == cold["params"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child is forked on Linux only")
+def test_a_child_that_uses_no_cpu_is_killed_and_reaped(monkeypatch):
+    """A child stuck on a lock it inherited (here: asleep) costs ``STALL_S``, not a hang."""
+    monkeypatch.setattr(compile_ahead, "STALL_S", 0.2)
+    args = (np.zeros((1, 4), np.int64), np.ones(1, np.bool_), np.zeros((1, 7)), 1)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    key = (segment_reductions, compile_ahead._signature(segment_reductions, args))
+    monkeypatch.setitem(compile_ahead._children, key, pid)
+    start = time.monotonic()
+    compile_ahead.wait_for(segment_reductions, args)
+    assert time.monotonic() - start < 30 and not compile_ahead._children
+    with pytest.raises(ChildProcessError):  # killed and reaped
+        os.waitpid(pid, 0)

@@ -14,14 +14,15 @@ process loads it).
   runs nothing but the compilation and the cache write, with stdout and stderr on
   ``/dev/null`` (no second notice, no duplicate warnings), then ``os._exit``.
 * Linux only (``os.fork``; elsewhere fork is unsafe or absent): there the step compiles
-  everything itself, as it does when the child fails, whatever the reason (the wait is
-  bounded by :data:`WAIT_LIMIT_S`).
+  everything itself, as it does when a child fails, whatever the reason (a stuck child is
+  killed after :data:`STALL_S` seconds without CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -29,10 +30,11 @@ import warnings
 
 from numba.core import event
 
-__all__ = ["WAIT_LIMIT_S", "forking_on_compile", "wait_for"]
+__all__ = ["STALL_S", "forking_on_compile", "wait_for"]
 
-#: Seconds pass 2's launch waits at most for its child (then kills it and compiles itself).
-WAIT_LIMIT_S = 600.0
+#: A child that has used no CPU for this many seconds is taken to be stuck: killed, and the
+#: kernel compiled in the process.
+STALL_S = 10.0
 
 _FORK = sys.platform.startswith("linux") and hasattr(os, "fork")
 _LOCK = threading.Lock()
@@ -106,20 +108,35 @@ def forking_on_compile(*calls):
                     _requests.remove(key)
 
 
+def _cpu_ticks(pid: int) -> int:
+    """Clock ticks of CPU (user + system) the process ``pid`` has used so far (Linux ``/proc``),
+    -1 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
 def wait_for(kernel, args) -> None:
-    """Wait until the child compiling ``kernel`` for ``args`` (if any) has exited; killed after
-    :data:`WAIT_LIMIT_S` seconds. The call that follows loads the kernel from the cache, or
-    compiles it if the child did not write it."""
+    """Wait until the child compiling ``kernel`` for ``args`` (if any) has exited; killed when
+    it has used no CPU for :data:`STALL_S` seconds (stuck: a fork of a threaded process can
+    inherit a lock that no thread of the child will release). The call that follows loads the
+    kernel from the cache, or compiles it if the child did not write it."""
     if not _FORK or not _children:
         return
     with _LOCK:
         pid = _children.pop((kernel, _signature(kernel, args)), None)
     if pid is None:
         return
-    deadline = time.monotonic() + WAIT_LIMIT_S
+    ticks, since = _cpu_ticks(pid), time.monotonic()
     while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            return
+        if time.monotonic() - since > STALL_S:
+            now = _cpu_ticks(pid)
+            if now == ticks:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            ticks, since = now, time.monotonic()
         time.sleep(0.002)
