@@ -38,7 +38,7 @@ STALL_S = 10.0
 
 _FORK = sys.platform.startswith("linux") and hasattr(os, "fork")
 _LOCK = threading.Lock()
-_requests: list = []  # (kernel, signature) to fork for on this process's next real compilation
+_requests: list = []  # the calls of each open forking_on_compile block: forked for on the next real compilation
 _children: dict = {}  # (kernel, signature) -> pid of the child compiling it
 
 
@@ -72,14 +72,19 @@ def _fork(kernel, signature) -> None:
 
 
 class _ForkOnCompile(event.Listener):
-    """Forks a child per pending request when this process starts a real compilation."""
+    """Forks a child per pending request when this process starts a real compilation (the
+    signatures are worked out only then: a step that compiles nothing pays no ``typeof``)."""
 
     def on_start(self, ev: event.Event) -> None:
         with _LOCK:
-            pending = list(_requests)
+            pending = [call for calls in _requests for call in calls]
             _requests.clear()
-        for kernel, signature in pending:
-            _fork(kernel, signature)
+        for kernel, args in pending:
+            key = (kernel, _signature(kernel, args))
+            with _LOCK:
+                wanted = key[1] not in kernel.overloads and key not in _children
+            if wanted:
+                _fork(*key)
 
     def on_end(self, ev: event.Event) -> None:
         pass
@@ -95,17 +100,19 @@ def forking_on_compile(*calls):
     ``(kernel, args)`` of ``calls`` (``args``: the kernel's full argument list), which
     compiles ``kernel`` for the types of ``args`` into the on-disk cache; none for a kernel
     that already has that signature here, or a child on it."""
-    keys = [(kernel, _signature(kernel, args)) for kernel, args in calls] if _FORK else []
+    if not _FORK:
+        yield
+        return
     with _LOCK:
-        wanted = [key for key in keys if key[1] not in key[0].overloads and key not in _children]
-        _requests.extend(wanted)
+        _requests.append(calls)
     try:
         yield
     finally:
         with _LOCK:
-            for key in wanted:
-                if key in _requests:
-                    _requests.remove(key)
+            for i, pending in enumerate(_requests):
+                if pending is calls:  # identity: the arguments are arrays
+                    del _requests[i]
+                    break
 
 
 def _cpu_ticks(pid: int) -> int:
