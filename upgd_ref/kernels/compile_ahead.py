@@ -21,6 +21,7 @@ process loads it).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -52,6 +53,9 @@ def _child(kernel, signature) -> None:
     cache, and exit without running anything of the parent's."""
     status = 1
     try:
+        # no collections: each would walk the heap inherited from the parent, copying its
+        # pages (copy-on-write) for nothing; the child's garbage goes at its exit, seconds later
+        gc.disable()
         quiet = os.open(os.devnull, os.O_WRONLY)
         os.dup2(quiet, 1)
         os.dup2(quiet, 2)
