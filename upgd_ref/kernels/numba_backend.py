@@ -17,7 +17,9 @@ Every member of the UPGD family (``variant``) runs in the kernels: without momen
 with the member's mode bits (``specs/kernels.md`` §1.1).
 
 The per-segment formulas are the reference's (:mod:`upgd_ref.reference`) applied to the
-reduced values; only the element-wise work runs in the kernels.
+reduced values; only the element-wise work runs in the kernels. On a cold cache (Linux), the
+reduction and pass 2 compile in forked children while pass 1 compiles here
+(:mod:`.compile_ahead`, ``specs/kernels.md`` §7).
 """
 
 from __future__ import annotations
