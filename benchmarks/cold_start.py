@@ -11,8 +11,10 @@ kernels that step needs), then the same once more in a second process on the cac
 first one filled (the warm first step of every later process). Imports are not timed. The
 child prints on its last line the step's seconds and the CPU seconds of Numba's outermost
 compilations during it (``numba:compile`` events, timed with the compiling thread's CPU
-clock: less sensitive to other load on the machine than the wall clock); this script prints
-a table with the medians. Nothing here asserts a time.
+clock: less sensitive to other load on the machine than the wall clock) and the CPU seconds
+of the child processes it forked and waited for during it (the kernels compiled ahead of
+need, ``specs/kernels.md`` §7); this script prints a table with the medians. Nothing here
+asserts a time.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import tempfile
 
 CHILD = """
-import sys, time
+import resource, sys, time
 import torch
 from numba.core import event
 
@@ -57,22 +59,30 @@ for p in params:
     p.grad = torch.randn_like(p)
 vgs = VarianceGradientScaler(params, warmup_steps=0)
 opt = AdaptiveUPGD(params, seed=1, adaptive_noise=True)
+
+
+def children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+children = children_cpu()
 start = time.perf_counter()
 vgs.scale_gradients()
 opt.step()
 vgs.step()
-print(f"{{time.perf_counter() - start:.3f}} {{clock.seconds:.3f}}")
+print(f"{{time.perf_counter() - start:.3f}} {{clock.seconds:.3f}} {{children_cpu() - children:.3f}}")
 """
 
 
-def first_step_seconds(cache_dir: str, numel: int, threads: int) -> tuple[float, float]:
-    """``(seconds, compile CPU seconds)`` of the first step in a fresh process whose Numba
-    cache is ``cache_dir``."""
+def first_step_seconds(cache_dir: str, numel: int, threads: int) -> tuple[float, float, float]:
+    """``(seconds, compile CPU seconds, forked children's CPU seconds)`` of the first step in
+    a fresh process whose Numba cache is ``cache_dir``."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, NUMBA_NUM_THREADS=str(threads))
     done = subprocess.run([sys.executable, "-c", CHILD.format(numel=numel, threads=threads)], env=env,
                           capture_output=True, text=True, timeout=600, check=True)
-    seconds, compile_cpu = done.stdout.strip().splitlines()[-1].split()
-    return float(seconds), float(compile_cpu)
+    seconds, compile_cpu, children_cpu = done.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(compile_cpu), float(children_cpu)
 
 
 def main(argv=None) -> None:
@@ -81,18 +91,21 @@ def main(argv=None) -> None:
     parser.add_argument("--numel", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    cold, warm, compile_cpu = [], [], []
+    cold, warm, compile_cpu, children_cpu = [], [], [], []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="numba-cold-") as cache_dir:
-            seconds, compiling = first_step_seconds(cache_dir, args.numel, args.threads)
+            seconds, compiling, children = first_step_seconds(cache_dir, args.numel, args.threads)
             cold.append(seconds)
             compile_cpu.append(compiling)
+            children_cpu.append(children)
             warm.append(first_step_seconds(cache_dir, args.numel, args.threads)[0])
     print(f"first step of the torch adapter (AdaptiveUPGD + VGS, {args.numel:,} float32 parameters, "
           f"{args.threads} threads), seconds")
-    print(f"  {'':<24} {'runs':<28} {'median':>7}")
-    for name, seconds in (("cold", cold), ("cold: compiling (CPU)", compile_cpu), ("warm", warm)):
-        print(f"  {name:<24} {' '.join(f'{s:7.2f}' for s in seconds):<28} {statistics.median(seconds):>7.2f}")
+    print(f"  {'':<28} {'runs':<28} {'median':>7}")
+    rows = (("cold", cold), ("cold: compiling (CPU)", compile_cpu), ("cold: forked children (CPU)", children_cpu),
+            ("warm", warm))
+    for name, seconds in rows:
+        print(f"  {name:<28} {' '.join(f'{s:7.2f}' for s in seconds):<28} {statistics.median(seconds):>7.2f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from upgd_ref import FlatLayout, rng
 from upgd_ref.backends import BACKENDS
 from upgd_ref.kernels import NumbaBackend
 from upgd_ref.kernels import numba_noise, numba_step
-from upgd_ref.kernels.numba_step import CHUNK, chunk_normals, fill_tile
+from upgd_ref.kernels.numba_step import CHUNK, versioned_chunk_normals
 
 SERIAL = NumbaBackend(parallel_min_size=2**62)
 PARALLEL = NumbaBackend(parallel_min_size=0)
@@ -62,15 +62,16 @@ def test_noise_is_bit_identical_to_the_reference(layout, seed, step, out_dtype, 
 def test_blocks_at_huge_counters_match_the_reference(first_block, num_blocks, seed, step, dtype):
     """Counters whose low word wraps (block 2**32 - 1 -> 2**32), up to the last logical
     index 2**64 - 1: beyond any layout that fits in memory."""
-    tile = np.empty(4 * num_blocks, dtype)
-    fill_tile(tile, np.uint64(first_block), *split(step), *split(seed))
+    tile, words = np.empty(4 * num_blocks, dtype), np.empty(4 * num_blocks, np.uint32)
+    numba_noise.fill_words(words, np.uint64(first_block), *split(step), *split(seed))  # the chunk tile's two loops
+    numba_noise.fill_normals(tile, words)
     assert bits(tile) == bits(rng.standard_normals(seed, step, 4 * first_block, 4 * num_blocks, dtype=dtype))
 
 
 @settings(max_examples=25, deadline=None)
 @given(start=st.integers(0, 2**40), count=st.integers(1, 3 * CHUNK), seed=u64, step=u64)
 def test_chunk_tiles_start_at_any_lane(start, count, seed, step):
-    tile, skip = chunk_normals(start, count, np.empty(0), *split(step), *split(seed))
+    tile, skip = versioned_chunk_normals(None, start, count, np.empty(0), *split(step), *split(seed))
     assert skip == start % 4 and tile.size % 4 == 0 and tile.size - 4 < skip + count <= tile.size
     assert bits(tile[skip : skip + count]) == bits(rng.standard_normals(seed, step, start, count))
 

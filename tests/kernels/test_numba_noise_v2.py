@@ -62,9 +62,9 @@ def test_noise_is_bit_identical_to_the_reference(layout, seed, step, backend):
 
 @pytest.mark.parametrize("seed,step,start", [(2**64 - 1, 2**40 + 3, 2**34 - 5), (5, 2**32 + 1, 2**32 * 4 - 3)])
 def test_counters_whose_low_block_word_wraps(seed, step, start):
-    tile, skip = numba_noise_v2.chunk_normals(start, 4000, np.empty(0, np.float32), np.uint64(step & 0xFFFFFFFF),
-                                              np.uint64(step >> 32), np.uint64(seed & 0xFFFFFFFF),
-                                              np.uint64(seed >> 32))
+    tile, skip = numba_noise_v2.versioned_chunk_normals(True, start, 4000, np.empty(0, np.float32),
+                                                        np.uint64(step & 0xFFFFFFFF), np.uint64(step >> 32),
+                                                        np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32))
     expected = rng.standard_normals(seed, step, start, 4000, dtype=np.float32, version=2)
     assert tile[skip:skip + 4000].tobytes() == expected.tobytes()
 
@@ -128,9 +128,9 @@ def test_format_1_kernels_compile_no_format_2_code():
     numba_noise_v2.versioned_chunk_normals(None, *args)
     numba_noise_v2.versioned_chunk_normals(True, *args)
     code = {signature[0]: ir for signature, ir in numba_noise_v2.versioned_chunk_normals.inspect_llvm().items()}
-    assert "numba_noise_v29fill_tile" not in code[numba.types.none]  # mangled name of format 2's fill_tile
-    assert "numba_noise9fill_tile" in code[numba.types.none]
-    assert "numba_noise_v29fill_tile" in code[numba.types.boolean]
+    assert "numba_noise_v212fill_normals" not in code[numba.types.none]  # mangled name of format 2's fill_normals
+    assert "numba_noise12fill_normals" in code[numba.types.none]
+    assert "numba_noise_v212fill_normals" in code[numba.types.boolean]
 
 
 def test_the_cached_kernels_record_the_format_2_source_they_compile_in():

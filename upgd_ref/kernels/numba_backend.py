@@ -17,7 +17,9 @@ Every member of the UPGD family (``variant``) runs in the kernels: without momen
 with the member's mode bits (``specs/kernels.md`` §1.1).
 
 The per-segment formulas are the reference's (:mod:`upgd_ref.reference`) applied to the
-reduced values; only the element-wise work runs in the kernels.
+reduced values; only the element-wise work runs in the kernels. On a cold cache (Linux), the
+reduction and pass 2 compile in forked children while pass 1 compiles here
+(:mod:`.compile_ahead`, ``specs/kernels.md`` §7).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import time
 import numpy as np
 
 from .. import reference as ref
-from ..rng import check_noise_version
+from ..rng import DEFAULT_NOISE_VERSION, check_noise_version
 from ..stages import SegmentReductions
 from . import numba_step as k
+from .compile_ahead import forking_on_compile, wait_for
 from .compile_notice import install as install_compile_notice
 from .numba_launch import run_chunks, thread_count
 from .chunk_abi import (
@@ -74,6 +77,27 @@ def _noise_v2(noise_version: int):
     """The kernels' ``noise_v2`` argument: ``None`` for format 1 (Numba then compiles the
     format-1 kernels only, as before format 2 existed), ``True`` for format 2."""
     return None if check_noise_version(noise_version) == 1 else True
+
+
+def _without_moments(variant: ref.UPGDVariant):
+    """Pass 1's ``without_moments``: ``None`` for members with moments (their version never
+    compiles the utility-only trace), ``True`` for the family's ``"none"``."""
+    return True if variant.moments == "none" else None
+
+
+def _pass2_call(params, grads, state, table, flags, coefficients, factor, u_lo, inv_range, u_hi, variant, step, seed,
+                noise_version):
+    """``(kernel, arguments after the chunk range)`` of pass 2: ``pass2_chunks`` for the
+    production member, else ``family_pass2_chunks`` with the member's mode bits."""
+    words = (*_split_u64(step), *_split_u64(seed), _noise_v2(noise_version))
+    # g <- f g is written, in the read of pass 2, only when f != 1 (then grads is writable);
+    # a read-only view selects the kernel version that never writes g
+    g = grads if factor != 1 else _read_only(grads)
+    common = (params, g, state.utility, state.first_moment, state.second_moment, table, flags, coefficients, factor,
+              u_lo, inv_range)
+    if variant == ref.PRODUCTION:
+        return k.pass2_chunks, (*common, *words)
+    return k.family_pass2_chunks, (*common, u_hi, family_mode(variant), *words)
 
 
 class NumbaBackend:
@@ -150,27 +174,28 @@ class NumbaBackend:
         partial = np.empty((table.shape[0], NUM_PARTIALS))
         t = state.segment_step + flags
         coefficients = step_coefficients(hyper, t, np.zeros(layout.num_segments), dtype, variant.update_factor)
-        self._run(layout, k.pass1_chunks,
-                  *(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
-                  table, flags, coefficients, dtype.type(vgs_factor), variant.moments == "none", partial)
-        return _reductions(k.segment_reductions(table, flags, partial, layout.num_segments))
+        factor = dtype.type(vgs_factor)
+        # on a cold cache, the reduction and pass 2 (default noise format) compile in children
+        # while this process compiles pass 1 (compile_ahead.py); the stand-in scalars only carry types
+        zero = dtype.type(0)
+        pass2 = _pass2_call(params, grads, state, table, flags, coefficients, factor, zero, zero, zero, variant, 0, 0,
+                            DEFAULT_NOISE_VERSION)
+        reduce = (table, flags, partial, layout.num_segments)
+        with forking_on_compile((k.segment_reductions, reduce), (pass2[0], (0, 0, *pass2[1]))):
+            self._run(layout, k.pass1_chunks,
+                      *(_read_only(b) for b in (grads, params, state.utility, state.first_moment, state.second_moment)),
+                      table, flags, coefficients, factor, _without_moments(variant), partial)
+        wait_for(k.segment_reductions, reduce)
+        return _reductions(k.segment_reductions(*reduce))
 
     def second_pass(self, *, layout, params, grads, state, present, hyper, plan, seed, variant,
                     vgs_factor=1.0, noise_version=1) -> None:
-        table = chunk_table(layout)
-        flags = np.asarray(present, dtype=np.bool_)
         coefficients, inv_range = update_tables(plan, hyper, layout.dtype, variant)
-        words = (*_split_u64(plan.step), *_split_u64(seed), _noise_v2(noise_version))
-        factor = layout.dtype.type(vgs_factor)
-        # g <- f g is written, in the read of pass 2, only when f != 1 (then grads is writable);
-        # a read-only view selects the kernel version that never writes g
-        g = grads if factor != 1 else _read_only(grads)
-        common = (params, g, state.utility, state.first_moment, state.second_moment, table, flags,
-                  coefficients, factor, plan.utility_min, inv_range)
-        if variant == ref.PRODUCTION:
-            self._run(layout, k.pass2_chunks, *common, *words)
-        else:
-            self._run(layout, k.family_pass2_chunks, *common, plan.utility_max, family_mode(variant), *words)
+        kernel, args = _pass2_call(params, grads, state, chunk_table(layout), np.asarray(present, dtype=np.bool_),
+                                   coefficients, layout.dtype.type(vgs_factor), plan.utility_min, inv_range,
+                                   plan.utility_max, variant, plan.step, seed, noise_version)
+        wait_for(kernel, (0, 0, *args))
+        self._run(layout, kernel, *args)
 
     # --- compilation --------------------------------------------------------------------
 

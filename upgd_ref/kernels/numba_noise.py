@@ -11,7 +11,8 @@ term for term (same expressions, same order, so the same bits; ``specs/kernels.m
 * float32 normals are the float64 normals rounded once (``fptrunc``, round to nearest).
 
 No cached kernel lives here: the cached kernels of :mod:`.numba_step` compile this code
-into themselves.
+into themselves, through :func:`.numba_noise_v2.versioned_chunk_normals` (the tile of a chunk
+in either format).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..rng import (
 
 __all__ = [
     "philox4x32_10", "log_of_uniform", "kernel_sin", "kernel_cos", "cos_sin_of_turn",
-    "fill_words", "fill_normals", "fill_tile", "chunk_normals",
+    "fill_words", "fill_normals",
 ]
 
 # uint64 constants: Numba types a Python int literal as int64, and uint64 op int64 is float64.
@@ -182,30 +183,3 @@ def fill_normals(tile, words):
         cos, sin = cos_sin_of_turn(np.uint64(words[2 * i + 1]))
         tile[2 * i] = radius * cos
         tile[2 * i + 1] = radius * sin
-
-
-@njit(error_model="numpy")
-def fill_tile(tile, first_block, step_lo, step_hi, key0, key1):
-    """``tile[4b + lane]`` = lane ``lane`` of block ``first_block + b`` (``tile.size % 4 == 0``).
-
-    Two loops, each starting at 0 over contiguous arrays so that LLVM vectorises it (8 lanes
-    per 512-bit register): the Philox words, then the transform. Splitting them keeps the
-    transform's registers free of the Philox key schedule (fewer spills: about 10% faster).
-    """
-    words = np.empty(tile.size, dtype=np.uint32)
-    fill_words(words, first_block, step_lo, step_hi, key0, key1)
-    fill_normals(tile, words)
-
-
-@njit(error_model="numpy")
-def chunk_normals(logical_start, count, dtype_example, step_lo, step_hi, key0, key1):
-    """``(tile, skip)``: ``tile[skip + j]`` is the normal of logical index ``logical_start + j``.
-
-    The tile covers whole blocks, ``4 * ceil((skip + count) / 4)`` values with
-    ``skip = logical_start % 4``; its dtype is that of ``dtype_example`` (an array).
-    """
-    skip = logical_start % 4
-    num_blocks = (skip + count + 3) // 4
-    tile = np.empty(4 * num_blocks, dtype_example.dtype)
-    fill_tile(tile, np.uint64(logical_start) // _FOUR, step_lo, step_hi, key0, key1)
-    return tile, skip

@@ -22,11 +22,11 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .. import rng_v2 as v2
-from .numba_noise import chunk_normals as v1_chunk_normals
+from . import numba_noise as v1
 from .numba_noise import bitcast, philox4x32_10
 
-__all__ = ["prefer_512_bit_vectors", "log_of_uniform", "cos_sin_of_turn", "fill_words", "fill_normals", "fill_tile",
-           "chunk_normals", "versioned_chunk_normals"]
+__all__ = ["prefer_512_bit_vectors", "log_of_uniform", "cos_sin_of_turn", "fill_words", "fill_normals",
+           "versioned_fill_tile", "versioned_chunk_normals"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
@@ -153,30 +153,35 @@ def fill_normals(tile, words):
         tile[2 * i + 1] = radius * sin
 
 
-@njit(error_model="numpy")
-def fill_tile(tile, first_block, step_lo, step_hi, key0, key1):
-    """``tile[4b + lane]`` = lane ``lane`` of block ``first_block + b``: version 1's Philox words,
-    then the binary32 transform (two vectorised loops, as :func:`.numba_noise.fill_tile`)."""
+@njit(inline="always", error_model="numpy")
+def versioned_fill_tile(noise_v2, tile, first_block, step_lo, step_hi, key0, key1):
+    """``tile[4b + lane]`` = lane ``lane`` of block ``first_block + b`` in noise format 1
+    (``noise_v2`` is ``None``) or 2 (``True``), ``tile.size`` a multiple of 4. Inlined into its
+    callers: no compilation level of its own (``specs/kernels.md`` §7)."""
     words = np.empty(tile.size, dtype=np.uint32)
-    fill_words(words, first_block, step_lo, step_hi, key0, key1)
-    fill_normals(tile, words)
-
-
-@njit(error_model="numpy")
-def chunk_normals(logical_start, count, dtype_example, step_lo, step_hi, key0, key1):
-    """As :func:`.numba_noise.chunk_normals`, in noise format version 2."""
-    skip = logical_start % 4
-    num_blocks = (skip + count + 3) // 4
-    tile = np.empty(4 * num_blocks, dtype_example.dtype)
-    fill_tile(tile, np.uint64(logical_start) // np.uint64(4), step_lo, step_hi, key0, key1)
-    return tile, skip
+    if noise_v2 is None:
+        v1.fill_words(words, first_block, step_lo, step_hi, key0, key1)
+        v1.fill_normals(tile, words)
+    else:
+        fill_words(words, first_block, step_lo, step_hi, key0, key1)
+        fill_normals(tile, words)
 
 
 @njit(error_model="numpy")
 def versioned_chunk_normals(noise_v2, logical_start, count, dtype_example, step_lo, step_hi, key0, key1):
-    """:func:`chunk_normals` of format 1 (``noise_v2`` is ``None``) or 2 (``noise_v2`` is
-    ``True``). Numba prunes the ``is None`` branch at compile time for a ``None`` argument, so
-    a format-1 kernel neither compiles nor contains the format-2 code."""
-    if noise_v2 is None:
-        return v1_chunk_normals(logical_start, count, dtype_example, step_lo, step_hi, key0, key1)
-    return chunk_normals(logical_start, count, dtype_example, step_lo, step_hi, key0, key1)
+    """``(tile, skip)``: ``tile[skip + j]`` is the normal of logical index ``logical_start + j``
+    in noise format 1 (``noise_v2`` is ``None``, :mod:`.numba_noise`) or 2 (``True``).
+
+    The tile covers whole blocks, ``4 * ceil((skip + count) / 4)`` values with
+    ``skip = logical_start % 4``, in the dtype of the array ``dtype_example``: ``tile[4b + lane]``
+    is lane ``lane`` of block ``logical_start // 4 + b``. Two loops, each from 0 over contiguous
+    arrays so that LLVM vectorises it: the Philox words, then the transform (apart, the
+    transform's registers stay free of the key schedule: about 10% faster). Numba prunes the
+    ``is None`` branch at compile time for a ``None`` argument, so a format-1 kernel neither
+    compiles nor contains the format-2 code. One function, no wrappers: every level of calls
+    is a compilation of its own (``specs/kernels.md`` §7).
+    """
+    skip = logical_start % 4
+    tile = np.empty(4 * ((skip + count + 3) // 4), dtype_example.dtype)
+    versioned_fill_tile(noise_v2, tile, np.uint64(logical_start) // np.uint64(4), step_lo, step_hi, key0, key1)
+    return tile, skip

@@ -25,8 +25,8 @@ generated per chunk into an L1-resident tile, and not at all when ``std == 0``::
     x = clip((u'/cu - U_lo) / (U_hi - U_lo + 1e-8), 0, 1),   su = 1 / (1 + exp(-2 (x - 1/2)))
     p <- p (1 - lr wd) - lr (d + std xi) (1 - su)
 
-Other members of the UPGD family (``specs/algorithm.md`` §7, ``specs/kernels.md`` §1.1): a
-run-time ``moments_none`` in pass 1 (``u`` only; ``m`` and ``v`` not read), and pass 2 is
+Other members of the UPGD family (``specs/algorithm.md`` §7, ``specs/kernels.md`` §1.1): pass 1
+with ``without_moments`` (``u`` only; ``m`` and ``v`` not read), and pass 2 is
 ``family_pass2_*`` with a run-time ``mode`` (OR of :data:`MOMENTS_NONE`,
 :data:`PROTECTION_MAX`, :data:`NOISE_TERMS`), ``step = update_factor lr`` in the ``LR``
 column and :func:`family_param` per element. The production member keeps ``pass2_*``.
@@ -61,19 +61,18 @@ from .chunk_abi import (  # the tables' layout, shared with the CUDA kernels
     MAX_U, MIN_U, MOMENTS_NONE, NOISE_TERMS, NUM_COEFFICIENTS, NUM_PARTIALS, ONE_MINUS_BETA1, ONE_MINUS_BETA2,
     ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
 )
-from .numba_noise import chunk_normals, fill_normals, fill_tile, fill_words, philox4x32_10
-from .numba_noise_v2 import fill_tile as fill_tile_v2
-from .numba_noise_v2 import prefer_512_bit_vectors, versioned_chunk_normals
+from .numba_noise import fill_normals, fill_words, philox4x32_10
+from .numba_noise_v2 import prefer_512_bit_vectors, versioned_chunk_normals, versioned_fill_tile
 
 #: sha256 of ``numba_noise.py``. The cached kernels below compile that file's code in, and
 #: Numba keys their cache by the content of this file only: an edit of ``numba_noise.py``
 #: must change this line, or stale kernels would load (``tests/kernels/test_numba_noise.py``).
-NOISE_SOURCE_SHA256 = "57682b0a7cbbcd90d8f38051d9afe8c11dcb4273b2183992d5a269326964aee7"
+NOISE_SOURCE_SHA256 = "789b93d6874a198a88cf5a8160ecfab99bd2eebaeba4284637556ceae5ddc2e7"
 #: sha256 of ``numba_noise_v2.py`` (noise format 2, compiled in when ``noise_v2`` is ``True``), likewise.
-NOISE_V2_SOURCE_SHA256 = "66de6a9f15f96161d4a1313b5db1b629b47d21ffab48fca0d17bcfb56a570ab2"
+NOISE_V2_SOURCE_SHA256 = "2860127c667f9073f201e0951e7fbf1d80694282330d659f7d7d2848e628c9fc"
 
 __all__ = [
-    "philox4x32_10", "fill_words", "fill_normals", "fill_tile", "chunk_normals",
+    "philox4x32_10", "fill_words", "fill_normals", "versioned_chunk_normals",
     "CHUNK",
     "LANES",
     "SEGMENT", "START", "LENGTH", "LOGICAL",
@@ -387,6 +386,18 @@ def add_lane_sums(x, sums, squares):
         squares[j % LANES] += w * w
 
 
+@njit(inline="always")
+def zero_lane_accumulators():
+    """``(sums, squares)``: float64 lane accumulators set to 0, the rows of one allocation of
+    the type ``segment_reductions`` allocates (element stores: ``np.zeros`` compiles a
+    function of its own)."""
+    both = np.empty((2, LANES))
+    for lane in range(LANES):
+        both[0, lane] = 0.0
+        both[1, lane] = 0.0
+    return both[0], both[1]
+
+
 @njit(error_model="numpy")
 def lane_total(lanes):
     """The lanes added in lane order, from 0.0."""
@@ -410,8 +421,7 @@ def lane_sums(x):
     registers before they meet the lane accumulators; at the end the lanes are added in
     order. (A plain running sum cannot be vectorised without reassociation, i.e. fastmath.)
     """
-    sums = np.zeros(LANES)
-    squares = np.zeros(LANES)
+    sums, squares = zero_lane_accumulators()
     add_lane_sums(x, sums, squares)
     return lane_totals(sums, squares)
 
@@ -536,11 +546,12 @@ def _pass2_inputs(c, chunks, p, coefficients, zeros, step_lo, step_hi, key0, key
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, factor, moments_none, partial):
+def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, factor, without_moments, partial):
     """Pass 1 of chunks ``[first, last)`` of present segments, read-only (``specs/kernels.md``
     §1): per chunk ``sum g``, ``sum g^2``, ``min u``, ``max u``, ``max |p|``, ``max |d|`` and the
-    non-finite count of the traces of ``f g`` (:func:`check_chunk`). Without moments (the
-    family's ``"none"``) ``m`` and ``v`` are not read.
+    non-finite count of the traces of ``f g`` (:func:`check_chunk`). ``without_moments``:
+    ``None`` for members with moments, ``True`` for the family's ``"none"`` (``m`` and ``v``
+    not read); Numba prunes the other branch at compile time, so each version compiles one.
 
     Bytes per element: reads g, p, u (+ m, v); writes nothing.
     """
@@ -552,7 +563,7 @@ def pass1_chunks(first, last, g, p, u, m, v, chunks, present, coefficients, fact
             k = coefficients[chunks[c, SEGMENT]]
             scalars = (k[BETA_U], k[ONE_MINUS_BETA_U], k[BETA1], k[ONE_MINUS_BETA1], k[BETA2], k[ONE_MINUS_BETA2],
                        k[EPS], k[INV_BC1], k[INV_BC2])
-            if moments_none:
+            if without_moments is not None:
                 check_chunk(g[i:j], factor, p[i:j], u[i:j], None, None, scalars, acc)
             else:
                 check_chunk(g[i:j], factor, p[i:j], u[i:j], m[i:j], v[i:j], scalars, acc)
@@ -601,16 +612,6 @@ def family_pass2_chunks(first, last, p, g, u, m, v, chunks, present, coefficient
             family_traces_and_update(p[a:b], g[a:b], u[a:b], m if moments_none else m[a:b],
                                      v if moments_none else v[a:b], noise, k, factor, u_lo, inv_range, u_hi,
                                      moments_none, (mode & PROTECTION_MAX) != 0, (mode & NOISE_TERMS) != 0)
-
-
-@njit(error_model="numpy")
-def versioned_fill_tile(noise_v2, tile, first_block, step_lo, step_hi, key0, key1):
-    """``fill_tile`` of noise format 1 (``noise_v2`` is ``None``: the format-2 branch pruned
-    at compile time) or 2 (``True``)."""
-    if noise_v2 is None:
-        fill_tile(tile, first_block, step_lo, step_hi, key0, key1)
-    else:
-        fill_tile_v2(tile, first_block, step_lo, step_hi, key0, key1)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
