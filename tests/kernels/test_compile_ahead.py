@@ -44,8 +44,8 @@ print(json.dumps({"pass1": stats(k.pass1_chunks), "pass2": stats(k.pass2_chunks)
 """
 
 
-def run_fresh_process(cache_dir) -> tuple[dict, str]:
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+def run_fresh_process(cache_dir, **environment) -> tuple[dict, str]:
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), **environment)
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                           check=True)
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
@@ -64,6 +64,16 @@ def test_pass2_is_compiled_by_a_forked_child_on_a_cold_cache_only(tmp_path):
     assert warm["forks"] == 0 and warm["pass1"] == warm["reduce"] == warm["pass2"] == [1, 0]
     assert MESSAGE not in warm_stderr, warm_stderr
     assert warm["params"] == cold["params"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child is forked on Linux only")
+def test_the_environment_switch_compiles_everything_in_the_process(tmp_path):
+    cold, cold_stderr = run_fresh_process(tmp_path / "off", **{compile_ahead.ENVIRONMENT_SWITCH: "0"})
+    assert cold["forks"] == 0
+    assert cold["pass1"] == cold["reduce"] == cold["pass2"] == [0, 1]  # compiled here
+    assert cold_stderr.count(MESSAGE) == 1, cold_stderr
+    forked, _ = run_fresh_process(tmp_path / "on")
+    assert forked["forks"] == 2 and forked["params"] == cold["params"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child is forked on Linux only")

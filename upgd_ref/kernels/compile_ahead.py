@@ -13,9 +13,10 @@ process loads it).
 * A fork starts at once: the child has the parent's imports and its initialised LLVM. It
   runs nothing but the compilation and the cache write, with stdout and stderr on
   ``/dev/null`` (no second notice, no duplicate warnings), then ``os._exit``.
-* Linux only (``os.fork``; elsewhere fork is unsafe or absent): there the step compiles
-  everything itself, as it does when a child fails, whatever the reason (a stuck child is
-  killed after :data:`STALL_S` seconds without CPU).
+* Linux only (``os.fork``; elsewhere fork is unsafe or absent), and not with
+  ``UPGD_REF_COMPILE_AHEAD=0`` in the environment: there the step compiles everything
+  itself, as it does when a child fails, whatever the reason (a stuck child is killed after
+  :data:`STALL_S` seconds without CPU).
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ import warnings
 
 from numba.core import event
 
-__all__ = ["STALL_S", "forking_on_compile", "wait_for"]
+__all__ = ["ENVIRONMENT_SWITCH", "STALL_S", "forking_on_compile", "wait_for"]
 
 #: A child that has used no CPU for this many seconds is taken to be stuck: killed, and the
 #: kernel compiled in the process.
 STALL_S = 10.0
 
-_FORK = sys.platform.startswith("linux") and hasattr(os, "fork")
+#: Set to ``"0"`` in the environment before the import, it turns the children off: every
+#: kernel compiles in the process (for programs that must not fork).
+ENVIRONMENT_SWITCH = "UPGD_REF_COMPILE_AHEAD"
+_FORK = sys.platform.startswith("linux") and hasattr(os, "fork") and os.environ.get(ENVIRONMENT_SWITCH, "1") != "0"
 _LOCK = threading.Lock()
 _requests: list = []  # the calls of each open forking_on_compile block: forked for on the next real compilation
 _children: dict = {}  # (kernel, signature) -> pid of the child compiling it
