@@ -141,8 +141,21 @@ def philox4x32_10(counter, key, *, wide: bool = False):
 
 def exponent_split(xp, x, sqrt2, sqrt_half):
     """``(t, k)`` with ``x = t 2**k`` exactly and ``sqrt_half <= t < sqrt2``, for ``0.5 <= x <
-    2**32``, in ``x``'s dtype: an exact binary search for the exponent (every scaling a power of
-    two), shared by noise formats 1 and 2 (their own ``SQRT2``, ``SQRT_HALF``)."""
+    2**32``, in ``x``'s dtype, shared by noise formats 1 and 2 (their own ``SQRT2``,
+    ``SQRT_HALF = SQRT2 / 2``). The pair is unique, so every exact method gives the same one
+    (``specs/noise.md`` §5): ``frexp`` where the namespace has it (NumPy, ``jax.numpy``; a
+    quarter of the operations), else the spec's binary search by powers of two."""
+    if not hasattr(xp, "frexp"):  # the array API standard has no frexp
+        return _exponent_search(xp, x, sqrt2, sqrt_half)
+    m, e = xp.frexp(x)  # x = m 2**e, 0.5 <= m < 1, exact
+    t, k = m * 2.0, xp.astype(e - 1, x.dtype)
+    big = t >= sqrt2
+    return xp.where(big, t * 0.5, t), xp.where(big, k + 1.0, k)
+
+
+def _exponent_search(xp, x, sqrt2, sqrt_half):
+    """:func:`exponent_split` as ``specs/noise.md`` §5 writes it: an exact binary search for
+    the exponent (every scaling a power of two)."""
     t, k = x, xp.zeros_like(x)
     for shift in (16, 8, 4, 2, 1):
         big = t >= float(2**shift)

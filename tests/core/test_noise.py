@@ -150,3 +150,21 @@ def test_seed_and_step_must_be_64_bit_integers(bad):
         standard_normals(bad, 1, 0, 4)
     with pytest.raises((TypeError, ValueError)):
         standard_normals(1, bad, 0, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_frexp_exponent_split_equals_the_binary_search(dtype):
+    """``exponent_split`` through ``frexp`` (NumPy, ``jax.numpy``) gives the spec's search's
+    ``(t, k)`` bit for bit: every power of two and its neighbours around ``SQRT2`` (the halving
+    threshold), and random words (an exhaustive run over every word agreed, ``specs/noise.md`` §5)."""
+    from upgd_ref import rng, rng_v2
+    from upgd_ref.rng import _exponent_search, exponent_split
+
+    sqrt2, sqrt_half = (rng.SQRT2, rng.SQRT_HALF) if dtype == np.float64 else (rng_v2.SQRT2, rng_v2.SQRT_HALF)
+    anchors = np.array([2.0**e * s for e in range(-1, 32) for s in (1.0, sqrt2, 2.0 - 2.0**-20)], dtype)
+    near = np.concatenate([np.nextafter(anchors, np.inf, dtype=dtype), anchors, np.nextafter(anchors, 0, dtype=dtype)])
+    words = np.random.default_rng(3).integers(0, 2**32, 100_000, dtype=np.uint64).astype(dtype) + dtype(0.5)
+    x = np.concatenate([near[near >= 0.5], words])
+    for got, want in zip(exponent_split(np, x, sqrt2, sqrt_half), _exponent_search(np, x, sqrt2, sqrt_half)):
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))

@@ -99,3 +99,21 @@ def test_optax_chain_with_skip_keeps_training():
         params = optax.apply_updates(params, updates)
     assert int(uj.state_values(state[1]).count) == 2 and int(uj.state_values(state[1]).skipped_steps) == 1
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_the_finiteness_flag_sees_one_nan_or_infinity_anywhere(dtype):
+    """``all_finite``'s fused reduction sees a single NaN or infinity at either end or in the
+    middle of short and long leaves (XLA:CPU's vectorised ``max`` of a long float32 array drops a
+    NaN, so the flag must not be ``max |x| < inf``)."""
+    from upgd_ref.adapters.jax.leaves import all_finite
+
+    flag = jax.jit(lambda x: all_finite([x]))
+    for shape in ((1,), (7,), (4097,), (125_000,), (129, 33)):
+        x = np.ones(shape, np.float32).reshape(-1)
+        assert bool(flag(jnp.asarray(x.reshape(shape), dtype)))
+        for position in (0, x.size // 2, x.size - 1):
+            for bad in (np.nan, np.inf, -np.inf):
+                y = x.copy()
+                y[position] = bad
+                assert not bool(flag(jnp.asarray(y.reshape(shape), dtype))), (shape, position, bad)
