@@ -53,13 +53,6 @@ def _philox_loop(n, words, step_lo, key0):
 
 
 @njit(error_model="numpy")
-def _philox_loop_v2(n, words, step_lo, key0):
-    """:func:`_philox_loop` with format 2's (512-bit) Philox loop."""
-    for first in range(0, n, words.size):
-        numba_noise_v2.fill_words(words, np.uint64(first // 4), step_lo, np.uint64(0), key0, np.uint64(0))
-
-
-@njit(error_model="numpy")
 def _transform_loop(n, tile, words):
     """Box-Muller of ``n`` normals on one tile of fixed words (no Philox)."""
     for _ in range(0, n, tile.size):
@@ -120,7 +113,6 @@ def _profile_rows(n: int, dtype) -> dict:
         "  part: transform, radius only": lambda: _RADIUS_LOOP(n, tile, words),
         "  part: transform, sincos only": lambda: _ANGLE_LOOP(n, tile, words),
         "  part: transform, stores only": lambda: _WORDS_LOOP(n, tile, words),
-        "  part: format 2 philox words": lambda: _philox_loop_v2(n, scratch, np.uint64(STEP), np.uint64(SEED)),
         "  part: format 2 transform": lambda: _transform_loop_v2(n, tile, words),
     }
 

@@ -32,7 +32,7 @@ from ..rng import (
 
 __all__ = [
     "philox4x32_10", "log_of_uniform", "kernel_sin", "kernel_cos", "cos_sin_of_turn",
-    "fill_words", "fill_normals",
+    "fill_words", "fill_normals", "prefer_512_bit_vectors",
 ]
 
 # uint64 constants: Numba types a Python int literal as int64, and uint64 op int64 is float64.
@@ -71,6 +71,26 @@ def bitcast(source, target):
         return target(source), codegen
 
     return cast
+
+
+@intrinsic
+def prefer_512_bit_vectors(typingctx):
+    """Marks the calling function ``"prefer-vector-width"="512"`` and ``noinline`` (LLVM
+    function attributes).
+
+    LLVM tunes Intel server CPUs (Skylake-X .. Emerald Rapids) to prefer 256-bit vectors, so
+    it vectorises 8 lanes wide; 16 lanes run noise format 2's float32 transform about 2x
+    faster (``specs/noise-v2.md`` §7). Inlined into a caller, a loop would take the caller's
+    preference, hence ``noinline`` (one call per tile). Instruction selection only, never a
+    result. llvmlite's attribute set lists only enumerated attributes, hence ``set.add``.
+    """
+
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        builder.function.attributes.add("noinline")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
 
 
 float64_bits = bitcast(types.float64, types.uint64)
@@ -161,7 +181,8 @@ def cos_sin_of_turn(word):
 @njit(error_model="numpy")
 def fill_words(words, first_block, step_lo, step_hi, key0, key1):
     """``words[4b + k]`` = word ``k`` of Philox block ``first_block + b`` (``first_block``:
-    uint64; ``words``: uint32, ``size % 4 == 0``)."""
+    uint64; ``words``: uint32, ``size % 4 == 0``), for noise formats 1 and 2, 512 bits wide."""
+    prefer_512_bit_vectors()
     for b in range(words.size // 4):
         block = first_block + np.uint64(b)
         w0, w1, w2, w3 = philox4x32_10(block & _MASK32, block >> _SHIFT32, step_lo, step_hi, key0, key1)

@@ -19,17 +19,14 @@ import math
 import numpy as np
 from numba import njit
 from numba.core import types
-from numba.extending import intrinsic
 
 from .. import rng_v2 as v2
 from . import numba_noise as v1
-from .numba_noise import bitcast, philox4x32_10
+from .numba_noise import bitcast, fill_words, prefer_512_bit_vectors
 
-__all__ = ["prefer_512_bit_vectors", "log_of_uniform", "cos_sin_of_turn", "fill_words", "fill_normals",
+__all__ = ["log_of_uniform", "cos_sin_of_turn", "fill_normals",
            "versioned_fill_tile", "versioned_chunk_normals"]
 
-_MASK32 = np.uint64(0xFFFFFFFF)
-_SHIFT32 = np.uint64(32)
 _F = np.float32
 _LN2_HI, _LN2_LO = _F(v2.LN2_HI), _F(v2.LN2_LO)
 _LG1, _LG2, _LG3, _LG4 = _F(v2.LG1), _F(v2.LG2), _F(v2.LG3), _F(v2.LG4)
@@ -53,26 +50,6 @@ _EXPONENT_BIAS_PLUS_WORD_BITS = _F(127 + 32)  # u = (word + 0.5) * 2**-32 = t 2*
 
 float32_bits = bitcast(types.float32, types.uint32)
 float32_from_bits = bitcast(types.uint32, types.float32)
-
-
-@intrinsic
-def prefer_512_bit_vectors(typingctx):
-    """Marks the calling function ``"prefer-vector-width"="512"`` and ``noinline`` (LLVM
-    function attributes).
-
-    LLVM tunes Intel server CPUs (Skylake-X .. Emerald Rapids) to prefer 256-bit vectors, so
-    it vectorises the float32 transform 8 lanes wide; 16 lanes run it about 2x faster
-    (``specs/noise-v2.md`` §7). Inlined into a caller, a loop would take the caller's
-    preference, hence ``noinline`` (one call per tile). Instruction selection only, never a
-    result. llvmlite's attribute set lists only enumerated attributes, hence ``set.add``.
-    """
-
-    def codegen(context, builder, signature, args):
-        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
-        builder.function.attributes.add("noinline")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
 
 
 @njit(inline="always")
@@ -129,19 +106,6 @@ def cos_sin_of_turn(word):
 
 
 @njit(error_model="numpy")
-def fill_words(words, first_block, step_lo, step_hi, key0, key1):
-    """:func:`.numba_noise.fill_words` (the same words), vectorised 512 bits wide."""
-    prefer_512_bit_vectors()
-    for b in range(words.size // 4):
-        block = first_block + np.uint64(b)
-        w0, w1, w2, w3 = philox4x32_10(block & _MASK32, block >> _SHIFT32, step_lo, step_hi, key0, key1)
-        words[4 * b] = w0
-        words[4 * b + 1] = w1
-        words[4 * b + 2] = w2
-        words[4 * b + 3] = w3
-
-
-@njit(error_model="numpy")
 def fill_normals(tile, words):
     """Box-Muller in binary32 on word pairs: ``(tile[2i], tile[2i + 1]) = r (cos, sin)``,
     stored in the tile's dtype (a float64 tile holds the float32 normals exactly)."""
@@ -159,11 +123,10 @@ def versioned_fill_tile(noise_v2, tile, first_block, step_lo, step_hi, key0, key
     (``noise_v2`` is ``None``) or 2 (``True``), ``tile.size`` a multiple of 4. Inlined into its
     callers: no compilation level of its own (``specs/kernels.md`` §7)."""
     words = np.empty(tile.size, dtype=np.uint32)
+    fill_words(words, first_block, step_lo, step_hi, key0, key1)  # the same Philox words in both formats
     if noise_v2 is None:
-        v1.fill_words(words, first_block, step_lo, step_hi, key0, key1)
         v1.fill_normals(tile, words)
     else:
-        fill_words(words, first_block, step_lo, step_hi, key0, key1)
         fill_normals(tile, words)
 
 

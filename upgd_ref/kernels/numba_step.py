@@ -61,15 +61,15 @@ from .chunk_abi import (  # the tables' layout, shared with the CUDA kernels
     MAX_U, MIN_U, MOMENTS_NONE, NOISE_TERMS, NUM_COEFFICIENTS, NUM_PARTIALS, ONE_MINUS_BETA1, ONE_MINUS_BETA2,
     ONE_MINUS_BETA_U, PROTECTION_MAX, SEGMENT, START, STD, SUM, SUM_SQ, TANH_FLOAT32, TANH_FLOAT64,
 )
-from .numba_noise import fill_normals, fill_words, philox4x32_10
-from .numba_noise_v2 import prefer_512_bit_vectors, versioned_chunk_normals, versioned_fill_tile
+from .numba_noise import fill_normals, fill_words, philox4x32_10, prefer_512_bit_vectors
+from .numba_noise_v2 import versioned_chunk_normals, versioned_fill_tile
 
 #: sha256 of ``numba_noise.py``. The cached kernels below compile that file's code in, and
 #: Numba keys their cache by the content of this file only: an edit of ``numba_noise.py``
 #: must change this line, or stale kernels would load (``tests/kernels/test_numba_noise.py``).
-NOISE_SOURCE_SHA256 = "789b93d6874a198a88cf5a8160ecfab99bd2eebaeba4284637556ceae5ddc2e7"
+NOISE_SOURCE_SHA256 = "3091a90715e67aa5b759084a78b119515aa88850c0de41a3c8a2ce0b67182b6c"
 #: sha256 of ``numba_noise_v2.py`` (noise format 2, compiled in when ``noise_v2`` is ``True``), likewise.
-NOISE_V2_SOURCE_SHA256 = "2860127c667f9073f201e0951e7fbf1d80694282330d659f7d7d2848e628c9fc"
+NOISE_V2_SOURCE_SHA256 = "2e5bc03ea16d04cbd98584ea4f8d5df65f5d687646d0d4cdc7ac1bb876a68132"
 
 __all__ = [
     "philox4x32_10", "fill_words", "fill_normals", "versioned_chunk_normals",
